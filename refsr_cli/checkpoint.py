@@ -1,0 +1,164 @@
+"""Checkpoints: safetensors files whose metadata holds the model config, found on disk, in weights/, or on the Hub.
+
+One way in, `load_model(spec, scale)`, for a local path, a Hub reference `owner/repo[@revision][:filename]`, or
+None for the shipped checkpoint of that scale. Nothing here unpickles anything.
+"""
+import importlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import RefsrError
+from .model import RefVAE, RefVAEConfig
+
+FORMAT = "refsr-refvae"
+HUB_REF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?::(?P<filename>[\w./-]+))?$")
+
+
+def weights_dir() -> Path:
+    """weights/ of a source checkout, or the copy installed as the package data `refsr_cli.weights`."""
+    checkout = Path(__file__).resolve().parent.parent / "weights"
+    if checkout.is_dir():
+        return checkout
+    from importlib.resources import files
+    return Path(str(files("refsr_cli.weights")))
+
+
+def default_filename(scale: int) -> str:
+    return f"refsr-x{scale}.safetensors"
+
+
+def atomic_save(tensors: dict, path, metadata: dict) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: RefVAE, path, **extra_metadata) -> None:
+    metadata = {"format": FORMAT, "config": model.config.to_json(),
+                **{k: str(v) for k, v in extra_metadata.items()}}
+    atomic_save(model.trainable_state_dict(), path, metadata)
+
+
+def read_metadata(path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RefsrError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+
+
+def read_config(path) -> RefVAEConfig:
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise RefsrError(f"{path}: a safetensors file, but not a refsr checkpoint (no refsr config in its metadata)")
+    try:
+        return RefVAEConfig.from_json(meta["config"])
+    except (ValueError, TypeError) as e:
+        raise RefsrError(f"{path}: unusable model config: {e}") from None
+
+
+def load_backbone(module: torch.nn.Module, name: str) -> None:
+    path = weights_dir() / f"{name}.safetensors"
+    if not path.is_file():
+        raise RefsrError(f"backbone weights {path} are missing (see weights/README.md to rebuild them)")
+    module.load_state_dict(load_file(str(path)))
+
+
+def build_model(config: RefVAEConfig) -> RefVAE:
+    """A model of this config with the frozen VGG16 loaded and the rest freshly initialised."""
+    model = RefVAE(config)
+    load_backbone(model.vgg, "vgg16_relu4_1")
+    return model
+
+
+def load_checkpoint(path, scale: int | None = None) -> RefVAE:
+    """Build the model from the config stored in `path` and load its weights; refuse another scale."""
+    config = read_config(path)
+    if scale is not None and config.scale != scale:
+        raise RefsrError(f"{path}: a x{config.scale} checkpoint, but --scale {scale} was asked for")
+    try:
+        model = build_model(config)
+    except ValueError as e:
+        raise RefsrError(f"{path}: {e}") from None
+    state = load_file(str(path))
+    expected = model.trainable_state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise RefsrError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, wrong shape {wrong[:3]})")
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def resolve_weights(spec: str | None, scale: int) -> Path:
+    """The local file for --weights: an existing path, a Hub reference (downloaded into the HF cache), or the
+    shipped checkpoint for `scale` when spec is None."""
+    if spec is None:
+        path = weights_dir() / default_filename(scale)
+        if not path.is_file():
+            raise RefsrError(f"no shipped x{scale} weights ({path}); pass --weights FILE or a Hub reference")
+        return path
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_file():
+            raise RefsrError(f"{spec}: is not a file")
+        return path
+    match = HUB_REF.match(spec)
+    # A missing local file such as dir/x.safetensors also has the owner/repo shape: refuse it as a file, but not
+    # owner/repo:x.safetensors, where the name ending in .safetensors is the file in the repository.
+    if match is None or match["repo"].endswith(".safetensors") or spec.startswith((".", "/", "~")):
+        raise RefsrError(f"{spec}: no such file (and not a Hub reference owner/repo[@revision][:filename])")
+    return download_from_hub(match["repo"], match["filename"] or default_filename(scale), match["revision"])
+
+
+def http_client_errors() -> tuple:
+    """The base error class of the HTTP client under huggingface_hub, which is not an OSError: httpx2 for
+    huggingface_hub 2.x, httpx for 1.x (0.x used requests, whose errors are OSErrors). A connection dropped in the
+    middle of a download ends with one of these."""
+    errors = []
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    where = f"{repo}{'@' + revision if revision else ''}:{filename}"
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision))
+    except RevisionNotFoundError:
+        raise RefsrError(f"{where}: no such revision on the Hub") from None
+    except LocalEntryNotFoundError:  # before EntryNotFoundError, its base class: "not cached", not "not on the Hub"
+        mode = "offline mode (HF_HUB_OFFLINE=1) is on and" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached and"
+        raise RefsrError(f"{where}: {mode} the file is not in the local cache") from None
+    except EntryNotFoundError:
+        raise RefsrError(f"{where}: no such file in that Hub repository") from None
+    except RepositoryNotFoundError:
+        raise RefsrError(f"{where}: no such Hub repository (or it is private)") from None
+    except (OSError, *http_client_errors()) as e:
+        # The first line only: huggingface_hub's HTTP errors add lines of URL and request details.
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RefsrError(f"{where}: download failed ({reason}); set HF_HUB_OFFLINE=1 to use the cache only") from None
+    except ValueError as e:  # HFValidationError: a name the Hub forbids, e.g. owner/re..po or a ../ file
+        raise RefsrError(f"{where}: not a valid Hub reference ({e})") from None
+

@@ -1,0 +1,160 @@
+"""The `refsr` command. Only click is imported at the top: `refsr --help` must not pay for importing torch."""
+import json
+import sys
+from pathlib import Path
+
+import click
+
+SCALES = click.Choice(["2", "4", "8"])
+
+
+def fail(message: str, code: int = 2):
+    click.echo(f"refsr: error: {message}", err=True)
+    sys.exit(code)
+
+
+def pick_device(name: str):
+    import torch
+    if name != "auto":
+        if name == "cuda" and not torch.cuda.is_available():
+            fail("--device cuda: no CUDA device is available")
+        if name == "mps" and not torch.backends.mps.is_available():
+            fail("--device mps: MPS is not available")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="refsr", prog_name="refsr")
+def main():
+    """Reference-based super-resolution (RefVAE): upscale photos 2x, 4x or 8x, with the look of a reference image
+    or with samples from the learned prior.
+
+    \b
+      refsr upscale photo.png --ref painting.jpg -o out/     one 8x image per reference
+      refsr sample photo.png --n 10 --seed 0 -o out/         ten plausible 8x images, reproducible
+      refsr train --data photos/ --out runs/x8                train weights that upscale and sample load
+    """
+
+
+def common_inference_options(f):
+    options = [
+        click.option("--scale", type=SCALES, default="8", show_default=True, help="Upscaling factor."),
+        click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+                     show_default=True, help="Output folder (created if missing)."),
+        click.option("--weights", metavar="FILE|OWNER/REPO[@REV][:FILE]", default=None,
+                     help="Checkpoint: a local .safetensors file or a Hugging Face Hub reference. "
+                          "[default: the shipped weights for --scale]"),
+        click.option("--temperature", type=click.FloatRange(min=0), default=None,
+                     help="Spread of z around its mean: 0 gives the mean, 1 the learned spread."),
+        click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True,
+                     help="Tile size in LR pixels; bounds memory on large images."),
+        click.option("--tile-pad", type=click.IntRange(min=0), default=24, show_default=True,
+                     help="Context around each tile in LR pixels; tiles agree with the untiled result when it "
+                          "covers the network's receptive field."),
+        click.option("--consistency-steps", type=click.IntRange(min=0), default=10, show_default=True,
+                     help="Back-projection steps that make the output's bicubic downscale match the input."),
+        click.option("--no-consistency", is_flag=True, help="Skip the LR-consistency step (same as --consistency-steps 0)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+                     help="auto picks CUDA, then MPS, then CPU."),
+        click.option("--half", is_flag=True, help="Half precision (GPU only)."),
+        click.option("--overwrite", is_flag=True, help="Replace existing output files."),
+        click.option("--skip-existing", is_flag=True, help="Skip outputs that already exist (resume a batch)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no messages, only errors."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print one JSON object per written file on stdout (for scripts)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
+@click.option("--ref", "refs", multiple=True, metavar="IMAGE|FOLDER",
+              help="Reference image or folder of them (repeatable). [default: the LR image itself]")
+@common_inference_options
+def upscale(inputs, refs, **options):
+    """Upscale LR_IMAGE... (files, folders or globs) once per reference.
+
+    Outputs are named STEM_xSCALE_REFSTEM.png, or STEM_xSCALE_self.png when the LR image is its own reference.
+    """
+    from .inference import run_batch
+    options["temperature"] = 0.0 if options["temperature"] is None else options["temperature"]
+    sys.exit(run_batch(inputs, refs=refs, seeds=None, **options))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
+@click.option("-n", "--n", "count", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Number of samples per image.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample i uses seed SEED+i, so --n 1 --seed 3 reproduces the fourth of --n 10 --seed 0.")
+@common_inference_options
+def sample(inputs, count, seed, **options):
+    """Draw --n different upscalings of each LR_IMAGE from the latent prior.
+
+    Outputs are named STEM_xSCALE_sSEED.png.
+    """
+    from .inference import run_batch
+    options["temperature"] = 1.0 if options["temperature"] is None else options["temperature"]
+    sys.exit(run_batch(inputs, refs=None, seeds=range(seed, seed + count), **options))
+
+
+@main.command()
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(file_okay=False, exists=True,
+              path_type=Path), help="Folder of HR training images (repeatable).")
+@click.option("--refs", "refs", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Folder of reference images (artworks); a share of each batch then takes its reference from "
+                   "here with a style loss.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/refsr"),
+              show_default=True, help="Run folder: last.safetensors, last.state.safetensors, log.jsonl.")
+@click.option("--scale", type=SCALES, default="8", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True, help="Total steps of the run.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lr-patch", type=click.IntRange(min=8), default=32, show_default=True, help="LR crop size in pixels.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
+@click.option("--l1-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--lr-consistency-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--lpips-weight", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option("--style-weight", type=click.FloatRange(min=0), default=0.01, show_default=True)
+@click.option("--ref-mix", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="Share of each batch that takes a reference from --refs (ignored without --refs).")
+@click.option("--save-every", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--init", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Start from these weights (a fresh optimizer).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def train(quiet, device, **options):
+    """Train RefVAE on a folder of HR photos; checkpoints load directly with --weights."""
+    from .errors import RefsrError
+    from .train import TrainOptions, train as run_training
+    options["scale"] = int(options["scale"])
+    options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
+    opt = TrainOptions(device=str(pick_device(device)), **options)
+    try:
+        if quiet:
+            last = run_training(opt)
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          TextColumn("{task.fields[info]}")) as bar:
+                task = bar.add_task("train", total=opt.steps, info="")
+
+                def report(step, total, losses, rate):
+                    info = " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" | {rate:.2f} step/s"
+                    bar.update(task, completed=step, info=info)
+                last = run_training(opt, report)
+    except RefsrError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; the last checkpoint is kept, continue with --resume", 130)
+    if not quiet:
+        click.echo(f"wrote {last}")

