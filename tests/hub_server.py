@@ -1,0 +1,149 @@
+"""A stand-in for the Hugging Face Hub's file endpoint, on 127.0.0.1 only, for the download tests.
+
+It answers `HEAD`/`GET {endpoint}/{owner}/{repo}/resolve/{revision}/{filename}` the way huggingface_hub 2.x expects
+(see `get_hf_file_metadata` and `hf_raise_for_status` in huggingface_hub):
+
+- every answer about a known repository carries `X-Repo-Commit` (the commit the revision points to);
+- an LFS file answers with a 302 to a "CDN" on another origin (a second server on another port), with
+  `X-Linked-Etag` (its sha256) and `X-Linked-Size`; the client does not follow that redirect for HEAD and then GETs
+  the CDN URL directly, as it does with the real Hub;
+- a regular (non-LFS) file answers 200 with `ETag` and `Content-Length`, and GET serves it from the Hub itself;
+- errors are 4xx with `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`), which is what the client
+  turns into its typed exceptions;
+- never an `X-Xet-Hash` header or a `xet-auth` link: either would send the client to the Xet storage protocol (the
+  hf_xet extension), which nothing here speaks.
+
+Every request is recorded in `requests`, so a test can prove that a cache hit downloaded nothing.
+"""
+import hashlib
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+
+class _Handler(BaseHTTPRequestHandler):
+    # HTTP/1.0: one request per connection, so no pooled connection outlives a stopped server.
+    protocol_version = "HTTP/1.0"
+    # A socket timeout for each connection: a stuck client cannot hold a handler thread for long.
+    timeout = 5
+
+    def do_HEAD(self):
+        self._answer(send_body=False)
+
+    def do_GET(self):
+        self._answer(send_body=True)
+
+    def log_message(self, format, *args):  # quiet: pytest shows failures, not an access log
+        pass
+
+    def _answer(self, send_body):
+        hub = self.server.hub
+        path = urlsplit(self.path).path
+        hub._record(self.server.role, self.command, path)
+        if self.server.role == "cdn":
+            status, headers, body = hub._cdn_answer(path)
+        else:
+            status, headers, body = hub._hub_answer(path)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            if hub.cut_downloads and self.server.role == "cdn":
+                # A connection that drops mid-transfer: half the promised bytes, then the handler closes it.
+                body = body[:len(body) // 2]
+            self.wfile.write(body)
+
+
+class FakeHub:
+    """Two loopback servers: `url` is the Hub endpoint (for HF_ENDPOINT), `cdn_url` where LFS files really live."""
+
+    def __init__(self):
+        self.repos = {}  # repo id -> {revision: (commit hash, {filename: (bytes, is_lfs)})}
+        self.blobs = {}  # sha256 -> bytes, served by the CDN
+        self.requests = []  # (role, method, path) of every request, in order
+        self.cut_downloads = False  # when True, the CDN drops every download halfway
+        self._lock = threading.Lock()
+        self._servers = []
+
+    # --- content ---
+
+    def add_revision(self, repo, revision, files, lfs=True):
+        """Publish `files` ({filename: bytes}) as `revision` of `repo`, at a commit hash derived from the content."""
+        digest = hashlib.sha1(repo.encode() + revision.encode())
+        for name in sorted(files):
+            digest.update(name.encode() + files[name])
+        commit = digest.hexdigest()
+        self.repos.setdefault(repo, {})[revision] = (commit, {name: (data, lfs) for name, data in files.items()})
+        if lfs:
+            for data in files.values():
+                self.blobs[hashlib.sha256(data).hexdigest()] = data
+        return commit
+
+    def commit(self, repo, revision):
+        return self.repos[repo][revision][0]
+
+    # --- requests seen ---
+
+    def _record(self, role, method, path):
+        with self._lock:
+            self.requests.append((role, method, path))
+
+    def count(self, method=None):
+        with self._lock:
+            return sum(1 for _, m, _ in self.requests if method is None or m == method)
+
+    # --- answers ---
+
+    def _hub_answer(self, path):
+        parts = path.lstrip("/").split("/", 4)
+        if len(parts) != 5 or parts[2] != "resolve":
+            return 404, {}, b"Not Found"
+        repo, revision, filename = f"{parts[0]}/{parts[1]}", unquote(parts[3]), unquote(parts[4])
+        if repo not in self.repos:
+            # The real Hub answers 401 (not 404) to an anonymous request for a missing or private repository.
+            return 401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, b"Repository not found"
+        if revision not in self.repos[repo]:
+            return (404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": f"Invalid rev id: {revision}"},
+                    b"Invalid rev id")
+        commit, files = self.repos[repo][revision]
+        if filename not in files:
+            return (404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": commit},
+                    b"Entry not found")
+        data, is_lfs = files[filename]
+        if is_lfs:
+            sha256 = hashlib.sha256(data).hexdigest()
+            return 302, {"Location": f"{self.cdn_url}/blobs/{sha256}", "X-Repo-Commit": commit,
+                         "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data)),
+                         "ETag": f'"{hashlib.sha1(data).hexdigest()}-pointer"'}, b"Found"
+        # A regular file: the etag of a git blob (any stable string will do for the client).
+        return 200, {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}, data
+
+    def _cdn_answer(self, path):
+        sha256 = path.rsplit("/", 1)[-1]
+        if not path.startswith("/blobs/") or sha256 not in self.blobs:
+            return 404, {}, b"NoSuchKey"
+        return 200, {"ETag": f'"{sha256}"'}, self.blobs[sha256]
+
+    # --- lifetime ---
+
+    def start(self):
+        for role in ("hub", "cdn"):
+            server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)  # port 0: a free port, on loopback only
+            server.hub, server.role = self, role
+            server.daemon_threads = True
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                      name=f"fake-{role}", daemon=True)
+            thread.start()
+            self._servers.append((server, thread))
+        self.url, self.cdn_url = (f"http://127.0.0.1:{s.server_address[1]}" for s, _ in self._servers)
+        return self
+
+    def stop(self):
+        """Stop both servers and close their ports: later connections are refused. Safe to call twice."""
+        while self._servers:
+            server, thread = self._servers.pop()
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)

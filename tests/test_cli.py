@@ -1,0 +1,143 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import write_png
+from refsr_cli.cli import main
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def pngs(folder):
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+def test_upscale_one_image_per_reference(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "photo.png")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    write_png(refs / "a.png", 40, 40, seed=1)
+    write_png(refs / "b.jpg", 40, 40, seed=2)
+    out = tmp_path / "out"
+    result = run("upscale", lr, "--ref", refs / "a.png", "--ref", refs / "b.jpg", "--scale", 2,
+                 "--weights", checkpoint, "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert pngs(out) == ["photo_x2_a.png", "photo_x2_b.png"]
+    assert Image.open(out / "photo_x2_a.png").size == (32, 24)
+    # A folder of references is the same as naming each.
+    result = run("upscale", lr, "--ref", refs, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o2", "-q")
+    assert result.exit_code == 0 and pngs(tmp_path / "o2") == pngs(out)
+
+
+def test_upscale_without_reference_uses_the_lr_image(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "photo.png")
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip())
+    assert record == {"input": str(lr), "output": str(tmp_path / "photo_x2.png"), "scale": 2,
+                      "reference": str(lr)}
+
+
+def test_sample_is_reproducible_and_seeds_name_the_files(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "photo.png")
+    args = ("sample", lr, "--n", 3, "--seed", 4, "--scale", 2, "--weights", checkpoint, "-q")
+    assert run(*args, "-o", tmp_path / "a").exit_code == 0
+    assert run(*args, "-o", tmp_path / "b").exit_code == 0
+    assert pngs(tmp_path / "a") == ["photo_x2_s4.png", "photo_x2_s5.png", "photo_x2_s6.png"]
+    for name in pngs(tmp_path / "a"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    s4, s5 = (np.asarray(Image.open(tmp_path / "a" / n), dtype=int) for n in ("photo_x2_s4.png", "photo_x2_s5.png"))
+    assert np.abs(s4 - s5).mean() > 0.5
+    # --n 1 --seed 5 reproduces the second sample of --n 3 --seed 4.
+    assert run("sample", lr, "--n", 1, "--seed", 5, "--scale", 2, "--weights", checkpoint, "-q",
+               "-o", tmp_path / "c").exit_code == 0
+    assert (tmp_path / "c" / "photo_x2_s5.png").read_bytes() == (tmp_path / "a" / "photo_x2_s5.png").read_bytes()
+
+
+def test_folders_globs_and_name_collisions(tmp_path, checkpoint):
+    for folder in ("day", "night"):
+        (tmp_path / folder).mkdir()
+        write_png(tmp_path / folder / "beach.png")
+    write_png(tmp_path / "day" / "dune.png")
+    (tmp_path / "day" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    result = run("sample", tmp_path / "day", str(tmp_path / "night" / "*.png"), "--n", 1, "--scale", 2,
+                 "--weights", checkpoint, "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert pngs(out) == ["day-beach_x2_s0.png", "dune_x2_s0.png", "night-beach_x2_s0.png"]
+
+
+def test_existing_outputs_are_kept_unless_asked(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "photo.png")
+    args = ("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
+    assert run(*args).exit_code == 0
+    target = tmp_path / "out" / "photo_x2.png"
+    target.write_bytes(b"precious")
+    result = run(*args)
+    assert result.exit_code == 1 and "exists" in result.stderr
+    assert target.read_bytes() == b"precious"
+    assert run(*args, "--skip-existing").exit_code == 0 and target.read_bytes() == b"precious"
+    assert run(*args, "--overwrite").exit_code == 0 and Image.open(target).size == (32, 24)
+
+
+def test_a_bad_file_in_a_batch_is_reported_and_skipped(tmp_path, checkpoint):
+    good = write_png(tmp_path / "good.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not a png")
+    result = run("upscale", bad, tmp_path / "missing.png", good, "--scale", 2, "--weights", checkpoint,
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("refsr: error:")]
+    assert len(errors) == 2
+    assert any("bad.png: not an image" in e for e in errors)
+    assert any("missing.png: no such file" in e for e in errors)
+    assert "Traceback" not in result.output
+    assert "1 written, 0 skipped, 2 failed" in result.stderr
+    assert pngs(tmp_path / "out") == ["good_x2.png"]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--scale", "8"), "x2 checkpoint, but --scale 8"),
+    (("--scale", "2", "--tile", "16", "--tile-pad", "16"), "--tile-pad (16) must be smaller than --tile (16)"),
+    (("--scale", "2", "--half", "--device", "cpu"), "--half needs a GPU"),
+])
+def test_unusable_settings_stop_before_any_work(tmp_path, checkpoint, args, message):
+    lr = write_png(tmp_path / "photo.png")
+    result = run("upscale", lr, "--weights", checkpoint, "-o", tmp_path / "out", *args)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"refsr: error: {result.stderr.split('error: ', 1)[1].strip()}"]
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_missing_weights_and_bad_flags(tmp_path):
+    lr = write_png(tmp_path / "photo.png")
+    result = run("upscale", lr, "--weights", tmp_path / "nope.safetensors")
+    assert result.exit_code == 2 and "nope.safetensors: no such file" in result.stderr
+    result = run("upscale", lr, "--scale", "3")
+    assert result.exit_code == 2 and "'3' is not one of" in result.stderr
+    result = run("sample", lr, "--n", "-1")
+    assert result.exit_code == 2 and "-1 is not in the range" in result.stderr
+
+
+def test_help_reads_well():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("upscale", "sample", "train"):
+        assert command in result.output
+        sub = run(command, "--help")
+        assert sub.exit_code == 0 and f"Usage: main {command} [OPTIONS]" in sub.output
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys; from refsr_cli.cli import main; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

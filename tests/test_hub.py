@@ -1,0 +1,275 @@
+"""The Hub download path of --weights, end to end through huggingface_hub, against a loopback fake of the Hub.
+
+No test here may reach the network: HF_ENDPOINT points at tests/hub_server.py on 127.0.0.1, and a guard fails any
+test that tries to resolve or connect to anything but loopback.
+"""
+import socket
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load as load_safetensors_bytes
+
+from conftest import write_png
+from hub_server import FakeHub
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import file_download as hf_file_download
+from huggingface_hub.utils import _http as hf_http
+from refsr_cli.checkpoint import build_model, load_checkpoint, resolve_weights, save_model
+from refsr_cli.cli import main
+from refsr_cli.errors import RefsrError
+from refsr_cli.model import RefVAEConfig
+
+REPO = "owner/repo"
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def tiny_checkpoint_bytes(path, seed):
+    torch.manual_seed(seed)  # a different seed gives different weights, so main and v1 differ
+    model = build_model(RefVAEConfig(scale=2, channels=8, lr_blocks=1, fuse_blocks=1, up_channels=(8,), z_dim=8,
+                                     head_channels=8, ref_size=32, cond_grid=2, cond_period=4))
+    save_model(model, path)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The bytes of two real tiny x2 checkpoints, built once for the module: (main's, v1's)."""
+    folder = tmp_path_factory.mktemp("served")
+    return tiny_checkpoint_bytes(folder / "main.safetensors", 0), tiny_checkpoint_bytes(folder / "v1.safetensors", 1)
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """Fail the test if anything resolves or connects to a non-loopback address (huggingface.co included).
+
+    The refused attempt raises OSError, which huggingface_hub would swallow into a "cannot reach the Hub" error, so
+    the attempts are also recorded and checked after the test."""
+    attempts = []
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, *args, **kwargs):
+        if str(host) not in LOOPBACK:
+            attempts.append(host)
+            raise OSError(f"test guard: no DNS lookup of {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] not in LOOPBACK:
+            attempts.append(address)
+            raise OSError(f"test guard: no connection to {address!r}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    yield
+    assert attempts == [], f"the test tried to reach the network: {attempts}"
+
+
+class _NoSleep:
+    """The `time` module without waiting: huggingface_hub backs off 1+2+4+8+8 s before giving up on a dead host."""
+
+    def sleep(self, seconds):
+        pass
+
+    def __getattr__(self, name):
+        import time
+        return getattr(time, name)
+
+
+def point_hub_at(monkeypatch, endpoint):
+    """HF_ENDPOINT, both in the environment and where huggingface_hub copied it at import time."""
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", endpoint)
+    # hf_hub_url formats this template (built from ENDPOINT at import) when no endpoint= is passed, as here.
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+
+
+def set_offline(monkeypatch, offline):
+    """HF_HUB_OFFLINE, in the environment and in the constant read by huggingface_hub (and download_from_hub)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", offline)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, checkpoints):
+    """A started fake Hub serving owner/repo (main: LFS files, v1: a regular file), and a fresh HF cache per test."""
+    main_bytes, v1_bytes = checkpoints
+    fake = FakeHub()
+    fake.add_revision(REPO, "main", {"tiny.safetensors": main_bytes, "refsr-x2.safetensors": main_bytes})
+    fake.add_revision(REPO, "v1", {"tiny.safetensors": v1_bytes}, lfs=False)
+    fake.start()
+
+    point_hub_at(monkeypatch, fake.url)
+    set_offline(monkeypatch, False)
+    home = tmp_path / "hf-home"
+    cache = home / "hub"
+    for name, value in {"HF_HOME": home, "HF_HUB_CACHE": cache, "HUGGINGFACE_HUB_CACHE": cache,
+                        "HF_XET_CACHE": home / "xet", "HF_ASSETS_CACHE": home / "assets",
+                        "HF_TOKEN_PATH": home / "token", "HF_STORED_TOKENS_PATH": home / "stored_tokens"}.items():
+        monkeypatch.setenv(name, str(value))
+        monkeypatch.setattr(hf_constants, name, str(value))
+    # No token from the developer's environment or login may be sent, even to loopback.
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(hf_http, "time", _NoSleep())
+    monkeypatch.setattr(hf_file_download, "time", _NoSleep())
+    # huggingface_hub shares one HTTP client between calls: start and end each test without pooled connections.
+    hf_http.close_session()
+    fake.cache = cache
+    yield fake
+    hf_http.close_session()
+    fake.stop()
+
+
+def closed_port_url():
+    """The URL of a loopback port that nothing listens on (bound, then closed: connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def assert_same_tensors(path, served_bytes):
+    loaded = load_checkpoint(path, 2).trainable_state_dict()
+    served = load_safetensors_bytes(served_bytes)
+    assert sorted(loaded) == sorted(served)
+    for name, tensor in served.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def hub_error(spec, scale=2):
+    with pytest.raises(RefsrError) as info:
+        resolve_weights(spec, scale)
+    message = str(info.value)
+    assert "\n" not in message, f"not one line: {message!r}"
+    return message
+
+
+def test_download_lands_in_the_cache_and_loads(hub, checkpoints):
+    path = resolve_weights(f"{REPO}:tiny.safetensors", 2)
+    assert path.is_relative_to(hub.cache), path
+    assert path.name == "tiny.safetensors"
+    assert path.read_bytes() == checkpoints[0]
+    assert_same_tensors(path, checkpoints[0])
+    # main is served the LFS way: HEAD on the Hub (302, not followed), then GET on the CDN.
+    assert [(role, method) for role, method, _ in hub.requests] == [("hub", "HEAD"), ("cdn", "GET")]
+    assert hub.requests[0][2] == f"/{REPO}/resolve/main/tiny.safetensors"
+
+
+def test_cache_hit_downloads_nothing(hub, monkeypatch):
+    first = resolve_weights(f"{REPO}:tiny.safetensors", 2)
+    assert hub.count("GET") == 1
+
+    # Online, a second resolve only asks the Hub which commit main is at (HEAD), and downloads nothing.
+    assert resolve_weights(f"{REPO}:tiny.safetensors", 2) == first
+    assert hub.count("GET") == 1 and hub.count("HEAD") == 2
+
+    # Offline: the same file, and not a single request.
+    set_offline(monkeypatch, True)
+    seen = len(hub.requests)
+    assert resolve_weights(f"{REPO}:tiny.safetensors", 2) == first
+    assert len(hub.requests) == seen
+
+    # And with the Hub gone: still the cached file, offline or not (online falls back to the cache).
+    hub.stop()
+    assert resolve_weights(f"{REPO}:tiny.safetensors", 2) == first
+    set_offline(monkeypatch, False)
+    assert resolve_weights(f"{REPO}:tiny.safetensors", 2) == first
+    assert len(hub.requests) == seen
+
+
+def test_revision_gets_that_revisions_file(hub, checkpoints):
+    main_bytes, v1_bytes = checkpoints
+    assert main_bytes != v1_bytes
+    v1 = resolve_weights(f"{REPO}@v1:tiny.safetensors", 2)
+    assert v1.read_bytes() == v1_bytes
+    assert v1.parent.name == hub.commit(REPO, "v1")  # the snapshot folder is named after the commit
+    assert_same_tensors(v1, v1_bytes)
+    # v1 is a regular (non-LFS) file: HEAD and GET both on the Hub itself.
+    assert [(role, method) for role, method, _ in hub.requests] == [("hub", "HEAD"), ("hub", "GET")]
+    assert all(path == f"/{REPO}/resolve/v1/tiny.safetensors" for _, _, path in hub.requests)
+
+    main = resolve_weights(f"{REPO}:tiny.safetensors", 2)
+    assert main.read_bytes() == main_bytes and main != v1
+
+
+def test_default_filename_follows_the_scale(hub, checkpoints):
+    path = resolve_weights(REPO, 2)
+    assert path.name == "refsr-x2.safetensors"
+    assert hub.requests[0][2] == f"/{REPO}/resolve/main/refsr-x2.safetensors"
+    assert_same_tensors(path, checkpoints[0])
+
+
+def test_missing_file_repo_and_revision_are_named(hub):
+    assert "no such file" in hub_error(f"{REPO}:nope.safetensors")
+    assert "repository" in hub_error("owner/missing:tiny.safetensors")
+    assert "revision" in hub_error(f"{REPO}@v9:tiny.safetensors")
+    # Each one failed on its HEAD: nothing was downloaded.
+    assert hub.count("GET") == 0
+
+
+def test_invalid_repo_id_is_a_refsr_error(hub):
+    # Matches owner/repo, but the Hub's own rules forbid ".." in a repo id: huggingface_hub refuses it itself.
+    assert "owner/re..po" in hub_error("owner/re..po:tiny.safetensors")
+    # A file name that would climb out of the cache folder: refused before any request too.
+    assert "not a valid Hub reference" in hub_error(f"{REPO}:../evil.safetensors")
+    assert hub.requests == []
+
+
+def test_offline_with_empty_cache_says_offline(hub, monkeypatch):
+    set_offline(monkeypatch, True)
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert "offline" in message and "cache" in message
+    assert hub.requests == []
+
+
+def test_unreachable_hub_suggests_offline_mode(hub, monkeypatch):
+    point_hub_at(monkeypatch, closed_port_url())
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert "cannot be reached" in message
+    assert "HF_HUB_OFFLINE" in message or "cache" in message
+    assert "no such file" not in message
+
+
+def test_download_cut_midway_is_a_refsr_error(hub):
+    hub.cut_downloads = True
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert "download failed" in message
+    assert hub.count("GET") > 1  # huggingface_hub retried before giving up
+    # Nothing half-downloaded is left where the next run would take it for the checkpoint.
+    assert not list(hub.cache.rglob("tiny.safetensors"))
+
+
+def test_download_http_error_is_one_line(hub):
+    # The Hub sends the client to the CDN, which has lost the file: huggingface_hub's error spans several lines.
+    hub.blobs.clear()
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert "download failed" in message and "404" in message
+
+
+def test_cli_upscales_with_hub_weights(hub, tmp_path):
+    image = write_png(tmp_path / "small.png", height=12, width=12)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["upscale", str(image), "--scale", "2", "--weights", f"{REPO}:tiny.safetensors",
+                                       "-o", str(out), "-q", "--tile-pad", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    written = list(out.glob("*.png"))
+    assert len(written) == 1
+    with Image.open(written[0]) as png:
+        assert png.size == (24, 24)
+
+
+def test_cli_missing_repo_is_one_line_error(hub, tmp_path):
+    image = write_png(tmp_path / "small.png", height=12, width=12)
+    result = CliRunner().invoke(main, ["upscale", str(image), "--scale", "2", "--weights", "owner/missing",
+                                       "-o", str(tmp_path / "out"), "-q", "--tile-pad", "4", "--device", "cpu"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception  # an exit, not an uncaught exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refsr: error:"), result.stderr
+    assert "repository" in lines[0]
+    assert "Traceback" not in result.output

@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import smooth_image, tiny_model
+from refsr_cli.inference import Upscaler
+from refsr_cli.metrics import psnr
+
+
+def upscaler(scale=2, **kw):
+    return Upscaler(tiny_model(scale), "cpu", **kw)
+
+
+def lr_image(h=20, w=24, seed=1):
+    return smooth_image(h, w, seed).astype(np.float32) / 255
+
+
+def test_same_seed_same_image_other_seed_other_image():
+    up, lr = upscaler(), lr_image()
+    a, b, c = up.upscale(lr, [up.prior_z(0), up.prior_z(0), up.prior_z(1)])
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 0.5
+
+
+def test_prior_z_does_not_depend_on_the_generator_state():
+    up = upscaler()
+    first = up.prior_z(5)
+    torch.manual_seed(123)
+    torch.rand(10)
+    assert torch.equal(first, up.prior_z(5))
+
+
+def test_different_references_give_different_images():
+    up, lr = upscaler(), lr_image()
+    z1, z2 = up.reference_z(lr_image(40, 40, seed=2)), up.reference_z(lr_image(40, 40, seed=3) ** 3)
+    a, b = up.upscale(lr, [z1, z2])
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.5
+
+
+def test_temperature_zero_is_the_mean():
+    up = upscaler()
+    ref = lr_image(40, 40, seed=2)
+    assert torch.equal(up.reference_z(ref, 0.0, seed=1), up.reference_z(ref, 0.0, seed=2))
+    assert not torch.equal(up.reference_z(ref, 1.0, seed=1), up.reference_z(ref, 1.0, seed=2))
+    assert torch.count_nonzero(up.prior_z(3, temperature=0.0)) == 0
+
+
+def lr_psnr(sr_uint8, lr_float, scale):
+    h, w = lr_float.shape[:2]
+    down = np.asarray(Image.fromarray(sr_uint8).resize((w, h), Image.BICUBIC), dtype=np.float64) / 255
+    return psnr(down, lr_float.astype(np.float64))
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_consistency_raises_lr_psnr(scale):
+    lr, model = lr_image(), tiny_model(scale)
+    z = [torch.zeros(1, 8)]
+    plain = Upscaler(model, "cpu", consistency_steps=0).upscale(lr, z)[0]
+    consistent = Upscaler(model, "cpu", consistency_steps=10).upscale(lr, z)[0]
+    before, after = lr_psnr(plain, lr, scale), lr_psnr(consistent, lr, scale)
+    assert after > before + 3, (before, after)
+    assert after > 45  # the NTIRE 2021 bar
+
+
+def test_tiled_equals_untiled():
+    lr, model = lr_image(37, 45), tiny_model(4)
+    zs = [torch.zeros(1, 8), torch.ones(1, 8)]
+    whole = Upscaler(model, "cpu", tile=64, tile_pad=0).upscale(lr, zs)
+    tiled_up = Upscaler(model, "cpu", tile=16, tile_pad=12)
+    assert len(tiled_up.tiles(37, 45)) == 9
+    tiled = tiled_up.upscale(lr, zs)
+    for a, b in zip(whole, tiled):
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+    # Without context the seams show: the check above is not vacuous.
+    seams = Upscaler(model, "cpu", tile=16, tile_pad=0).upscale(lr, zs)[0]
+    assert np.abs(whole[0].astype(int) - seams.astype(int)).max() > 2
+
+
+def test_lr_encoding_runs_once_for_many_z(monkeypatch):
+    up, calls = upscaler(), []
+    original = up.model.encode_lr
+    monkeypatch.setattr(up.model, "encode_lr", lambda x: calls.append(1) or original(x))
+    up.upscale(lr_image(), [up.prior_z(s) for s in range(5)])
+    assert len(calls) == 1
+
+
+def test_inference_builds_no_autograd_graph():
+    up = upscaler()
+    with torch.enable_grad():
+        z = up.prior_z(0)
+        assert not z.requires_grad
+        out = up.upscale(lr_image(), [z])
+    assert out[0].dtype == np.uint8

@@ -1,0 +1,85 @@
+import pickle
+
+import pytest
+import torch
+
+from conftest import tiny_config, tiny_model
+from refsr_cli.checkpoint import build_model, load_checkpoint, read_config, save_model
+from refsr_cli.errors import RefsrError
+from refsr_cli.model import RefVAE, RefVAEConfig, tile_periodic
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_output_shape_for_each_scale(scale):
+    model = tiny_model(scale)
+    lr, ref = torch.rand(2, 3, 10, 14), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        sr, mu, logvar = model(lr, ref)
+    assert sr.shape == (2, 3, 10 * scale, 14 * scale)
+    assert mu.shape == logvar.shape == (2, 8)
+
+
+def test_release_config_builds_at_every_scale():
+    for scale in (2, 4, 8):
+        model = RefVAE(RefVAEConfig(scale=scale))
+        assert model.upsample[-3].out_channels == 4 * RefVAEConfig().up_channels[model.config.stages - 1]
+
+
+def test_untrained_model_is_bicubic():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(4)).eval()
+    lr = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        sr, _, _ = model(lr, torch.rand(1, 3, 32, 32))
+    bicubic = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
+    assert torch.allclose(sr, bicubic)
+
+
+def test_condition_map_is_periodic_and_anchored():
+    cell = torch.arange(16.0).view(1, 1, 4, 4)
+    full = tile_periodic(cell, 10, 9)
+    assert torch.equal(full[..., :4, :4], cell) and torch.equal(full[..., 4:8, 4:8], cell)
+    # A window cut at (3, 5) equals the same window of the full plane: tiles see the image's condition.
+    assert torch.equal(tile_periodic(cell, 6, 4, 3, 5), full[..., 3:9, 5:9])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_model(4)
+    save_model(model, tmp_path / "m.safetensors", step=7)
+    loaded = load_checkpoint(tmp_path / "m.safetensors", scale=4)
+    assert loaded.config == model.config
+    for key, value in model.trainable_state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert not any(k.startswith("vgg.") for k in loaded.trainable_state_dict())
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
+
+
+def test_other_scale_is_refused(checkpoint):
+    assert read_config(checkpoint).scale == 2
+    with pytest.raises(RefsrError, match="x2 checkpoint, but --scale 8"):
+        load_checkpoint(checkpoint, scale=8)
+
+
+def test_other_architecture_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    model = tiny_model(2)
+    config = tiny_config(2).to_json().replace('"channels": 8', '"channels": 16')
+    save_file(model.trainable_state_dict(), tmp_path / "wide.safetensors",
+              metadata={"format": "refsr-refvae", "config": config})
+    with pytest.raises(RefsrError, match="do not match its config"):
+        load_checkpoint(tmp_path / "wide.safetensors", scale=2)
+    save_file(model.trainable_state_dict(), tmp_path / "arch.safetensors",
+              metadata={"format": "refsr-refvae", "config": config.replace('"lean"', '"unet"')})
+    with pytest.raises(RefsrError, match="unknown architecture"):
+        load_checkpoint(tmp_path / "arch.safetensors", scale=2)
+
+
+def test_pickle_and_foreign_files_are_refused(tmp_path):
+    pickled = tmp_path / "model.safetensors"
+    pickled.write_bytes(pickle.dumps({"weight": [1, 2, 3]}))
+    with pytest.raises(RefsrError, match="not a readable safetensors"):
+        load_checkpoint(pickled)
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(RefsrError, match="not a refsr checkpoint"):
+        load_checkpoint(tmp_path / "foreign.safetensors")
