@@ -158,3 +158,53 @@ def train(quiet, device, **options):
         fail("interrupted; the last checkpoint is kept, continue with --resume", 130)
     if not quiet:
         click.echo(f"wrote {last}")
+
+
+@main.command(name="eval")
+@click.argument("hr_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--scale", type=SCALES, default="8", show_default=True)
+@click.option("--weights", metavar="FILE|OWNER/REPO[@REV][:FILE]", default=None,
+              help="Checkpoint to measure. [default: the shipped weights for --scale]")
+@click.option("--ref", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Take z from this reference. [default: z from the prior]")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 decodes the mean z; 1 a sample at the learned spread.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--consistency-steps", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the rows and means to this JSON file.")
+def evaluate(hr_dir, scale, weights, ref, temperature, seed, consistency_steps, tile, device, json_path):
+    """Measure a checkpoint on the HR images of HR_DIR against bicubic (PSNR/SSIM on Y, LPIPS, LR-PSNR)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .errors import RefsrError
+    from .evaluate import evaluate as run_eval
+    from .images import read_rgb
+    from .inference import load_upscaler
+    scale = int(scale)
+    try:
+        upscaler = load_upscaler(weights, scale, device, False, tile, 24, consistency_steps)
+        if ref is not None:
+            z = upscaler.reference_z(read_rgb(ref), temperature, seed)
+            z_for = lambda lr: z
+        else:
+            z_for = lambda lr: upscaler.prior_z(seed, temperature)
+        console = Console(stderr=True)
+        with console.status("measuring") as status:
+            result = run_eval(hr_dir, upscaler, scale, z_for, on_image=lambda name: status.update(f"done {name}"))
+    except RefsrError as e:
+        fail(str(e))
+    table = Table(title=f"x{scale} on {hr_dir}")
+    for column in ("image", "method", "PSNR-Y", "SSIM-Y", "LPIPS", "LR-PSNR"):
+        table.add_column(column, justify="left" if column in ("image", "method") else "right")
+    rows = result["rows"] + [{"image": "mean", "method": m, **v} for m, v in result["means"].items()]
+    for r in rows:
+        table.add_row(r["image"], r["method"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['lpips']:.4f}",
+                      f"{r['lr_psnr']:.2f}")
+    Console().print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps({"scale": scale, "weights": weights, "temperature": temperature,
+                                         "reference": str(ref) if ref else None, **result}, indent=1))
