@@ -4,9 +4,7 @@ One way in, `load_model(spec, scale)`, for a local path, a Hub reference `owner/
 None for the shipped checkpoint of that scale. Nothing here unpickles anything.
 """
 import importlib
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import RefsrError
+from .files import atomic_path
 from .model import RefVAE, RefVAEConfig
 
 FORMAT = "refsr-refvae"
@@ -21,12 +20,10 @@ HUB_REF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(
 
 
 def weights_dir() -> Path:
-    """weights/ of a source checkout, or the copy installed as the package data `refsr_cli.weights`."""
-    checkout = Path(__file__).resolve().parent.parent / "weights"
-    if checkout.is_dir():
-        return checkout
-    from importlib.resources import files
-    return Path(str(files("refsr_cli.weights")))
+    """weights/ of a source checkout, or its copy installed as package data in refsr_cli/weights/."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "weights"
+    return checkout if (checkout / "README.md").is_file() else here / "weights"
 
 
 def default_filename(scale: int) -> str:
@@ -35,16 +32,9 @@ def default_filename(scale: int) -> str:
 
 def atomic_save(tensors: dict, path, metadata: dict) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: RefVAE, path, **extra_metadata) -> None:

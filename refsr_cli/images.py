@@ -1,13 +1,12 @@
 """Image files: finding them (files, folders, globs), reading them as float tensors, writing them atomically."""
 import glob
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import RefsrError
+from .files import atomic_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -68,11 +67,5 @@ def read_rgb(path) -> np.ndarray:
 def write_image(array: np.ndarray, path) -> None:
     """Save HxWx3 uint8 through a temporary file in the target folder, renamed into place when complete."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format=Image.registered_extensions()[path.suffix.lower()])

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -30,6 +31,9 @@ def test_upscale_one_image_per_reference(tmp_path, checkpoint):
     assert result.exit_code == 0, result.output
     assert pngs(out) == ["photo_x2_a.png", "photo_x2_b.png"]
     assert Image.open(out / "photo_x2_a.png").size == (32, 24)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "photo_x2_a.png").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     # A folder of references is the same as naming each.
     result = run("upscale", lr, "--ref", refs, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o2", "-q")
     assert result.exit_code == 0 and pngs(tmp_path / "o2") == pngs(out)
