@@ -44,8 +44,13 @@ def main():
 def common_inference_options(f):
     options = [
         click.option("--scale", type=SCALES, default="8", show_default=True, help="Upscaling factor."),
-        click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-                     show_default=True, help="Output folder (created if missing)."),
+        click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+                     help="Output folder (created if missing), or a file name (its extension sets the format) "
+                          "when the run writes one image."),
+        click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp", "tiff"]), default=None,
+                     help="Format of files written into a folder. [default: png]"),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=64_000_000, show_default=True,
+                     help="Refuse input images with more pixels than this (decompression bombs), before decoding."),
         click.option("--weights", metavar="FILE|OWNER/REPO[@REV][:FILE]", default=None,
                      help="Checkpoint: a local .safetensors file or a Hugging Face Hub reference. "
                           "[default: the shipped weights for --scale]"),

@@ -1,14 +1,24 @@
-"""Image files: finding them (files, folders, globs), reading them as float tensors, writing them atomically."""
+"""Image files: finding them (files, folders, globs), reading what people actually have (alpha, grayscale, palette,
+CMYK, 16-bit PNG, EXIF orientation, ICC profiles, animations), and writing results atomically in the same kind."""
 import glob
+import struct
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import RefsrError
 from .files import atomic_path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP"}
+DEFAULT_MAX_PIXELS = 64_000_000  # an LR image this large is already a 4 Gpx output at 8x
+MIN_SIDE = 4  # below this, bicubic resampling and back-projection have nothing to work with
+
+# We check the pixel count ourselves, before decoding and with our own limit (--max-pixels).
+Image.MAX_IMAGE_PIXELS = None
 
 
 def list_images(folder) -> list:
@@ -52,20 +62,149 @@ def unique_stems(paths) -> list:
     return names
 
 
-def read_rgb(path) -> np.ndarray:
-    """HxWx3 float32 in [0, 1], EXIF orientation applied."""
+@dataclass
+class Picture:
+    """An image as the model sees it (RGB in [0, 1]) plus what must survive into the output."""
+    rgb: np.ndarray  # HxWx3 float32
+    alpha: np.ndarray | None = None  # HxW float32, or None
+    grayscale: bool = False
+    bits: int = 8  # 8, or 16 for 16-bit PNG
+    icc_profile: bytes | None = None
+    warnings: list = field(default_factory=list)
+
+
+# EXIF orientation -> the numpy operations that undo it (Pillow's ImageOps.exif_transpose, on arrays).
+ORIENTATIONS = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 1)[::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _png_bit_depth(path) -> int:
+    """The bit depth in a PNG's IHDR chunk (Pillow reports 16-bit colour PNGs as 8-bit modes)."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 8
+
+
+def _read_png16(path):
+    """A 16-bit PNG as (HxWxC uint16, grayscale, has_alpha); Pillow would truncate it to 8 bits."""
+    import png  # pypng: the one reader of 16-bit colour PNGs among our dependencies
+    width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+    data = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(height, width, info["planes"])
+    return data, info["greyscale"], info["alpha"]
+
+
+def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+    """Read an image for processing; every problem becomes a RefsrError naming the file and the reason."""
+    path = Path(path)
+    if path.is_dir():
+        raise RefsrError(f"{path}: is a folder, not an image")
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        with Image.open(path) as im:  # reads the header only
+            pixels = im.width * im.height
+            if max_pixels and pixels > max_pixels:
+                raise RefsrError(f"{path}: {im.width}x{im.height} is {pixels / 1e6:.0f} Mpx, over the "
+                                 f"{max_pixels / 1e6:.0f} Mpx limit (raise it with --max-pixels)")
+            if min(im.size) < MIN_SIDE:
+                raise RefsrError(f"{path}: {im.width}x{im.height} is too small (at least {MIN_SIDE}x{MIN_SIDE})")
+            warnings = []
+            if getattr(im, "n_frames", 1) > 1:
+                warnings.append(f"{path}: animated ({im.n_frames} frames); only the first frame is upscaled")
+            orientation = im.getexif().get(0x0112, 1)
+            icc = im.info.get("icc_profile")
+            mode = im.mode
+            if im.format == "PNG" and _png_bit_depth(path) == 16:
+                (data, grayscale, has_alpha), bits = _read_png16(path), 16
+            else:
+                im.seek(0)
+                im.load()
+                grayscale = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "La")
+                has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info
+                if mode == "CMYK":
+                    warnings.append(f"{path}: CMYK converted to RGB without colour management")
+                    icc = None  # a CMYK profile would be wrong on the RGB output
+                if mode in ("I", "I;16", "I;16B"):  # 16-bit grayscale from formats other than PNG
+                    data, bits = np.asarray(im, dtype=np.uint16)[..., None], 16
+                else:
+                    target = ("LA" if has_alpha else "L") if grayscale else ("RGBA" if has_alpha else "RGB")
+                    data, bits = np.asarray(im.convert(target)), 8
+                    data = data[..., None] if data.ndim == 2 else data
+    except RefsrError:
+        raise
     except UnidentifiedImageError:
         raise RefsrError(f"{path}: not an image, or not a format Pillow reads") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise RefsrError(f"{path}: cannot read image ({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
+    except FileNotFoundError:
+        raise RefsrError(f"{path}: no such file") from None
+    except PermissionError:
+        raise RefsrError(f"{path}: permission denied") from None
+    except (OSError, ValueError, SyntaxError, struct.error, zlib.error, EOFError) as e:
+        raise RefsrError(f"{path}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except Exception as e:  # pypng's png.Error and other decoder failures
+        raise RefsrError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+    if orientation in ORIENTATIONS:
+        data = np.ascontiguousarray(ORIENTATIONS[orientation](data))
+    values = data.astype(np.float32) / (65535.0 if bits == 16 else 255.0)
+    colour = values[..., :1] if grayscale else values[..., :3]
+    return Picture(rgb=np.repeat(colour, 3, axis=2) if grayscale else colour,
+                   alpha=values[..., -1] if has_alpha else None,
+                   grayscale=grayscale, bits=bits, icc_profile=icc, warnings=warnings)
 
 
-def write_image(array: np.ndarray, path) -> None:
-    """Save HxWx3 uint8 through a temporary file in the target folder, renamed into place when complete."""
+def read_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """HxWx3 float32 in [0, 1] (references: alpha and bit depth do not matter)."""
+    return read_picture(path, max_pixels).rgb
+
+
+def output_format(path) -> str:
+    fmt = FORMATS.get(Path(path).suffix.lower().lstrip("."))
+    if fmt is None:
+        raise RefsrError(f"{path}: unknown output format (use one of {', '.join(sorted(FORMATS))})")
+    return fmt
+
+
+def _write_png16(f, array: np.ndarray, icc: bytes | None) -> None:
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count), filter type 0, with the ICC profile."""
+    height, width, channels = array.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)))
+    if icc:
+        f.write(chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(icc)))
+    compressor = zlib.compressobj(6)
+    idat = bytearray()
+    rows = array.astype(">u2").reshape(height, width * channels)
+    for y in range(height):  # row by row: no second full-size copy of the image in memory
+        idat += compressor.compress(b"\x00" + rows[y].tobytes())
+        if len(idat) > 1 << 22:
+            f.write(chunk(b"IDAT", bytes(idat)))
+            idat = bytearray()
+    idat += compressor.flush()
+    f.write(chunk(b"IDAT", bytes(idat)) + chunk(b"IEND", b""))
+
+
+def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None) -> None:
+    """Save HxWxC (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA; uint8, or uint16 for PNG) through a temporary file in the
+    target folder, renamed into place when complete."""
     path = Path(path)
+    fmt = output_format(path)
+    channels = array.shape[2]
+    if fmt == "JPEG" and channels in (2, 4):
+        raise RefsrError(f"{path}: JPEG has no alpha channel; write PNG, WebP or TIFF to keep transparency")
+    if array.dtype == np.uint16 and fmt != "PNG":
+        array = (array // 257).astype(np.uint8)  # only PNG stores 16 bits here
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+        if array.dtype == np.uint16:
+            with open(tmp, "wb") as f:
+                _write_png16(f, array, icc_profile)
+        else:
+            image = Image.fromarray(array[..., 0] if channels == 1 else array)
+            options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+            if icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
+                options["icc_profile"] = icc_profile
+            image.save(tmp, format=fmt, **options)

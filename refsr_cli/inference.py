@@ -11,7 +11,8 @@ from PIL import Image
 
 from .checkpoint import load_checkpoint, resolve_weights
 from .errors import RefsrError
-from .images import expand_inputs, read_rgb, unique_stems, write_image
+from .images import (IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb, unique_stems,
+                     write_picture)
 from .model import RefVAE, downscale
 
 
@@ -24,6 +25,9 @@ def back_project(sr, lr, scale: int, steps: int):
         sr = sr + F.interpolate(lr - downscale(sr, scale), scale_factor=scale, mode="bicubic", align_corners=False)
         sr = sr.clamp(0, 1)
     return sr
+
+
+MIN_TILE = 16
 
 
 def tile_spans(length: int, tile: int):
@@ -39,6 +43,8 @@ class Upscaler:
     far tail of the back-projection); no blending is needed, and each finished tile goes straight into the uint8
     output.
     """
+
+    LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # grayscale in, grayscale out (ITU-R 601)
 
     def __init__(self, model: RefVAE, device, half=False, tile=256, tile_pad=24, consistency_steps=10):
         self.device = torch.device(device)
@@ -67,25 +73,50 @@ class Upscaler:
     def tiles(self, height: int, width: int):
         return [(y, x) for y in tile_spans(height, self.tile) for x in tile_spans(width, self.tile)]
 
+    def upscale(self, lr: np.ndarray, zs, alpha=None, grayscale=False, bits=8, on_tile=None) -> list:
+        """lr HxWx3 float in [0, 1] -> one (H*s)x(W*s)xC image per z, uint8 (or uint16 for bits=16), C = 1 or 3
+        colour channels (grayscale or not) plus alpha, when given (HxW float), upscaled bicubically on its own.
+
+        On a CUDA out-of-memory error the image is started again with tiles of half the size."""
+        while True:
+            try:
+                return self._upscale(lr, zs, alpha, grayscale, bits, on_tile)
+            except torch.cuda.OutOfMemoryError:
+                if self.tile // 2 < MIN_TILE:
+                    raise RefsrError(f"out of GPU memory even with {self.tile}-pixel tiles; try --device cpu")
+                self.tile //= 2
+                torch.cuda.empty_cache()
+                warn(f"out of GPU memory; retrying with --tile {self.tile}")
+
     @torch.inference_mode()
-    def upscale(self, lr: np.ndarray, zs, on_tile=None) -> list:
-        """lr HxWx3 float in [0, 1]; one HsxWsx3 uint8 image per z. The LR encoding of each tile is computed once
-        and decoded for every z."""
+    def _upscale(self, lr, zs, alpha, grayscale, bits, on_tile) -> list:
         h, w = lr.shape[:2]
         s, pad = self.scale, self.tile_pad
-        outputs = [np.empty((h * s, w * s, 3), dtype=np.uint8) for _ in zs]
+        peak = 65535.0 if bits == 16 else 255.0
+        channels = (1 if grayscale else 3) + (alpha is not None)
+        outputs = [np.empty((h * s, w * s, channels), dtype=np.uint16 if bits == 16 else np.uint8) for _ in zs]
         cells = [self.model.condition_cell(z) for z in zs]
         lr_t = self._tensor(lr)
+        alpha_t = None if alpha is None else self._tensor(alpha[..., None])
         for (y0, y1), (x0, x1) in self.tiles(h, w):
             py0, px0, py1, px1 = max(y0 - pad, 0), max(x0 - pad, 0), min(y1 + pad, h), min(x1 + pad, w)
+            keep = (slice(None), slice(None), slice((y0 - py0) * s, (y1 - py0) * s),
+                    slice((x0 - px0) * s, (x1 - px0) * s))
             patch = lr_t[..., py0:py1, px0:px1]
             code = self.model.encode_lr(patch)
+            extra = None
+            if alpha_t is not None:
+                extra = F.interpolate(alpha_t[..., py0:py1, px0:px1].float(), scale_factor=s, mode="bicubic",
+                                      align_corners=False)[keep].clamp_(0, 1)
             for out, cell in zip(outputs, cells):
                 sr = self.model.decode(patch, code, cell, origin=(py0, px0))
-                sr = back_project(sr, patch, s, self.consistency_steps)
-                sr = sr[0, :, (y0 - py0) * s:(y1 - py0) * s, (x0 - px0) * s:(x1 - px0) * s]
+                sr = back_project(sr, patch, s, self.consistency_steps)[keep].float()
+                if grayscale:
+                    sr = (sr * self.LUMA.to(sr.device)).sum(1, keepdim=True)
+                if extra is not None:
+                    sr = torch.cat([sr, extra], 1)
                 out[y0 * s:y1 * s, x0 * s:x1 * s] = (
-                    sr.float().clamp_(0, 1).mul_(255).round_().byte().permute(1, 2, 0).cpu().numpy())
+                    sr[0].mul_(peak).round_().permute(1, 2, 0).cpu().numpy().astype(out.dtype))
                 if on_tile is not None:
                     on_tile()
         return outputs
@@ -93,8 +124,20 @@ class Upscaler:
 
 # --- the batch behind `refsr upscale` / `refsr sample` -----------------------------------------------------------
 
+def warn(message: str):
+    print(f"refsr: warning: {message}", file=sys.stderr)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that the atomic writes clean up as they do for Ctrl-C."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
 class Reporter:
-    """Messages on stderr (a rich progress bar when attached to a terminal), JSON lines on stdout with --json."""
+    """Messages on stderr (a rich progress bar when not quiet), JSON lines on stdout with --json."""
 
     def __init__(self, quiet: bool, as_json: bool):
         self.quiet, self.as_json = quiet, as_json
@@ -114,19 +157,22 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
 
-    def say(self, message: str):
-        if self.quiet:
-            return
+    def _print(self, line: str):
         if self.progress is not None:
-            self.progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
         else:
-            print(message, file=sys.stderr)
+            print(line, file=sys.stderr)
+
+    def say(self, message: str):
+        if not self.quiet:
+            self._print(message)
+
+    def warn(self, message: str):
+        if not self.quiet:
+            self._print(f"refsr: warning: {message}")
 
     def error(self, message: str):
-        if self.progress is not None:
-            self.progress.console.print(f"refsr: error: {message}", markup=False, highlight=False, soft_wrap=True)
-        else:
-            print(f"refsr: error: {message}", file=sys.stderr)
+        self._print(f"refsr: error: {message}")
 
     def wrote(self, record: dict):
         if self.as_json:
@@ -152,33 +198,64 @@ def load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_step
     return Upscaler(model, device, half, tile, tile_pad, consistency_steps)
 
 
-def run_batch(inputs, refs, seeds, scale, out, weights, temperature, tile, tile_pad, consistency_steps,
-              no_consistency, device, half, overwrite, skip_existing, quiet, as_json) -> int:
+def plan_outputs(out: Path, fmt: str | None):
+    """(folder, single output file or None, extension) from -o and --format."""
+    if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
+        output_format(out)
+        return out.parent, out, out.suffix
+    return out, None, "." + (fmt or "png")
+
+
+def run_batch(inputs, refs, seeds, scale, out, fmt, weights, temperature, tile, tile_pad, consistency_steps,
+              no_consistency, device, half, overwrite, skip_existing, max_pixels, quiet, as_json) -> int:
     """Upscale every input once per reference (refs), or once per seed (seeds). Returns the exit code:
-    0 all done, 1 some inputs failed, 2 nothing could start."""
-    scale = int(scale)
+    0 all done, 1 some inputs failed, 2 nothing could start, 130/143 interrupted by SIGINT/SIGTERM."""
+    import signal
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     report = Reporter(quiet, as_json)
+    counts = {"written": 0, "skipped": 0, "failed": 0}
+    try:
+        code = _run_batch(report, counts, inputs, refs, seeds, int(scale), out, fmt, weights, temperature, tile,
+                          tile_pad, 0 if no_consistency else consistency_steps, device, half, overwrite,
+                          skip_existing, max_pixels)
+    except KeyboardInterrupt:
+        report.error("interrupted; finished outputs are kept, none is half-written")
+        code = 130
+    except Terminated:
+        report.error("terminated; finished outputs are kept, none is half-written")
+        code = 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 2 and not as_json:
+        report.say("{written} written, {skipped} skipped, {failed} failed".format(**counts))
+    return code
+
+
+def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, temperature, tile, tile_pad,
+               consistency_steps, device, half, overwrite, skip_existing, max_pixels) -> int:
     if overwrite and skip_existing:
         report.error("--overwrite and --skip-existing contradict each other")
         return 2
-    failed = done = skipped = 0
     lr_paths = []
     for spec in inputs:
         try:
             lr_paths += [p for p in expand_inputs([spec]) if p not in lr_paths]
         except RefsrError as e:
             report.error(str(e))
-            failed += 1
+            counts["failed"] += 1
     try:
-        upscaler = load_upscaler(weights, scale, device, half, tile, tile_pad,
-                                 0 if no_consistency else consistency_steps)
+        folder, single, ext = plan_outputs(out, fmt)
         ref_paths = expand_inputs(refs) if refs else []
-        out.mkdir(parents=True, exist_ok=True)
+        planned = len(lr_paths) * (len(seeds) if seeds is not None else max(len(ref_paths), 1))
+        if single is not None and planned > 1:
+            raise RefsrError(f"-o {out} names one file, but this run writes {planned}; give a folder")
+        upscaler = load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_steps)
+        folder.mkdir(parents=True, exist_ok=True)
     except RefsrError as e:
         report.error(str(e))
         return 2
     except OSError as e:
-        report.error(f"{out}: cannot create the output folder ({e.strerror})")
+        report.error(f"{out}: cannot create the output folder ({e.strerror or e})")
         return 2
 
     with report:
@@ -188,10 +265,10 @@ def run_batch(inputs, refs, seeds, scale, out, weights, temperature, tile, tile_
             variants = [(f"s{seed}", {"seed": seed}, upscaler.prior_z(seed, temperature)) for seed in seeds]
         for path, stem in zip(ref_paths, unique_stems(ref_paths)):
             try:
-                z = upscaler.reference_z(read_rgb(path), temperature)
+                z = upscaler.reference_z(read_rgb(path, max_pixels), temperature)
             except RefsrError as e:
                 report.error(f"reference {e}")
-                failed += 1
+                counts["failed"] += 1
                 continue
             variants.append((stem, {"reference": str(path)}, z))
         if ref_paths and not variants:
@@ -200,31 +277,36 @@ def run_batch(inputs, refs, seeds, scale, out, weights, temperature, tile, tile_
 
         for lr_path, stem in zip(lr_paths, unique_stems(lr_paths)):
             try:
-                lr = read_rgb(lr_path)
-                todo = variants or [("", {"reference": str(lr_path)}, upscaler.reference_z(lr, temperature))]
-                targets = [out / (f"{stem}_x{scale}_{suffix}.png" if suffix else f"{stem}_x{scale}.png")
+                picture = read_picture(lr_path, max_pixels)
+                for message in picture.warnings:
+                    report.warn(message)
+                todo = variants or [("", {"reference": str(lr_path)},
+                                     upscaler.reference_z(picture.rgb, temperature))]
+                targets = [single or folder / (f"{stem}_x{scale}_{suffix}{ext}" if suffix else f"{stem}_x{scale}{ext}")
                            for suffix, _, _ in todo]
                 existing = [t for t in targets if t.exists()]
                 if existing and skip_existing:
                     todo = [v for v, t in zip(todo, targets) if not t.exists()]
                     targets = [t for t in targets if not t.exists()]
-                    skipped += len(existing)
+                    counts["skipped"] += len(existing)
                 elif existing and not overwrite:
                     raise RefsrError(f"{existing[0]} exists (use --overwrite to replace or --skip-existing)")
                 if not todo:
                     continue
-                tick = report.task(lr_path.name, len(upscaler.tiles(*lr.shape[:2])) * len(todo))
-                images = upscaler.upscale(lr, [z for _, _, z in todo], on_tile=tick)
+                tick = report.task(lr_path.name, len(upscaler.tiles(*picture.rgb.shape[:2])) * len(todo))
+                images = upscaler.upscale(picture.rgb, [z for _, _, z in todo], alpha=picture.alpha,
+                                          grayscale=picture.grayscale, bits=picture.bits, on_tile=tick)
                 for (_, fields, _), target, image in zip(todo, targets, images):
-                    write_image(image, target)
-                    done += 1
+                    write_picture(image, target, picture.icc_profile)
+                    counts["written"] += 1
                     report.wrote({"input": str(lr_path), "output": str(target), "scale": scale, **fields})
             except RefsrError as e:
                 report.error(str(e))
-                failed += 1
+                counts["failed"] += 1
             except OSError as e:
-                report.error(f"{lr_path}: cannot write output ({e.strerror or e})")
-                failed += 1
-    if not as_json:
-        report.say(f"{done} written, {skipped} skipped, {failed} failed")
-    return 1 if failed else 0
+                report.error(f"{lr_path}: cannot write the output ({e.strerror or e})")
+                counts["failed"] += 1
+            except Exception as e:  # a bug of ours: still one line, and the batch goes on
+                report.error(f"{lr_path}: internal error, please report it ({type(e).__name__}: {e})")
+                counts["failed"] += 1
+    return 1 if counts["failed"] else 0

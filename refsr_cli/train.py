@@ -1,7 +1,7 @@
 """`refsr train`: trains the very RefVAE module that inference loads, and writes checkpoints it loads directly.
 
-A run folder holds `last.safetensors` (the model, loadable by `upscale --weights`), `last.state.safetensors` (the
-optimizer, for --resume) and `log.jsonl` (one line of losses per logged step). Batches are drawn from a generator
+A run folder holds `last.safetensors` (the model, loadable by `upscale --weights`), `last.state.safetensors` (model
+and optimizer, for --resume) and `log.jsonl` (one line of losses per logged step). Batches are drawn from a generator
 seeded by (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have seen.
 """
 import json
@@ -105,21 +105,30 @@ def style_loss(vgg: VGG16Features, sr, ref):
     return loss
 
 
-def save_optimizer(optimizer, path, step: int) -> None:
+def save_training_state(model, optimizer, path, step: int) -> None:
+    """Model and optimizer in one file, so that they can never be from different steps."""
     sd = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
-    atomic_save(tensors, path, {"step": str(step), "param_groups": json.dumps(sd["param_groups"])})
+    tensors = {f"model.{k}": v for k, v in model.trainable_state_dict().items()}
+    tensors.update({f"optimizer.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)})
+    atomic_save(tensors, path, {"step": str(step), "config": model.config.to_json(),
+                                "param_groups": json.dumps(sd["param_groups"])})
 
 
-def load_optimizer(optimizer, path) -> int:
+def load_training_state(path, device):
+    """(model, optimizer state dict, step) from a file written by save_training_state."""
     from safetensors.torch import load_file
     meta = read_metadata(path)
-    state = {}
+    model = build_model(RefVAEConfig.from_json(meta["config"]))
+    weights, state = {}, {}
     for key, value in load_file(str(path)).items():
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    return int(meta["step"])
+        kind, rest = key.split(".", 1)
+        if kind == "model":
+            weights[rest] = value
+        else:
+            i, name = rest.split(".", 1)
+            state.setdefault(int(i), {})[name] = value.to(device)
+    model.load_state_dict(weights, strict=False)
+    return model, {"state": state, "param_groups": json.loads(meta["param_groups"])}, int(meta["step"])
 
 
 def train(opt: TrainOptions, progress=None) -> Path:
@@ -127,11 +136,16 @@ def train(opt: TrainOptions, progress=None) -> Path:
     cuda = device.type == "cuda"
     opt.out.mkdir(parents=True, exist_ok=True)
     last, state_path = opt.out / "last.safetensors", opt.out / "last.state.safetensors"
+    for stale in opt.out.glob(".last.*.tmp"):  # left by a run killed (SIGKILL) in the middle of a save
+        stale.unlink()
 
+    resumed = None
     if opt.resume:
-        if not (last.is_file() and state_path.is_file()):
+        if not state_path.is_file():
             raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
-        model = load_checkpoint(last, opt.scale)
+        model, *resumed = load_training_state(state_path, device)
+        if model.config.scale != opt.scale:
+            raise RefsrError(f"--resume: {state_path} is a x{model.config.scale} run, not x{opt.scale}")
     elif opt.init is not None:
         model = load_checkpoint(opt.init, opt.scale)
     else:
@@ -144,10 +158,9 @@ def train(opt: TrainOptions, progress=None) -> Path:
     params = [p for n, p in model.named_parameters() if not n.startswith("vgg.")]
     optimizer = torch.optim.Adam(params, lr=opt.learning_rate, betas=(0.9, 0.99))
     step = 0
-    if opt.resume:
-        step = load_optimizer(optimizer, state_path)
-        if read_metadata(last).get("step") != str(step):
-            raise RefsrError(f"--resume: {last} and {state_path} are from different steps; resume is unsafe")
+    if resumed is not None:
+        optimizer_state, step = resumed
+        optimizer.load_state_dict(optimizer_state)
 
     lpips = None
     if opt.lpips_weight > 0:
@@ -195,10 +208,9 @@ def train(opt: TrainOptions, progress=None) -> Path:
             log.write(json.dumps(row) + "\n")
             log.flush()
         if step % opt.save_every == 0 or step == opt.steps:
-            # Model first, then optimizer: a crash in between leaves a model one save ahead, which --resume
-            # detects by the step numbers and refuses rather than silently mixing states.
+            # The training state first: --resume reads only it, so a kill between the two writes loses nothing.
+            save_training_state(model, optimizer, state_path, step)
             save_model(model, last, step=step)
-            save_optimizer(optimizer, state_path, step)
         if progress is not None:
             progress(step, opt.steps, {k: v.item() for k, v in losses.items()},
                      (step - start_step) / max(time.time() - started, 1e-9))

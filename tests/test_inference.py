@@ -93,3 +93,19 @@ def test_inference_builds_no_autograd_graph():
         assert not z.requires_grad
         out = up.upscale(lr_image(), [z])
     assert out[0].dtype == np.uint8
+
+
+def test_gpu_out_of_memory_falls_back_to_smaller_tiles(monkeypatch, capsys):
+    up, lr = upscaler(tile=64, tile_pad=4), lr_image(40, 40)
+    expected = upscaler(tile=16, tile_pad=4).upscale(lr, [up.prior_z(0)])[0]
+    original = up.model.encode_lr
+
+    def small_memory(x):
+        if x.shape[-1] > 24:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(x)
+    monkeypatch.setattr(up.model, "encode_lr", small_memory)
+    result = up.upscale(lr, [up.prior_z(0)])[0]
+    assert up.tile == 16
+    assert "retrying with --tile 32" in capsys.readouterr().err
+    assert np.array_equal(result, expected)  # the same as asking for 16-pixel tiles in the first place

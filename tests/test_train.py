@@ -89,3 +89,33 @@ def test_train_cli(data, tmp_path):
                                        "--steps", "2", "--batch", "2", "--lr-patch", "16", "-q", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert load_checkpoint(tmp_path / "run" / "last.safetensors", scale=2).config.scale == 2
+
+
+def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(data, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from safetensors import safe_open
+    photos, _ = data
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "refsr_cli", "train", "--data", str(photos), "--out", str(run_dir),
+               "--scale", "2", "--batch", "1", "--lr-patch", "16", "--save-every", "2", "--device", "cpu", "-q"]
+    proc = subprocess.Popen(command + ["--steps", "100000"], stderr=subprocess.PIPE)
+    log = run_dir / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with safe_open(str(run_dir / "last.safetensors"), "pt") as f:
+        saved = int(f.metadata()["step"])
+    logged = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert saved >= 20 and saved >= logged - 2  # lost at most the steps since the last checkpoint
+    result = subprocess.run(command + ["--steps", str(saved + 2), "--resume"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with safe_open(str(run_dir / "last.safetensors"), "pt") as f:
+        assert int(f.metadata()["step"]) == saved + 2
+    assert not [p for p in os.listdir(run_dir) if p.endswith(".tmp")]
