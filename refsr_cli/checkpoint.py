@@ -139,8 +139,11 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     except RevisionNotFoundError:
         raise RefsrError(f"{where}: no such revision on the Hub") from None
     except LocalEntryNotFoundError:  # before EntryNotFoundError, its base class: "not cached", not "not on the Hub"
-        mode = "offline mode (HF_HUB_OFFLINE=1) is on and" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached and"
-        raise RefsrError(f"{where}: {mode} the file is not in the local cache") from None
+        if constants.HF_HUB_OFFLINE:
+            raise RefsrError(f"{where}: offline mode (HF_HUB_OFFLINE=1) is on and the file is not in the local "
+                             "cache; download it once online first") from None
+        raise RefsrError(f"{where}: the Hub cannot be reached and the file is not in the local cache (once "
+                         "downloaded, it works offline with HF_HUB_OFFLINE=1)") from None
     except EntryNotFoundError:
         raise RefsrError(f"{where}: no such file in that Hub repository") from None
     except RepositoryNotFoundError:

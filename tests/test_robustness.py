@@ -137,6 +137,18 @@ def test_output_folder_that_cannot_be_created(tmp_path, checkpoint):
     one_error_line(result, "cannot create the output folder")
 
 
+def test_output_folder_that_cannot_be_written(tmp_path, checkpoint, monkeypatch):
+    import tempfile
+    lr = write_png(tmp_path / "photo.png")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)  # root writes anywhere; simulate a read-only folder
+    result = upscale(tmp_path, checkpoint, lr)
+    assert result.exit_code == 1
+    one_error_line(result, "photo.png: cannot write the output (Permission denied)")
+
+
 def test_disk_full_while_writing_leaves_no_partial_file(tmp_path, checkpoint, monkeypatch):
     lr = write_png(tmp_path / "photo.png")
     original = Image.Image.save
