@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import RefsrError
 from .files import atomic_path
-from .model import RefVAE, RefVAEConfig
+from .model import RefVAE, RefVAEConfig, model_class
 
 FORMAT = "refsr-refvae"
 HUB_REF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?::(?P<filename>[\w./-]+))?$")
@@ -70,7 +70,7 @@ def load_backbone(module: torch.nn.Module, name: str) -> None:
 
 def build_model(config: RefVAEConfig) -> RefVAE:
     """A model of this config with the frozen VGG16 loaded and the rest freshly initialised."""
-    model = RefVAE(config)
+    model = model_class(config)(config)
     load_backbone(model.vgg, "vgg16_relu4_1")
     return model
 

@@ -27,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class RefVAEConfig:
-    arch: str = "lean"
+    arch: str = "lean"  # "lean" (RefVAE below) or "paper" (PaperRefVAE: the published graph, for comparison)
     scale: int = 8
     channels: int = 64  # width of the LR feature maps
     lr_blocks: int = 8  # residual blocks of the LR encoder (run once per LR image)
@@ -122,8 +122,6 @@ def tile_periodic(cell: torch.Tensor, height: int, width: int, y0: int = 0, x0: 
 class RefVAE(nn.Module):
     def __init__(self, config: RefVAEConfig):
         super().__init__()
-        if config.arch != "lean":
-            raise ValueError(f"unknown architecture {config.arch!r}")
         self.config = c = config
         # LR encoder: everything that depends on the LR image alone, at LR resolution.
         self.lr_head = nn.Conv2d(3, c.channels, 3, padding=1)
@@ -200,6 +198,66 @@ class RefVAE(nn.Module):
         z = mu + temperature * torch.randn_like(mu) * torch.exp(0.5 * logvar)
         sr = self.decode(lr, self.encode_lr(lr), self.condition_cell(z))
         return sr, mu, logvar
+
+
+class PaperRefVAE(RefVAE):
+    """The published RefVAE graph, kept to measure the lean one against (config arch="paper").
+
+    Frozen VGG16 to relu4_1 on the *bicubic-upsampled* LR (features at 1/8 of the output size, `channels` = 512
+    wide); the released code's CVAE head (1x1 + 3x3 convs, resize to head_grid x head_grid, flatten, linear) and
+    feature decoder (linear to cond_grid x cond_grid, resized to the feature map, conv + residual block); image
+    decoder of three bilinear x2 stages (up_channels, 512 -> 256 -> 128 -> 64) and a final conv, added to bicubic.
+    """
+
+    def __init__(self, config: RefVAEConfig):
+        nn.Module.__init__(self)
+        self.config = c = config
+        self.vgg = VGG16Features()
+        self.lr_to_modulation = nn.Sequential(
+            nn.Conv2d(512, c.channels, 3, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c.channels, 2 * c.channels, 3, padding=1))
+        self.ref_reduce = nn.Sequential(
+            nn.Conv2d(512, c.head_channels, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c.head_channels, c.head_channels, 3, padding=1), nn.LeakyReLU(0.2))
+        self.ref_to_posterior = nn.Linear(c.head_channels * c.head_grid ** 2, 2 * c.z_dim)
+        self.z_to_cond = nn.Linear(c.z_dim, c.head_channels * c.cond_grid ** 2)
+        self.cond_body = nn.Sequential(
+            nn.Conv2d(c.head_channels, c.channels, 3, padding=1), nn.LeakyReLU(0.2), ResBlock(c.channels))
+        stages, cin = [], c.channels
+        for cout in c.up_channels[:3]:
+            stages += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                       nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.2)]
+            cin = cout
+        self.upsample = nn.Sequential(*stages)
+        self.to_rgb = nn.Conv2d(cin, 3, 3, padding=1)
+
+    def encode_lr(self, lr):
+        up = F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
+        return self.lr_to_modulation(self.vgg(up)).chunk(2, dim=1)
+
+    def condition_cell(self, z):
+        c = self.config
+        return self.z_to_cond(z).view(-1, c.head_channels, c.cond_grid, c.cond_grid)
+
+    def decode(self, lr, lr_code, cell, origin=(0, 0)):
+        f_mu, f_sigma = lr_code
+        cond = self.cond_body(F.interpolate(cell, size=f_mu.shape[-2:], mode="bilinear", align_corners=False))
+        residual = self.to_rgb(self.upsample(cond * (1 + f_sigma) + f_mu))
+        base = F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
+        return base + F.interpolate(residual, size=base.shape[-2:], mode="bilinear", align_corners=False)
+
+
+PAPER_CONFIG = dict(arch="paper", channels=512, up_channels=(256, 128, 64), head_channels=64, head_grid=16,
+                    cond_grid=16, ref_size=256)
+
+
+def model_class(config: RefVAEConfig):
+    """The network class of an architecture name; the only two there are."""
+    if config.arch == "lean":
+        return RefVAE
+    if config.arch == "paper":
+        return PaperRefVAE
+    raise ValueError(f"unknown architecture {config.arch!r}")
 
 
 def downscale(x, scale: int):

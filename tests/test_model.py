@@ -83,3 +83,16 @@ def test_pickle_and_foreign_files_are_refused(tmp_path):
     save_file({"x": torch.zeros(2)}, tmp_path / "foreign.safetensors")
     with pytest.raises(RefsrError, match="not a refsr checkpoint"):
         load_checkpoint(tmp_path / "foreign.safetensors")
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_paper_graph_tiny_config(scale, tmp_path):
+    """The published architecture (arch="paper"), kept for the benchmark, still builds, runs and round-trips."""
+    config = tiny_config(scale, arch="paper", channels=16, up_channels=(8, 8, 8), cond_grid=4, head_grid=4)
+    model = build_model(config).eval()
+    lr, ref = torch.rand(1, 3, 6, 10), torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        sr, mu, _ = model(lr, ref)
+    assert sr.shape == (1, 3, 6 * scale, 10 * scale) and mu.shape == (1, 8)
+    save_model(model, tmp_path / "paper.safetensors")
+    assert type(load_checkpoint(tmp_path / "paper.safetensors", scale)).__name__ == "PaperRefVAE"

@@ -1,0 +1,234 @@
+"""Speed of refsr on this machine: the lean graph against the published one, where the time goes, and the limit.
+
+    python bench/speed.py [--device cpu|cuda] [--json bench/speed-cpu.json] [--quick]
+
+Prints tables and writes JSON. Model time is the median of --repeats runs after one warm-up, with the real
+Upscaler (tiles, LR consistency), weights as shipped for the lean graph and untrained for the paper graph (timing does
+not depend on the values). Peak memory is the process's peak RSS (VmHWM, reset before each case) on the CPU, and
+torch's peak allocation on CUDA.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from refsr_cli.checkpoint import build_model, load_checkpoint, resolve_weights  # noqa: E402
+from refsr_cli.inference import Upscaler, back_project  # noqa: E402
+from refsr_cli.model import PAPER_CONFIG, RefVAEConfig  # noqa: E402
+
+
+def synthetic(size: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = (rng.random((max(size // 8, 2), max(size // 8, 2), 3)) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC), dtype=np.float32) / 255
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+
+
+def read_peak_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(fn, device, repeats: int):
+    fn()  # warm-up
+    times = []
+    reset_peak(device)
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), read_peak_mib(device)
+
+
+def graph_table(args, device, lean: Upscaler, paper: Upscaler):
+    rows = []
+    ref = synthetic(256, seed=9)
+    for size in args.sizes:
+        lr = synthetic(size)
+        out_mpx = (size * 8) ** 2 / 1e6
+        cases = [("lean, prior sample", lambda: lean.upscale(lr, [lean.prior_z(0)])),
+                 ("lean, new reference", lambda: lean.upscale(lr, [lean.reference_z(ref)])),
+                 ("bicubic (PIL)", lambda: Image.fromarray((lr * 255).astype(np.uint8)).resize(
+                     (size * 8, size * 8), Image.BICUBIC))]
+        if size in args.paper_sizes:
+            cases.insert(2, ("paper graph, new reference", lambda: paper.upscale(lr, [paper.reference_z(ref)])))
+        for name, fn in cases:
+            seconds, peak = timed(fn, device, args.repeats if size <= 256 else 1)
+            rows.append({"lr": size, "graph": name, "seconds": seconds, "mpx_per_s": out_mpx / seconds,
+                         "peak_mib": peak})
+            print(f"{size:>5}  {name:<28} {seconds:>8.3f} s  {out_mpx / seconds:>7.2f} Mpx/s  {peak:>7.0f} MiB",
+                  flush=True)
+    return rows
+
+
+def breakdown(device, lean: Upscaler, size: int = 128):
+    """Where one `upscale` of a size x size LR with a new reference goes."""
+    model, s = lean.model, lean.scale
+    lr_img = synthetic(size)
+    ref = synthetic(256, seed=9)
+    with tempfile.TemporaryDirectory() as tmp:
+        Image.fromarray((lr_img * 255).astype(np.uint8)).save(Path(tmp) / "lr.png")
+        parts = {}
+        start = time.perf_counter()
+        picture_rgb = np.asarray(Image.open(Path(tmp) / "lr.png").convert("RGB"), dtype=np.float32) / 255
+        parts["read input"] = time.perf_counter() - start
+        with torch.inference_mode():
+            lr = lean._tensor(picture_rgb)
+            parts["reference encoding"], _ = timed(lambda: lean.reference_z(ref), device, 3)
+            z = lean.reference_z(ref)
+            parts["LR encoding"], _ = timed(lambda: model.encode_lr(lr), device, 3)
+            code, cell = model.encode_lr(lr), model.condition_cell(z)
+            parts["decoding"], _ = timed(lambda: model.decode(lr, code, cell), device, 3)
+            sr = model.decode(lr, code, cell)
+            parts["LR consistency"], _ = timed(lambda: back_project(sr, lr, s, lean.consistency_steps), device, 3)
+        image = lean.upscale(picture_rgb, [z])[0]
+        start = time.perf_counter()
+        Image.fromarray(image).save(Path(tmp) / "out.png")
+        parts["write output (PNG)"] = time.perf_counter() - start
+    total = sum(parts.values())
+    for name, seconds in parts.items():
+        print(f"  {name:<22} {seconds:>7.3f} s  {100 * seconds / total:>5.1f} %")
+    return {k: {"seconds": v, "share": v / total} for k, v in parts.items()}
+
+
+def samples_cost(device, lean: Upscaler, size: int = 128):
+    lr = synthetic(size)
+    one, _ = timed(lambda: lean.upscale(lr, [lean.prior_z(0)]), device, 3)
+    ten, _ = timed(lambda: lean.upscale(lr, [lean.prior_z(i) for i in range(10)]), device, 1)
+    print(f"  --n 1: {one:.3f} s; --n 10: {ten:.3f} s = {ten / 10:.3f} s per sample ({ten / 10 / one:.2f}x of --n 1)")
+    return {"n1_seconds": one, "n10_seconds": ten, "per_sample_ratio": ten / 10 / one}
+
+
+def cli_times(weights, repeats: int = 3):
+    """Cold CLI calls, as a shell loop pays them."""
+    def wall(command):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    refsr = [sys.executable, "-m", "refsr_cli"]
+    use = ["--weights", str(weights)] if weights else []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        for i in range(4):
+            Image.open(ROOT / "examples" / "seeding-lr.png").save(folder / f"copy{i}.png")
+        result = {
+            "help_seconds": wall(refsr + ["--help"]),
+            "example_upscale_seconds": wall(refsr + ["upscale", "examples/seeding-lr.png", "--ref",
+                                                     "examples/painting.jpg", "-o", tmp, "-q", "--overwrite", *use]),
+            "folder_of_4_one_call_seconds": wall(refsr + ["upscale", str(folder), "--ref", "examples/painting.jpg",
+                                                          "-o", tmp, "-q", "--overwrite", *use]),
+        }
+    for k, v in result.items():
+        print(f"  {k:<32} {v:>7.2f} s")
+    return result
+
+
+def arithmetic_rate(device, lean: Upscaler, size: int = 128):
+    """MACs of the lean decoder (counted by torch) per second, against a large float32 matmul on the same device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = lean.model
+    with torch.inference_mode():
+        lr = lean._tensor(synthetic(size))
+        code, cell = model.encode_lr(lr), model.condition_cell(lean.prior_z(0))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model.decode(lr, code, cell)
+        macs = counter.get_total_flops() / 2
+        seconds, _ = timed(lambda: model.decode(lr, code, cell), device, 3)
+        n = 4096
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        mm_seconds, _ = timed(lambda: a @ b, device, 3)
+    peak = n ** 3 / mm_seconds
+    print(f"  decoder: {macs / 1e9:.1f} GMAC in {seconds:.3f} s = {macs / seconds / 1e9:.1f} GMAC/s; "
+          f"matmul peak {peak / 1e9:.1f} GMAC/s; {100 * macs / seconds / peak:.0f} % of peak")
+    return {"decoder_gmac": macs / 1e9, "decoder_gmac_per_s": macs / seconds / 1e9,
+            "matmul_gmac_per_s": peak / 1e9, "fraction_of_peak": macs / seconds / peak}
+
+
+def training_throughput(device, steps: int = 3):
+    """Samples per second of `refsr train` with its defaults (the release recipe), on synthetic data."""
+    from refsr_cli.train import TrainOptions, train
+    with tempfile.TemporaryDirectory() as tmp:
+        data, refs = Path(tmp) / "hr", Path(tmp) / "refs"
+        data.mkdir()
+        refs.mkdir()
+        for i in range(4):
+            Image.fromarray((synthetic(512, seed=i) * 255).astype(np.uint8)).save(data / f"{i}.png")
+            Image.fromarray((synthetic(256, seed=10 + i) * 255).astype(np.uint8)).save(refs / f"{i}.png")
+        opt = TrainOptions(data=[data], refs=[refs], out=Path(tmp) / "run", steps=steps + 1, save_every=10 ** 9,
+                           device=str(device))
+        marks = []
+        train(opt, progress=lambda step, *a: marks.append(time.perf_counter()))
+    per_step = (marks[-1] - marks[0]) / (len(marks) - 1)
+    print(f"  {opt.batch / per_step:.2f} samples/s ({per_step:.2f} s per step of batch {opt.batch}, "
+          f"LR {opt.lr_patch}px, x{opt.scale})")
+    return {"samples_per_s": opt.batch / per_step, "seconds_per_step": per_step, "batch": opt.batch}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--paper-sizes", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--weights", default=None, help="lean checkpoint [default: the shipped x8]")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    lean = Upscaler(load_checkpoint(resolve_weights(args.weights, 8), 8), device)
+    paper = Upscaler(build_model(RefVAEConfig(**PAPER_CONFIG)), device)
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "device": str(device),
+                          "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}}
+    print(f"machine: {result['machine']}")
+    print("\n8x model time (median) and peak memory")
+    result["graphs"] = graph_table(args, device, lean, paper)
+    print("\nwhere one upscale of a 128x128 LR with a new reference goes")
+    result["breakdown"] = breakdown(device, lean)
+    print("\nsample --n 10 against --n 1 (128x128 LR)")
+    result["samples"] = samples_cost(device, lean)
+    print("\narithmetic rate of the lean decoder (128x128 LR)")
+    result["arithmetic"] = arithmetic_rate(device, lean)
+    print("\ntraining throughput, release configuration")
+    result["training"] = training_throughput(device)
+    if device.type == "cpu":
+        print("\ncold CLI calls (wall, median of 3)")
+        result["cli"] = cli_times(args.weights)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
