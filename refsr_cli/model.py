@@ -41,9 +41,26 @@ class RefVAEConfig:
     head_grid: int = 4  # relu4_1 features are pooled to head_grid x head_grid before the linear to (mu, logvar)
     cond_grid: int = 4  # z is decoded to a cond_grid x cond_grid map ...
     cond_period: int = 16  # ... upsampled to one periodic cell of cond_period LR pixels
+    # z also scales and shifts the channels after each x2 stage (as AdaIN does): a direct path from z to the
+    # texture statistics of the output, which the style loss measures.
+    z_modulation: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "up_channels", tuple(self.up_channels))
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind is tuple:
+                ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                raise ValueError(f"config {f.name}={value!r} is not a valid {kind.__name__}")
+        if self.arch not in ("lean", "paper"):
+            raise ValueError(f"unknown architecture {self.arch!r}")
+        if self.cond_period % self.cond_grid:
+            raise ValueError(f"cond_period ({self.cond_period}) must be a multiple of cond_grid ({self.cond_grid})")
         if self.scale not in (2, 4, 8):
             raise ValueError(f"scale must be 2, 4 or 8, not {self.scale}")
         if len(self.up_channels) < self.stages:
@@ -60,9 +77,11 @@ class RefVAEConfig:
     def from_json(cls, text: str) -> "RefVAEConfig":
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown, missing = sorted(set(data) - known), sorted(known - set(data))
         if unknown:
             raise ValueError(f"unknown config keys {unknown} (a checkpoint from a newer refsr?)")
+        if missing:  # never fill a stored architecture in with today's defaults
+            raise ValueError(f"config keys {missing} missing (a checkpoint from an older refsr?)")
         return cls(**data)
 
 
@@ -145,6 +164,11 @@ class RefVAE(nn.Module):
             ups += [nn.Conv2d(cin, 4 * cout, 3, padding=1), nn.PixelShuffle(2), nn.LeakyReLU(0.2)]
             cin = cout
         self.upsample = nn.Sequential(*ups)
+        if c.z_modulation:
+            # Zero-initialised: a network without it, extended with it, computes the same function.
+            self.z_to_style = nn.Linear(c.z_dim, 2 * sum(c.up_channels[:c.stages]))
+            nn.init.zeros_(self.z_to_style.weight)
+            nn.init.zeros_(self.z_to_style.bias)
         self.to_rgb = nn.Conv2d(cin, 3, 3, padding=1)
         # Start as bicubic: the residual branch begins at zero, which makes early training stable.
         nn.init.zeros_(self.to_rgb.weight)
@@ -169,8 +193,9 @@ class RefVAE(nn.Module):
         x = x + self.lr_body(x)
         return self.lr_to_modulation(x).chunk(2, dim=1)
 
-    def condition_cell(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, z_dim) -> one periodic cell (B, channels, cond_period, cond_period) of C_R."""
+    def condition_cell(self, z: torch.Tensor):
+        """z (B, z_dim) -> (one periodic cell (B, channels, cond_period, cond_period) of C_R, the per-stage channel
+        scales and shifts or None): everything the decoder needs of z, computed once per z."""
         c = self.config
         x = self.z_to_cond(z).view(-1, c.channels, c.cond_grid, c.cond_grid)
         # Bilinear upsampling of a periodic map: pad circularly, upsample, cut one period back out.
@@ -178,24 +203,34 @@ class RefVAE(nn.Module):
         x = F.interpolate(F.pad(x, (1, 1, 1, 1), mode="circular"), scale_factor=factor, mode="bilinear",
                           align_corners=False)
         x = x[..., factor:factor + c.cond_period, factor:factor + c.cond_period]
-        return self.cond_body(x)
+        styles = self.z_to_style(z) if c.z_modulation else None
+        return self.cond_body(x), styles
 
-    def decode(self, lr, lr_code, cell, origin=(0, 0)):
-        """Decode one z (as its condition cell) against an encoded LR image; origin places a tile in its image."""
+    def decode(self, lr, lr_code, condition, origin=(0, 0)):
+        """Decode one z (as its condition_cell) against an encoded LR image; origin places a tile in its image."""
         f_mu, f_sigma = lr_code
+        cell, styles = condition
         h, w = lr.shape[-2:]
         cond = tile_periodic(cell, h, w, *origin)
         x = cond * (1 + f_sigma) + f_mu
         x = x + self.fuse_body(x)
-        residual = self.to_rgb(self.upsample(x))
+        offset = 0
+        for i in range(0, len(self.upsample), 3):  # conv, pixel shuffle, activation
+            x = self.upsample[i + 2](self.upsample[i + 1](self.upsample[i](x)))
+            if styles is not None:
+                n = x.shape[1]
+                scale, shift = styles[:, offset:offset + n], styles[:, offset + n:offset + 2 * n]
+                x = x * (1 + scale[..., None, None]) + shift[..., None, None]
+                offset += 2 * n
+        residual = self.to_rgb(x)
         base = F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
         return base + residual
 
     # --- training ---------------------------------------------------------------------------------------
-    def forward(self, lr, ref, temperature: float = 1.0):
+    def forward(self, lr, ref):
         """Training / posterior pass: z ~ q(z | ref). Returns sr, mu, logvar."""
         mu, logvar = self.encode_reference(ref)
-        z = mu + temperature * torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         sr = self.decode(lr, self.encode_lr(lr), self.condition_cell(z))
         return sr, mu, logvar
 
@@ -207,6 +242,7 @@ class PaperRefVAE(RefVAE):
     wide); the released code's CVAE head (1x1 + 3x3 convs, resize to head_grid x head_grid, flatten, linear) and
     feature decoder (linear to cond_grid x cond_grid, resized to the feature map, conv + residual block); image
     decoder of three bilinear x2 stages (up_channels, 512 -> 256 -> 128 -> 64) and a final conv, added to bicubic.
+    Its condition map is stretched over whatever it decodes, so its tiled output is not its untiled one.
     """
 
     def __init__(self, config: RefVAEConfig):
@@ -247,17 +283,13 @@ class PaperRefVAE(RefVAE):
         return base + F.interpolate(residual, size=base.shape[-2:], mode="bilinear", align_corners=False)
 
 
-PAPER_CONFIG = dict(arch="paper", channels=512, up_channels=(256, 128, 64), head_channels=64, head_grid=16,
+PAPER_CONFIG = dict(arch="paper", z_modulation=False, channels=512, up_channels=(256, 128, 64), head_channels=64, head_grid=16,
                     cond_grid=16, ref_size=256)
 
 
 def model_class(config: RefVAEConfig):
-    """The network class of an architecture name; the only two there are."""
-    if config.arch == "lean":
-        return RefVAE
-    if config.arch == "paper":
-        return PaperRefVAE
-    raise ValueError(f"unknown architecture {config.arch!r}")
+    """The network class of a config's architecture: RefVAE, or PaperRefVAE for arch="paper"."""
+    return PaperRefVAE if config.arch == "paper" else RefVAE
 
 
 def downscale(x, scale: int):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .checkpoint import atomic_save, build_model, load_backbone, load_checkpoint, read_metadata, save_model
 from .errors import RefsrError
-from .images import list_images
+from .images import list_images, read_rgb
 from .metrics import LPIPSAlex
 from .model import RefVAEConfig, VGG16Features, downscale, kl_divergence
 
@@ -45,21 +45,19 @@ class TrainOptions:
     resume: bool = False
     init: Path | None = None
     device: str = "cpu"
-    max_images: int | None = None
     config: RefVAEConfig = RefVAEConfig()  # the architecture of a fresh run (--resume and --init bring their own)
-    ref_size: int = 256  # taken from the model's config
 
 
-def load_training_images(folders, min_side: int, max_images=None) -> list:
+def load_training_images(folders, min_side: int) -> list:
+    """uint8 HxWx3 arrays of the images in `folders` whose short side is at least `min_side`."""
     paths = [p for folder in folders for p in list_images(folder)]
     if not paths:
         raise RefsrError(f"no images found in {', '.join(map(str, folders))}")
     images = []
-    for p in paths[:max_images]:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if min(im.size) >= min_side:
-                images.append(np.asarray(im))
+    for p in paths:
+        rgb = read_rgb(p)
+        if min(rgb.shape[:2]) >= min_side:
+            images.append((rgb * 255).round().astype(np.uint8))
     if not images:
         raise RefsrError(f"no training image is at least {min_side} px on its short side")
     return images
@@ -78,7 +76,7 @@ def to_tensor(arrays) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.ascontiguousarray(a) for a in arrays])).permute(0, 3, 1, 2).float() / 255
 
 
-def make_batch(images, refs, opt: TrainOptions, step: int):
+def make_batch(images, refs, opt: TrainOptions, step: int, ref_size: int):
     """HR crops, their PIL-bicubic LR, and the reference of each sample (the HR crop itself, or from the gallery)."""
     rng = random.Random(opt.seed * 1_000_003 + step)
     hr_size = opt.lr_patch * opt.scale
@@ -90,7 +88,7 @@ def make_batch(images, refs, opt: TrainOptions, step: int):
         lr.append(np.asarray(pil.resize((opt.lr_patch,) * 2, Image.BICUBIC)))
         gallery = bool(refs) and rng.random() < opt.ref_mix
         source = Image.fromarray(refs[rng.randrange(len(refs))]) if gallery else pil
-        ref.append(np.asarray(source.resize((opt.ref_size,) * 2, Image.BICUBIC)))
+        ref.append(np.asarray(source.resize((ref_size,) * 2, Image.BICUBIC)))
         from_gallery.append(gallery)
     return to_tensor(hr), to_tensor(lr), to_tensor(ref), torch.tensor(from_gallery)
 
@@ -105,30 +103,39 @@ def style_loss(vgg: VGG16Features, sr, ref):
     return loss
 
 
-def save_training_state(model, optimizer, path, step: int) -> None:
-    """Model and optimizer in one file, so that they can never be from different steps."""
+STATE_FORMAT = "refsr-training-state"
+
+
+def save_training_state(model, optimizer, scaler, path, step: int, opt: TrainOptions) -> None:
+    """Model, optimizer and loss scaler in one file, so that they can never be from different steps."""
     sd = optimizer.state_dict()
     tensors = {f"model.{k}": v for k, v in model.trainable_state_dict().items()}
     tensors.update({f"optimizer.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)})
-    atomic_save(tensors, path, {"step": str(step), "config": model.config.to_json(),
-                                "param_groups": json.dumps(sd["param_groups"])})
+    atomic_save(tensors, path, {"format": STATE_FORMAT, "step": str(step), "config": model.config.to_json(),
+                                "param_groups": json.dumps(sd["param_groups"]), "scaler": json.dumps(scaler.state_dict()),
+                                "recipe": json.dumps(recipe(opt))})
 
 
-def load_training_state(path, device):
-    """(model, optimizer state dict, step) from a file written by save_training_state."""
+def recipe(opt: TrainOptions) -> dict:
+    """The options a resumed run must share with the run it continues (--steps may grow)."""
+    return {k: getattr(opt, k) for k in ("seed", "batch", "lr_patch", "learning_rate", "scale")}
+
+
+def load_training_state(path, opt: TrainOptions):
+    """(model, optimizer state dict, scaler state dict, step) from a file written by save_training_state."""
     from safetensors.torch import load_file
+    model = load_checkpoint(path, opt.scale, fmt=STATE_FORMAT, prefix="model.").train()
     meta = read_metadata(path)
-    model = build_model(RefVAEConfig.from_json(meta["config"]))
-    weights, state = {}, {}
+    if json.loads(meta["recipe"]) != recipe(opt):
+        raise RefsrError(f"--resume: {path} was trained with {json.loads(meta['recipe'])}; resume with the same "
+                         "--seed, --batch, --lr-patch, --learning-rate and --scale")
+    state = {}
     for key, value in load_file(str(path)).items():
-        kind, rest = key.split(".", 1)
-        if kind == "model":
-            weights[rest] = value
-        else:
-            i, name = rest.split(".", 1)
-            state.setdefault(int(i), {})[name] = value.to(device)
-    model.load_state_dict(weights, strict=False)
-    return model, {"state": state, "param_groups": json.loads(meta["param_groups"])}, int(meta["step"])
+        if key.startswith("optimizer."):
+            i, name = key[len("optimizer."):].split(".", 1)
+            state.setdefault(int(i), {})[name] = value
+    optimizer_state = {"state": state, "param_groups": json.loads(meta["param_groups"])}
+    return model, optimizer_state, json.loads(meta["scaler"]), int(meta["step"])
 
 
 def train(opt: TrainOptions, progress=None) -> Path:
@@ -143,76 +150,79 @@ def train(opt: TrainOptions, progress=None) -> Path:
     if opt.resume:
         if not state_path.is_file():
             raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
-        model, *resumed = load_training_state(state_path, device)
-        if model.config.scale != opt.scale:
-            raise RefsrError(f"--resume: {state_path} is a x{model.config.scale} run, not x{opt.scale}")
+        model, *resumed = load_training_state(state_path, opt)
+    elif state_path.exists():
+        raise RefsrError(f"{opt.out} holds a run already: --resume it, or give another --out")
     elif opt.init is not None:
         model = load_checkpoint(opt.init, opt.scale)
     else:
         torch.manual_seed(opt.seed)  # the same seed, the same initial weights
         model = build_model(replace(opt.config, scale=opt.scale))
-    opt.ref_size = model.config.ref_size
     model.to(device).train()
     if cuda:
         model.to(memory_format=torch.channels_last)
     params = [p for n, p in model.named_parameters() if not n.startswith("vgg.")]
     optimizer = torch.optim.Adam(params, lr=opt.learning_rate, betas=(0.9, 0.99))
     step = 0
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     if resumed is not None:
-        optimizer_state, step = resumed
+        optimizer_state, scaler_state, step = resumed
         optimizer.load_state_dict(optimizer_state)
+        scaler.load_state_dict(scaler_state)
 
     lpips = None
     if opt.lpips_weight > 0:
         lpips = LPIPSAlex()
         load_backbone(lpips, "lpips_alex")
         lpips.to(device)
-    images = load_training_images(opt.data, opt.lr_patch * opt.scale, opt.max_images)
+    images = load_training_images(opt.data, opt.lr_patch * opt.scale)
     refs = load_training_images(opt.refs, 1) if opt.refs else None
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    log = open(opt.out / "log.jsonl", "a")
-    started, start_step = time.time(), step
+    log_path = opt.out / "log.jsonl"
+    if resumed is not None and log_path.exists():  # drop the rows of steps after the checkpoint: they are redone
+        rows = [r for r in log_path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+        log_path.write_text("".join(r + "\n" for r in rows))
+    with open(log_path, "a") as log:
+        started, start_step = time.time(), step
+        while step < opt.steps:
+            # Cosine decay over the whole run, so that resuming a run lands on the same schedule.
+            for group in optimizer.param_groups:
+                group["lr"] = opt.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / opt.steps))
+            batch = make_batch(images, refs, opt, step, model.config.ref_size)
+            hr, lr, ref, gallery = (t.to(device, non_blocking=True) for t in batch)
+            torch.manual_seed(opt.seed * 1_000_003 + step)  # the posterior's eps
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+                sr, mu, logvar = model(lr, ref)
+                sr = sr.float()
+                losses = {
+                    "l1": F.l1_loss(sr, hr),
+                    "lr_cons": F.l1_loss(downscale(sr, opt.scale), lr),
+                    "kl": kl_divergence(mu.float(), logvar.float()),
+                }
+                if lpips is not None:
+                    losses["lpips"] = lpips(sr, hr).mean()
+                if gallery.any():
+                    losses["style"] = style_loss(model.vgg, sr[gallery], ref[gallery])
+            weights = {"l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight, "kl": opt.kl_weight,
+                       "lpips": opt.lpips_weight, "style": opt.style_weight}
+            loss = sum(weights[k] * v for k, v in losses.items())
+            if not torch.isfinite(loss):
+                raise RefsrError(f"step {step}: the loss is {loss.item()}; lower --learning-rate or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
 
-    while step < opt.steps:
-        # Cosine decay over the whole run, so that resuming a run lands on the same schedule.
-        for group in optimizer.param_groups:
-            group["lr"] = opt.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / opt.steps))
-        hr, lr, ref, gallery = (t.to(device, non_blocking=True) for t in make_batch(images, refs, opt, step))
-        torch.manual_seed(opt.seed * 1_000_003 + step)  # the posterior's eps
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            sr, mu, logvar = model(lr, ref)
-            sr = sr.float()
-            losses = {
-                "l1": F.l1_loss(sr, hr),
-                "lr_cons": F.l1_loss(downscale(sr, opt.scale), lr),
-                "kl": kl_divergence(mu.float(), logvar.float()),
-            }
-            if lpips is not None:
-                losses["lpips"] = lpips(sr, hr).mean()
-            if gallery.any():
-                losses["style"] = style_loss(model.vgg, sr[gallery], ref[gallery])
-        weights = {"l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight, "kl": opt.kl_weight,
-                   "lpips": opt.lpips_weight, "style": opt.style_weight}
-        loss = sum(weights[k] * v for k, v in losses.items())
-        if not torch.isfinite(loss):
-            raise RefsrError(f"step {step}: the loss is {loss.item()}; lower --lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-
-        if step % opt.log_every == 0 or step == opt.steps:
-            row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                   "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-        if step % opt.save_every == 0 or step == opt.steps:
-            # The training state first: --resume reads only it, so a kill between the two writes loses nothing.
-            save_training_state(model, optimizer, state_path, step)
-            save_model(model, last, step=step)
-        if progress is not None:
-            progress(step, opt.steps, {k: v.item() for k, v in losses.items()},
-                     (step - start_step) / max(time.time() - started, 1e-9))
-    log.close()
-    return last
+            if step % opt.log_every == 0 or step == opt.steps:
+                row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
+                       "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if step % opt.save_every == 0 or step == opt.steps:
+                # The training state first: --resume reads only it, so a kill between the two writes loses nothing.
+                save_training_state(model, optimizer, scaler, state_path, step, opt)
+                save_model(model, last, step=step)
+            if progress is not None:
+                progress(step, opt.steps, {k: v.item() for k, v in losses.items()},
+                         (step - start_step) / max(time.time() - started, 1e-9))
+        return last

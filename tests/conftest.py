@@ -23,6 +23,8 @@ def tiny_model(scale=2, seed=0, **overrides):
     # The output layer starts at zero (the model starts as bicubic); give it weights so z and refs matter.
     torch.nn.init.normal_(model.to_rgb.weight, std=0.1)
     torch.nn.init.normal_(model.ref_to_posterior.weight, std=0.5)
+    if hasattr(model, "z_to_style"):
+        torch.nn.init.normal_(model.z_to_style.weight, std=0.05)
     return model.eval()
 
 

@@ -77,6 +77,17 @@ def test_folders_globs_and_name_collisions(tmp_path, checkpoint):
     assert pngs(out) == ["day-beach_x2_s0.png", "dune_x2_s0.png", "night-beach_x2_s0.png"]
 
 
+def test_same_stem_in_one_folder(tmp_path, checkpoint):
+    write_png(tmp_path / "a.png")
+    write_png(tmp_path / "a.jpg", seed=3)
+    out = tmp_path / "out"
+    result = run("upscale", tmp_path / "a.png", tmp_path / "a.jpg", "--scale", 2, "--weights", checkpoint,
+                 "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    names = pngs(out)
+    assert len(names) == 2 and all(n.endswith("-a-png_x2.png") or n.endswith("-a-jpg_x2.png") for n in names)
+
+
 def test_existing_outputs_are_kept_unless_asked(tmp_path, checkpoint):
     lr = write_png(tmp_path / "photo.png")
     args = ("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
@@ -143,5 +154,9 @@ def test_help_reads_well():
 def test_help_does_not_import_torch():
     import subprocess
     import sys
-    code = "import sys; from refsr_cli.cli import main; assert 'torch' not in sys.modules"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    code = ("import sys; from refsr_cli.cli import main\n"
+            "try: main(['--help'])\nexcept SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout

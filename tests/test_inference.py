@@ -86,13 +86,14 @@ def test_lr_encoding_runs_once_for_many_z(monkeypatch):
     assert len(calls) == 1
 
 
-def test_inference_builds_no_autograd_graph():
-    up = upscaler()
+def test_inference_runs_without_autograd(monkeypatch):
+    up, modes = upscaler(), []
+    original = up.model.decode
+    monkeypatch.setattr(up.model, "decode", lambda *a, **k: modes.append(torch.is_inference_mode_enabled())
+                        or original(*a, **k))
     with torch.enable_grad():
-        z = up.prior_z(0)
-        assert not z.requires_grad
-        out = up.upscale(lr_image(), [z])
-    assert out[0].dtype == np.uint8
+        out = up.upscale(lr_image(), [up.prior_z(0), up.prior_z(1)])
+    assert modes == [True, True] and out[0].dtype == np.uint8
 
 
 def test_gpu_out_of_memory_falls_back_to_smaller_tiles(monkeypatch, capsys):

@@ -19,10 +19,11 @@ def test_output_shape_for_each_scale(scale):
     assert mu.shape == logvar.shape == (2, 8)
 
 
-def test_release_config_builds_at_every_scale():
+def test_release_checkpoints_fit_in_16_mib(tmp_path):
     for scale in (2, 4, 8):
-        model = RefVAE(RefVAEConfig(scale=scale))
-        assert model.upsample[-3].out_channels == 4 * RefVAEConfig().up_channels[model.config.stages - 1]
+        path = tmp_path / f"x{scale}.safetensors"
+        save_model(RefVAE(RefVAEConfig(scale=scale)), path)
+        assert path.stat().st_size < 16 * 2 ** 20
 
 
 def test_untrained_model_is_bicubic():
@@ -72,6 +73,16 @@ def test_other_architecture_is_refused(tmp_path):
               metadata={"format": "refsr-refvae", "config": config.replace('"lean"', '"unet"')})
     with pytest.raises(RefsrError, match="unknown architecture"):
         load_checkpoint(tmp_path / "arch.safetensors", scale=2)
+
+
+def test_config_from_another_version_is_refused():
+    config = tiny_config(2).to_json()
+    with pytest.raises(ValueError, match="missing"):
+        RefVAEConfig.from_json(config.replace(', "z_modulation": true', ""))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        RefVAEConfig.from_json(config.replace("{", '{"attention": 4, ', 1))
+    with pytest.raises(ValueError, match="not a valid int"):
+        RefVAEConfig.from_json(config.replace('"channels": 8', '"channels": "8"'))
 
 
 def test_pickle_and_foreign_files_are_refused(tmp_path):

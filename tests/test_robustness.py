@@ -266,6 +266,17 @@ def test_exif_orientation_is_applied(tmp_path, checkpoint):
     assert out.size == (24, 40)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(tmp_path, orientation):
+    from PIL import ImageOps
+    image = Image.fromarray(smooth_image(6, 10, seed=orientation))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "o.png", exif=exif)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "o.png")).convert("RGB"))
+    assert np.array_equal((read_picture(tmp_path / "o.png").rgb * 255).round().astype(np.uint8), expected)
+
+
 def test_icc_profile_is_carried(tmp_path, checkpoint):
     from PIL import ImageCms
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()

@@ -41,12 +41,11 @@ def l1_on_fixed_batch(model, opt):
 def make_batch_for_eval(opt):
     from refsr_cli.train import load_training_images
     images = load_training_images(opt.data, opt.lr_patch * opt.scale)
-    return make_batch(images, None, opt, step=10 ** 6)
+    return make_batch(images, None, opt, step=10 ** 6, ref_size=32)
 
 
 def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(data, tmp_path):
     opt = options(data, tmp_path / "run", steps=40, save_every=40, lpips_weight=0.0, ref_mix=0.0)
-    opt.ref_size = 32
     from refsr_cli.checkpoint import build_model
     torch.manual_seed(0)
     before = l1_on_fixed_batch(build_model(tiny_config(2)), opt)
@@ -67,7 +66,6 @@ def test_resume_continues_exactly(data, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(options(data, tmp_path / "cut"), progress=interrupt)
-    assert load_checkpoint(tmp_path / "cut" / "last.safetensors").state_dict() is not None
     steps = []
     resumed = train(options(data, tmp_path / "cut", resume=True), progress=lambda s, *a: steps.append(s))
     assert steps == [4, 5, 6]  # continued from the step-3 checkpoint, not from zero
@@ -79,6 +77,14 @@ def test_resume_continues_exactly(data, tmp_path):
 def test_resume_without_a_run_is_refused(data, tmp_path):
     with pytest.raises(RefsrError, match="no checkpoint to resume"):
         train(options(data, tmp_path / "empty", resume=True))
+
+
+def test_a_run_is_not_overwritten_nor_resumed_with_another_recipe(data, tmp_path):
+    train(options(data, tmp_path / "run", steps=3))
+    with pytest.raises(RefsrError, match="holds a run already"):
+        train(options(data, tmp_path / "run", steps=3))
+    with pytest.raises(RefsrError, match="resume with the same"):
+        train(options(data, tmp_path / "run", steps=6, batch=2, resume=True))
 
 
 def test_train_cli(data, tmp_path):
