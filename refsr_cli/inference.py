@@ -283,15 +283,16 @@ def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, te
                     report.warn(message)
                 todo = variants or [("", {"reference": str(lr_path)},
                                      upscaler.reference_z(picture.rgb, temperature))]
-                targets = [single or folder / (f"{stem}_x{scale}_{suffix}{ext}" if suffix else f"{stem}_x{scale}{ext}")
+                targets = [single or folder / f"{stem}_x{scale}{'_' + suffix if suffix else ''}{ext}"
                            for suffix, _, _ in todo]
-                existing = [t for t in targets if t.exists()]
-                if existing and skip_existing:
-                    todo = [v for v, t in zip(todo, targets) if not t.exists()]
-                    targets = [t for t in targets if not t.exists()]
-                    counts["skipped"] += len(existing)
-                elif existing and not overwrite:
-                    raise RefsrError(f"{existing[0]} exists (use --overwrite to replace or --skip-existing)")
+                exists = [t.exists() for t in targets]
+                if skip_existing:
+                    todo = [v for v, e in zip(todo, exists) if not e]
+                    targets = [t for t, e in zip(targets, exists) if not e]
+                    counts["skipped"] += sum(exists)
+                elif any(exists) and not overwrite:
+                    raise RefsrError(f"{targets[exists.index(True)]} exists (use --overwrite to replace, or "
+                                     "--skip-existing)")
                 if not todo:
                     continue
                 h, w = picture.rgb.shape[:2]
