@@ -127,8 +127,8 @@ def sample(inputs, count, seed, **options):
 @click.option("--lr-consistency-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-4, show_default=True)
 @click.option("--lpips-weight", type=click.FloatRange(min=0), default=0.1, show_default=True)
-@click.option("--style-weight", type=click.FloatRange(min=0), default=0.01, show_default=True)
-@click.option("--ref-mix", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+@click.option("--style-weight", type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option("--ref-mix", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Share of each batch that takes a reference from --refs (ignored without --refs).")
 @click.option("--save-every", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)

@@ -227,10 +227,14 @@ class RefVAE(nn.Module):
         return base + residual
 
     # --- training ---------------------------------------------------------------------------------------
-    def forward(self, lr, ref):
-        """Training / posterior pass: z ~ q(z | ref). Returns sr, mu, logvar."""
+    def forward(self, lr, ref, use_mean=None):
+        """Training pass: z ~ q(z | ref), or z = mu for the samples where the bool mask `use_mean` is set.
+        Returns sr, mu, logvar."""
         mu, logvar = self.encode_reference(ref)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        eps = torch.randn_like(mu)
+        if use_mean is not None:
+            eps = eps * (~use_mean)[:, None]
+        z = mu + eps * torch.exp(0.5 * logvar)
         sr = self.decode(lr, self.encode_lr(lr), self.condition_cell(z))
         return sr, mu, logvar
 
