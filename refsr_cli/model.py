@@ -146,12 +146,7 @@ class RefVAE(nn.Module):
         self.lr_head = nn.Conv2d(3, c.channels, 3, padding=1)
         self.lr_body = nn.Sequential(*[ResBlock(c.channels) for _ in range(c.lr_blocks)])
         self.lr_to_modulation = nn.Conv2d(c.channels, 2 * c.channels, 3, padding=1)
-        # Reference encoder: frozen VGG16 (not part of the checkpoint) + trainable CVAE head.
-        self.vgg = VGG16Features()
-        self.ref_reduce = nn.Sequential(
-            nn.Conv2d(512, c.head_channels, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(c.head_channels, c.head_channels, 3, padding=1), nn.LeakyReLU(0.2))
-        self.ref_to_posterior = nn.Linear(c.head_channels * c.head_grid ** 2, 2 * c.z_dim)
+        self._add_reference_encoder(c)
         # Feature decoder: z -> one periodic cell of the condition map C_R.
         self.z_to_cond = nn.Linear(c.z_dim, c.channels * c.cond_grid ** 2)
         self.cond_body = nn.Sequential(
@@ -173,6 +168,14 @@ class RefVAE(nn.Module):
         # Start as bicubic: the residual branch begins at zero, which makes early training stable.
         nn.init.zeros_(self.to_rgb.weight)
         nn.init.zeros_(self.to_rgb.bias)
+
+    def _add_reference_encoder(self, c: RefVAEConfig):
+        """Frozen VGG16 (not part of the checkpoint) + the trainable CVAE head, the same in both graphs."""
+        self.vgg = VGG16Features()
+        self.ref_reduce = nn.Sequential(
+            nn.Conv2d(512, c.head_channels, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c.head_channels, c.head_channels, 3, padding=1), nn.LeakyReLU(0.2))
+        self.ref_to_posterior = nn.Linear(c.head_channels * c.head_grid ** 2, 2 * c.z_dim)
 
     # --- pieces -----------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict:
@@ -252,14 +255,10 @@ class PaperRefVAE(RefVAE):
     def __init__(self, config: RefVAEConfig):
         nn.Module.__init__(self)
         self.config = c = config
-        self.vgg = VGG16Features()
+        self._add_reference_encoder(c)
         self.lr_to_modulation = nn.Sequential(
             nn.Conv2d(512, c.channels, 3, padding=1), nn.LeakyReLU(0.2),
             nn.Conv2d(c.channels, 2 * c.channels, 3, padding=1))
-        self.ref_reduce = nn.Sequential(
-            nn.Conv2d(512, c.head_channels, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(c.head_channels, c.head_channels, 3, padding=1), nn.LeakyReLU(0.2))
-        self.ref_to_posterior = nn.Linear(c.head_channels * c.head_grid ** 2, 2 * c.z_dim)
         self.z_to_cond = nn.Linear(c.z_dim, c.head_channels * c.cond_grid ** 2)
         self.cond_body = nn.Sequential(
             nn.Conv2d(c.head_channels, c.channels, 3, padding=1), nn.LeakyReLU(0.2), ResBlock(c.channels))

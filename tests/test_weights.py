@@ -1,0 +1,35 @@
+"""The shipped release weights: they load by default, and they beat bicubic where a user would look."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refsr_cli.checkpoint import load_backbone, load_checkpoint, resolve_weights
+from refsr_cli.inference import Upscaler
+from refsr_cli.metrics import LPIPSAlex, bicubic_resize, modcrop, psnr_y, to_float
+
+HELD_IN = Path(__file__).resolve().parents[2] / "shared" / "data" / "train_hr" / "bsds-100075.jpg"
+
+
+def test_shipped_x8_loads_by_default():
+    model = load_checkpoint(resolve_weights(None, 8), 8)
+    assert model.config.scale == 8
+
+
+@pytest.mark.skipif(not HELD_IN.exists(), reason="needs ../shared/data (the training data beside the checkout)")
+def test_shipped_x8_beats_bicubic_on_a_held_in_image():
+    with Image.open(HELD_IN) as im:
+        hr = modcrop(im.convert("RGB").crop((96, 32, 96 + 256, 32 + 256)), 8)
+    lr = bicubic_resize(hr, (hr.width // 8, hr.height // 8))
+    up = Upscaler(load_checkpoint(resolve_weights(None, 8), 8), "cpu")
+    sr = up.upscale(np.asarray(lr, dtype=np.float32) / 255, [up.prior_z(0, temperature=0.0)])[0]
+    bicubic = to_float(bicubic_resize(lr, hr.size))
+    sr, hr = sr.astype(np.float64) / 255, to_float(hr)
+    assert psnr_y(sr, hr, 8) > psnr_y(bicubic, hr, 8) + 0.2
+    lpips = LPIPSAlex()
+    load_backbone(lpips, "lpips_alex")
+    as_tensor = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        assert lpips(as_tensor(sr), as_tensor(hr)).item() < 0.9 * lpips(as_tensor(bicubic), as_tensor(hr)).item()
