@@ -13,21 +13,6 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-def pick_device(name: str):
-    import torch
-    if name != "auto":
-        if name == "cuda" and not torch.cuda.is_available():
-            fail("--device cuda: no CUDA device is available")
-        if name == "mps" and not torch.backends.mps.is_available():
-            fail("--device mps: MPS is not available")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="refsr", prog_name="refsr")
 def main():
@@ -142,11 +127,12 @@ def train(quiet, device, **options):
     import torch
 
     from .errors import RefsrError
+    from .inference import pick_device
     from .train import TrainOptions, train as run_training
     options["scale"] = int(options["scale"])
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
-    opt = TrainOptions(device=str(pick_device(device)), **options)
     try:
+        opt = TrainOptions(device=str(pick_device(device)), **options)
         if quiet:
             last = run_training(opt)
         else:
@@ -195,7 +181,7 @@ def evaluate(hr_dir, scale, weights, ref, temperature, seed, consistency_steps, 
     from .inference import load_upscaler
     scale = int(scale)
     try:
-        upscaler = load_upscaler(weights, scale, device, False, tile, 24, consistency_steps)
+        upscaler = load_upscaler(weights, scale, device, False, tile, min(24, tile // 2), consistency_steps)
         if ref is not None:
             z = upscaler.reference_z(read_rgb(ref), temperature, seed)
             z_for = lambda: z

@@ -188,8 +188,22 @@ class Reporter:
         return lambda: self.progress.advance(task)
 
 
+def pick_device(name: str) -> torch.device:
+    """--device: auto picks CUDA, then MPS, then the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RefsrError("--device cuda: no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RefsrError("--device mps: MPS is not available")
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_steps, warn=None) -> Upscaler:
-    from .cli import pick_device
     device = pick_device(device)
     if half and device.type == "cpu":
         raise RefsrError("--half needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
