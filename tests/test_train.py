@@ -116,7 +116,7 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(data, tmp
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with safe_open(str(run_dir / "last.safetensors"), "pt") as f:
+    with safe_open(str(run_dir / "last.state.safetensors"), "pt") as f:  # what --resume continues from
         saved = int(f.metadata()["step"])
     logged = json.loads(log.read_text().splitlines()[-1])["step"]
     assert saved >= 20 and saved >= logged - 2  # lost at most the steps since the last checkpoint
