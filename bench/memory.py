@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+Image.MAX_IMAGE_PIXELS = None  # the outputs measured here are legitimately huge (16384² at 2048² LR)
+
 
 def synthetic_lr(path: Path, size: int) -> None:
     rng = np.random.default_rng(size)
