@@ -8,7 +8,6 @@ Each size runs the real CLI in a fresh process on a synthetic LR image and reads
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
