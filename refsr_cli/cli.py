@@ -46,8 +46,9 @@ def common_inference_options(f):
         click.option("--tile-pad", type=click.IntRange(min=0), default=24, show_default=True,
                      help="Context around each tile in LR pixels; tiles agree with the untiled result when it "
                           "covers the network's receptive field."),
-        click.option("--consistency-steps", type=click.IntRange(min=0), default=10, show_default=True,
-                     help="Back-projection steps that make the output's bicubic downscale match the input."),
+        click.option("--consistency-steps", type=click.IntRange(min=0), default=2, show_default=True,
+                     help="Back-projection rounds that make the output's bicubic downscale match the input "
+                          "(each an exact projection, then a clamp to the displayable range)."),
         click.option("--no-consistency", is_flag=True, help="Skip the LR-consistency step (same as --consistency-steps 0)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
                      help="auto picks CUDA, then MPS, then CPU."),
@@ -165,7 +166,7 @@ def train(quiet, device, **options):
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="0 decodes the mean z; 1 a sample at the learned spread.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--consistency-steps", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--consistency-steps", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -174,6 +174,11 @@ def output_format(path) -> str:
     return fmt
 
 
+# zlib level 1, as OpenCV writes PNGs by default: half the time of Pillow's level 6 for about 10 % larger files.
+# At level 6 writing a PNG took a third of an upscale (docs/benchmarks.md).
+PNG_COMPRESS_LEVEL = 1
+
+
 def _write_png16(f, array: np.ndarray, icc: bytes | None) -> None:
     """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count), filter type 0, with the ICC profile."""
     height, width, channels = array.shape
@@ -185,7 +190,7 @@ def _write_png16(f, array: np.ndarray, icc: bytes | None) -> None:
     f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)))
     if icc:
         f.write(chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(icc)))
-    compressor = zlib.compressobj(6)
+    compressor = zlib.compressobj(PNG_COMPRESS_LEVEL)
     idat = bytearray()
     rows = array.astype(">u2").reshape(height, width * channels)
     for y in range(height):  # row by row: no second full-size copy of the image in memory
@@ -214,6 +219,8 @@ def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None) -> 
         else:
             image = Image.fromarray(array[..., 0] if channels == 1 else array)
             options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+            if fmt == "PNG":
+                options["compress_level"] = PNG_COMPRESS_LEVEL
             if icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
                 options["icc_profile"] = icc_profile
             image.save(tmp, format=fmt, **options)

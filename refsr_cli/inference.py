@@ -1,5 +1,6 @@
 """Inference: the Upscaler (tiling, LR consistency, one LR encoding for every z) and the batch behind
 `refsr upscale` and `refsr sample`."""
+import functools
 import json
 import sys
 from pathlib import Path
@@ -16,14 +17,33 @@ from .images import (IMAGE_SUFFIXES, expand_inputs, output_format, read_picture,
 from .model import RefVAE, downscale
 
 
-def back_project(sr, lr, scale: int, steps: int):
-    """Iterative back-projection (Irani & Peleg): push the bicubic downscale of `sr` towards `lr`. Clamping to
-    [0, 1] at every step (projections onto both constraints, as in POCS) keeps the consistency that the final
-    clamp to displayable values would otherwise undo."""
+@functools.lru_cache(maxsize=32)
+def _inverse_down_up(length: int, scale: int, device: torch.device) -> torch.Tensor:
+    """The inverse of the (length x length) matrix of downscale(upsample(.)) along one axis of an LR image.
+
+    Both resamplings are separable, so on an LR image x the composition is M_h @ x @ M_w.T (tested), and
+    M_h^-1 @ r @ M_w^-T is the LR correction whose upsampling removes an LR residual r exactly. M's eigenvalues lie
+    in about [0.47, 1.01] at every scale, so the inverse is well conditioned."""
+    eye = torch.eye(length, device=device)[:, None, None, :]  # `length` one-row images, one impulse each
+    up = F.interpolate(eye, scale_factor=(1, scale), mode="bicubic", align_corners=False)
+    down = F.interpolate(up, scale_factor=(1, 1 / scale), mode="bicubic", antialias=True, align_corners=False)
+    return torch.linalg.inv(down[:, 0, 0, :].T.double()).float()
+
+
+def back_project(sr, lr, scale: int, rounds: int):
+    """Back-projection as POCS: `rounds` times, project `sr` onto the images whose bicubic downscale is `lr`, then
+    onto [0, 1] (a clamp, which would otherwise undo the consistency at the end).
+
+    The first projection is the limit of Irani & Peleg's iteration sr += up(lr - down(sr)), computed in closed
+    form at LR resolution: each round costs two HR resamplings where ten classic steps cost twenty."""
     sr = sr.clamp(0, 1)
-    for _ in range(steps):
-        sr = sr + F.interpolate(lr - downscale(sr, scale), scale_factor=scale, mode="bicubic", align_corners=False)
-        sr = sr.clamp(0, 1)
+    if rounds == 0:
+        return sr
+    inv_h, inv_w = (_inverse_down_up(n, scale, lr.device) for n in lr.shape[-2:])
+    for _ in range(rounds):
+        residual = (lr - downscale(sr, scale)).float()
+        correction = (inv_h @ residual @ inv_w.T).to(sr.dtype)
+        sr = (sr + F.interpolate(correction, scale_factor=scale, mode="bicubic", align_corners=False)).clamp_(0, 1)
     return sr
 
 
@@ -47,7 +67,7 @@ class Upscaler:
 
     LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # grayscale in, grayscale out (ITU-R 601)
 
-    def __init__(self, model: RefVAE, device, half=False, tile=256, tile_pad=24, consistency_steps=10, warn=None):
+    def __init__(self, model: RefVAE, device, half=False, tile=256, tile_pad=24, consistency_steps=2, warn=None):
         self.warn = warn or (lambda message: print(f"refsr: warning: {message}", file=sys.stderr))
         self.device = torch.device(device)
         self.dtype = torch.float16 if half else torch.float32

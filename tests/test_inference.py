@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import smooth_image, tiny_model
@@ -57,10 +58,32 @@ def test_consistency_raises_lr_psnr(scale):
     lr, model = lr_image(), tiny_model(scale)
     z = [torch.zeros(1, 8)]
     plain = Upscaler(model, "cpu", consistency_steps=0).upscale(lr, z)[0]
-    consistent = Upscaler(model, "cpu", consistency_steps=10).upscale(lr, z)[0]
-    before, after = lr_psnr(plain, lr, scale), lr_psnr(consistent, lr, scale)
+    default = Upscaler(model, "cpu").upscale(lr, z)[0]
+    more = Upscaler(model, "cpu", consistency_steps=5).upscale(lr, z)[0]
+    before, after, further = (lr_psnr(image, lr, scale) for image in (plain, default, more))
     assert after > before + 3, (before, after)
-    assert after > 45  # the NTIRE 2021 bar
+    # This untrained network saturates up to a tenth of its pixels, which each clamp takes back; more rounds still
+    # reach the NTIRE 2021 bar (the shipped weights pass it after one round: README).
+    assert further > max(after, 45), (after, further)
+
+
+@pytest.mark.parametrize("scale", [2, 8])
+def test_back_projection_is_the_limit_of_the_classic_iteration(scale):
+    """One round (closed form, at LR) lands where many classic HR steps sr += up(lr - down(sr)) go, for an image
+    that stays inside [0, 1] so that the clamps do nothing."""
+    from refsr_cli.inference import back_project
+    from refsr_cli.model import downscale
+    gen = torch.Generator().manual_seed(0)
+    lr = 0.3 + 0.4 * torch.rand(1, 3, 11, 14, generator=gen)
+    sr = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)
+    sr = sr + 0.02 * torch.randn(sr.shape, generator=gen)
+    classic = sr.clone()
+    for _ in range(40):
+        classic = classic + F.interpolate(lr - downscale(classic, scale), scale_factor=scale, mode="bicubic",
+                                          align_corners=False)
+    assert 0 < classic.min() and classic.max() < 1
+    assert torch.allclose(back_project(sr, lr, scale, 1), classic, atol=1e-4)
+    assert torch.allclose(downscale(back_project(sr, lr, scale, 1), scale), lr, atol=1e-4)
 
 
 def test_tiled_equals_untiled():
