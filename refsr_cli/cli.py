@@ -1,5 +1,6 @@
 """The `refsr` command. Only click is imported at the top: `refsr --help` must not pay for importing torch."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -108,14 +109,30 @@ def sample(inputs, count, seed, **options):
 @click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True, help="Total steps of the run.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lr-patch", type=click.IntRange(min=8), default=32, show_default=True, help="LR crop size in pixels.")
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
-@click.option("--l1-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--lr-consistency-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--lpips-weight", type=click.FloatRange(min=0), default=0.1, show_default=True)
-@click.option("--style-weight", type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--l1-weight", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Pixel L1.")
+@click.option("--lr-consistency-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="L1 between the SR's bicubic downscale and the LR.")
+@click.option("--content-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="L1 between VGG16 relu4_1 features of SR and HR.")
+@click.option("--style-weight", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Channel mean/std of VGG16 features against the gallery reference (needs --refs).")
+@click.option("--lpips-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--tv-weight", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Total variation.")
+@click.option("--kl-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--adv-weight", type=click.FloatRange(min=0), default=5e-3, show_default=True,
+              help="PatchGAN adversarial loss (0: no discriminator). The paper gives no value; this is ESRGAN's.")
+@click.option("--multiscale-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Pixel L1 at 1/2 and 1/4 size (the released code's; not in the paper).")
 @click.option("--ref-mix", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Share of each batch that takes a reference from --refs (ignored without --refs).")
+@click.option("--mean-share", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="Share of each batch decoded with z = 0 under the pixel losses alone (the fidelity output).")
+@click.option("--perceptual-crop", type=click.IntRange(min=32), default=128, show_default=True,
+              help="HR pixels of each sample seen by the VGG, LPIPS and discriminator terms (cost control).")
+@click.option("--val", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Folder of HR images measured (PSNR, SSIM, LPIPS, LR-PSNR at z = 0) during training.")
+@click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
@@ -132,6 +149,7 @@ def train(quiet, device, **options):
     from .train import TrainOptions, train as run_training
     options["scale"] = int(options["scale"])
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
+    quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
     try:
         opt = TrainOptions(device=str(pick_device(device)), **options)
         if quiet:
@@ -143,8 +161,11 @@ def train(quiet, device, **options):
                 task = bar.add_task("train", total=opt.steps, info="")
 
                 def report(step, total, losses, rate):
-                    info = " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" | {rate:.2f} step/s"
-                    bar.update(task, completed=step, info=info)
+                    val = {k: v for k, v in losses.items() if k.startswith("val_")}
+                    if val:
+                        bar.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                    info = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k not in val)
+                    bar.update(task, completed=step, info=info + f" | {rate:.2f} step/s")
                 last = run_training(opt, report)
     except RefsrError as e:
         fail(str(e))

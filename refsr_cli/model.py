@@ -230,14 +230,17 @@ class RefVAE(nn.Module):
         return base + residual
 
     # --- training ---------------------------------------------------------------------------------------
-    def forward(self, lr, ref, use_mean=None):
-        """Training pass: z ~ q(z | ref), or z = mu for the samples where the bool mask `use_mean` is set.
+    def forward(self, lr, ref, use_mean=None, use_prior_mean=None):
+        """Training pass: z ~ q(z | ref); z = mu for the samples where the bool mask `use_mean` is set; z = 0 (the
+        prior's mean, what `refsr sample --temperature 0` decodes) where `use_prior_mean` is set.
         Returns sr, mu, logvar."""
         mu, logvar = self.encode_reference(ref)
         eps = torch.randn_like(mu)
         if use_mean is not None:
             eps = eps * (~use_mean)[:, None]
         z = mu + eps * torch.exp(0.5 * logvar)
+        if use_prior_mean is not None:
+            z = z * (~use_prior_mean)[:, None]
         sr = self.decode(lr, self.encode_lr(lr), self.condition_cell(z))
         return sr, mu, logvar
 

@@ -2,10 +2,21 @@
 
 A run folder holds `last.safetensors` (the model, loadable by `upscale --weights`), `last.state.safetensors` (model
 and optimizer, for --resume) and `log.jsonl` (one line of losses per logged step). Batches are drawn from a generator
-seeded by (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+seeded by (seed, step, rank), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+
+Under `torchrun --nproc_per_node=N refsr train ...` (WORLD_SIZE set) the same loop runs with DistributedDataParallel:
+gloo on the CPU, NCCL on CUDA; every rank draws its own batch of --batch samples, rank 0 alone writes checkpoints, logs
+and validation.
+
+The objective (DESIGN.md §2), each term a flag whose default is the paper's weight: pixel L1, L1 of the bicubic
+downscale (LR consistency), L1 on VGG16 relu4_1 (content), channel mean/std of VGG16 features against a gallery
+reference (style), LPIPS, total variation, KL, a PatchGAN discriminator, and the released code's multi-scale pixel L1.
+The VGG, LPIPS and discriminator terms see one random `perceptual_crop`-pixel window of each sample: a quarter of
+the cost of the whole 256-pixel crop, at the same pixel scale.
 """
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, replace
@@ -13,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -32,13 +44,24 @@ class TrainOptions:
     steps: int = 2000
     batch: int = 8
     lr_patch: int = 32
-    learning_rate: float = 2e-4
-    l1_weight: float = 1.0
-    lr_consistency_weight: float = 1.0
-    kl_weight: float = 1e-4
-    lpips_weight: float = 0.1
-    style_weight: float = 0.05  # on raw VGG16 activations, whose stats are ~100x the paper's normalised ones
+    learning_rate: float = 1e-4  # the paper's
+    # Loss weights: the paper's (eq. 6-9) where it gives one.
+    l1_weight: float = 1.0  # content: pixel L1
+    lr_consistency_weight: float = 1.0  # content: L1 of the bicubic downscale (the released code uses 100)
+    content_weight: float = 1.0  # content: L1 of VGG16 relu4_1 features
+    style_weight: float = 10.0  # channel mean/std of VGG16 relu1_2..relu4_1 against the reference
+    lpips_weight: float = 1.0
+    tv_weight: float = 1.0
+    kl_weight: float = 1.0
+    adv_weight: float = 5e-3  # the paper gives none; ESRGAN's
+    multiscale_weight: float = 0.0  # the released code's pixel L1 at 1/2 and 1/4 size; not in the paper
     ref_mix: float = 0.5  # share of each batch that takes a gallery reference (only with refs)
+    # Share of each batch decoded with z = 0, the prior's mean, under the pixel terms alone: what makes
+    # `sample --temperature 0` the fidelity (PSNR) output. Not in the paper, whose z = 0 decodes whatever it decodes.
+    mean_share: float = 0.25
+    perceptual_crop: int = 128  # HR pixels seen by the VGG, LPIPS and discriminator terms
+    val: Path | None = None  # folder of HR images measured (PSNR, LPIPS at z = 0) every val_every steps
+    val_every: int = 500
     save_every: int = 200
     log_every: int = 10
     seed: int = 0
@@ -76,9 +99,13 @@ def to_tensor(arrays) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.ascontiguousarray(a) for a in arrays])).permute(0, 3, 1, 2).float() / 255
 
 
-def make_batch(images, refs, opt: TrainOptions, step: int, ref_size: int):
+def batch_seed(opt: TrainOptions, step: int, rank: int = 0) -> int:
+    return opt.seed * 1_000_003 + step + rank * 10 ** 12
+
+
+def make_batch(images, refs, opt: TrainOptions, step: int, ref_size: int, rank: int = 0):
     """HR crops, their PIL-bicubic LR, and the reference of each sample (the HR crop itself, or from the gallery)."""
-    rng = random.Random(opt.seed * 1_000_003 + step)
+    rng = random.Random(batch_seed(opt, step, rank))
     hr_size = opt.lr_patch * opt.scale
     hr, lr, ref, from_gallery = [], [], [], []
     for _ in range(opt.batch):
@@ -93,27 +120,82 @@ def make_batch(images, refs, opt: TrainOptions, step: int, ref_size: int):
     return to_tensor(hr), to_tensor(lr), to_tensor(ref), torch.tensor(from_gallery)
 
 
-def style_loss(vgg: VGG16Features, sr, ref):
-    """L1 between channel means and standard deviations of VGG16 features (relu1_2 .. relu4_1), with the SR
-    image resized to the reference's size (the size the reference encoder sees; 4x cheaper than 256 px)."""
-    sr = F.interpolate(sr, size=ref.shape[-2:], mode="bicubic", antialias=True, align_corners=False)
+def feature_stats_loss(vgg: VGG16Features, x, ref):
+    """Style: L1 between channel means and standard deviations of VGG16 features (relu1_2 .. relu4_1), with `x`
+    resized to the reference's size (the size the reference encoder sees)."""
+    x = F.interpolate(x, size=ref.shape[-2:], mode="bicubic", antialias=True, align_corners=False)
     loss = 0
-    for a, b in zip(vgg(sr, all_layers=True), vgg(ref, all_layers=True)):
+    for a, b in zip(vgg(x, all_layers=True), vgg(ref, all_layers=True)):
         loss = loss + F.l1_loss(a.mean((2, 3)), b.mean((2, 3))) + F.l1_loss(a.std((2, 3)), b.std((2, 3)))
     return loss
+
+
+def total_variation(x):
+    """Mean squared first-order gradient (the paper's eq. 8 with beta = 1, as a mean)."""
+    return (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean() + (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean()
+
+
+def multiscale_l1(sr, hr):
+    return sum(F.l1_loss(downscale(sr, f), downscale(hr, f)) for f in (2, 4))
+
+
+def same_crop(size: int, *images, generator=None):
+    """One random size x size window, the same in each of `images` (B, C, H, W)."""
+    h, w = images[0].shape[-2:]
+    if size >= min(h, w):
+        return images
+    y, x = (int(torch.randint(0, n - size + 1, (1,), generator=generator)) for n in (h, w))
+    return tuple(im[..., y:y + size, x:x + size] for im in images)
+
+
+class PatchDiscriminator(nn.Module):
+    """The 70x70 PatchGAN of pix2pix (Isola et al. 2017), instance-normalised: one real/fake logit per patch.
+    Training only: inference never builds it."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        layers, cin = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2)], width
+        for cout, stride in ((2 * width, 2), (4 * width, 2), (8 * width, 1)):
+            layers += [nn.Conv2d(cin, cout, 4, stride, 1), nn.InstanceNorm2d(cout, affine=True), nn.LeakyReLU(0.2)]
+            cin = cout
+        layers.append(nn.Conv2d(cin, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x * 2 - 1)
 
 
 STATE_FORMAT = "refsr-training-state"
 
 
-def save_training_state(model, optimizer, scaler, path, step: int, opt: TrainOptions) -> None:
-    """Model, optimizer and loss scaler in one file, so that they can never be from different steps."""
-    sd = optimizer.state_dict()
+def _optimizer_tensors(prefix: str, optimizer) -> dict:
+    return {f"{prefix}.{i}.{k}": v for i, st in optimizer.state_dict()["state"].items() for k, v in st.items()
+            if torch.is_tensor(v)}
+
+
+def _optimizer_state(tensors: dict, prefix: str, param_groups: list) -> dict:
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            i, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(i), {})[name] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def save_training_state(model, optimizer, scaler, path, step: int, opt: TrainOptions, disc=None,
+                        disc_optimizer=None) -> None:
+    """Model, optimizer, loss scaler (and discriminator) in one file, so that they can never be from different
+    steps."""
     tensors = {f"model.{k}": v for k, v in model.trainable_state_dict().items()}
-    tensors.update({f"optimizer.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)})
-    atomic_save(tensors, path, {"format": STATE_FORMAT, "step": str(step), "config": model.config.to_json(),
-                                "param_groups": json.dumps(sd["param_groups"]), "scaler": json.dumps(scaler.state_dict()),
-                                "recipe": json.dumps(recipe(opt))})
+    tensors.update(_optimizer_tensors("optimizer", optimizer))
+    meta = {"format": STATE_FORMAT, "step": str(step), "config": model.config.to_json(),
+            "param_groups": json.dumps(optimizer.state_dict()["param_groups"]),
+            "scaler": json.dumps(scaler.state_dict()), "recipe": json.dumps(recipe(opt))}
+    if disc is not None:
+        tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
+        tensors.update(_optimizer_tensors("disc_optimizer", disc_optimizer))
+        meta["disc_param_groups"] = json.dumps(disc_optimizer.state_dict()["param_groups"])
+    atomic_save(tensors, path, meta)
 
 
 def recipe(opt: TrainOptions) -> dict:
@@ -122,29 +204,66 @@ def recipe(opt: TrainOptions) -> dict:
 
 
 def load_training_state(path, opt: TrainOptions):
-    """(model, optimizer state dict, scaler state dict, step) from a file written by save_training_state."""
+    """(model, optimizer state dict, scaler state dict, step, discriminator state or None) from a file written by
+    save_training_state; the discriminator state is (its state dict, its optimizer's state dict)."""
     from safetensors.torch import load_file
     model = load_checkpoint(path, opt.scale, fmt=STATE_FORMAT, prefix="model.").train()
     meta = read_metadata(path)
     if json.loads(meta["recipe"]) != recipe(opt):
         raise RefsrError(f"--resume: {path} was trained with {json.loads(meta['recipe'])}; resume with the same "
                          "--seed, --batch, --lr-patch, --learning-rate and --scale")
-    state = {}
-    for key, value in load_file(str(path)).items():
-        if key.startswith("optimizer."):
-            i, name = key[len("optimizer."):].split(".", 1)
-            state.setdefault(int(i), {})[name] = value
-    optimizer_state = {"state": state, "param_groups": json.loads(meta["param_groups"])}
-    return model, optimizer_state, json.loads(meta["scaler"]), int(meta["step"])
+    tensors = load_file(str(path))
+    optimizer_state = _optimizer_state(tensors, "optimizer", json.loads(meta["param_groups"]))
+    disc = None
+    if "disc_param_groups" in meta:
+        disc = ({k[len("disc."):]: v for k, v in tensors.items() if k.startswith("disc.")},
+                _optimizer_state(tensors, "disc_optimizer", json.loads(meta["disc_param_groups"])))
+    return model, optimizer_state, json.loads(meta["scaler"]), int(meta["step"]), disc
+
+
+def start_distributed(device: torch.device):
+    """(rank, world size, device) under torchrun (WORLD_SIZE set), else (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def validate(model, folder: Path, device) -> dict:
+    """PSNR-Y, SSIM, LPIPS and LR-PSNR of z = 0 on the HR images of `folder` (the `refsr eval` protocol)."""
+    from .evaluate import evaluate
+    from .inference import Upscaler
+    upscaler = Upscaler(model, device)
+    try:
+        means = evaluate(folder, upscaler, model.config.scale, lambda: upscaler.prior_z(0, 0.0))["means"]["refsr"]
+    finally:
+        model.float().train()
+    return {f"val_{k}": v for k, v in means.items()}
 
 
 def train(opt: TrainOptions, progress=None) -> Path:
-    device = torch.device(opt.device)
+    """Run `opt` and return the path of its last checkpoint."""
+    fit(opt, progress)
+    return opt.out / "last.safetensors"
+
+
+def fit(opt: TrainOptions, progress=None):
+    """The training loop; returns the trained model (on every rank, under torchrun).
+
+    `progress(step, steps, losses, steps_per_second)` is called after every step, on rank 0; after a validation,
+    `losses` also holds its val_* measures."""
+    rank, world, device = start_distributed(torch.device(opt.device))
     cuda = device.type == "cuda"
-    opt.out.mkdir(parents=True, exist_ok=True)
     last, state_path = opt.out / "last.safetensors", opt.out / "last.state.safetensors"
-    for stale in opt.out.glob(".last.*.tmp"):  # left by a run killed (SIGKILL) in the middle of a save
-        stale.unlink()
+    if rank == 0:
+        opt.out.mkdir(parents=True, exist_ok=True)
+        for stale in opt.out.glob(".last.*.tmp"):  # left by a run killed (SIGKILL) in the middle of a save
+            stale.unlink()
 
     resumed = None
     if opt.resume:
@@ -156,7 +275,7 @@ def train(opt: TrainOptions, progress=None) -> Path:
     elif opt.init is not None:
         model = load_checkpoint(opt.init, opt.scale)
     else:
-        torch.manual_seed(opt.seed)  # the same seed, the same initial weights
+        torch.manual_seed(opt.seed)  # the same seed, the same initial weights (on every rank)
         model = build_model(replace(opt.config, scale=opt.scale))
     model.to(device).train()
     if cuda:
@@ -165,10 +284,25 @@ def train(opt: TrainOptions, progress=None) -> Path:
     optimizer = torch.optim.Adam(params, lr=opt.learning_rate, betas=(0.9, 0.99))
     step = 0
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    disc = disc_optimizer = None
+    if opt.adv_weight > 0:
+        torch.manual_seed(opt.seed + 1)
+        disc = PatchDiscriminator().to(device).train()
+        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=opt.learning_rate, betas=(0.5, 0.99))
     if resumed is not None:
-        optimizer_state, scaler_state, step = resumed
+        optimizer_state, scaler_state, step, disc_state = resumed
         optimizer.load_state_dict(optimizer_state)
         scaler.load_state_dict(scaler_state)
+        if disc is not None and disc_state is not None:
+            disc.load_state_dict(disc_state[0])
+            disc_optimizer.load_state_dict(disc_state[1])
+    net, disc_net = model, disc
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [device.index] if cuda else None
+        net = DistributedDataParallel(model, device_ids=ids)
+        if disc is not None:
+            disc_net = DistributedDataParallel(disc, device_ids=ids)
 
     lpips = None
     if opt.lpips_weight > 0:
@@ -177,36 +311,54 @@ def train(opt: TrainOptions, progress=None) -> Path:
         lpips.to(device)
     images = load_training_images(opt.data, opt.lr_patch * opt.scale)
     refs = load_training_images(opt.refs, 1) if opt.refs else None
+    weights = {"l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight, "content": opt.content_weight,
+               "style": opt.style_weight, "lpips": opt.lpips_weight, "tv": opt.tv_weight, "kl": opt.kl_weight,
+               "adv": opt.adv_weight, "multiscale": opt.multiscale_weight}
     log_path = opt.out / "log.jsonl"
-    if resumed is not None and log_path.exists():  # drop the rows of steps after the checkpoint: they are redone
+    if rank == 0 and resumed is not None and log_path.exists():  # drop the rows after the checkpoint: redone
         rows = [r for r in log_path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
         log_path.write_text("".join(r + "\n" for r in rows))
-    with open(log_path, "a") as log:
+    log = open(log_path, "a") if rank == 0 else None
+    try:
         started, start_step = time.time(), step
         while step < opt.steps:
             # Cosine decay over the whole run, so that resuming a run lands on the same schedule.
-            for group in optimizer.param_groups:
-                group["lr"] = opt.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / opt.steps))
-            batch = make_batch(images, refs, opt, step, model.config.ref_size)
+            for optim in filter(None, (optimizer, disc_optimizer)):
+                for group in optim.param_groups:
+                    group["lr"] = opt.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / opt.steps))
+            batch = make_batch(images, refs, opt, step, model.config.ref_size, rank)
             hr, lr, ref, gallery = (t.to(device, non_blocking=True) for t in batch)
-            torch.manual_seed(opt.seed * 1_000_003 + step)  # the posterior's eps
+            gen = torch.Generator().manual_seed(batch_seed(opt, step, rank))
+            prior_mean = (torch.rand(len(hr), generator=gen) < opt.mean_share).to(device) & ~gallery
+            torch.manual_seed(batch_seed(opt, step, rank))  # the posterior's eps
             with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
                 # Gallery references decode their mean, as `upscale --ref` does (T = 0): sampling noise on this
                 # path drowned the style signal, and the decoder learnt to ignore z (measured: outputs for different
                 # references differed by under one grey level).
-                sr, mu, logvar = model(lr, ref, use_mean=gallery)
+                sr, mu, logvar = net(lr, ref, use_mean=gallery, use_prior_mean=prior_mean)
                 sr = sr.float()
-                losses = {
-                    "l1": F.l1_loss(sr, hr),
-                    "lr_cons": F.l1_loss(downscale(sr, opt.scale), lr),
-                    "kl": kl_divergence(mu.float(), logvar.float()),
-                }
-                if lpips is not None:
-                    losses["lpips"] = lpips(sr, hr).mean()
-                if gallery.any():
-                    losses["style"] = style_loss(model.vgg, sr[gallery], ref[gallery])
-            weights = {"l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight, "kl": opt.kl_weight,
-                       "lpips": opt.lpips_weight, "style": opt.style_weight}
+                losses = {"l1": F.l1_loss(sr, hr), "lr_cons": F.l1_loss(downscale(sr, opt.scale), lr),
+                          "kl": kl_divergence(mu.float(), logvar.float())}
+                if weights["multiscale"] > 0:
+                    losses["multiscale"] = multiscale_l1(sr, hr)
+                if weights["tv"] > 0:
+                    losses["tv"] = total_variation(sr)
+                # The perceptual terms skip the z = 0 samples: those are trained for fidelity alone.
+                textured = ~prior_mean
+                if textured.any():
+                    sr_p, hr_p = same_crop(opt.perceptual_crop, sr[textured], hr[textured], generator=gen)
+                    if weights["content"] > 0:
+                        losses["content"] = F.l1_loss(model.vgg(sr_p), model.vgg(hr_p))
+                    if lpips is not None:
+                        losses["lpips"] = lpips(sr_p, hr_p).mean()
+                    if disc is not None:
+                        # -log D(G(x)), the non-saturating form of eq. 5. The bare discriminator, frozen: its DDP
+                        # wrapper would wait for gradients that this pass must not give it.
+                        disc.requires_grad_(False)
+                        losses["adv"] = F.softplus(-disc(sr_p)).mean()
+                        disc.requires_grad_(True)
+                if gallery.any() and weights["style"] > 0:
+                    losses["style"] = feature_stats_loss(model.vgg, sr[gallery], ref[gallery])
             loss = sum(weights[k] * v for k, v in losses.items())
             if not torch.isfinite(loss):
                 raise RefsrError(f"step {step}: the loss is {loss.item()}; lower --learning-rate or check the data")
@@ -214,18 +366,41 @@ def train(opt: TrainOptions, progress=None) -> Path:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if disc is not None and textured.any():
+                # One call for real and fake (instance norm keeps samples apart): DDP wants one forward per
+                # backward. In float32 even on CUDA: the discriminator is small, and needs no loss scaler then.
+                real, fake = disc_net(torch.cat([hr_p, sr_p.detach()]).float()).chunk(2)
+                d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
+                disc_optimizer.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_optimizer.step()
+                losses["disc"] = d_loss.detach()
             step += 1
 
-            if step % opt.log_every == 0 or step == opt.steps:
-                row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                       "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            if step % opt.save_every == 0 or step == opt.steps:
-                # The training state first: --resume reads only it, so a kill between the two writes loses nothing.
-                save_training_state(model, optimizer, scaler, state_path, step, opt)
-                save_model(model, last, step=step)
-            if progress is not None:
-                progress(step, opt.steps, {k: v.item() for k, v in losses.items()},
-                         (step - start_step) / max(time.time() - started, 1e-9))
-        return last
+            if rank == 0:
+                row = None
+                if step % opt.log_every == 0 or step == opt.steps:
+                    row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
+                           "learning_rate": optimizer.param_groups[0]["lr"],
+                           "seconds": round(time.time() - started, 1)}
+                measured = {}
+                if opt.val is not None and (step % opt.val_every == 0 or step == opt.steps):
+                    measured = validate(model, opt.val, device)
+                    row = (row or {"step": step}) | measured
+                if row is not None:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                if step % opt.save_every == 0 or step == opt.steps:
+                    # The training state first: --resume reads only it, so a kill between the writes loses nothing.
+                    save_training_state(model, optimizer, scaler, state_path, step, opt, disc, disc_optimizer)
+                    save_model(model, last, step=step)
+                if progress is not None:
+                    progress(step, opt.steps, {k: v.item() for k, v in losses.items()} | measured,
+                             (step - start_step) / max(time.time() - started, 1e-9))
+        return model
+    finally:
+        if log is not None:
+            log.close()
+        if world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()

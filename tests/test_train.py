@@ -24,8 +24,10 @@ def data(tmp_path):
 
 def options(data, out, **kw):
     photos, refs = data
+    # A cheap objective (no VGG content, TV or discriminator): these tests are about the loop, not the losses.
     fields = dict(data=[photos], refs=[refs], out=out, scale=2, steps=6, batch=4, lr_patch=16, save_every=3,
-                  log_every=1, config=tiny_config(2), learning_rate=1e-3)
+                  log_every=1, config=tiny_config(2), learning_rate=1e-3, content_weight=0.0, tv_weight=0.0,
+                  adv_weight=0.0, kl_weight=1e-4, style_weight=0.05, lpips_weight=0.1)
     fields.update(kw)
     return TrainOptions(**fields)
 
@@ -125,3 +127,54 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(data, tmp
     with safe_open(str(run_dir / "last.safetensors"), "pt") as f:
         assert int(f.metadata()["step"]) == saved + 2
     assert not [p for p in os.listdir(run_dir) if p.endswith(".tmp")]
+
+
+def test_the_full_objective_trains_logs_every_term_and_resumes_with_its_discriminator(data, tmp_path):
+    import json
+    full = dict(content_weight=1.0, tv_weight=1.0, adv_weight=5e-3, multiscale_weight=1.0, style_weight=10.0,
+                kl_weight=1.0, lpips_weight=1.0, mean_share=0.25, perceptual_crop=32, lr_patch=24, ref_mix=0.5, steps=4,
+                save_every=2)
+    straight = train(options(data, tmp_path / "straight", **full))
+    row = json.loads((tmp_path / "straight" / "log.jsonl").read_text().splitlines()[-1])
+    for term in ("l1", "lr_cons", "content", "lpips", "tv", "kl", "adv", "disc", "multiscale"):
+        assert term in row and np.isfinite(row[term]), term
+
+    def interrupt(step, *a):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(options(data, tmp_path / "cut", **full), progress=interrupt)
+    resumed = train(options(data, tmp_path / "cut", resume=True, **full))
+    a, b = load_checkpoint(straight).trainable_state_dict(), load_checkpoint(resumed).trainable_state_dict()
+    for key in a:  # the discriminator came back too: otherwise the adversarial gradients would differ
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_prior_mean_samples_decode_z_zero():
+    from conftest import tiny_model
+    model = tiny_model(2)
+    lr, ref = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32)
+    sr, _, _ = model(lr, ref, use_prior_mean=torch.tensor([True, False]))
+    zero = model.decode(lr[:1], model.encode_lr(lr[:1]), model.condition_cell(torch.zeros(1, 8)))
+    assert torch.allclose(sr[:1], zero, atol=1e-6)
+
+
+def test_validation_during_training_is_logged(data, tmp_path):
+    import json
+    photos, _ = data
+    train(options(data, tmp_path / "run", steps=2, val=photos, val_every=2))
+    rows = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"val_psnr", "val_ssim", "val_lpips", "val_lr_psnr"} <= set(rows[-1])
+
+
+def test_train_cli_defaults_are_the_training_defaults():
+    """The CLI repeats the defaults (it must not import torch for --help): they must not drift apart."""
+    from refsr_cli.cli import main
+    from refsr_cli.train import TrainOptions
+    command = main.commands["train"]
+    defaults = TrainOptions(data=[], out=None)
+    for param in command.params:
+        if hasattr(defaults, param.name) and param.name not in ("data", "out", "refs", "device", "resume", "init"):
+            value = int(param.default) if param.name == "scale" else param.default
+            assert value == getattr(defaults, param.name), param.name
