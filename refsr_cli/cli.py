@@ -182,52 +182,74 @@ def train(quiet, device, **options):
 @click.option("--scale", type=SCALES, default="8", show_default=True)
 @click.option("--weights", metavar="FILE|OWNER/REPO[@REV][:FILE]", default=None,
               help="Checkpoint to measure. [default: the shipped weights for --scale]")
-@click.option("--ref", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Take z from this reference. [default: z from the prior]")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="0 decodes the mean z; 1 a sample at the learned spread.")
+              help="z of the main refsr rows: the prior's mean (0) or a sample at this temperature.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--samples", type=click.IntRange(min=0, max=100), default=0, show_default=True,
+              help="Also decode N prior samples per image (seeds --seed..): their mean measures, their lowest "
+                   "LR-PSNR and the NTIRE 2021 diversity score.")
+@click.option("--sample-temperature", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--ref", "refs", multiple=True, metavar="FILE|DIR|GLOB",
+              help="Also decode each LR with the mean z of these references (repeatable): their mean measures and, "
+                   "with two or more, the reference influence score.")
+@click.option("--num-refs", type=click.IntRange(min=1), default=None,
+              help="Use K of the --ref images, evenly spaced in sorted order. [default: all]")
+@click.option("--baseline", type=click.Choice(["bicubic", "none"]), default="bicubic", show_default=True)
 @click.option("--consistency-steps", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the rows and means to this JSON file.")
-def evaluate(hr_dir, scale, weights, ref, temperature, seed, consistency_steps, tile, device, json_path):
-    """Measure a checkpoint on the HR images of HR_DIR against bicubic (PSNR/SSIM on Y, LPIPS, LR-PSNR)."""
+def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperature, refs, num_refs, baseline,
+             consistency_steps, tile, device, json_path):
+    """Measure a checkpoint on the HR images of HR_DIR against bicubic (PSNR/SSIM on Y, LPIPS, LR-PSNR;
+    diversity with --samples, reference influence with --ref)."""
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from .errors import RefsrError
     from .evaluate import evaluate as run_eval
-    from .images import read_rgb
+    from .images import expand_inputs, list_images, read_rgb
     from .inference import load_upscaler
     scale = int(scale)
     try:
+        ref_paths = expand_inputs(refs) if refs else []
+        if num_refs is not None and num_refs < len(ref_paths):
+            ref_paths = [ref_paths[i * len(ref_paths) // num_refs] for i in range(num_refs)]
         upscaler = load_upscaler(weights, scale, device, False, tile, min(24, tile // 2), consistency_steps)
-        if ref is not None:
-            z = upscaler.reference_z(read_rgb(ref), temperature, seed)
-            z_for = lambda: z
-        else:
-            z_for = lambda: upscaler.prior_z(seed, temperature)
-        console = Console(stderr=True)
-        with console.status("measuring") as status:
-            result = run_eval(hr_dir, upscaler, scale, z_for, on_image=lambda name: status.update(f"done {name}"))
+        references = []
+        for path in ref_paths:
+            image = read_rgb(path)
+            references.append((upscaler.reference_z(image), image))
+        z = upscaler.prior_z(seed, temperature)
+        sample_zs = [upscaler.prior_z(seed + i, sample_temperature) for i in range(samples)]
+        with Progress(TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("eval", total=len(list_images(hr_dir)))
+            result = run_eval(hr_dir, upscaler, scale, z, sample_zs, references, baseline == "bicubic",
+                              on_image=lambda name: bar.advance(task))
     except RefsrError as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
     table = Table(title=f"x{scale} on {hr_dir}")
-    for column in ("image", "method", "PSNR-Y", "SSIM-Y", "LPIPS", "LR-PSNR"):
-        table.add_column(column, justify="left" if column in ("image", "method") else "right")
+    columns = [("PSNR-Y", "psnr", ".2f"), ("SSIM-Y", "ssim", ".4f"), ("LPIPS", "lpips", ".4f"),
+               ("LR-PSNR", "lr_psnr", ".2f"), ("diversity", "diversity", ".2f"), ("influence", "influence", ".2f")]
     rows = result["rows"] + [{"image": "mean", "method": m, **v} for m, v in result["means"].items()]
+    columns = [c for c in columns if any(c[1] in r for r in rows)]
+    for title in ["image", "method"] + [c[0] for c in columns]:
+        table.add_column(title, justify="left" if title in ("image", "method") else "right")
     for r in rows:
-        table.add_row(r["image"], r["method"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['lpips']:.4f}",
-                      f"{r['lr_psnr']:.2f}")
+        table.add_row(r["image"], r["method"], *(format(r[k], f) if k in r else "" for _, k, f in columns))
     Console().print(table)
+    if len(ref_paths) >= 2:
+        click.echo(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}")
     if json_path is not None:
         from .files import atomic_path
-        text = json.dumps({"scale": scale, "weights": weights, "temperature": temperature,
-                           "reference": str(ref) if ref else None, **result}, indent=1)
+        text = json.dumps({"scale": scale, "weights": weights, "temperature": temperature, "seed": seed,
+                           "samples": samples, "sample_temperature": sample_temperature,
+                           "references": [str(p) for p in ref_paths], **result}, indent=1)
         try:
             with atomic_path(json_path) as tmp:
                 Path(tmp).write_text(text)

