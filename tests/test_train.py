@@ -178,3 +178,29 @@ def test_train_cli_defaults_are_the_training_defaults():
         if hasattr(defaults, param.name) and param.name not in ("data", "out", "refs", "device", "resume", "init"):
             value = int(param.default) if param.name == "scale" else param.default
             assert value == getattr(defaults, param.name), param.name
+
+
+def test_torchrun_two_cpu_processes_keep_identical_parameters(data, tmp_path):
+    """DistributedDataParallel over gloo: both ranks end with the same weights, which moved; rank 0 alone logs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from safetensors.torch import load_file
+    from refsr_cli.checkpoint import build_model
+    photos, _ = data
+    worker = Path(__file__).parent / "ddp_worker.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(worker), str(photos), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    torch.manual_seed(0)  # what a fresh run with --seed 0 starts from
+    initial = build_model(tiny_config(2)).trainable_state_dict()
+    moved = 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+        moved += not torch.allclose(a[key], initial[key])
+    assert moved > 0
+    rows = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert load_checkpoint(tmp_path / "run" / "last.safetensors", scale=2) is not None
