@@ -13,6 +13,7 @@ the size of the image around it. Here z is decoded to one `cond_period`-pixel ce
 repeated over the image on a grid anchored at the image's top-left pixel, so training patches, whole images and tiles
 all see the same condition.
 """
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -92,7 +93,9 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode=padding_mode)
 
     def forward(self, x):
-        return x + self.conv2(F.leaky_relu(self.conv1(x), 0.2))
+        # In place on fresh conv outputs: safe under autograd (a conv's backward does not need its output), and a
+        # pass over memory fewer at inference.
+        return self.conv2(F.leaky_relu_(self.conv1(x), 0.2)).add_(x)
 
 
 class VGG16Features(nn.Module):
@@ -156,7 +159,7 @@ class RefVAE(nn.Module):
         self.fuse_body = nn.Sequential(*[ResBlock(c.channels) for _ in range(c.fuse_blocks)])
         ups, cin = [], c.channels
         for cout in c.up_channels[:c.stages]:
-            ups += [nn.Conv2d(cin, 4 * cout, 3, padding=1), nn.PixelShuffle(2), nn.LeakyReLU(0.2)]
+            ups += [nn.Conv2d(cin, 4 * cout, 3, padding=1), nn.PixelShuffle(2), nn.LeakyReLU(0.2, inplace=True)]
             cin = cout
         self.upsample = nn.Sequential(*ups)
         if c.z_modulation:
@@ -222,12 +225,11 @@ class RefVAE(nn.Module):
             x = self.upsample[i + 2](self.upsample[i + 1](self.upsample[i](x)))
             if styles is not None:
                 n = x.shape[1]
-                scale, shift = styles[:, offset:offset + n], styles[:, offset + n:offset + 2 * n]
-                x = x * (1 + scale[..., None, None]) + shift[..., None, None]
+                scale, shift = 1 + styles[:, offset:offset + n, None, None], styles[:, offset + n:offset + 2 * n, None, None]
+                # In place when nothing records the graph (inference): these passes run at up to full resolution.
+                x = x.mul_(scale).add_(shift) if not torch.is_grad_enabled() else x * scale + shift
                 offset += 2 * n
-        residual = self.to_rgb(x)
-        base = F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
-        return base + residual
+        return upsample(lr, self.config.scale).add_(self.to_rgb(x))
 
     # --- training ---------------------------------------------------------------------------------------
     def forward(self, lr, ref, use_mean=None, use_prior_mean=None):
@@ -298,9 +300,33 @@ def model_class(config: RefVAEConfig):
     return PaperRefVAE if config.arch == "paper" else RefVAE
 
 
+@functools.lru_cache(maxsize=64)
+def resampling_matrix(length: int, scale: int, down: bool, device: torch.device, dtype: torch.dtype):
+    """torch's bicubic resampling along one axis of `length` pixels as a matrix: x8 up, or 1/8 down with
+    antialiasing (`down`). Both are separable, so an image resamples as M_h @ x @ M_w.T: two small matrix products,
+    several times faster on a CPU than upsample_bicubic2d for 3-channel images (equal up to float rounding; tested)."""
+    # A normal tensor even when first asked for under inference_mode: training may use it later (cached).
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(length, device=device)[:, None, None, :]  # `length` one-row images, one impulse each
+        factor = (1, 1 / scale) if down else (1, scale)
+        rows = F.interpolate(eye, scale_factor=factor, mode="bicubic", antialias=down, align_corners=False)
+        return rows[:, 0, 0, :].T.to(dtype).contiguous()
+
+
+def _resample(x, scale: int, down: bool):
+    h, w = x.shape[-2:]
+    m_h, m_w = (resampling_matrix(n, scale, down, x.device, x.dtype) for n in (h, w))
+    return m_h @ x @ m_w.T
+
+
+def upsample(x, scale: int):
+    """Bicubic upsampling (torch's, align_corners=False): the base the network's residual is added to."""
+    return _resample(x, scale, down=False)
+
+
 def downscale(x, scale: int):
     """Bicubic downscale with antialiasing: torch's match for PIL's BICUBIC resize, the LR degradation."""
-    return F.interpolate(x, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
+    return _resample(x, scale, down=True)
 
 
 def kl_divergence(mu, logvar):

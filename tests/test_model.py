@@ -107,3 +107,20 @@ def test_paper_graph_tiny_config(scale, tmp_path):
     assert sr.shape == (1, 3, 6 * scale, 10 * scale) and mu.shape == (1, 8)
     save_model(model, tmp_path / "paper.safetensors")
     assert type(load_checkpoint(tmp_path / "paper.safetensors", scale)).__name__ == "PaperRefVAE"
+
+
+def test_matrix_resampling_equals_torch_interpolate():
+    import torch.nn.functional as F
+    from refsr_cli.model import downscale, upsample
+    x = torch.rand(2, 3, 13, 21)
+    for s in (2, 4, 8):
+        assert torch.allclose(upsample(x, s), F.interpolate(x, scale_factor=s, mode="bicubic", align_corners=False),
+                              atol=1e-5)
+        big = torch.rand(2, 3, 13 * s, 21 * s)
+        expected = F.interpolate(big, scale_factor=1 / s, mode="bicubic", antialias=True, align_corners=False)
+        assert torch.allclose(downscale(big, s), expected, atol=1e-5)
+    with torch.inference_mode():  # cached under inference mode, the matrices must still serve training
+        upsample(torch.rand(1, 3, 5, 6), 2)
+    y = torch.rand(1, 3, 5, 6, requires_grad=True)
+    upsample(y, 2).sum().backward()
+    assert y.grad is not None
