@@ -1,11 +1,12 @@
 """Speed of refsr on this machine: the lean graph against the published one, where the time goes, and the limit.
 
-    python bench/speed.py [--device cpu|cuda] [--json bench/speed-cpu.json] [--quick]
+    python bench/speed.py [--device cpu|cuda] [--json docs/speed-cpu.json] [--sizes 64 128 256 512]
 
 Prints tables and writes JSON. Model time is the median of --repeats runs after one warm-up, with the real
 Upscaler (tiles, LR consistency), weights as shipped for the lean graph and untrained for the paper graph (timing does
-not depend on the values). Peak memory is the process's peak RSS (VmHWM, reset before each case) on the CPU, and
-torch's peak allocation on CUDA.
+not depend on the values). Peak memory on the CPU: each case once more in a fresh process, its peak RSS (VmHWM) and
+that peak less the RSS of the process with both graphs loaded (what the graph itself needs); on CUDA, torch's peak
+allocation.
 """
 import argparse
 import json
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from refsr_cli.checkpoint import build_model, load_checkpoint, resolve_weights  # noqa: E402
+from refsr_cli.images import write_picture  # noqa: E402
 from refsr_cli.inference import Upscaler, back_project  # noqa: E402
 from refsr_cli.model import PAPER_CONFIG, RefVAEConfig  # noqa: E402
 
@@ -67,25 +69,65 @@ def timed(fn, device, repeats: int):
     return statistics.median(times), read_peak_mib(device)
 
 
+CASES = ("lean, prior sample", "lean, new reference", "paper graph, new reference", "bicubic (PIL)")
+
+
+def case_function(name: str, size: int, lean: Upscaler, paper: Upscaler):
+    lr, ref = synthetic(size), synthetic(256, seed=9)
+    return {
+        "lean, prior sample": lambda: lean.upscale(lr, [lean.prior_z(0)]),
+        "lean, new reference": lambda: lean.upscale(lr, [lean.reference_z(ref)]),
+        "paper graph, new reference": lambda: paper.upscale(lr, [paper.reference_z(ref)]),
+        "bicubic (PIL)": lambda: Image.fromarray((lr * 255).astype(np.uint8)).resize((size * 8, size * 8),
+                                                                                      Image.BICUBIC),
+    }[name]
+
+
+def rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_of_case(args, case: int, size: int):
+    """Run in a fresh process (--memory-case): the RSS once both graphs are loaded, and the peak RSS of one run of
+    the case. Their difference is what the graph itself needs, without Python, torch and the weights."""
+    device = torch.device(args.device)
+    lean, paper = load_graphs(args.weights, device)
+    fn = case_function(CASES[case], size, lean, paper)
+    before = rss_mib("VmRSS")
+    reset_peak(device)
+    fn()
+    print(json.dumps({"loaded_mib": before, "peak_mib": rss_mib("VmHWM")}))
+
+
 def graph_table(args, device, lean: Upscaler, paper: Upscaler):
     rows = []
-    ref = synthetic(256, seed=9)
     for size in args.sizes:
-        lr = synthetic(size)
         out_mpx = (size * 8) ** 2 / 1e6
-        cases = [("lean, prior sample", lambda: lean.upscale(lr, [lean.prior_z(0)])),
-                 ("lean, new reference", lambda: lean.upscale(lr, [lean.reference_z(ref)])),
-                 ("bicubic (PIL)", lambda: Image.fromarray((lr * 255).astype(np.uint8)).resize(
-                     (size * 8, size * 8), Image.BICUBIC))]
-        if size in args.paper_sizes:
-            cases.insert(2, ("paper graph, new reference", lambda: paper.upscale(lr, [paper.reference_z(ref)])))
-        for name, fn in cases:
-            seconds, peak = timed(fn, device, args.repeats if size <= 256 else 1)
-            rows.append({"lr": size, "graph": name, "seconds": seconds, "mpx_per_s": out_mpx / seconds,
-                         "peak_mib": peak})
-            print(f"{size:>5}  {name:<28} {seconds:>8.3f} s  {out_mpx / seconds:>7.2f} Mpx/s  {peak:>7.0f} MiB",
-                  flush=True)
+        for i, name in enumerate(CASES):
+            if name.startswith("paper") and size not in args.paper_sizes:
+                continue
+            seconds, peak = timed(case_function(name, size, lean, paper), device, args.repeats if size <= 256 else 1)
+            row = {"lr": size, "graph": name, "seconds": seconds, "mpx_per_s": out_mpx / seconds, "peak_mib": peak}
+            if device.type == "cpu":  # the process's peak includes earlier cases: measure each in a fresh one
+                command = [sys.executable, __file__, "--memory-case", str(i), str(size), "--device", "cpu"]
+                if args.weights:
+                    command += ["--weights", args.weights]
+                fresh = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+                row.update(peak_mib=fresh["peak_mib"], graph_mib=fresh["peak_mib"] - fresh["loaded_mib"])
+            rows.append(row)
+            extra = f"  ({row['graph_mib']:.0f} MiB above the loaded process)" if "graph_mib" in row else ""
+            print(f"{size:>5}  {name:<28} {seconds:>8.3f} s  {out_mpx / seconds:>7.2f} Mpx/s  "
+                  f"{row['peak_mib']:>7.0f} MiB{extra}", flush=True)
     return rows
+
+
+def load_graphs(weights, device):
+    lean = Upscaler(load_checkpoint(resolve_weights(weights, 8), 8), device)
+    paper = Upscaler(build_model(RefVAEConfig(**PAPER_CONFIG)), device)
+    return lean, paper
 
 
 def breakdown(device, lean: Upscaler, size: int = 128):
@@ -110,7 +152,7 @@ def breakdown(device, lean: Upscaler, size: int = 128):
             parts["LR consistency"], _ = timed(lambda: back_project(sr, lr, s, lean.consistency_steps), device, 3)
         image = lean.upscale(picture_rgb, [z])[0]
         start = time.perf_counter()
-        Image.fromarray(image).save(Path(tmp) / "out.png")
+        write_picture(image, Path(tmp) / "out.png")
         parts["write output (PNG)"] = time.perf_counter() - start
     total = sum(parts.values())
     for name, seconds in parts.items():
@@ -204,10 +246,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--weights", default=None, help="lean checkpoint [default: the shipped x8]")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--memory-case", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_case is not None:
+        return memory_of_case(args, *args.memory_case)
     device = torch.device(args.device)
-    lean = Upscaler(load_checkpoint(resolve_weights(args.weights, 8), 8), device)
-    paper = Upscaler(build_model(RefVAEConfig(**PAPER_CONFIG)), device)
+    lean, paper = load_graphs(args.weights, device)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "device": str(device),
