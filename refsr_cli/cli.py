@@ -242,7 +242,7 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
         table.add_column(title, justify="left" if title in ("image", "method") else "right")
     for r in rows:
         table.add_row(r["image"], r["method"], *(format(r[k], f) if k in r else "" for _, k, f in columns))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a file or pipe gets whole columns
     if len(ref_paths) >= 2:
         click.echo(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}")
     if json_path is not None:
