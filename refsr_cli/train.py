@@ -343,19 +343,20 @@ def fit(opt: TrainOptions, progress=None):
                     losses["multiscale"] = multiscale_l1(sr, hr)
                 if weights["tv"] > 0:
                     losses["tv"] = total_variation(sr)
+                sr_p, hr_p = same_crop(opt.perceptual_crop, sr, hr, generator=gen)
                 # The perceptual terms skip the z = 0 samples: those are trained for fidelity alone.
                 textured = ~prior_mean
                 if textured.any():
-                    sr_p, hr_p = same_crop(opt.perceptual_crop, sr[textured], hr[textured], generator=gen)
+                    sr_t, hr_t = sr_p[textured], hr_p[textured]
                     if weights["content"] > 0:
-                        losses["content"] = F.l1_loss(model.vgg(sr_p), model.vgg(hr_p))
+                        losses["content"] = F.l1_loss(model.vgg(sr_t), model.vgg(hr_t))
                     if lpips is not None:
-                        losses["lpips"] = lpips(sr_p, hr_p).mean()
+                        losses["lpips"] = lpips(sr_t, hr_t).mean()
                     if disc is not None:
                         # -log D(G(x)), the non-saturating form of eq. 5. The bare discriminator, frozen: its DDP
                         # wrapper would wait for gradients that this pass must not give it.
                         disc.requires_grad_(False)
-                        losses["adv"] = F.softplus(-disc(sr_p)).mean()
+                        losses["adv"] = F.softplus(-disc(sr_t)).mean()
                         disc.requires_grad_(True)
                 if gallery.any() and weights["style"] > 0:
                     losses["style"] = feature_stats_loss(model.vgg, sr[gallery], ref[gallery])
@@ -366,8 +367,9 @@ def fit(opt: TrainOptions, progress=None):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            if disc is not None and textured.any():
-                # One call for real and fake (instance norm keeps samples apart): DDP wants one forward per
+            if disc is not None:
+                # Every rank steps, on every sample (z = 0 outputs are fakes too): DDP needs all ranks in each
+                # step. One call for real and fake (instance norm keeps samples apart): DDP wants one forward per
                 # backward. In float32 even on CUDA: the discriminator is small, and needs no loss scaler then.
                 real, fake = disc_net(torch.cat([hr_p, sr_p.detach()]).float()).chunk(2)
                 d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
