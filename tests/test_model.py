@@ -1,4 +1,7 @@
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +37,26 @@ def test_untrained_model_is_bicubic():
         sr, _, _ = model(lr, torch.rand(1, 3, 32, 32))
     bicubic = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
     assert torch.allclose(sr, bicubic)
+
+
+def test_change_scale_script_carries_an_x8_model_over_to_x4(tmp_path):
+    src, dst = tmp_path / "x8.safetensors", tmp_path / "x4.safetensors"
+    x8 = tiny_model(8)
+    save_model(x8, src)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "change_scale.py"
+    subprocess.run([sys.executable, str(script), str(src), "4", str(dst)], check=True, capture_output=True)
+    x4 = load_checkpoint(dst, scale=4)
+    lr, ref = torch.rand(1, 3, 6, 7), torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        # The scale-free parts compute what they did ...
+        for a, b in zip(x8.encode_lr(lr) + x8.encode_reference(ref), x4.encode_lr(lr) + x4.encode_reference(ref)):
+            assert torch.equal(a, b)
+        assert torch.equal(x4.z_to_style.weight, x8.z_to_style.weight[:x4.z_to_style.weight.shape[0]])
+        # ... and the output layer, which would read another stage's features, starts at zero: bicubic, as a fresh
+        # model does.
+        sr, _, _ = x4(lr, ref)
+    assert x8.to_rgb.weight.any()
+    assert torch.allclose(sr, torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False))
 
 
 def test_condition_map_is_periodic_and_anchored():
