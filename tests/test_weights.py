@@ -13,22 +13,24 @@ from refsr_cli.metrics import LPIPSAlex, bicubic_resize, modcrop, psnr_y, to_flo
 HELD_IN = Path(__file__).resolve().parents[2] / "shared" / "data" / "train_hr" / "bsds-100075.jpg"
 
 
-def test_shipped_x8_loads_by_default():
-    model = load_checkpoint(resolve_weights(None, 8), 8)
-    assert model.config.scale == 8
+@pytest.mark.parametrize("scale", [8, 4])
+def test_shipped_weights_load_by_default(scale):
+    model = load_checkpoint(resolve_weights(None, scale), scale)
+    assert model.config.scale == scale
 
 
 @pytest.mark.skipif(not HELD_IN.exists(), reason="needs ../shared/data (the training data beside the checkout)")
-def test_shipped_x8_beats_bicubic_on_a_held_in_image():
+@pytest.mark.parametrize("scale", [8, 4])
+def test_shipped_weights_beat_bicubic_on_a_held_in_image(scale):
     with Image.open(HELD_IN) as im:
-        hr = modcrop(im.convert("RGB").crop((96, 32, 96 + 256, 32 + 256)), 8)
-    lr = bicubic_resize(hr, (hr.width // 8, hr.height // 8))
-    up = Upscaler(load_checkpoint(resolve_weights(None, 8), 8), "cpu")
+        hr = modcrop(im.convert("RGB").crop((96, 32, 96 + 256, 32 + 256)), scale)
+    lr = bicubic_resize(hr, (hr.width // scale, hr.height // scale))
+    up = Upscaler(load_checkpoint(resolve_weights(None, scale), scale), "cpu")
     # One prior sample (T = 1): the noisier of the two modes weights/README.md measures on val_hr.
     sr = up.upscale(np.asarray(lr, dtype=np.float32) / 255, [up.prior_z(0, temperature=1.0)])[0]
     bicubic = to_float(bicubic_resize(lr, hr.size))
     sr, hr = sr.astype(np.float64) / 255, to_float(hr)
-    assert psnr_y(sr, hr, 8) > psnr_y(bicubic, hr, 8)
+    assert psnr_y(sr, hr, scale) > psnr_y(bicubic, hr, scale)
     lpips = LPIPSAlex()
     load_backbone(lpips, "lpips_alex")
     as_tensor = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float()
