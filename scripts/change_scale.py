@@ -4,9 +4,9 @@
 
 The LR encoder, the reference head, the condition decoder and the first x2 stages do not depend on the scale, so
 they are copied; the z modulation keeps the rows of the stages that remain; `to_rgb`, which would now read the
-features of another stage, starts at zero, so the new model starts as bicubic, as a fresh one does. Training then goes on with
-`refsr train --scale 4 --init x4-init.safetensors`. Used once, to start the release x4 weights from the x8 ones
-(weights/README.md).
+features of another stage, starts at zero, so the new model starts as bicubic, as a fresh one does. Training then
+goes on with `refsr train --scale 4 --init x4-init.safetensors`. Used once, to start the release x4 weights from the
+x8 ones (weights/README.md).
 """
 import sys
 from dataclasses import replace
