@@ -9,6 +9,13 @@ import click
 SCALES = click.Choice(["2", "4", "8"])
 
 
+def parse_scales(value: str) -> tuple:
+    scales = tuple(sorted({s.strip() for s in value.split(",") if s.strip()}))
+    if not scales or any(s not in SCALES.choices for s in scales):
+        raise click.BadParameter(f"{value!r}: give scales among 2, 4, 8, comma-separated")
+    return tuple(int(s) for s in scales)
+
+
 def fail(message: str, code: int = 2):
     click.echo(f"refsr: error: {message}", err=True)
     sys.exit(code)
@@ -68,21 +75,25 @@ def common_inference_options(f):
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
 @click.option("--ref", "refs", multiple=True, metavar="IMAGE|FOLDER",
-              help="Reference image or folder of them (repeatable). [default: the LR image itself]")
+              help="Reference image or folder of them (repeatable): its texture is added. [default: none, the "
+                   "faithful output]")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the draw when --temperature is above 0.")
 @common_inference_options
-def upscale(inputs, refs, **options):
-    """Upscale LR_IMAGE... (files, folders or globs) once per reference.
+def upscale(inputs, refs, seed, **options):
+    """Upscale LR_IMAGE... (files, folders or globs): once per reference, or once without one.
 
-    Outputs are named STEM_xSCALE_REFSTEM.png, or STEM_xSCALE.png when the LR image is its own reference.
+    Outputs are named STEM_xSCALE_REFSTEM.png, or STEM_xSCALE.png without a reference (STEM_xSCALE_sSEED.png for a
+    prior sample, --temperature above 0).
     """
     from .inference import run_batch
     options["temperature"] = 0.0 if options["temperature"] is None else options["temperature"]
-    sys.exit(run_batch(inputs, refs=refs, seeds=None, **options))
+    sys.exit(run_batch(inputs, refs=refs, seeds=None, seed=seed, **options))
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
-@click.option("-n", "--n", "count", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("-n", "--n", "count", type=click.IntRange(1, 10_000), default=10, show_default=True,
               help="Number of samples per image.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample i uses seed SEED+i, so --n 1 --seed 3 reproduces the fourth of --n 10 --seed 0.")
@@ -105,7 +116,12 @@ def sample(inputs, count, seed, **options):
                    "here with a style loss.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/refsr"),
               show_default=True, help="Run folder: last.safetensors, last.state.safetensors, log.jsonl.")
+@click.option("--stage", type=click.Choice(["trunk", "texture"]), default="texture", show_default=True,
+              help="trunk: the fidelity trunk of every --scales at once, pixel losses only (writes x2/x4/x8"
+                   ".safetensors); texture: the whole model of --scale (a trunk checkpoint's trunk stays frozen).")
 @click.option("--scale", type=SCALES, default="8", show_default=True)
+@click.option("--scales", default="2,4,8", show_default=True, callback=lambda ctx, param, value: parse_scales(value),
+              help="Scales the trunk stage trains together, comma-separated.")
 @click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True, help="Total steps of the run.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lr-patch", type=click.IntRange(min=8), default=32, show_default=True, help="LR crop size in pixels.")
@@ -209,7 +225,7 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
     from rich.table import Table
 
     from .errors import RefsrError
-    from .evaluate import evaluate as run_eval
+    from .evaluate import evaluate as run_eval, published_rows
     from .images import expand_inputs, list_images, read_rgb
     from .inference import load_upscaler
     scale = int(scale)
@@ -237,6 +253,7 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
     columns = [("PSNR-Y", "psnr", ".2f"), ("SSIM-Y", "ssim", ".4f"), ("LPIPS", "lpips", ".4f"),
                ("LR-PSNR", "lr_psnr", ".2f"), ("diversity", "diversity", ".2f"), ("influence", "influence", ".2f")]
     rows = result["rows"] + [{"image": "mean", "method": m, **v} for m, v in result["means"].items()]
+    rows += published_rows(hr_dir, scale)
     columns = [c for c in columns if any(c[1] in r for r in rows)]
     for title in ["image", "method"] + [c[0] for c in columns]:
         table.add_column(title, justify="left" if title in ("image", "method") else "right")
@@ -249,7 +266,8 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
         from .files import atomic_path
         text = json.dumps({"scale": scale, "weights": weights, "temperature": temperature, "seed": seed,
                            "samples": samples, "sample_temperature": sample_temperature,
-                           "references": [str(p) for p in ref_paths], **result}, indent=1)
+                           "references": [str(p) for p in ref_paths], **result,
+                           "published": published_rows(hr_dir, scale)}, indent=1)
         try:
             with atomic_path(json_path) as tmp:
                 Path(tmp).write_text(text)

@@ -28,10 +28,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class RefVAEConfig:
-    arch: str = "lean"  # "lean" (RefVAE below) or "paper" (PaperRefVAE: the published graph, for comparison)
+    # "trunk" (TrunkRefVAE: a fidelity trunk and the texture branch on top), "lean" (RefVAE: release 0.1's one
+    # network) or "paper" (PaperRefVAE: the published graph, for comparison)
+    arch: str = "trunk"
     scale: int = 8
     channels: int = 64  # width of the LR feature maps
-    lr_blocks: int = 8  # residual blocks of the LR encoder (run once per LR image)
+    lr_blocks: int = 16  # residual blocks of the LR encoder, the fidelity trunk's body (run once per LR image)
     fuse_blocks: int = 2  # residual blocks after the fusion (run once per z)
     up_channels: tuple = (64, 32, 16)  # width after each x2 stage; the first log2(scale) are used
     z_dim: int = 256
@@ -58,7 +60,7 @@ class RefVAEConfig:
                 ok = isinstance(value, kind)
             if not ok:
                 raise ValueError(f"config {f.name}={value!r} is not a valid {kind.__name__}")
-        if self.arch not in ("lean", "paper"):
+        if self.arch not in ("trunk", "lean", "paper"):
             raise ValueError(f"unknown architecture {self.arch!r}")
         if self.cond_period % self.cond_grid:
             raise ValueError(f"cond_period ({self.cond_period}) must be a multiple of cond_grid ({self.cond_grid})")
@@ -150,6 +152,10 @@ class RefVAE(nn.Module):
         self.lr_body = nn.Sequential(*[ResBlock(c.channels) for _ in range(c.lr_blocks)])
         self.lr_to_modulation = nn.Conv2d(c.channels, 2 * c.channels, 3, padding=1)
         self._add_reference_encoder(c)
+        self._add_texture_decoder(c)
+
+    def _add_texture_decoder(self, c: RefVAEConfig):
+        """z -> condition C_R; fusion with the LR code; x2 stages to an RGB residual that starts at zero."""
         # Feature decoder: z -> one periodic cell of the condition map C_R.
         self.z_to_cond = nn.Linear(c.z_dim, c.channels * c.cond_grid ** 2)
         self.cond_body = nn.Sequential(
@@ -168,7 +174,7 @@ class RefVAE(nn.Module):
             nn.init.zeros_(self.z_to_style.weight)
             nn.init.zeros_(self.z_to_style.bias)
         self.to_rgb = nn.Conv2d(cin, 3, 3, padding=1)
-        # Start as bicubic: the residual branch begins at zero, which makes early training stable.
+        # Start at zero (the output is then bicubic, or the trunk's): early training is stable.
         nn.init.zeros_(self.to_rgb.weight)
         nn.init.zeros_(self.to_rgb.bias)
 
@@ -215,10 +221,13 @@ class RefVAE(nn.Module):
     def decode(self, lr, lr_code, condition, origin=(0, 0)):
         """Decode one z (as its condition_cell) against an encoded LR image; origin places a tile in its image."""
         f_mu, f_sigma = lr_code
+        return upsample(lr, self.config.scale).add_(self.texture_residual(lr, f_mu, f_sigma, condition, origin))
+
+    def texture_residual(self, lr, f_mu, f_sigma, condition, origin):
+        """F = C_R * (1 + F_sigma) + F_mu, fusion blocks, x2 stages modulated by z, to RGB."""
         cell, styles = condition
         h, w = lr.shape[-2:]
-        cond = tile_periodic(cell, h, w, *origin)
-        x = cond * (1 + f_sigma) + f_mu
+        x = tile_periodic(cell, h, w, *origin) * (1 + f_sigma) + f_mu
         x = x + self.fuse_body(x)
         offset = 0
         for i in range(0, len(self.upsample), 3):  # conv, pixel shuffle, activation
@@ -229,7 +238,7 @@ class RefVAE(nn.Module):
                 # In place when nothing records the graph (inference): these passes run at up to full resolution.
                 x = x.mul_(scale).add_(shift) if not torch.is_grad_enabled() else x * scale + shift
                 offset += 2 * n
-        return upsample(lr, self.config.scale).add_(self.to_rgb(x))
+        return self.to_rgb(x)
 
     # --- training ---------------------------------------------------------------------------------------
     def forward(self, lr, ref, use_mean=None, use_prior_mean=None):
@@ -245,6 +254,71 @@ class RefVAE(nn.Module):
             z = z * (~use_prior_mean)[:, None]
         sr = self.decode(lr, self.encode_lr(lr), self.condition_cell(z))
         return sr, mu, logvar
+
+
+class FidelityTrunk(nn.Module):
+    """The faithful (MMSE-like) upscaler: EDSR residual blocks at LR resolution, shared by every scale, and one
+    pixel-shuffle tail per scale (MDSR's idea), added to bicubic. Trained with pixel losses alone; its output is
+    what `--temperature 0` returns, and its features are what the texture branch works on."""
+
+    def __init__(self, channels: int, blocks: int, up_channels: tuple, scales: tuple):
+        super().__init__()
+        self.head = nn.Conv2d(3, channels, 3, padding=1)
+        self.body = nn.Sequential(*[ResBlock(channels) for _ in range(blocks)],
+                                  nn.Conv2d(channels, channels, 3, padding=1))
+        self.tails = nn.ModuleDict({f"x{s}": self._tail(channels, up_channels, s) for s in scales})
+
+    @staticmethod
+    def _tail(cin: int, up_channels: tuple, scale: int) -> nn.Sequential:
+        layers = []
+        for cout in up_channels[:int(math.log2(scale))]:
+            layers += [nn.Conv2d(cin, 4 * cout, 3, padding=1), nn.PixelShuffle(2), nn.LeakyReLU(0.2, inplace=True)]
+            cin = cout
+        to_rgb = nn.Conv2d(cin, 3, 3, padding=1)
+        nn.init.zeros_(to_rgb.weight)  # starts as bicubic
+        nn.init.zeros_(to_rgb.bias)
+        return nn.Sequential(*layers, to_rgb)
+
+    def features(self, lr):
+        x = self.head(lr)
+        return x + self.body(x)
+
+    def reconstruct(self, lr, features, scale: int):
+        return upsample(lr, scale).add_(self.tails[f"x{scale}"](features))
+
+    def forward(self, lr, scale: int):
+        return self.reconstruct(lr, self.features(lr), scale)
+
+
+class TrunkRefVAE(RefVAE):
+    """Release 2's graph (config arch="trunk"): the fidelity trunk, and RefVAE's texture branch on its features.
+
+        lr ─trunk body (LR resolution)─> features ─tail─> + bicubic(lr) = the fidelity output (T = 0)
+                                         features ─conv─> F_mu, F_sigma ─┐
+        ref ─VGG16─> CVAE head ─> z ─> C_R ─> F = C_R(1 + F_sigma) + F_mu ─> x2 stages ─> residual ─> + fidelity
+
+    The texture branch is trained with the trunk frozen, so it can add texture but never cost the trunk's fidelity;
+    z = None (temperature 0, `upscale` without a reference) skips it.
+    """
+
+    def __init__(self, config: RefVAEConfig):
+        nn.Module.__init__(self)
+        self.config = c = config
+        self.trunk = FidelityTrunk(c.channels, c.lr_blocks, c.up_channels, (c.scale,))
+        self.lr_to_modulation = nn.Conv2d(c.channels, 2 * c.channels, 3, padding=1)
+        self._add_reference_encoder(c)
+        self._add_texture_decoder(c)
+
+    def encode_lr(self, lr):
+        """lr -> (F_mu, F_sigma, the trunk's output): everything that does not depend on z, once per LR image."""
+        features = self.trunk.features(lr)
+        return (*self.lr_to_modulation(features).chunk(2, dim=1), self.trunk.reconstruct(lr, features, self.config.scale))
+
+    def decode(self, lr, lr_code, condition, origin=(0, 0)):
+        f_mu, f_sigma, fidelity = lr_code
+        if condition is None:
+            return fidelity.clone()
+        return fidelity + self.texture_residual(lr, f_mu, f_sigma, condition, origin)
 
 
 class PaperRefVAE(RefVAE):
@@ -296,8 +370,8 @@ PAPER_CONFIG = dict(arch="paper", z_modulation=False, channels=512, up_channels=
 
 
 def model_class(config: RefVAEConfig):
-    """The network class of a config's architecture: RefVAE, or PaperRefVAE for arch="paper"."""
-    return PaperRefVAE if config.arch == "paper" else RefVAE
+    """The network class of a config's architecture."""
+    return {"trunk": TrunkRefVAE, "lean": RefVAE, "paper": PaperRefVAE}[config.arch]
 
 
 @functools.lru_cache(maxsize=64)

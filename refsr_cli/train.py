@@ -32,7 +32,8 @@ from .checkpoint import atomic_save, build_model, load_backbone, load_checkpoint
 from .errors import RefsrError
 from .images import list_images, read_rgb
 from .metrics import LPIPSAlex
-from .model import RefVAEConfig, VGG16Features, downscale, kl_divergence
+from .metrics import psnr_y
+from .model import FidelityTrunk, RefVAEConfig, VGG16Features, downscale, kl_divergence
 
 
 @dataclass
@@ -69,6 +70,11 @@ class TrainOptions:
     init: Path | None = None
     device: str = "cpu"
     config: RefVAEConfig = RefVAEConfig()  # the architecture of a fresh run (--resume and --init bring their own)
+    # "texture": the whole model with the pixel, perceptual, style, KL and adversarial terms (a trunk
+    # architecture's trunk stays frozen); "trunk": the fidelity trunk alone, for every scale in `scales` at once,
+    # under the pixel and LR-consistency terms.
+    stage: str = "texture"
+    scales: tuple = (2, 4, 8)
 
 
 def load_training_images(folders, min_side: int) -> list:
@@ -235,21 +241,105 @@ def start_distributed(device: torch.device):
 
 
 def validate(model, folder: Path, device) -> dict:
-    """PSNR-Y, SSIM, LPIPS and LR-PSNR of z = 0 on the HR images of `folder` (the `refsr eval` protocol)."""
+    """PSNR-Y, SSIM, LPIPS and LR-PSNR on the HR images of `folder` (the `refsr eval` protocol) of what this stage
+    trains: a prior sample (seed 0, temperature 1) when the trunk is frozen, else z = 0."""
     from .evaluate import evaluate
     from .inference import Upscaler
     upscaler = Upscaler(model, device)
+    z = upscaler.prior_z(0, 1.0 if model.config.arch == "trunk" else 0.0)
     try:
-        means = evaluate(folder, upscaler, model.config.scale, upscaler.prior_z(0, 0.0), baseline=False)["means"]["refsr"]
+        means = evaluate(folder, upscaler, model.config.scale, z, baseline=False)["means"]["refsr"]
     finally:
         model.float().train()
     return {f"val_{k}": v for k, v in means.items()}
 
 
 def train(opt: TrainOptions, progress=None) -> Path:
-    """Run `opt` and return the path of its last checkpoint."""
+    """Run `opt` and return the path of its last checkpoint (of the largest scale, for the trunk stage)."""
+    if opt.stage == "trunk":
+        fit_trunk(opt, progress)
+        return opt.out / f"x{max(opt.scales)}.safetensors"
     fit(opt, progress)
     return opt.out / "last.safetensors"
+
+
+def build_for_training(opt: TrainOptions, state_path: Path):
+    """(model, resumed state or None): from --resume, --init, or freshly initialised from opt.config."""
+    if opt.resume:
+        if not state_path.is_file():
+            raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
+        model, *resumed = load_training_state(state_path, opt)
+        return model, resumed
+    if state_path.exists():
+        raise RefsrError(f"{opt.out} holds a run already: --resume it, or give another --out")
+    if opt.init is not None:
+        return load_checkpoint(opt.init, opt.scale), None
+    torch.manual_seed(opt.seed)  # the same seed, the same initial weights (on every rank)
+    return build_model(replace(opt.config, scale=opt.scale)), None
+
+
+def trainable_parameters(model) -> list:
+    """Everything but the frozen VGG16 and, in the trunk architecture, the trunk: the texture branch is trained on a
+    finished trunk, so it can add texture but never cost fidelity."""
+    if getattr(model, "trunk", None) is not None:
+        model.trunk.requires_grad_(False)
+    return [p for n, p in model.named_parameters() if not n.startswith(("vgg.", "trunk."))]
+
+
+class Objective:
+    """The generator's loss terms, each weighted by its flag, and the discriminator's step."""
+
+    def __init__(self, opt: TrainOptions, model, disc, device):
+        self.opt, self.model, self.disc = opt, model, disc
+        self.weights = {"l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight, "content": opt.content_weight,
+                        "style": opt.style_weight, "lpips": opt.lpips_weight, "tv": opt.tv_weight,
+                        "kl": opt.kl_weight, "adv": opt.adv_weight, "multiscale": opt.multiscale_weight}
+        self.lpips = None
+        if opt.lpips_weight > 0:
+            self.lpips = LPIPSAlex()
+            load_backbone(self.lpips, "lpips_alex")
+            self.lpips.to(device)
+
+    def generator_losses(self, sr, hr, lr, ref, gallery, prior_mean, mu, logvar, sr_p, hr_p) -> dict:
+        """sr_p, hr_p: the perceptual_crop windows seen by the VGG, LPIPS and discriminator terms."""
+        opt, w, vgg = self.opt, self.weights, self.model.vgg
+        losses = {"l1": F.l1_loss(sr, hr), "lr_cons": F.l1_loss(downscale(sr, opt.scale), lr),
+                  "kl": kl_divergence(mu.float(), logvar.float())}
+        if w["multiscale"] > 0:
+            losses["multiscale"] = multiscale_l1(sr, hr)
+        if w["tv"] > 0:
+            losses["tv"] = total_variation(sr)
+        textured = ~prior_mean  # the z = 0 samples are trained for fidelity alone
+        if textured.any():
+            sr_t, hr_t = sr_p[textured], hr_p[textured]
+            if w["content"] > 0:
+                losses["content"] = F.l1_loss(vgg(sr_t), vgg(hr_t))
+            if self.lpips is not None:
+                losses["lpips"] = self.lpips(sr_t, hr_t).mean()
+            if self.disc is not None:
+                # -log D(G(x)), the non-saturating form of eq. 5. The bare discriminator, frozen: its DDP wrapper
+                # would wait for gradients that this pass must not give it.
+                self.disc.requires_grad_(False)
+                losses["adv"] = F.softplus(-self.disc(sr_t)).mean()
+                self.disc.requires_grad_(True)
+        if gallery.any() and w["style"] > 0:
+            losses["style"] = feature_stats_loss(vgg, sr[gallery], ref[gallery])
+        return losses
+
+    def total(self, losses: dict):
+        return sum(self.weights[k] * v for k, v in losses.items())
+
+    @staticmethod
+    def discriminator_step(disc_net, disc_optimizer, hr_p, sr_p):
+        """Every rank steps, on every sample (z = 0 outputs are fakes too): DDP needs all ranks in each step. One
+        call for real and fake (instance norm keeps samples apart): DDP wants one forward per backward. In float32
+        even on CUDA: the discriminator is small, and needs no loss scaler then."""
+        real, fake = disc_net(torch.cat([hr_p, sr_p.detach()]).float()).chunk(2)
+        d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
+        disc_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        disc_optimizer.step()
+        return d_loss.detach()
 
 
 def fit(opt: TrainOptions, progress=None):
@@ -264,31 +354,18 @@ def fit(opt: TrainOptions, progress=None):
         opt.out.mkdir(parents=True, exist_ok=True)
         for stale in opt.out.glob(".last.*.tmp"):  # left by a run killed (SIGKILL) in the middle of a save
             stale.unlink()
-
-    resumed = None
-    if opt.resume:
-        if not state_path.is_file():
-            raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
-        model, *resumed = load_training_state(state_path, opt)
-    elif state_path.exists():
-        raise RefsrError(f"{opt.out} holds a run already: --resume it, or give another --out")
-    elif opt.init is not None:
-        model = load_checkpoint(opt.init, opt.scale)
-    else:
-        torch.manual_seed(opt.seed)  # the same seed, the same initial weights (on every rank)
-        model = build_model(replace(opt.config, scale=opt.scale))
+    model, resumed = build_for_training(opt, state_path)
     model.to(device).train()
     if cuda:
         model.to(memory_format=torch.channels_last)
-    params = [p for n, p in model.named_parameters() if not n.startswith("vgg.")]
-    optimizer = torch.optim.Adam(params, lr=opt.learning_rate, betas=(0.9, 0.99))
-    step = 0
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=opt.learning_rate, betas=(0.9, 0.99))
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     disc = disc_optimizer = None
     if opt.adv_weight > 0:
         torch.manual_seed(opt.seed + 1)
         disc = PatchDiscriminator().to(device).train()
         disc_optimizer = torch.optim.Adam(disc.parameters(), lr=opt.learning_rate, betas=(0.5, 0.99))
+    step = 0
     if resumed is not None:
         optimizer_state, scaler_state, step, disc_state = resumed
         optimizer.load_state_dict(optimizer_state)
@@ -303,29 +380,14 @@ def fit(opt: TrainOptions, progress=None):
         net = DistributedDataParallel(model, device_ids=ids)
         if disc is not None:
             disc_net = DistributedDataParallel(disc, device_ids=ids)
-
-    lpips = None
-    if opt.lpips_weight > 0:
-        lpips = LPIPSAlex()
-        load_backbone(lpips, "lpips_alex")
-        lpips.to(device)
+    objective = Objective(opt, model, disc, device)
     images = load_training_images(opt.data, opt.lr_patch * opt.scale)
     refs = load_training_images(opt.refs, 1) if opt.refs else None
-    weights = {"l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight, "content": opt.content_weight,
-               "style": opt.style_weight, "lpips": opt.lpips_weight, "tv": opt.tv_weight, "kl": opt.kl_weight,
-               "adv": opt.adv_weight, "multiscale": opt.multiscale_weight}
-    log_path = opt.out / "log.jsonl"
-    if rank == 0 and resumed is not None and log_path.exists():  # drop the rows after the checkpoint: redone
-        rows = [r for r in log_path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-        log_path.write_text("".join(r + "\n" for r in rows))
-    log = open(log_path, "a") if rank == 0 else None
+    log = open_log(opt.out / "log.jsonl", step, resumed is not None) if rank == 0 else None
     try:
         started, start_step = time.time(), step
         while step < opt.steps:
-            # Cosine decay over the whole run, so that resuming a run lands on the same schedule.
-            for optim in filter(None, (optimizer, disc_optimizer)):
-                for group in optim.param_groups:
-                    group["lr"] = opt.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / opt.steps))
+            set_learning_rate(filter(None, (optimizer, disc_optimizer)), opt, step)
             batch = make_batch(images, refs, opt, step, model.config.ref_size, rank)
             hr, lr, ref, gallery = (t.to(device, non_blocking=True) for t in batch)
             gen = torch.Generator().manual_seed(batch_seed(opt, step, rank))
@@ -337,30 +399,9 @@ def fit(opt: TrainOptions, progress=None):
                 # references differed by under one grey level).
                 sr, mu, logvar = net(lr, ref, use_mean=gallery, use_prior_mean=prior_mean)
                 sr = sr.float()
-                losses = {"l1": F.l1_loss(sr, hr), "lr_cons": F.l1_loss(downscale(sr, opt.scale), lr),
-                          "kl": kl_divergence(mu.float(), logvar.float())}
-                if weights["multiscale"] > 0:
-                    losses["multiscale"] = multiscale_l1(sr, hr)
-                if weights["tv"] > 0:
-                    losses["tv"] = total_variation(sr)
                 sr_p, hr_p = same_crop(opt.perceptual_crop, sr, hr, generator=gen)
-                # The perceptual terms skip the z = 0 samples: those are trained for fidelity alone.
-                textured = ~prior_mean
-                if textured.any():
-                    sr_t, hr_t = sr_p[textured], hr_p[textured]
-                    if weights["content"] > 0:
-                        losses["content"] = F.l1_loss(model.vgg(sr_t), model.vgg(hr_t))
-                    if lpips is not None:
-                        losses["lpips"] = lpips(sr_t, hr_t).mean()
-                    if disc is not None:
-                        # -log D(G(x)), the non-saturating form of eq. 5. The bare discriminator, frozen: its DDP
-                        # wrapper would wait for gradients that this pass must not give it.
-                        disc.requires_grad_(False)
-                        losses["adv"] = F.softplus(-disc(sr_t)).mean()
-                        disc.requires_grad_(True)
-                if gallery.any() and weights["style"] > 0:
-                    losses["style"] = feature_stats_loss(model.vgg, sr[gallery], ref[gallery])
-            loss = sum(weights[k] * v for k, v in losses.items())
+                losses = objective.generator_losses(sr, hr, lr, ref, gallery, prior_mean, mu, logvar, sr_p, hr_p)
+            loss = objective.total(losses)
             if not torch.isfinite(loss):
                 raise RefsrError(f"step {step}: the loss is {loss.item()}; lower --learning-rate or check the data")
             optimizer.zero_grad(set_to_none=True)
@@ -368,37 +409,27 @@ def fit(opt: TrainOptions, progress=None):
             scaler.step(optimizer)
             scaler.update()
             if disc is not None:
-                # Every rank steps, on every sample (z = 0 outputs are fakes too): DDP needs all ranks in each
-                # step. One call for real and fake (instance norm keeps samples apart): DDP wants one forward per
-                # backward. In float32 even on CUDA: the discriminator is small, and needs no loss scaler then.
-                real, fake = disc_net(torch.cat([hr_p, sr_p.detach()]).float()).chunk(2)
-                d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
-                disc_optimizer.zero_grad(set_to_none=True)
-                d_loss.backward()
-                disc_optimizer.step()
-                losses["disc"] = d_loss.detach()
+                losses["disc"] = objective.discriminator_step(disc_net, disc_optimizer, hr_p, sr_p)
             step += 1
-
-            if rank == 0:
-                row = None
-                if step % opt.log_every == 0 or step == opt.steps:
-                    row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                           "learning_rate": optimizer.param_groups[0]["lr"],
-                           "seconds": round(time.time() - started, 1)}
-                measured = {}
-                if opt.val is not None and (step % opt.val_every == 0 or step == opt.steps):
-                    measured = validate(model, opt.val, device)
-                    row = (row or {"step": step}) | measured
-                if row is not None:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                if step % opt.save_every == 0 or step == opt.steps:
-                    # The training state first: --resume reads only it, so a kill between the writes loses nothing.
-                    save_training_state(model, optimizer, scaler, state_path, step, opt, disc, disc_optimizer)
-                    save_model(model, last, step=step)
-                if progress is not None:
-                    progress(step, opt.steps, {k: v.item() for k, v in losses.items()} | measured,
-                             (step - start_step) / max(time.time() - started, 1e-9))
+            if rank != 0:
+                continue
+            row = {}
+            if step % opt.log_every == 0 or step == opt.steps:
+                row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
+                       "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
+            if opt.val is not None and (step % opt.val_every == 0 or step == opt.steps):
+                row = {"step": step, **row, **validate(model, opt.val, device)}
+            if row:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if step % opt.save_every == 0 or step == opt.steps:
+                # The training state first: --resume reads only it, so a kill between the writes loses nothing.
+                save_training_state(model, optimizer, scaler, state_path, step, opt, disc, disc_optimizer)
+                save_model(model, last, step=step)
+            if progress is not None:
+                progress(step, opt.steps, {k: v.item() for k, v in losses.items()} |
+                         {k: v for k, v in row.items() if k.startswith("val_")},
+                         (step - start_step) / max(time.time() - started, 1e-9))
         return model
     finally:
         if log is not None:
@@ -406,3 +437,197 @@ def fit(opt: TrainOptions, progress=None):
         if world > 1:
             import torch.distributed as dist
             dist.destroy_process_group()
+
+
+# --- the trunk stage: one fidelity trunk for every scale ---------------------------------------------------------
+
+TRUNK_STATE_FORMAT = "refsr-trunk-training-state"
+
+
+def trunk_scale(opt: TrainOptions, step: int) -> int:
+    """The scale of a step's batch: the scales take turns (MDSR trains its shared body the same way)."""
+    return opt.scales[step % len(opt.scales)]
+
+
+def make_pixel_batch(images, opt: TrainOptions, step: int, scale: int, rank: int = 0):
+    """HR crops and their PIL-bicubic LR (the evaluation's degradation, uint8 quantisation included)."""
+    rng = random.Random(batch_seed(opt, step, rank))
+    hr, lr = [], []
+    for _ in range(opt.batch):
+        crop = np.ascontiguousarray(random_crop(images[rng.randrange(len(images))], opt.lr_patch * scale, rng))
+        hr.append(crop)
+        lr.append(np.asarray(Image.fromarray(crop).resize((opt.lr_patch,) * 2, Image.BICUBIC)))
+    return to_tensor(hr), to_tensor(lr)
+
+
+def trunk_recipe(opt: TrainOptions) -> dict:
+    return recipe(opt) | {"scales": list(opt.scales)}
+
+
+def trunk_architecture(config: RefVAEConfig) -> dict:
+    return {"channels": config.channels, "lr_blocks": config.lr_blocks, "up_channels": list(config.up_channels)}
+
+
+def save_trunk_state(trunk, optimizer, path, step: int, opt: TrainOptions, config: RefVAEConfig) -> None:
+    tensors = {f"model.{k}": v for k, v in trunk.state_dict().items()}
+    tensors.update(_optimizer_tensors("optimizer", optimizer))
+    meta = {"format": TRUNK_STATE_FORMAT, "step": str(step), "config": config.to_json(),
+            "param_groups": json.dumps(optimizer.state_dict()["param_groups"]),
+            "recipe": json.dumps(trunk_recipe(opt))}
+    atomic_save(tensors, path, meta)
+
+
+def load_trunk_state(path, opt: TrainOptions):
+    """(trunk, config, optimizer state dict, step) from a file written by save_trunk_state."""
+    from safetensors.torch import load_file
+    meta = read_metadata(path)
+    if meta.get("format") != TRUNK_STATE_FORMAT:
+        raise RefsrError(f"--resume: {path} is not the state of a --stage trunk run")
+    if json.loads(meta["recipe"]) != trunk_recipe(opt):
+        raise RefsrError(f"--resume: {path} was trained with {json.loads(meta['recipe'])}; resume with the same "
+                         "--seed, --batch, --lr-patch, --learning-rate and --scales")
+    config = RefVAEConfig.from_json(meta["config"])
+    tensors = load_file(str(path))
+    trunk = FidelityTrunk(config.channels, config.lr_blocks, config.up_channels, opt.scales)
+    trunk.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    return trunk, config, _optimizer_state(tensors, "optimizer", json.loads(meta["param_groups"])), int(meta["step"])
+
+
+def export_trunk(trunk: FidelityTrunk, config: RefVAEConfig, scale: int, path, step: int, seed: int) -> None:
+    """A checkpoint of one scale that `upscale` loads: the trunk with that scale's tail, and a texture branch at its
+    initial state (its output layer is zero, so every z gives the trunk's output until `--stage texture` trains
+    it)."""
+    torch.manual_seed(seed)
+    model = build_model(replace(config, arch="trunk", scale=scale))
+    tail = f"tails.x{scale}."
+    model.trunk.load_state_dict({k: v for k, v in trunk.state_dict().items()
+                                 if not k.startswith("tails.") or k.startswith(tail)})
+    save_model(model, path, step=step, stage="trunk")
+
+
+def load_validation_crops(folder: Path, side: int) -> list:
+    """Centre crops of (at most) `side` pixels, a multiple of 8, of the validation images: a trunk validation of
+    every scale costs seconds, not the minutes of whole 2k photos at x2."""
+    crops = []
+    for image in load_training_images([folder], 8):
+        h, w = image.shape[:2]
+        side = min(side, h, w) // 8 * 8
+        y, x = (h - side) // 2, (w - side) // 2
+        crops.append(np.ascontiguousarray(image[y:y + side, x:x + side]))
+    return crops
+
+
+@torch.no_grad()
+def validate_trunk(trunk, crops, scales, device) -> dict:
+    """PSNR-Y (border of `scale` pixels shaved) of the trunk and of bicubic on the validation crops."""
+    trunk.eval()
+    measures = {}
+    for scale in scales:
+        ours, bicubic = [], []
+        for crop in crops:
+            hr = Image.fromarray(crop)
+            lr = hr.resize((hr.width // scale, hr.height // scale), Image.BICUBIC)
+            sr = trunk(to_tensor([np.asarray(lr)]).to(device), scale).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
+            hr_f = crop.astype(np.float64) / 255
+            ours.append(psnr_y(np.round(sr.astype(np.float64) * 255) / 255, hr_f, scale))
+            bicubic.append(psnr_y(np.asarray(lr.resize(hr.size, Image.BICUBIC), dtype=np.float64) / 255, hr_f, scale))
+        measures[f"val_psnr_x{scale}"] = float(np.mean(ours))
+        measures[f"val_bicubic_x{scale}"] = float(np.mean(bicubic))
+    trunk.train()
+    return measures
+
+
+def fit_trunk(opt: TrainOptions, progress=None) -> FidelityTrunk:
+    """The trunk stage: pixel L1 and LR-consistency L1, the scales taking turns. Writes `x{scale}.safetensors` for
+    every scale (loadable by upscale, and by `--stage texture --init`), `last.state.safetensors` and log.jsonl."""
+    rank, world, device = start_distributed(torch.device(opt.device))
+    cuda = device.type == "cuda"
+    state_path = opt.out / "last.state.safetensors"
+    if rank == 0:
+        opt.out.mkdir(parents=True, exist_ok=True)
+    if opt.resume:
+        if not state_path.is_file():
+            raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
+        trunk, config, optimizer_state, step = load_trunk_state(state_path, opt)
+    elif state_path.exists():
+        raise RefsrError(f"{opt.out} holds a run already: --resume it, or give another --out")
+    else:
+        torch.manual_seed(opt.seed)
+        config, optimizer_state, step = replace(opt.config, arch="trunk"), None, 0
+        trunk = FidelityTrunk(config.channels, config.lr_blocks, config.up_channels, opt.scales)
+        if opt.init is not None:  # the trunk of a trunk checkpoint (a new scale's tail starts as bicubic)
+            init = load_checkpoint(opt.init)
+            if init.config.arch != "trunk" or trunk_architecture(init.config) != trunk_architecture(config):
+                raise RefsrError(f"--init {opt.init}: not a trunk checkpoint of this architecture")
+            trunk.load_state_dict(init.trunk.state_dict(), strict=False)
+    trunk.to(device).train()
+    trunk.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(trunk.parameters(), lr=opt.learning_rate, betas=(0.9, 0.99))
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    net = trunk
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(trunk, device_ids=[device.index] if cuda else None)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    images = load_training_images(opt.data, opt.lr_patch * max(opt.scales))
+    crops = load_validation_crops(opt.val, 480) if opt.val is not None and rank == 0 else None
+    log = open_log(opt.out / "log.jsonl", step, resumed=opt.resume) if rank == 0 else None
+    try:
+        started, start_step = time.time(), step
+        while step < opt.steps:
+            set_learning_rate([optimizer], opt, step)
+            scale = trunk_scale(opt, step)
+            hr, lr = (t.to(device, non_blocking=True) for t in make_pixel_batch(images, opt, step, scale, rank))
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+                sr = net(lr.contiguous(memory_format=torch.channels_last), scale).float()
+            losses = {"l1": F.l1_loss(sr, hr), "lr_cons": F.l1_loss(downscale(sr, scale), lr)}
+            loss = opt.l1_weight * losses["l1"] + opt.lr_consistency_weight * losses["lr_cons"]
+            if not torch.isfinite(loss):
+                raise RefsrError(f"step {step}: the loss is {loss.item()}; lower --learning-rate or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            if rank != 0:
+                continue
+            row = {}
+            if step % opt.log_every == 0 or step == opt.steps:
+                row = {"step": step, "scale": scale, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
+                       "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
+            if crops is not None and (step % opt.val_every == 0 or step == opt.steps):
+                row = {"step": step, **row, **validate_trunk(trunk, crops, opt.scales, device)}
+            if row:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if step % opt.save_every == 0 or step == opt.steps:
+                save_trunk_state(trunk, optimizer, state_path, step, opt, config)
+                for s in opt.scales:
+                    export_trunk(trunk, config, s, opt.out / f"x{s}.safetensors", step, opt.seed)
+            if progress is not None:
+                progress(step, opt.steps, {k: v.item() for k, v in losses.items()} |
+                         {k: v for k, v in row.items() if k.startswith("val_")},
+                         (step - start_step) / max(time.time() - started, 1e-9))
+        return trunk
+    finally:
+        if log is not None:
+            log.close()
+        if world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def set_learning_rate(optimizers, opt: TrainOptions, step: int) -> None:
+    """Cosine decay to a tenth over the whole run, so that a resumed run lands on the same schedule."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = opt.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / opt.steps))
+
+
+def open_log(path: Path, step: int, resumed: bool):
+    """log.jsonl for appending; on resume, the rows after the checkpoint's step are dropped (they are redone)."""
+    if resumed and path.exists():
+        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+    return open(path, "a")

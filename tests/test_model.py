@@ -41,7 +41,7 @@ def test_untrained_model_is_bicubic():
 
 def test_change_scale_script_carries_an_x8_model_over_to_x4(tmp_path):
     src, dst = tmp_path / "x8.safetensors", tmp_path / "x4.safetensors"
-    x8 = tiny_model(8)
+    x8 = tiny_model(8, arch="lean")
     save_model(x8, src)
     script = Path(__file__).resolve().parents[1] / "scripts" / "change_scale.py"
     subprocess.run([sys.executable, str(script), str(src), "4", str(dst)], check=True, capture_output=True)
@@ -93,7 +93,7 @@ def test_other_architecture_is_refused(tmp_path):
     with pytest.raises(RefsrError, match="do not match its config"):
         load_checkpoint(tmp_path / "wide.safetensors", scale=2)
     save_file(model.trainable_state_dict(), tmp_path / "arch.safetensors",
-              metadata={"format": "refsr-refvae", "config": config.replace('"lean"', '"unet"')})
+              metadata={"format": "refsr-refvae", "config": config.replace('"trunk"', '"unet"')})
     with pytest.raises(RefsrError, match="unknown architecture"):
         load_checkpoint(tmp_path / "arch.safetensors", scale=2)
 

@@ -170,13 +170,13 @@ def test_validation_during_training_is_logged(data, tmp_path):
 
 def test_train_cli_defaults_are_the_training_defaults():
     """The CLI repeats the defaults (it must not import torch for --help): they must not drift apart."""
-    from refsr_cli.cli import main
+    from refsr_cli.cli import main, parse_scales
     from refsr_cli.train import TrainOptions
     command = main.commands["train"]
     defaults = TrainOptions(data=[], out=None)
     for param in command.params:
         if hasattr(defaults, param.name) and param.name not in ("data", "out", "refs", "device", "resume", "init"):
-            value = int(param.default) if param.name == "scale" else param.default
+            value = {"scale": int, "scales": parse_scales}.get(param.name, lambda v: v)(param.default)
             assert value == getattr(defaults, param.name), param.name
 
 
@@ -204,3 +204,80 @@ def test_torchrun_two_cpu_processes_keep_identical_parameters(data, tmp_path):
     rows = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert load_checkpoint(tmp_path / "run" / "last.safetensors", scale=2) is not None
+
+
+def trunk_options(data, out, **kw):
+    # A trunk a little wider than tiny_config's, which learns too slowly to show in a few steps.
+    fields = dict(stage="trunk", scales=(2, 4), steps=60, batch=4, lr_patch=8, save_every=20, learning_rate=5e-3,
+                  config=tiny_config(2, channels=16, lr_blocks=2, up_channels=(16, 16, 16)))
+    return options(data, out, **(fields | kw))
+
+
+@pytest.fixture
+def one_photo(tmp_path):
+    """One 32x32 image of 8-pixel blocks: random crops of many images are too hard to learn in a test's steps."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    blocks = np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    Image.fromarray(blocks).resize((32, 32), Image.NEAREST).save(folder / "blocks.png")
+    return folder, None
+
+
+def test_trunk_stage_trains_every_scale_and_writes_a_checkpoint_per_scale(one_photo, tmp_path):
+    import json
+    from refsr_cli.inference import Upscaler
+    from refsr_cli.train import load_training_images, make_pixel_batch
+    photos, _ = one_photo
+    opt = trunk_options(one_photo, tmp_path / "trunk", val=photos, steps=100, val_every=100, save_every=50)
+    images = load_training_images(opt.data, 32)
+    last = train(opt)
+    assert last == tmp_path / "trunk" / "x4.safetensors"
+    rows = [json.loads(r) for r in (tmp_path / "trunk" / "log.jsonl").read_text().splitlines()]
+    assert [r["scale"] for r in rows[:4]] == [2, 4, 2, 4]  # the scales take turns (log_every=1: steps 1..4)
+    for scale in (2, 4):
+        model = load_checkpoint(tmp_path / "trunk" / f"x{scale}.safetensors", scale)
+        assert model.config.arch == "trunk" and list(model.trunk.tails) == [f"x{scale}"]
+        hr, lr = make_pixel_batch(images, opt, step=10 ** 6, scale=scale)
+        with torch.no_grad():
+            bicubic = torch.nn.functional.l1_loss(torch.nn.functional.interpolate(
+                lr, scale_factor=scale, mode="bicubic", align_corners=False), hr).item()
+            trained = torch.nn.functional.l1_loss(model.trunk(lr, scale), hr).item()
+        assert trained < 0.97 * bicubic, (scale, bicubic, trained)
+        # Until the texture stage trains it, every z gives the trunk's output.
+        up = Upscaler(model, "cpu")
+        lr_image = lr[0].permute(1, 2, 0).numpy()
+        fidelity, sample = up.upscale(lr_image, [None, up.prior_z(0, 1.0)])
+        assert np.array_equal(fidelity, sample)
+    assert {"val_psnr_x2", "val_bicubic_x2", "val_psnr_x4", "val_bicubic_x4"} <= set(rows[-1])
+
+
+def test_trunk_stage_resumes_exactly(data, tmp_path):
+    straight = train(trunk_options(data, tmp_path / "straight", steps=12, save_every=4))
+
+    def interrupt(step, *a):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(trunk_options(data, tmp_path / "cut", steps=12, save_every=4), progress=interrupt)
+    resumed = train(trunk_options(data, tmp_path / "cut", steps=12, save_every=4, resume=True))
+    a, b = load_checkpoint(straight).trainable_state_dict(), load_checkpoint(resumed).trainable_state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    with pytest.raises(RefsrError, match="resume with the same"):
+        train(trunk_options(data, tmp_path / "cut", steps=12, save_every=4, resume=True, scales=(2, 8)))
+
+
+def test_texture_stage_keeps_the_trunk_frozen_and_makes_samples_differ(data, tmp_path):
+    from refsr_cli.inference import Upscaler
+    train(trunk_options(data, tmp_path / "trunk", steps=4))
+    trunk_ckpt = tmp_path / "trunk" / "x2.safetensors"
+    texture = train(options(data, tmp_path / "texture", init=trunk_ckpt, steps=8, mean_share=0.0, ref_mix=0.5,
+                            l1_weight=0.1, content_weight=1.0, adv_weight=5e-3, perceptual_crop=32))
+    before, after = load_checkpoint(trunk_ckpt).trainable_state_dict(), load_checkpoint(texture).trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("trunk."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("trunk."))
+    up = Upscaler(load_checkpoint(texture), "cpu")
+    lr = np.random.default_rng(0).random((10, 12, 3)).astype(np.float32)
+    fidelity, a, b = up.upscale(lr, [None, up.prior_z(0, 1.0), up.prior_z(1, 1.0)])
+    assert np.abs(a.astype(int) - fidelity).mean() > 0 and np.abs(a.astype(int) - b).mean() > 0
