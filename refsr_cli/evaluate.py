@@ -22,6 +22,29 @@ MEASURES = ("psnr", "ssim", "lpips", "lr_psnr")
 STATS_SIDE = 512  # images are compared by VGG feature statistics at (at most) the size of the reference gallery
 
 
+# Published results on the standard benchmarks (PSNR-Y dB / SSIM-Y / LPIPS-alex, bicubic degradation), shown next to
+# ours when HR_DIR is one of these sets. RefVAE: Liu et al. 2022, Table 1 (its best row of each column); SRFlow:
+# as reported there. SRCNN, VDSR, LapSRN, EDSR: as tabulated in the EDSR and LapSRN papers.
+PUBLISHED = {
+    ("set5", 8): [("RefVAE (paper)", {"psnr": 25.94, "ssim": 0.72, "lpips": 0.224}),
+                  ("SRFlow (paper)", {"psnr": 24.18, "ssim": 0.650, "lpips": 0.237}),
+                  ("SRCNN", {"psnr": 25.33}), ("LapSRN", {"psnr": 26.15}), ("EDSR", {"psnr": 26.96})],
+    ("set14", 8): [("RefVAE (paper)", {"psnr": 24.28, "ssim": 0.60, "lpips": 0.328}),
+                   ("SRCNN", {"psnr": 23.76}), ("LapSRN", {"psnr": 24.35}), ("EDSR", {"psnr": 24.91})],
+    ("set5", 4): [("SRCNN", {"psnr": 30.48}), ("VDSR", {"psnr": 31.35}), ("EDSR", {"psnr": 32.46})],
+    ("set14", 4): [("SRCNN", {"psnr": 27.49}), ("VDSR", {"psnr": 28.01}), ("EDSR", {"psnr": 28.80})],
+    ("set5", 2): [("SRCNN", {"psnr": 36.66}), ("VDSR", {"psnr": 37.53}), ("EDSR", {"psnr": 38.11})],
+    ("set14", 2): [("SRCNN", {"psnr": 32.45}), ("VDSR", {"psnr": 33.03}), ("EDSR", {"psnr": 33.92})],
+}
+
+
+def published_rows(hr_dir, scale: int) -> list:
+    """The published rows for a folder named like a standard benchmark (Set5, Set14), else none."""
+    from pathlib import Path
+    return [{"image": "published", "method": method, **values}
+            for method, values in PUBLISHED.get((Path(hr_dir).name.lower(), scale), [])]
+
+
 def as_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()
 

@@ -16,6 +16,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP"}
 DEFAULT_MAX_PIXELS = 64_000_000  # an LR image this large is already a 4 Gpx output at 8x
 MIN_SIDE = 4  # below this, bicubic resampling and back-projection have nothing to work with
+SOFTWARE = "refsr"  # the Software tag of every output: how a folder's earlier outputs are told from its inputs
 
 # We check the pixel count ourselves, before decoding and with our own limit (--max-pixels).
 Image.MAX_IMAGE_PIXELS = None
@@ -28,9 +29,20 @@ def list_images(folder) -> list:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def expand_inputs(specs) -> list:
+def is_refsr_output(path) -> bool:
+    """Whether an image file was written by refsr (its Software tag), read from the header alone."""
+    try:
+        with Image.open(path) as im:
+            software = im.info.get("Software") or im.getexif().get(0x0131) or ""
+    except Exception:  # unreadable files are reported when they are read as inputs
+        return False
+    return isinstance(software, str) and software.split(" ")[0] == SOFTWARE
+
+
+def expand_inputs(specs, skip_outputs: bool = False) -> list:
     """Files as given, folders as their images (sorted, not recursive), globs as their matches, in order,
-    without repeats."""
+    without repeats. With `skip_outputs`, folders and globs leave out refsr's own outputs (`upscale dir/ -o dir/`
+    run twice must not upscale its outputs again); a file named on its own is always taken."""
     found = []
     for spec in specs:
         path = Path(spec)
@@ -46,6 +58,10 @@ def expand_inputs(specs) -> list:
                 raise RefsrError(f"{spec}: no image matches this pattern")
         else:
             raise RefsrError(f"{spec}: no such file or folder")
+        if skip_outputs and matches != [path]:
+            matches = [m for m in matches if not is_refsr_output(m)]
+            if not matches:
+                raise RefsrError(f"{spec}: holds only refsr outputs, no input to upscale")
         known = {f.resolve() for f in found}
         found += [m for m in matches if m.resolve() not in known]
     return found
@@ -105,6 +121,19 @@ def _read_png16(path):
     return data, info["greyscale"], info["alpha"]
 
 
+def _high_depth_grey(path, values: np.ndarray) -> np.ndarray:
+    """16-bit integer grey as it is; 32-bit integer grey if it fits 16 bits; float grey in [0, 1] at 16 bits.
+    Anything else has no meaning an upscaler could guess (HDR, raw counts): refused rather than wrapped or clipped."""
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise RefsrError(f"{path}: floating-point pixels outside [0, 1] (HDR or raw data); convert it to an 8- "
+                             "or 16-bit image first")
+        return np.round(values * 65535).astype(np.uint16)[..., None]
+    if values.min() < 0 or values.max() > 65535:
+        raise RefsrError(f"{path}: 32-bit integer pixels outside 0..65535; convert it to an 8- or 16-bit image first")
+    return values.astype(np.uint16)[..., None]
+
+
 def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     """Read an image for processing; every problem becomes a RefsrError naming the file and the reason."""
     path = Path(path)
@@ -129,13 +158,13 @@ def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
             else:
                 im.seek(0)
                 im.load()
-                grayscale = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "La")
+                grayscale = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "La", "F")
                 has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info
                 if mode == "CMYK":
                     warnings.append(f"{path}: CMYK converted to RGB without colour management")
                     icc = None  # a CMYK profile would be wrong on the RGB output
-                if mode in ("I", "I;16", "I;16B"):  # 16-bit grayscale from formats other than PNG
-                    data, bits = np.asarray(im, dtype=np.uint16)[..., None], 16
+                if mode in ("I", "I;16", "I;16B", "F"):  # 16/32-bit integer or float grayscale (TIFF)
+                    data, bits = _high_depth_grey(path, np.asarray(im)), 16
                 else:
                     target = ("LA" if has_alpha else "L") if grayscale else ("RGBA" if has_alpha else "RGB")
                     data, bits = np.asarray(im.convert(target)), 8
@@ -180,7 +209,8 @@ PNG_COMPRESS_LEVEL = 1
 
 
 def _write_png16(f, array: np.ndarray, icc: bytes | None) -> None:
-    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count), filter type 0, with the ICC profile."""
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count), filter type 0, with the ICC profile and the
+    Software tag."""
     height, width, channels = array.shape
     colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
 
@@ -190,6 +220,7 @@ def _write_png16(f, array: np.ndarray, icc: bytes | None) -> None:
     f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)))
     if icc:
         f.write(chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(icc)))
+    f.write(chunk(b"tEXt", b"Software\x00" + software_tag().encode("latin-1")))
     compressor = zlib.compressobj(PNG_COMPRESS_LEVEL)
     idat = bytearray()
     rows = array.astype(">u2").reshape(height, width * channels)
@@ -200,6 +231,14 @@ def _write_png16(f, array: np.ndarray, icc: bytes | None) -> None:
             idat = bytearray()
     idat += compressor.flush()
     f.write(chunk(b"IDAT", bytes(idat)) + chunk(b"IEND", b""))
+
+
+def software_tag() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"{SOFTWARE} {version('refsr')}"
+    except PackageNotFoundError:
+        return SOFTWARE
 
 
 def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None) -> None:
@@ -223,4 +262,12 @@ def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None) -> 
                 options["compress_level"] = PNG_COMPRESS_LEVEL
             if icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
                 options["icc_profile"] = icc_profile
+            if fmt == "PNG":
+                from PIL.PngImagePlugin import PngInfo
+                options["pnginfo"] = PngInfo()
+                options["pnginfo"].add_text("Software", software_tag())
+            else:
+                exif = Image.Exif()
+                exif[0x0131] = software_tag()
+                options["exif"] = exif.tobytes()
             image.save(tmp, format=fmt, **options)

@@ -21,10 +21,12 @@ from .model import RefVAE, downscale, resampling_matrix, upsample
 def _inverse_down_up(length: int, scale: int, device: torch.device) -> torch.Tensor:
     """The inverse of downscale(upsample(.)) along one axis of an LR image, as a (length x length) matrix: on an LR
     image r, M_h^-1 @ r @ M_w^-T is the LR correction whose upsampling removes the LR residual r exactly. M's
-    eigenvalues lie in about [0.47, 1.01] at every scale, so the inverse is well conditioned."""
-    up = resampling_matrix(length, scale, False, device, torch.float64)
-    down = resampling_matrix(length * scale, scale, True, device, torch.float64)
-    return torch.linalg.inv(down @ up).float()
+    eigenvalues lie in about [0.47, 1.01] at every scale, so the inverse is well conditioned. Built in float64 on
+    the CPU (MPS has no float64), used in float32 on the device."""
+    cpu = torch.device("cpu")
+    up = resampling_matrix(length, scale, False, cpu, torch.float64)
+    down = resampling_matrix(length * scale, scale, True, cpu, torch.float64)
+    return torch.linalg.inv(down @ up).float().to(device)
 
 
 def back_project(sr, lr, scale: int, rounds: int):
@@ -87,10 +89,22 @@ class Upscaler:
         eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed)).to(mu)
         return mu + temperature * torch.exp(0.5 * logvar) * eps
 
-    def prior_z(self, seed: int, temperature: float = 1.0) -> torch.Tensor:
-        """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device."""
+    def prior_z(self, seed: int, temperature: float = 1.0) -> torch.Tensor | None:
+        """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device; None at
+        temperature 0: the fidelity output."""
+        if temperature == 0:
+            return None
         eps = torch.randn(1, self.model.config.z_dim, generator=torch.Generator().manual_seed(seed))
         return (temperature * eps).to(self.device, self.dtype)
+
+    def condition(self, z):
+        """What the decoder needs of one z: None (the trunk's fidelity output) for z = None in the trunk
+        architecture; the other architectures have no such path and decode z = 0."""
+        if z is None:
+            if self.model.config.arch == "trunk":
+                return None
+            z = torch.zeros(1, self.model.config.z_dim, device=self.device, dtype=self.dtype)
+        return self.model.condition_cell(z)
 
     def tiles(self, height: int, width: int):
         return [(y, x) for y in tile_spans(height, self.tile) for x in tile_spans(width, self.tile)]
@@ -120,7 +134,7 @@ class Upscaler:
         peak = 65535.0 if bits == 16 else 255.0
         channels = (1 if grayscale else 3) + (alpha is not None)
         outputs = [np.empty((h * s, w * s, channels), dtype=np.uint16 if bits == 16 else np.uint8) for _ in zs]
-        cells = [self.model.condition_cell(z) for z in zs]
+        cells = [self.condition(z) for z in zs]
         lr_t = self._tensor(lr)
         alpha_t = None if alpha is None else self._tensor(alpha[..., None])
         for (y0, y1), (x0, x1) in self.tiles(h, w):
@@ -227,8 +241,6 @@ def load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_step
     device = pick_device(device)
     if half and device.type == "cpu":
         raise RefsrError("--half needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
-    if tile_pad >= tile:
-        raise RefsrError(f"--tile-pad ({tile_pad}) must be smaller than --tile ({tile})")
     model = load_checkpoint(resolve_weights(weights, scale), scale)
     return Upscaler(model, device, half, tile, tile_pad, consistency_steps, warn)
 
@@ -242,8 +254,10 @@ def plan_outputs(out: Path, fmt: str | None):
 
 
 def run_batch(inputs, refs, seeds, scale, out, fmt, weights, temperature, tile, tile_pad, consistency_steps,
-              no_consistency, device, half, overwrite, skip_existing, max_pixels, quiet, as_json) -> int:
-    """Upscale every input once per reference (refs), or once per seed (seeds). Returns the exit code:
+              no_consistency, device, half, overwrite, skip_existing, max_pixels, quiet, as_json, seed=0) -> int:
+    """Upscale every input once per reference (refs), or once per seed (seeds), or once (the fidelity output at
+    temperature 0, else a prior sample of `seed`); a temperature above 0 draws around each reference's mean with
+    `seed`. Returns the exit code:
     0 all done, 1 some inputs failed, 2 nothing could start, 130/143 interrupted by SIGINT/SIGTERM."""
     import signal
     previous = signal.signal(signal.SIGTERM, on_sigterm)
@@ -252,7 +266,7 @@ def run_batch(inputs, refs, seeds, scale, out, fmt, weights, temperature, tile, 
     try:
         code = _run_batch(report, counts, inputs, refs, seeds, int(scale), out, fmt, weights, temperature, tile,
                           tile_pad, 0 if no_consistency else consistency_steps, device, half, overwrite,
-                          skip_existing, max_pixels)
+                          skip_existing, max_pixels, seed)
     except KeyboardInterrupt:
         report.error("interrupted; finished outputs are kept, none is half-written")
         code = 130
@@ -267,14 +281,14 @@ def run_batch(inputs, refs, seeds, scale, out, fmt, weights, temperature, tile, 
 
 
 def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, temperature, tile, tile_pad,
-               consistency_steps, device, half, overwrite, skip_existing, max_pixels) -> int:
+               consistency_steps, device, half, overwrite, skip_existing, max_pixels, seed) -> int:
     if overwrite and skip_existing:
         report.error("--overwrite and --skip-existing contradict each other")
         return 2
     lr_paths = []
     for spec in inputs:
         try:
-            lr_paths += [p for p in expand_inputs([spec]) if p not in lr_paths]
+            lr_paths += [p for p in expand_inputs([spec], skip_outputs=True) if p not in lr_paths]
         except RefsrError as e:
             report.error(str(e))
             counts["failed"] += 1
@@ -293,6 +307,7 @@ def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, te
         report.error(f"{out}: cannot create the output folder ({e.strerror or e})")
         return 2
 
+    inputs = {p.resolve() for p in lr_paths + ref_paths}
     with report:
         # Each reference is encoded once for the whole batch.
         variants = []  # (name suffix, record fields, z)
@@ -300,7 +315,7 @@ def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, te
             variants = [(f"s{seed}", {"seed": seed}, upscaler.prior_z(seed, temperature)) for seed in seeds]
         for path, stem in zip(ref_paths, unique_stems(ref_paths)):
             try:
-                z = upscaler.reference_z(read_rgb(path, max_pixels), temperature)
+                z = upscaler.reference_z(read_rgb(path, max_pixels), temperature, seed)
             except RefsrError as e:
                 report.error(f"reference {e}")
                 counts["failed"] += 1
@@ -315,10 +330,14 @@ def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, te
                 picture = read_picture(lr_path, max_pixels)
                 for message in picture.warnings:
                     report.warn(message)
-                todo = variants or [("", {"reference": str(lr_path)},
-                                     upscaler.reference_z(picture.rgb, temperature))]
+                # No reference: the fidelity output (temperature 0), or a prior sample of --seed.
+                todo = variants or [(f"s{seed}", {"seed": seed}, upscaler.prior_z(seed, temperature)) if temperature > 0
+                                    else ("", {}, None)]
                 targets = [single or folder / f"{stem}_x{scale}{'_' + suffix if suffix else ''}{ext}"
                            for suffix, _, _ in todo]
+                clash = [t for t in targets if t.resolve() in inputs]
+                if clash:
+                    raise RefsrError(f"{clash[0]} is an input of this run; refsr never overwrites its inputs")
                 exists = [t.exists() for t in targets]
                 if skip_existing:
                     todo = [v for v, e in zip(todo, exists) if not e]

@@ -39,13 +39,23 @@ def test_upscale_one_image_per_reference(tmp_path, checkpoint):
     assert result.exit_code == 0 and pngs(tmp_path / "o2") == pngs(out)
 
 
-def test_upscale_without_reference_uses_the_lr_image(tmp_path, checkpoint):
+def test_upscale_without_reference_is_the_fidelity_output(tmp_path, checkpoint):
     lr = write_png(tmp_path / "photo.png")
     result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path, "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.strip())
-    assert record == {"input": str(lr), "output": str(tmp_path / "photo_x2.png"), "scale": 2,
-                      "reference": str(lr)}
+    assert record == {"input": str(lr), "output": str(tmp_path / "photo_x2.png"), "scale": 2}
+    # The same image as a sample at temperature 0, and another than a sample at temperature 1 ...
+    assert run("sample", lr, "--n", 1, "--temperature", 0, "--scale", 2, "--weights", checkpoint, "-q",
+               "-o", tmp_path / "t0").exit_code == 0
+    assert (tmp_path / "t0" / "photo_x2_s0.png").read_bytes() == (tmp_path / "photo_x2.png").read_bytes()
+    # ... which `upscale --temperature 1 --seed 3` reproduces (named by its seed).
+    assert run("sample", lr, "--n", 1, "--seed", 3, "--scale", 2, "--weights", checkpoint, "-q",
+               "-o", tmp_path / "t1").exit_code == 0
+    assert run("upscale", lr, "--temperature", 1, "--seed", 3, "--scale", 2, "--weights", checkpoint, "-q",
+               "-o", tmp_path / "u1").exit_code == 0
+    sampled = (tmp_path / "t1" / "photo_x2_s3.png").read_bytes()
+    assert (tmp_path / "u1" / "photo_x2_s3.png").read_bytes() == sampled != (tmp_path / "photo_x2.png").read_bytes()
 
 
 def test_sample_is_reproducible_and_seeds_name_the_files(tmp_path, checkpoint):
@@ -120,7 +130,6 @@ def test_a_bad_file_in_a_batch_is_reported_and_skipped(tmp_path, checkpoint):
 
 @pytest.mark.parametrize("args, message", [
     (("--scale", "8"), "x2 checkpoint, but --scale 8"),
-    (("--scale", "2", "--tile", "16", "--tile-pad", "16"), "--tile-pad (16) must be smaller than --tile (16)"),
     (("--scale", "2", "--half", "--device", "cpu"), "--half needs a GPU"),
 ])
 def test_unusable_settings_stop_before_any_work(tmp_path, checkpoint, args, message):

@@ -132,3 +132,21 @@ def test_eval_cli_with_samples_and_references(tmp_path, checkpoint):
     assert "diversity" in result.output and "influence" in result.output
     samples = [r for r in data["rows"] if r["method"] == "samples"]
     assert data["means"]["samples"]["lr_psnr"] == min(r["lr_psnr"] for r in samples)
+
+
+def test_eval_on_a_standard_benchmark_shows_the_published_rows(tmp_path, checkpoint):
+    hr_dir = tmp_path / "Set14"
+    hr_dir.mkdir()
+    Image.fromarray(smooth_image(48, 40, seed=0)).save(hr_dir / "0.png")
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", str(hr_dir), "--scale", "2", "--weights", str(checkpoint),
+                                       "--json", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    published = json.loads(out.read_text())["published"]
+    assert {"image": "published", "method": "SRCNN", "psnr": 32.45} in published
+    assert "SRCNN" in result.output and "32.45" in result.output
+    other = tmp_path / "photos"
+    hr_dir.rename(other)
+    result = CliRunner().invoke(main, ["eval", str(other), "--scale", "2", "--weights", str(checkpoint),
+                                       "--json", str(out), "--device", "cpu"])
+    assert json.loads(out.read_text())["published"] == [] and "SRCNN" not in result.output

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import smooth_image, tiny_model
-from refsr_cli.inference import Upscaler
+from refsr_cli.inference import Upscaler, back_project
 from refsr_cli.metrics import psnr
 
 
@@ -44,7 +44,19 @@ def test_temperature_zero_is_the_mean():
     ref = lr_image(40, 40, seed=2)
     assert torch.equal(up.reference_z(ref, 0.0, seed=1), up.reference_z(ref, 0.0, seed=2))
     assert not torch.equal(up.reference_z(ref, 1.0, seed=1), up.reference_z(ref, 1.0, seed=2))
-    assert torch.count_nonzero(up.prior_z(3, temperature=0.0)) == 0
+    assert up.prior_z(3, temperature=0.0) is None  # the fidelity output: the trunk alone
+
+
+def test_fidelity_output_is_the_trunk_alone():
+    up = upscaler()
+    lr = lr_image(12, 10, seed=4)
+    fidelity, sample = up.upscale(lr, [None, up.prior_z(0, 1.0)])
+    with torch.no_grad():
+        trunk = up.model.trunk(torch.from_numpy(lr).permute(2, 0, 1)[None], up.scale)
+    expected = back_project(trunk, torch.from_numpy(lr).permute(2, 0, 1)[None], up.scale, up.consistency_steps)
+    expected = (expected[0].permute(1, 2, 0) * 255).round().numpy().astype(np.uint8)
+    assert np.abs(fidelity.astype(int) - expected).max() <= 1
+    assert np.abs(sample.astype(int) - fidelity).mean() > 0.5  # the texture branch adds something
 
 
 def lr_psnr(sr_uint8, lr_float, scale):

@@ -190,7 +190,7 @@ def test_truncated_weights(tmp_path, checkpoint):
     (("--n", "-1"), "-1 is not in the range"),
     (("--temperature", "-0.5"), "-0.5 is not in the range"),
     (("--scale", "3"), "'3' is not one of"),
-    (("--tile", "32", "--tile-pad", "40"), "--tile-pad (40) must be smaller than --tile (32)"),
+    (("--n", "100000000"), "100000000 is not in the range"),  # bounded before any z is drawn
 ])
 def test_invalid_flag_values(tmp_path, checkpoint, flags, fragment):
     lr = write_png(tmp_path / "photo.png")
@@ -328,3 +328,61 @@ def test_signal_mid_batch_keeps_finished_outputs(tmp_path, checkpoint, sig, code
     assert len(reported) == len(written)  # every reported file exists, complete
     for name in written:
         Image.open(out / name).load()
+
+
+def test_smallest_tile_works_with_the_default_context(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "photo.png", 40, 36)
+    result = run("upscale", lr, "--scale", "2", "--weights", checkpoint, "--tile", "16", "-o", tmp_path / "a", "-q")
+    assert result.exit_code == 0, result.output
+    whole = run("upscale", lr, "--scale", "2", "--weights", checkpoint, "-o", tmp_path / "b", "-q")
+    assert whole.exit_code == 0
+    a, b = (np.asarray(Image.open(tmp_path / d / "photo_x2.png"), dtype=int) for d in ("a", "b"))
+    assert np.abs(a - b).max() <= 2
+
+
+def test_a_folder_upscaled_into_itself_twice_never_takes_its_outputs_as_inputs(tmp_path, checkpoint):
+    folder = tmp_path / "same"
+    folder.mkdir()
+    write_png(folder / "four.png")
+    for extra in ((), ("--skip-existing",), ("--overwrite",)):
+        result = run("upscale", folder, "--scale", "2", "--weights", checkpoint, "-o", folder, "-q", *extra)
+        assert result.exit_code == 0, result.output
+        assert sorted(p.name for p in folder.iterdir()) == ["four.png", "four_x2.png"]
+    # A file named on its own is taken, even an output.
+    result = run("upscale", folder / "four_x2.png", "--scale", "2", "--weights", checkpoint, "-o", folder, "-q")
+    assert result.exit_code == 0 and (folder / "four_x2_x2.png").exists()
+
+
+def test_an_input_is_never_overwritten(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "x.png")
+    before = lr.read_bytes()
+    result = run("upscale", lr, "--scale", "2", "--weights", checkpoint, "-o", lr, "--overwrite")
+    assert result.exit_code == 1 and "is an input of this run" in result.stderr
+    assert lr.read_bytes() == before
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg", "webp", "tiff"])
+def test_every_output_format_carries_the_software_tag(tmp_path, checkpoint, fmt):
+    from refsr_cli.images import is_refsr_output
+    lr = write_png(tmp_path / "photo.png")
+    assert not is_refsr_output(lr)
+    result = run("upscale", lr, "--scale", "2", "--weights", checkpoint, "--format", fmt, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert is_refsr_output(tmp_path / "out" / f"photo_x2.{fmt}")
+
+
+def test_32_bit_and_float_tiffs_are_read_or_refused_clearly(tmp_path, checkpoint):
+    grey = smooth_image(12, 16)[..., 0].astype(np.float64) / 255
+    ok_int, ok_float = tmp_path / "int.tif", tmp_path / "float.tif"
+    Image.fromarray((grey * 65535).round().astype(np.int32), mode="I").save(ok_int)
+    Image.fromarray(grey.astype(np.float32), mode="F").save(ok_float)
+    bad_int, bad_float = tmp_path / "int-wide.tif", tmp_path / "float-hdr.tif"
+    Image.fromarray((grey * 200000).astype(np.int32), mode="I").save(bad_int)
+    Image.fromarray((grey * 4).astype(np.float32), mode="F").save(bad_float)
+    result = run("upscale", ok_int, ok_float, bad_int, bad_float, "--scale", "2", "--weights", checkpoint,
+                 "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1
+    assert "outside 0..65535" in result.stderr and "outside [0, 1]" in result.stderr
+    a, b = (np.asarray(Image.open(tmp_path / "out" / f"{n}_x2.png")).astype(float) / 65535 for n in ("int", "float"))
+    assert a.ndim == 2 and np.abs(a - b).max() < 2e-4  # the same picture, not black, not wrapped
+    assert abs(a.mean() - grey.mean()) < 0.02
