@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import load_checkpoint, resolve_weights
+from .checkpoint import load_checkpoint, read_metadata, resolve_weights
 from .errors import RefsrError
 from .images import (IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb, unique_stems,
                      write_picture)
@@ -74,6 +74,7 @@ class Upscaler:
         self.model = model.to(self.device, self.dtype).to(memory_format=torch.channels_last).eval()
         self.scale = model.config.scale
         self.tile, self.tile_pad, self.consistency_steps = tile, tile_pad, consistency_steps
+        self.texture_trained = True
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         """HxWxC array -> (1, C, H, W) tensor, channels-last (the HWC memory as it is)."""
@@ -241,8 +242,11 @@ def load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_step
     device = pick_device(device)
     if half and device.type == "cpu":
         raise RefsrError("--half needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
-    model = load_checkpoint(resolve_weights(weights, scale), scale)
-    return Upscaler(model, device, half, tile, tile_pad, consistency_steps, warn)
+    path = resolve_weights(weights, scale)
+    upscaler = Upscaler(load_checkpoint(path, scale), device, half, tile, tile_pad, consistency_steps, warn)
+    # A checkpoint of `refsr train --stage trunk` has a texture branch at its initial state.
+    upscaler.texture_trained = read_metadata(path).get("stage") != "trunk"
+    return upscaler
 
 
 def plan_outputs(out: Path, fmt: str | None):
@@ -324,6 +328,9 @@ def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, te
         if ref_paths and not variants:
             report.error("no usable reference")
             return 2
+        if not upscaler.texture_trained and (variants or temperature > 0):
+            report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "
+                        "and reference gives the fidelity output")
 
         for lr_path, stem in zip(lr_paths, unique_stems(lr_paths)):
             try:

@@ -169,3 +169,16 @@ def test_help_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
+
+
+def test_trunk_stage_weights_warn_that_samples_add_nothing(tmp_path, checkpoint):
+    from refsr_cli.checkpoint import load_checkpoint, save_model
+    trunk_only = tmp_path / "trunk-x2.safetensors"
+    save_model(load_checkpoint(checkpoint), trunk_only, stage="trunk")
+    lr = write_png(tmp_path / "photo.png")
+    for weights, warned in ((trunk_only, True), (checkpoint, False)):
+        result = run("sample", lr, "--n", 1, "--scale", 2, "--weights", weights, "-o", tmp_path / weights.stem)
+        assert result.exit_code == 0
+        assert ("texture branch is untrained" in result.stderr) == warned
+    result = run("upscale", lr, "--scale", 2, "--weights", trunk_only, "-o", tmp_path / "t0")
+    assert result.exit_code == 0 and "untrained" not in result.stderr  # the fidelity output was asked for
