@@ -51,7 +51,7 @@ def common_inference_options(f):
                      help="Spread of z around its mean: 0 gives the mean, 1 the learned spread."),
         click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True,
                      help="Tile size in LR pixels; bounds memory on large images."),
-        click.option("--tile-pad", type=click.IntRange(min=0), default=24, show_default=True,
+        click.option("--tile-pad", type=click.IntRange(min=0), default=32, show_default=True,
                      help="Context around each tile in LR pixels; tiles agree with the untiled result when it "
                           "covers the network's receptive field."),
         click.option("--consistency-steps", type=click.IntRange(min=0), default=2, show_default=True,
@@ -66,6 +66,9 @@ def common_inference_options(f):
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no messages, only errors."),
         click.option("--json", "as_json", is_flag=True,
                      help="Print one JSON object per written file on stdout (for scripts)."),
+        click.option("--sheet", is_flag=True,
+                     help="Write one contact sheet per input instead of the images: the same 256-pixel window of "
+                          "every output at 100 %, labelled with the flag that redoes it (--seed N, --ref NAME)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -86,9 +89,8 @@ def upscale(inputs, refs, seed, **options):
     Outputs are named STEM_xSCALE_REFSTEM.png, or STEM_xSCALE.png without a reference (STEM_xSCALE_sSEED.png for a
     prior sample, --temperature above 0).
     """
-    from .inference import run_batch
     options["temperature"] = 0.0 if options["temperature"] is None else options["temperature"]
-    sys.exit(run_batch(inputs, refs=refs, seeds=None, seed=seed, **options))
+    sys.exit(run_inference(inputs, refs, None, seed=seed, **options))
 
 
 @main.command()
@@ -103,9 +105,15 @@ def sample(inputs, count, seed, **options):
 
     Outputs are named STEM_xSCALE_sSEED.png.
     """
-    from .inference import run_batch
     options["temperature"] = 1.0 if options["temperature"] is None else options["temperature"]
-    sys.exit(run_batch(inputs, refs=None, seeds=range(seed, seed + count), **options))
+    sys.exit(run_inference(inputs, None, range(seed, seed + count), **options))
+
+
+def run_inference(inputs, refs, seeds, no_consistency, scale, **options) -> int:
+    from .inference import BatchOptions, run_batch
+    if no_consistency:
+        options["consistency_steps"] = 0
+    return run_batch(inputs, refs, seeds, BatchOptions(scale=int(scale), **options))
 
 
 @main.command()

@@ -3,6 +3,7 @@
 import functools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ from PIL import Image
 
 from .checkpoint import load_checkpoint, read_metadata, resolve_weights
 from .errors import RefsrError
-from .images import (IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb, unique_stems,
-                     write_picture)
+from .images import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb,
+                     unique_stems, write_picture)
 from .model import RefVAE, downscale, resampling_matrix, upsample
+from .sheet import contact_sheet, sheet_window
 
 
 @functools.lru_cache(maxsize=32)
@@ -249,6 +251,15 @@ def load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_step
     return upscaler
 
 
+def sheet_label(fields: dict, temperature: float) -> str:
+    """What a contact-sheet tile is, as the flag that redoes it: --seed N, --ref NAME, or T = 0."""
+    if "reference" in fields:
+        return f"--ref {Path(fields['reference']).name}"
+    if "seed" in fields:
+        return f"--seed {fields['seed']}" + (f" T={temperature:g}" if temperature != 1 else "")
+    return "T=0 (fidelity)"
+
+
 def plan_outputs(out: Path, fmt: str | None):
     """(folder, single output file or None, extension) from -o and --format."""
     if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
@@ -257,20 +268,39 @@ def plan_outputs(out: Path, fmt: str | None):
     return out, None, "." + (fmt or "png")
 
 
-def run_batch(inputs, refs, seeds, scale, out, fmt, weights, temperature, tile, tile_pad, consistency_steps,
-              no_consistency, device, half, overwrite, skip_existing, max_pixels, quiet, as_json, seed=0) -> int:
+@dataclass
+class BatchOptions:
+    """How `refsr upscale` and `refsr sample` were asked to work (their flags)."""
+    scale: int = 8
+    out: Path = Path(".")
+    fmt: str | None = None  # --format: of files written into a folder
+    weights: str | None = None
+    temperature: float = 0.0
+    seed: int = 0  # upscale: the draw at temperature > 0 (sample's seeds come as `seeds`)
+    tile: int = 256
+    tile_pad: int = 32
+    consistency_steps: int = 2
+    device: str = "auto"
+    half: bool = False
+    overwrite: bool = False
+    skip_existing: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    quiet: bool = False
+    as_json: bool = False
+    sheet: bool = False  # one contact sheet per input instead of the images
+
+
+def run_batch(inputs, refs, seeds, opt: BatchOptions) -> int:
     """Upscale every input once per reference (refs), or once per seed (seeds), or once (the fidelity output at
-    temperature 0, else a prior sample of `seed`); a temperature above 0 draws around each reference's mean with
-    `seed`. Returns the exit code:
+    temperature 0, else a prior sample of opt.seed); a temperature above 0 draws around each reference's mean with
+    opt.seed. Returns the exit code:
     0 all done, 1 some inputs failed, 2 nothing could start, 130/143 interrupted by SIGINT/SIGTERM."""
     import signal
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    report = Reporter(quiet, as_json)
+    report = Reporter(opt.quiet, opt.as_json)
     counts = {"written": 0, "skipped": 0, "failed": 0}
     try:
-        code = _run_batch(report, counts, inputs, refs, seeds, int(scale), out, fmt, weights, temperature, tile,
-                          tile_pad, 0 if no_consistency else consistency_steps, device, half, overwrite,
-                          skip_existing, max_pixels, seed)
+        code = _run_batch(report, counts, inputs, refs, seeds, opt)
     except KeyboardInterrupt:
         report.error("interrupted; finished outputs are kept, none is half-written")
         code = 130
@@ -279,14 +309,14 @@ def run_batch(inputs, refs, seeds, scale, out, fmt, weights, temperature, tile, 
         code = 143
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if code != 2 and not as_json:
+    if code != 2 and not opt.as_json:
         report.say("{written} written, {skipped} skipped, {failed} failed".format(**counts))
     return code
 
 
-def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, temperature, tile, tile_pad,
-               consistency_steps, device, half, overwrite, skip_existing, max_pixels, seed) -> int:
-    if overwrite and skip_existing:
+def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
+    scale, out, temperature, max_pixels = opt.scale, opt.out, opt.temperature, opt.max_pixels
+    if opt.overwrite and opt.skip_existing:
         report.error("--overwrite and --skip-existing contradict each other")
         return 2
     lr_paths = []
@@ -297,12 +327,13 @@ def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, te
             report.error(str(e))
             counts["failed"] += 1
     try:
-        folder, single, ext = plan_outputs(out, fmt)
+        folder, single, ext = plan_outputs(out, opt.fmt)
         ref_paths = expand_inputs(refs) if refs else []
-        planned = len(lr_paths) * (len(seeds) if seeds is not None else max(len(ref_paths), 1))
+        planned = len(lr_paths) * (1 if opt.sheet else len(seeds) if seeds is not None else max(len(ref_paths), 1))
         if single is not None and planned > 1:
             raise RefsrError(f"-o {out} names one file, but this run writes {planned}; give a folder")
-        upscaler = load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_steps, report.warn)
+        upscaler = load_upscaler(opt.weights, scale, opt.device, opt.half, opt.tile, opt.tile_pad,
+                                 opt.consistency_steps, report.warn)
         folder.mkdir(parents=True, exist_ok=True)
     except RefsrError as e:
         report.error(str(e))
@@ -319,7 +350,7 @@ def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, te
             variants = [(f"s{seed}", {"seed": seed}, upscaler.prior_z(seed, temperature)) for seed in seeds]
         for path, stem in zip(ref_paths, unique_stems(ref_paths)):
             try:
-                z = upscaler.reference_z(read_rgb(path, max_pixels), temperature, seed)
+                z = upscaler.reference_z(read_rgb(path, max_pixels), temperature, opt.seed)
             except RefsrError as e:
                 report.error(f"reference {e}")
                 counts["failed"] += 1
@@ -338,25 +369,33 @@ def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, te
                 for message in picture.warnings:
                     report.warn(message)
                 # No reference: the fidelity output (temperature 0), or a prior sample of --seed.
-                todo = variants or [(f"s{seed}", {"seed": seed}, upscaler.prior_z(seed, temperature)) if temperature > 0
-                                    else ("", {}, None)]
-                targets = [single or folder / f"{stem}_x{scale}{'_' + suffix if suffix else ''}{ext}"
-                           for suffix, _, _ in todo]
+                todo = variants or [(f"s{opt.seed}", {"seed": opt.seed}, upscaler.prior_z(opt.seed, temperature))
+                                    if temperature > 0 else ("", {}, None)]
+                if opt.sheet:
+                    targets = [single or folder / f"{stem}_x{scale}_sheet{ext}"]
+                else:
+                    targets = [single or folder / f"{stem}_x{scale}{'_' + suffix if suffix else ''}{ext}"
+                               for suffix, _, _ in todo]
                 clash = [t for t in targets if t.resolve() in inputs]
                 if clash:
                     raise RefsrError(f"{clash[0]} is an input of this run; refsr never overwrites its inputs")
                 exists = [t.exists() for t in targets]
-                if skip_existing:
-                    todo = [v for v, e in zip(todo, exists) if not e]
+                if opt.skip_existing:
+                    if opt.sheet:
+                        todo = [] if exists[0] else todo
+                    else:
+                        todo = [v for v, e in zip(todo, exists) if not e]
                     targets = [t for t, e in zip(targets, exists) if not e]
                     counts["skipped"] += sum(exists)
-                elif any(exists) and not overwrite:
+                elif any(exists) and not opt.overwrite:
                     raise RefsrError(f"{targets[exists.index(True)]} exists (use --overwrite to replace, or "
                                      "--skip-existing)")
                 if not todo:
                     continue
                 h, w = picture.rgb.shape[:2]
                 tick = report.task(lr_path.name, len(upscaler.tiles(h, w)) * len(todo))
+                window = sheet_window(picture.rgb, scale) if opt.sheet else None
+                crops = []
                 # The outputs of one pass are held in memory until written: bound them (sample --n 100 on a photo).
                 per_output = h * w * scale * scale * 4 * picture.bits // 8
                 chunk = max(1, OUTPUTS_BUDGET // per_output)
@@ -364,10 +403,18 @@ def _run_batch(report, counts, inputs, refs, seeds, scale, out, fmt, weights, te
                     part = todo[start:start + chunk]
                     images = upscaler.upscale(picture.rgb, [z for _, _, z in part], alpha=picture.alpha,
                                               grayscale=picture.grayscale, bits=picture.bits, on_tile=tick)
+                    if opt.sheet:  # only the window of each is kept
+                        crops += [image[window].copy() for image in images]
+                        continue
                     for (_, fields, _), target, image in zip(part, targets[start:start + chunk], images):
                         write_picture(image, target, picture.icc_profile)
                         counts["written"] += 1
                         report.wrote({"input": str(lr_path), "output": str(target), "scale": scale, **fields})
+                if opt.sheet:
+                    labels = [sheet_label(fields, temperature) for _, fields, _ in todo]
+                    write_picture(np.asarray(contact_sheet(crops, labels)), targets[0])
+                    counts["written"] += 1
+                    report.wrote({"input": str(lr_path), "output": str(targets[0]), "scale": scale, "sheet": labels})
             except RefsrError as e:
                 report.error(str(e))
                 counts["failed"] += 1

@@ -182,3 +182,35 @@ def test_trunk_stage_weights_warn_that_samples_add_nothing(tmp_path, checkpoint)
         assert ("texture branch is untrained" in result.stderr) == warned
     result = run("upscale", lr, "--scale", 2, "--weights", trunk_only, "-o", tmp_path / "t0")
     assert result.exit_code == 0 and "untrained" not in result.stderr  # the fidelity output was asked for
+
+
+def test_sheet_writes_one_labelled_grid_of_same_place_crops(tmp_path, checkpoint):
+    from refsr_cli.sheet import LABEL_HEIGHT, GAP
+    lr = write_png(tmp_path / "photo.png", 40, 36)
+    result = run("sample", lr, "--n", 3, "--seed", 2, "--scale", 2, "--weights", checkpoint, "--sheet",
+                 "-o", tmp_path / "s", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip())
+    assert record["sheet"] == ["--seed 2", "--seed 3", "--seed 4"]
+    assert pngs(tmp_path / "s") == ["photo_x2_sheet.png"]
+    sheet = np.asarray(Image.open(tmp_path / "s" / "photo_x2_sheet.png"))
+    # The whole 72x80 output is smaller than the 256-pixel window: three whole images in a row.
+    assert sheet.shape == (80 + LABEL_HEIGHT + 2 * GAP, 3 * (72 + GAP) + GAP, 3)
+    assert run("sample", lr, "--n", 1, "--seed", 3, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "one",
+               "-q").exit_code == 0
+    second = sheet[GAP:GAP + 80, 2 * GAP + 72:2 * GAP + 144]
+    assert np.array_equal(second, np.asarray(Image.open(tmp_path / "one" / "photo_x2_s3.png")))
+    refs = [write_png(tmp_path / f"r{i}.png", 20, 20, seed=9 + i) for i in range(2)]
+    result = run("upscale", lr, "--ref", refs[0], "--ref", refs[1], "--scale", 2, "--weights", checkpoint, "--sheet",
+                 "-o", tmp_path / "u", "--json")
+    assert json.loads(result.stdout.strip())["sheet"] == ["--ref r0.png", "--ref r1.png"]
+
+
+def test_busiest_window_finds_the_detail():
+    from refsr_cli.sheet import busiest_window, sheet_window
+    image = np.zeros((100, 120, 3), dtype=np.uint8)
+    image[60:80, 30:50] = np.random.default_rng(0).integers(0, 255, (20, 20, 3))
+    top, left = busiest_window(image, 20)
+    assert abs(top - 60) <= 1 and abs(left - 30) <= 1
+    rows, cols = sheet_window(image.astype(np.float32) / 255, 4, crop=80)
+    assert rows.stop - rows.start == cols.stop - cols.start == 80 and 4 * 58 <= rows.start <= 4 * 62

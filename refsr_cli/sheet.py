@@ -1,0 +1,54 @@
+"""Contact sheets: many upscalings of one image side by side, cropped at the same place at 100 %, each labelled, so
+that a person can pick a sample or a reference by eye and re-run just that one (`sample --sheet`, `upscale --sheet`,
+and the model card's comparisons)."""
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+LABEL_HEIGHT = 18
+GAP = 4
+
+
+def busiest_window(image: np.ndarray, size: int) -> tuple:
+    """(top, left) of the size x size window with the most edge energy: where samples differ is where detail is.
+    `image` HxWxC; a window larger than the image is the whole image."""
+    grey = image[..., :3].astype(np.float32).mean(axis=2) if image.ndim == 3 else image.astype(np.float32)
+    h, w = grey.shape
+    if h <= size and w <= size:
+        return 0, 0
+    energy = np.zeros_like(grey)
+    energy[:, 1:] += np.abs(np.diff(grey, axis=1))
+    energy[1:, :] += np.abs(np.diff(grey, axis=0))
+    sat = np.pad(energy.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table: every window in O(1)
+    sh, sw = min(size, h), min(size, w)
+    sums = sat[sh:, sw:] - sat[:-sh, sw:] - sat[sh:, :-sw] + sat[:-sh, :-sw]
+    top, left = np.unravel_index(np.argmax(sums), sums.shape)
+    return int(top), int(left)
+
+
+def sheet_window(lr: np.ndarray, scale: int, crop: int = 256) -> tuple:
+    """The output-pixel slices (rows, columns) of the `crop`-pixel window shown for an LR image: its busiest
+    region, chosen on the LR before anything is decoded, so that only the crops need to be kept."""
+    top, left = busiest_window(lr, max(1, crop // scale))
+    h, w = min(crop, lr.shape[0] * scale - top * scale), min(crop, lr.shape[1] * scale - left * scale)
+    return slice(top * scale, top * scale + h), slice(left * scale, left * scale + w)
+
+
+def contact_sheet(tiles, labels, columns: int = 4) -> Image.Image:
+    """One RGB image of `tiles` (HxWxC uint8 or uint16, all the same size), `columns` to a row, each with its label
+    underneath. Alpha is dropped; 16-bit tiles are shown at 8 bits."""
+    h, w = tiles[0].shape[:2]
+    columns = max(1, min(columns, len(tiles)))
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * (w + GAP) + GAP, rows * (h + LABEL_HEIGHT + GAP) + GAP), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for i, (tile, label) in enumerate(zip(tiles, labels)):
+        if tile.dtype == np.uint16:
+            tile = (tile // 257).astype(np.uint8)
+        tile = np.repeat(tile[..., :1], 3, axis=2) if tile.shape[2] <= 2 else tile[..., :3]
+        x, y = GAP + (i % columns) * (w + GAP), GAP + (i // columns) * (h + LABEL_HEIGHT + GAP)
+        sheet.paste(Image.fromarray(np.ascontiguousarray(tile)), (x, y))
+        text = label
+        while text and draw.textlength(text, font=font) > w:  # long reference names: cut, keep the start
+            text = text[:-1]
+        draw.text((x + 2, y + h + 3), text if text == label else text[:-1] + "…", fill="black", font=font)
+    return sheet
