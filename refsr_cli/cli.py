@@ -160,8 +160,9 @@ def run_inference(inputs, refs, seeds, no_consistency, scale, **options) -> int:
 @click.option("--save-every", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--init", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Start from these weights (a fresh optimizer).")
+@click.option("--init", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Start from these weights (a fresh optimizer). The trunk stage takes one checkpoint per scale "
+                   "(repeat --init).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(quiet, device, **options):
@@ -173,6 +174,7 @@ def train(quiet, device, **options):
     from .train import TrainOptions, train as run_training
     options["scale"] = int(options["scale"])
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
+    options["init"] = list(options["init"]) or None
     quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
     try:
         opt = TrainOptions(device=str(pick_device(device)), **options)

@@ -67,7 +67,7 @@ class TrainOptions:
     log_every: int = 10
     seed: int = 0
     resume: bool = False
-    init: Path | None = None
+    init: list | None = None  # checkpoints to start from: one for the texture stage; one per scale for the trunk
     device: str = "cpu"
     config: RefVAEConfig = RefVAEConfig()  # the architecture of a fresh run (--resume and --init bring their own)
     # "texture": the whole model with the pixel, perceptual, style, KL and adversarial terms (a trunk
@@ -272,8 +272,10 @@ def build_for_training(opt: TrainOptions, state_path: Path):
         return model, resumed
     if state_path.exists():
         raise RefsrError(f"{opt.out} holds a run already: --resume it, or give another --out")
-    if opt.init is not None:
-        return load_checkpoint(opt.init, opt.scale), None
+    if opt.init:
+        if len(opt.init) != 1:
+            raise RefsrError("--init: the texture stage starts from one checkpoint")
+        return load_checkpoint(opt.init[0], opt.scale), None
     torch.manual_seed(opt.seed)  # the same seed, the same initial weights (on every rank)
     return build_model(replace(opt.config, scale=opt.scale)), None
 
@@ -505,6 +507,25 @@ def export_trunk(trunk: FidelityTrunk, config: RefVAEConfig, scale: int, path, s
     save_model(model, path, step=step, stage="trunk")
 
 
+def init_trunk(trunk: FidelityTrunk, config: RefVAEConfig, paths) -> None:
+    """Continue from trunk checkpoints (one per scale, as the trunk stage writes them): the shared body from any of
+    them (they must agree), each one's tail; a scale with no checkpoint starts its tail as bicubic."""
+    body = None
+    for path in paths:
+        model = load_checkpoint(path)
+        if model.config.arch != "trunk" or trunk_architecture(model.config) != trunk_architecture(config):
+            raise RefsrError(f"--init {path}: not a trunk checkpoint of this architecture "
+                             f"({trunk_architecture(config)})")
+        state = model.trunk.state_dict()
+        shared = {k: v for k, v in state.items() if not k.startswith("tails.")}
+        if body is not None and any(not torch.equal(body[k], v) for k, v in shared.items()):
+            raise RefsrError(f"--init {path}: its trunk differs from the other --init checkpoints'")
+        body = shared
+        if f"x{model.config.scale}" not in trunk.tails:
+            raise RefsrError(f"--init {path}: a x{model.config.scale} checkpoint, not one of --scales")
+        trunk.load_state_dict(state, strict=False)
+
+
 def load_validation_crops(folder: Path, side: int) -> list:
     """Centre crops of (at most) `side` pixels, a multiple of 8, of the validation images: a trunk validation of
     every scale costs seconds, not the minutes of whole 2k photos at x2."""
@@ -555,11 +576,7 @@ def fit_trunk(opt: TrainOptions, progress=None) -> FidelityTrunk:
         torch.manual_seed(opt.seed)
         config, optimizer_state, step = replace(opt.config, arch="trunk"), None, 0
         trunk = FidelityTrunk(config.channels, config.lr_blocks, config.up_channels, opt.scales)
-        if opt.init is not None:  # the trunk of a trunk checkpoint (a new scale's tail starts as bicubic)
-            init = load_checkpoint(opt.init)
-            if init.config.arch != "trunk" or trunk_architecture(init.config) != trunk_architecture(config):
-                raise RefsrError(f"--init {opt.init}: not a trunk checkpoint of this architecture")
-            trunk.load_state_dict(init.trunk.state_dict(), strict=False)
+        init_trunk(trunk, config, opt.init or [])
     trunk.to(device).train()
     trunk.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(trunk.parameters(), lr=opt.learning_rate, betas=(0.9, 0.99))

@@ -272,7 +272,7 @@ def test_texture_stage_keeps_the_trunk_frozen_and_makes_samples_differ(data, tmp
     from refsr_cli.inference import Upscaler
     train(trunk_options(data, tmp_path / "trunk", steps=4))
     trunk_ckpt = tmp_path / "trunk" / "x2.safetensors"
-    texture = train(options(data, tmp_path / "texture", init=trunk_ckpt, steps=8, mean_share=0.0, ref_mix=0.5,
+    texture = train(options(data, tmp_path / "texture", init=[trunk_ckpt], steps=8, mean_share=0.0, ref_mix=0.5,
                             l1_weight=0.1, content_weight=1.0, adv_weight=5e-3, perceptual_crop=32))
     before, after = load_checkpoint(trunk_ckpt).trainable_state_dict(), load_checkpoint(texture).trainable_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("trunk."))
@@ -281,3 +281,22 @@ def test_texture_stage_keeps_the_trunk_frozen_and_makes_samples_differ(data, tmp
     lr = np.random.default_rng(0).random((10, 12, 3)).astype(np.float32)
     fidelity, a, b = up.upscale(lr, [None, up.prior_z(0, 1.0), up.prior_z(1, 1.0)])
     assert np.abs(a.astype(int) - fidelity).mean() > 0 and np.abs(a.astype(int) - b).mean() > 0
+
+
+def test_trunk_stage_continues_from_one_checkpoint_per_scale(data, tmp_path):
+    from refsr_cli.model import FidelityTrunk
+    from refsr_cli.train import init_trunk
+    opt = trunk_options(data, tmp_path / "a", steps=4)
+    train(opt)
+    files = [tmp_path / "a" / f"x{s}.safetensors" for s in (2, 4)]
+    config = opt.config
+    trunk = FidelityTrunk(config.channels, config.lr_blocks, config.up_channels, (2, 4, 8))
+    fresh_x8 = {k: v.clone() for k, v in trunk.tails["x8"].state_dict().items()}
+    init_trunk(trunk, config, files)
+    for path, scale in zip(files, (2, 4)):
+        saved = load_checkpoint(path).trunk.state_dict()
+        assert all(torch.equal(v, trunk.state_dict()[k]) for k, v in saved.items())
+    assert all(torch.equal(v, trunk.tails["x8"].state_dict()[k]) for k, v in fresh_x8.items())  # no x8 file
+    train(trunk_options(data, tmp_path / "b", steps=4, seed=1))
+    with pytest.raises(RefsrError, match="differs"):
+        init_trunk(trunk, config, [files[0], tmp_path / "b" / "x4.safetensors"])

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The release recipe end to end: the fidelity trunk of x2/x4/x8, then the texture branch of each scale on it.
+#
+#   scripts/train_release.sh                              # on this machine (CPU: hours; see weights/README.md)
+#   DEVICE=cuda BATCH=32 TEXTURE_BATCH=16 scripts/train_release.sh    # one GPU: the whole recipe in minutes
+#
+# DATA holds train_hr/, refs/ and val_hr/ (copy ../shared/data there for a device machine: /data/ is git-ignored);
+# OUT receives runs/ and the finished refsr-x{2,4,8}.safetensors. INIT_TRUNK (a trunk checkpoint, e.g.
+# weights/refsr-x8.safetensors) continues the trunk instead of starting it fresh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-runs/release}
+DEVICE=${DEVICE:-cpu}
+TRUNK_STEPS=${TRUNK_STEPS:-5000}
+TEXTURE_STEPS=${TEXTURE_STEPS:-2000}
+BATCH=${BATCH:-8}
+TEXTURE_BATCH=${TEXTURE_BATCH:-8}
+SCALES=${SCALES:-8 4 2}
+mkdir -p "$OUT"
+
+trunk_init=()
+[ -n "${INIT_TRUNK:-}" ] && trunk_init=(--init "$INIT_TRUNK")
+refsr train --stage trunk --scales 2,4,8 --data "$DATA/train_hr" --val "$DATA/val_hr" --steps "$TRUNK_STEPS" \
+    --batch "$BATCH" --lr-patch 40 --learning-rate 2e-4 --val-every 500 --save-every 250 --device "$DEVICE" \
+    "${trunk_init[@]}" --out "$OUT/trunk" -q
+
+for scale in $SCALES; do
+    # LR crops: 32 px at x8 (256 px HR, the paper's), 48 px at x4 and x2 (EDSR's).
+    patch=$([ "$scale" = 8 ] && echo 32 || echo 48)
+    refsr train --stage texture --init "$OUT/trunk/x$scale.safetensors" --scale "$scale" \
+        --data "$DATA/train_hr" --refs "$DATA/refs" --val "$DATA/val_hr" --steps "$TEXTURE_STEPS" \
+        --batch "$TEXTURE_BATCH" --lr-patch "$patch" --learning-rate 2e-4 --l1-weight 0.1 \
+        --lr-consistency-weight 1 --content-weight 1 --style-weight 1 --lpips-weight 0 --tv-weight 0 \
+        --kl-weight 1e-3 --adv-weight 5e-3 --mean-share 0 --ref-mix 0.3 --perceptual-crop 128 \
+        --val-every 250 --save-every 100 --device "$DEVICE" --out "$OUT/texture-x$scale" -q
+    cp "$OUT/texture-x$scale/last.safetensors" "$OUT/refsr-x$scale.safetensors"
+done
