@@ -73,12 +73,14 @@ def timed(fn, device, repeats: int):
     return statistics.median(times), read_peak_mib(device)
 
 
-CASES = ("lean, prior sample", "lean, new reference", "paper graph, new reference", "bicubic (PIL)")
+CASES = ("lean, fidelity (T = 0)", "lean, prior sample", "lean, new reference", "paper graph, new reference",
+         "bicubic (PIL)")
 
 
 def case_function(name: str, size: int, lean: Upscaler, paper: Upscaler):
     lr, ref = synthetic(size), synthetic(256, seed=9)
     return {
+        "lean, fidelity (T = 0)": lambda: lean.upscale(lr, [None]),
         "lean, prior sample": lambda: lean.upscale(lr, [lean.prior_z(0)]),
         "lean, new reference": lambda: lean.upscale(lr, [lean.reference_z(ref)]),
         "paper graph, new reference": lambda: paper.upscale(lr, [paper.reference_z(ref)]),
@@ -215,15 +217,16 @@ def arithmetic_rate(device, lean: Upscaler, size: int = 128):
             "matmul_gmac_per_s": peak / 1e9, "fraction_of_peak": macs / seconds / peak}
 
 
-# The cheap CPU recipe of the x8 runs 5 and 6 (weights/README.md: run 5's shares; the learning rate does not change
-# the speed); the defaults are the paper's objective.
-CPU_RECIPE = dict(content_weight=0.0, tv_weight=0.0, adv_weight=0.0, kl_weight=1e-4, style_weight=0.05,
-                  lpips_weight=0.1, mean_share=0.5, learning_rate=1e-4)
+# The stages of scripts/train_release.sh (the learning rate does not change the speed); the texture stage's
+# defaults are the paper's objective.
+TRUNK_RECIPE = dict(stage="trunk", scales=(2, 4, 8), lr_patch=40)
+TEXTURE_RECIPE = dict(stage="texture", l1_weight=0.1, content_weight=1.0, style_weight=1.0, lpips_weight=0.0,
+                      tv_weight=0.0, kl_weight=1e-3, adv_weight=5e-3, mean_share=0.0, ref_mix=0.3)
 
 
 def training_throughput(device, steps: int = 3):
-    """Samples per second of `refsr train`, with the paper's objective (the defaults) and the CPU release recipe,
-    on synthetic data."""
+    """Samples per second of `refsr train`: the trunk stage, and the texture stage with the release recipe and with
+    the paper's objective (the defaults), on synthetic data."""
     from refsr_cli.train import TrainOptions, train
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,14 +236,17 @@ def training_throughput(device, steps: int = 3):
         for i in range(4):
             Image.fromarray((synthetic(512, seed=i) * 255).astype(np.uint8)).save(data / f"{i}.png")
             Image.fromarray((synthetic(256, seed=10 + i) * 255).astype(np.uint8)).save(refs / f"{i}.png")
-        for name, recipe in (("paper objective (defaults)", {}), ("CPU release recipe", CPU_RECIPE)):
-            opt = TrainOptions(data=[data], refs=[refs], out=Path(tmp) / name, steps=steps + 1, save_every=10 ** 9,
+        cases = (("trunk stage, x2/x4/x8 in turn", TRUNK_RECIPE, 3 * steps),
+                 ("texture stage, release recipe", TEXTURE_RECIPE, steps),
+                 ("texture stage, paper objective", {}, steps))
+        for name, recipe, n in cases:
+            opt = TrainOptions(data=[data], refs=[refs], out=Path(tmp) / name, steps=n + 1, save_every=10 ** 9,
                                device=str(device), **recipe)
             marks = []
             train(opt, progress=lambda step, *a: marks.append(time.perf_counter()))
             per_step = (marks[-1] - marks[0]) / (len(marks) - 1)
-            print(f"  {name:<28} {opt.batch / per_step:.2f} samples/s ({per_step:.2f} s per step of batch "
-                  f"{opt.batch}, LR {opt.lr_patch}px, x{opt.scale})")
+            print(f"  {name:<32} {opt.batch / per_step:.2f} samples/s ({per_step:.2f} s per step of batch "
+                  f"{opt.batch}, LR {opt.lr_patch}px, x{opt.scale if opt.stage == 'texture' else '2/4/8'})")
             result[name] = {"samples_per_s": opt.batch / per_step, "seconds_per_step": per_step, "batch": opt.batch}
     return result
 

@@ -1,0 +1,56 @@
+"""The model card's contact sheet: for each HR image, the same window at 100 % of bicubic, the fidelity output
+(T = 0), three prior samples, three gallery references and the HR original, labelled.
+
+    python scripts/model_card_sheet.py HR_IMAGE... --scale 8 --refs ../shared/data/refs -o docs/sheet-x8.png
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from refsr_cli.images import list_images, read_rgb  # noqa: E402
+from refsr_cli.inference import load_upscaler  # noqa: E402
+from refsr_cli.metrics import bicubic_resize, modcrop  # noqa: E402
+from refsr_cli.sheet import contact_sheet, sheet_window  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("--scale", type=int, default=8)
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--refs", type=Path, required=True, help="gallery folder; three evenly spaced are used")
+    parser.add_argument("--crop", type=int, default=192, help="window side in output pixels")
+    parser.add_argument("-o", "--out", type=Path, required=True)
+    args = parser.parse_args()
+    up = load_upscaler(args.weights, args.scale, "cpu", False, 256, 32, 2)
+    gallery = list_images(args.refs)
+    refs = [gallery[i * len(gallery) // 3] for i in range(3)]
+    ref_zs = [up.reference_z(read_rgb(p)) for p in refs]
+    rows = []
+    for path in args.images:
+        hr = modcrop(Image.fromarray((read_rgb(path) * 255).round().astype(np.uint8)), args.scale)
+        lr = bicubic_resize(hr, (hr.width // args.scale, hr.height // args.scale))
+        lr_f = np.asarray(lr, dtype=np.float32) / 255
+        window = sheet_window(lr_f, args.scale, args.crop)
+        outputs = up.upscale(lr_f, [None] + [up.prior_z(seed, 1.0) for seed in range(3)] + ref_zs)
+        tiles = [np.asarray(bicubic_resize(lr, hr.size))] + outputs + [np.asarray(hr)]
+        labels = (["bicubic", "T=0"] + [f"--seed {s}" for s in range(3)] + [f"--ref {p.stem[:18]}" for p in refs]
+                  + [f"HR {path.stem}"])
+        rows.append(contact_sheet([t[window] for t in tiles], labels, columns=len(tiles)))
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(args.out)
+    print(f"wrote {args.out} ({sheet.width}x{sheet.height})")
+
+
+if __name__ == "__main__":
+    main()
