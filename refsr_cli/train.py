@@ -404,34 +404,17 @@ def fit(opt: TrainOptions, progress=None):
                 sr_p, hr_p = same_crop(opt.perceptual_crop, sr, hr, generator=gen)
                 losses = objective.generator_losses(sr, hr, lr, ref, gallery, prior_mean, mu, logvar, sr_p, hr_p)
             loss = objective.total(losses)
-            if not torch.isfinite(loss):
-                raise RefsrError(f"step {step}: the loss is {loss.item()}; lower --learning-rate or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            descend(loss, optimizer, scaler, step)
             if disc is not None:
                 losses["disc"] = objective.discriminator_step(disc_net, disc_optimizer, hr_p, sr_p)
             step += 1
-            if rank != 0:
-                continue
-            row = {}
-            if step % opt.log_every == 0 or step == opt.steps:
-                row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                       "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
-            if opt.val is not None and (step % opt.val_every == 0 or step == opt.steps):
-                row = {"step": step, **row, **validate(model, opt.val, device)}
-            if row:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            if step % opt.save_every == 0 or step == opt.steps:
-                # The training state first: --resume reads only it, so a kill between the writes loses nothing.
-                save_training_state(model, optimizer, scaler, state_path, step, opt, disc, disc_optimizer)
-                save_model(model, last, step=step)
-            if progress is not None:
-                progress(step, opt.steps, {k: v.item() for k, v in losses.items()} |
-                         {k: v for k, v in row.items() if k.startswith("val_")},
-                         (step - start_step) / max(time.time() - started, 1e-9))
+            if rank == 0:
+                def save():
+                    # The training state first: --resume reads only it, so a kill between the writes loses nothing.
+                    save_training_state(model, optimizer, scaler, state_path, step, opt, disc, disc_optimizer)
+                    save_model(model, last, step=step)
+                record(opt, log, progress, step, start_step, started, {"loss": loss.item()} | losses,
+                       optimizer.param_groups[0]["lr"], opt.val and (lambda: validate(model, opt.val, device)), save)
         return model
     finally:
         if log is not None:
@@ -600,32 +583,16 @@ def fit_trunk(opt: TrainOptions, progress=None) -> FidelityTrunk:
                 sr = net(lr.contiguous(memory_format=torch.channels_last), scale).float()
             losses = {"l1": F.l1_loss(sr, hr), "lr_cons": F.l1_loss(downscale(sr, scale), lr)}
             loss = opt.l1_weight * losses["l1"] + opt.lr_consistency_weight * losses["lr_cons"]
-            if not torch.isfinite(loss):
-                raise RefsrError(f"step {step}: the loss is {loss.item()}; lower --learning-rate or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            descend(loss, optimizer, scaler, step)
             step += 1
-            if rank != 0:
-                continue
-            row = {}
-            if step % opt.log_every == 0 or step == opt.steps:
-                row = {"step": step, "scale": scale, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                       "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
-            if crops is not None and (step % opt.val_every == 0 or step == opt.steps):
-                row = {"step": step, **row, **validate_trunk(trunk, crops, opt.scales, device)}
-            if row:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            if step % opt.save_every == 0 or step == opt.steps:
-                save_trunk_state(trunk, optimizer, state_path, step, opt, config)
-                for s in opt.scales:
-                    export_trunk(trunk, config, s, opt.out / f"x{s}.safetensors", step, opt.seed)
-            if progress is not None:
-                progress(step, opt.steps, {k: v.item() for k, v in losses.items()} |
-                         {k: v for k, v in row.items() if k.startswith("val_")},
-                         (step - start_step) / max(time.time() - started, 1e-9))
+            if rank == 0:
+                def save():
+                    save_trunk_state(trunk, optimizer, state_path, step, opt, config)
+                    for s in opt.scales:
+                        export_trunk(trunk, config, s, opt.out / f"x{s}.safetensors", step, opt.seed)
+                record(opt, log, progress, step, start_step, started, {"scale": scale, "loss": loss.item()} | losses,
+                       optimizer.param_groups[0]["lr"], crops and (lambda: validate_trunk(trunk, crops, opt.scales,
+                                                                                          device)), save)
         return trunk
     finally:
         if log is not None:
@@ -633,6 +600,37 @@ def fit_trunk(opt: TrainOptions, progress=None) -> FidelityTrunk:
         if world > 1:
             import torch.distributed as dist
             dist.destroy_process_group()
+
+
+def descend(loss, optimizer, scaler, step: int) -> None:
+    """One optimizer step on `loss` (through the AMP loss scaler, a no-op off CUDA); a non-finite loss stops the run."""
+    if not torch.isfinite(loss):
+        raise RefsrError(f"step {step}: the loss is {loss.item()}; lower --learning-rate or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def record(opt: TrainOptions, log, progress, step: int, start_step: int, started: float, measures: dict,
+           learning_rate: float, validate_now, save) -> None:
+    """Rank 0's bookkeeping after a step: a log row every log_every steps, validation (`validate_now()`, unless
+    None) every val_every, `save()` every save_every, and the progress callback."""
+    measures = {k: v.item() if torch.is_tensor(v) else v for k, v in measures.items()}
+    row = {}
+    if step % opt.log_every == 0 or step == opt.steps:
+        row = {"step": step, **measures, "learning_rate": learning_rate, "seconds": round(time.time() - started, 1)}
+    if validate_now and (step % opt.val_every == 0 or step == opt.steps):
+        row = {"step": step, **row, **validate_now()}
+    if row:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+    if step % opt.save_every == 0 or step == opt.steps:
+        save()
+    if progress is not None:
+        losses = {k: v for k, v in measures.items() if k not in ("scale", "loss")}
+        progress(step, opt.steps, losses | {k: v for k, v in row.items() if k.startswith("val_")},
+                 (step - start_step) / max(time.time() - started, 1e-9))
 
 
 def set_learning_rate(optimizers, opt: TrainOptions, step: int) -> None:
