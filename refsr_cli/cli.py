@@ -203,6 +203,39 @@ def train(quiet, device, **options):
         click.echo(f"wrote {last}")
 
 
+@main.command()
+@click.argument("outputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path),
+                metavar="IMAGE...")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
+def info(outputs, as_json):
+    """How refsr made IMAGE...: version, weights and their sha256, scale, seed, temperature, reference and input
+    (with sha256), and the command that makes it again."""
+    from .images import read_provenance
+    from .inference import redo_command
+    code = 0
+    for path in outputs:
+        try:
+            record = read_provenance(path)
+        except (OSError, ValueError, SyntaxError) as e:
+            click.echo(f"refsr: error: {path}: not a readable image ({e})", err=True)
+            code = 1
+            continue
+        if record is None:
+            click.echo(f"refsr: error: {path}: no refsr provenance (not written by refsr, or by refsr < 0.2)",
+                       err=True)
+            code = 1
+            continue
+        command = redo_command(record)
+        if as_json:
+            click.echo(json.dumps({"file": str(path), **record, "command": command}))
+            continue
+        click.echo(f"{path}")
+        for key, value in record.items():
+            click.echo(f"  {key:<18} {value}")
+        click.echo(f"  {'command':<18} {command}")
+    sys.exit(code)
+
+
 @main.command(name="eval")
 @click.argument("hr_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--scale", type=SCALES, default="8", show_default=True)

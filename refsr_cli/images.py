@@ -17,6 +17,7 @@ FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "tif": "
 DEFAULT_MAX_PIXELS = 64_000_000  # an LR image this large is already a 4 Gpx output at 8x
 MIN_SIDE = 4  # below this, bicubic resampling and back-projection have nothing to work with
 SOFTWARE = "refsr"  # the Software tag of every output: how a folder's earlier outputs are told from its inputs
+PROVENANCE_KEY = "refsr"  # the PNG text chunk that holds an output's provenance
 
 # We check the pixel count ourselves, before decoding and with our own limit (--max-pixels).
 Image.MAX_IMAGE_PIXELS = None
@@ -208,9 +209,9 @@ def output_format(path) -> str:
 PNG_COMPRESS_LEVEL = 1
 
 
-def _write_png16(f, array: np.ndarray, icc: bytes | None) -> None:
+def _write_png16(f, array: np.ndarray, icc: bytes | None, text: dict) -> None:
     """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count), filter type 0, with the ICC profile and the
-    Software tag."""
+    text chunks."""
     height, width, channels = array.shape
     colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
 
@@ -220,7 +221,8 @@ def _write_png16(f, array: np.ndarray, icc: bytes | None) -> None:
     f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)))
     if icc:
         f.write(chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(icc)))
-    f.write(chunk(b"tEXt", b"Software\x00" + software_tag().encode("latin-1")))
+    for key, value in text.items():
+        f.write(chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1")))
     compressor = zlib.compressobj(PNG_COMPRESS_LEVEL)
     idat = bytearray()
     rows = array.astype(">u2").reshape(height, width * channels)
@@ -241,9 +243,26 @@ def software_tag() -> str:
         return SOFTWARE
 
 
-def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None) -> None:
+def read_provenance(path) -> dict | None:
+    """The provenance refsr wrote into an output (see write_picture), or None."""
+    import json
+    with Image.open(path) as im:
+        text = im.info.get(PROVENANCE_KEY) or im.getexif().get(0x010E)  # PNG text chunk, or EXIF ImageDescription
+    try:
+        data = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "refsr" in data else None
+
+
+def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None, provenance: dict | None = None) -> None:
     """Save HxWxC (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA; uint8, or uint16 for PNG) through a temporary file in the
-    target folder, renamed into place when complete."""
+    target folder, renamed into place when complete. Every file carries the Software tag and, when given, the
+    provenance as JSON: a PNG text chunk `refsr`, or the EXIF ImageDescription of JPEG, WebP and TIFF."""
+    import json
+    text = {"Software": software_tag()}
+    if provenance is not None:
+        text[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)  # ASCII: fits tEXt and EXIF
     path = Path(path)
     fmt = output_format(path)
     channels = array.shape[2]
@@ -254,7 +273,7 @@ def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None) -> 
     with atomic_path(path) as tmp:
         if array.dtype == np.uint16:
             with open(tmp, "wb") as f:
-                _write_png16(f, array, icc_profile)
+                _write_png16(f, array, icc_profile, text)
         else:
             image = Image.fromarray(array[..., 0] if channels == 1 else array)
             options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
@@ -265,9 +284,12 @@ def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None) -> 
             if fmt == "PNG":
                 from PIL.PngImagePlugin import PngInfo
                 options["pnginfo"] = PngInfo()
-                options["pnginfo"].add_text("Software", software_tag())
+                for key, value in text.items():
+                    options["pnginfo"].add_text(key, value)
             else:
                 exif = Image.Exif()
-                exif[0x0131] = software_tag()
+                exif[0x0131] = text["Software"]
+                if PROVENANCE_KEY in text:
+                    exif[0x010E] = text[PROVENANCE_KEY]
                 options["exif"] = exif.tobytes()
             image.save(tmp, format=fmt, **options)

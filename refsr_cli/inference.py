@@ -14,7 +14,7 @@ from PIL import Image
 from .checkpoint import load_checkpoint, read_metadata, resolve_weights
 from .errors import RefsrError
 from .images import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb,
-                     unique_stems, write_picture)
+                     software_tag, unique_stems, write_picture)
 from .model import RefVAE, downscale, resampling_matrix, upsample
 from .sheet import contact_sheet, sheet_window
 
@@ -77,6 +77,7 @@ class Upscaler:
         self.scale = model.config.scale
         self.tile, self.tile_pad, self.consistency_steps = tile, tile_pad, consistency_steps
         self.texture_trained = True
+        self.weights_path = None  # the checkpoint file, when loaded from one (for the outputs' provenance)
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         """HxWxC array -> (1, C, H, W) tensor, channels-last (the HWC memory as it is)."""
@@ -246,9 +247,43 @@ def load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_step
         raise RefsrError("--half needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
     path = resolve_weights(weights, scale)
     upscaler = Upscaler(load_checkpoint(path, scale), device, half, tile, tile_pad, consistency_steps, warn)
+    upscaler.weights_path = path
     # A checkpoint of `refsr train --stage trunk` has a texture branch at its initial state.
     upscaler.texture_trained = read_metadata(path).get("stage") != "trunk"
     return upscaler
+
+
+def sha256_of(path) -> str | None:
+    import hashlib
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def redo_command(record: dict) -> str:
+    """The refsr command that makes the output a provenance record describes (with the same input, reference and
+    weights files)."""
+    import shlex
+    words = ["refsr"]
+    if "reference" in record or "seed" not in record or record["temperature"] == 0:
+        words += ["upscale", record["input"]] + (["--ref", record["reference"]] if "reference" in record else [])
+        if record["temperature"] > 0:
+            words += ["--temperature", f"{record['temperature']:g}", "--seed", str(record.get("seed", 0))]
+    else:
+        words += ["sample", record["input"], "--n", "1", "--seed", str(record["seed"]),
+                  "--temperature", f"{record['temperature']:g}"]
+    words += ["--scale", str(record["scale"])]
+    if record["weights"] != "shipped":
+        words += ["--weights", record["weights"]]
+    for flag, key, default in (("--tile", "tile", 256), ("--tile-pad", "tile_pad", 32),
+                               ("--consistency-steps", "consistency_steps", 2)):
+        if record.get(key, default) != default:
+            words += [flag, str(record[key])]
+    return shlex.join(words)
 
 
 def sheet_label(fields: dict, temperature: float) -> str:
@@ -343,6 +378,10 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
         return 2
 
     inputs = {p.resolve() for p in lr_paths + ref_paths}
+    # What every output records of how it was made (`refsr info` prints it and the command that redoes it).
+    run_record = {"refsr": software_tag(), "scale": scale, "temperature": temperature,
+                  "weights": opt.weights or "shipped", "weights_sha256": sha256_of(upscaler.weights_path),
+                  "tile": opt.tile, "tile_pad": opt.tile_pad, "consistency_steps": opt.consistency_steps}
     with report:
         # Each reference is encoded once for the whole batch.
         variants = []  # (name suffix, record fields, z)
@@ -355,7 +394,8 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                 report.error(f"reference {e}")
                 counts["failed"] += 1
                 continue
-            variants.append((stem, {"reference": str(path)}, z))
+            variants.append((stem, {"reference": str(path), "reference_sha256": sha256_of(path)}
+                             | ({"seed": opt.seed} if temperature > 0 else {}), z))
         if ref_paths and not variants:
             report.error("no usable reference")
             return 2
@@ -407,7 +447,8 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                         crops += [image[window].copy() for image in images]
                         continue
                     for (_, fields, _), target, image in zip(part, targets[start:start + chunk], images):
-                        write_picture(image, target, picture.icc_profile)
+                        provenance = run_record | {"input": lr_path.name, "input_sha256": sha256_of(lr_path)} | fields
+                        write_picture(image, target, picture.icc_profile, provenance)
                         counts["written"] += 1
                         report.wrote({"input": str(lr_path), "output": str(target), "scale": scale, **fields})
                 if opt.sheet:

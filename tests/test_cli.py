@@ -214,3 +214,31 @@ def test_busiest_window_finds_the_detail():
     assert abs(top - 60) <= 1 and abs(left - 30) <= 1
     rows, cols = sheet_window(image.astype(np.float32) / 255, 4, crop=80)
     assert rows.stop - rows.start == cols.stop - cols.start == 80 and 4 * 58 <= rows.start <= 4 * 62
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_every_output_records_how_it_was_made_and_info_redoes_it(tmp_path, checkpoint, fmt, monkeypatch):
+    import hashlib
+    import shlex
+    monkeypatch.chdir(tmp_path)
+    write_png(tmp_path / "photo.png")
+    write_png(tmp_path / "ref.png", 20, 20, seed=3)
+    assert run("upscale", "photo.png", "--ref", "ref.png", "--temperature", 0.5, "--seed", 7, "--scale", 2,
+               "--weights", checkpoint, "--format", fmt, "-o", "a", "-q").exit_code == 0
+    assert run("sample", "photo.png", "--n", 2, "--seed", 4, "--scale", 2, "--weights", checkpoint,
+               "--format", fmt, "-o", "a", "-q").exit_code == 0
+    for name, expected in ((f"photo_x2_ref.{fmt}", {"reference": "ref.png", "seed": 7, "temperature": 0.5}),
+                           (f"photo_x2_s5.{fmt}", {"seed": 5, "temperature": 1.0})):
+        result = run("info", f"a/{name}", "--json")
+        assert result.exit_code == 0, result.output
+        record = json.loads(result.stdout)
+        assert {k: record[k] for k in expected} == expected
+        assert record["weights_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        assert record["input_sha256"] == hashlib.sha256((tmp_path / "photo.png").read_bytes()).hexdigest()
+        # The command it prints makes the same file again.
+        words = shlex.split(record["command"])
+        assert words[0] == "refsr"
+        assert run(*words[1:], "--format", fmt, "-o", "b", "-q").exit_code == 0
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    result = run("info", "photo.png")
+    assert result.exit_code == 1 and "no refsr provenance" in result.stderr
