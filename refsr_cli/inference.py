@@ -406,6 +406,7 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
         for lr_path, stem in zip(lr_paths, unique_stems(lr_paths)):
             try:
                 picture = read_picture(lr_path, max_pixels)
+                input_record = {"input": lr_path.name, "input_sha256": sha256_of(lr_path)}
                 for message in picture.warnings:
                     report.warn(message)
                 # No reference: the fidelity output (temperature 0), or a prior sample of --seed.
@@ -447,8 +448,7 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                         crops += [image[window].copy() for image in images]
                         continue
                     for (_, fields, _), target, image in zip(part, targets[start:start + chunk], images):
-                        provenance = run_record | {"input": lr_path.name, "input_sha256": sha256_of(lr_path)} | fields
-                        write_picture(image, target, picture.icc_profile, provenance)
+                        write_picture(image, target, picture.icc_profile, run_record | input_record | fields)
                         counts["written"] += 1
                         report.wrote({"input": str(lr_path), "output": str(target), "scale": scale, **fields})
                 if opt.sheet:

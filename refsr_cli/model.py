@@ -1,4 +1,8 @@
-"""RefVAE, the lean inference graph (DESIGN.md §2-3).
+"""The networks: TrunkRefVAE (arch "trunk", release 2), release 0.1's RefVAE (arch "lean") and the published graph
+(arch "paper", for comparison); the config stored with every checkpoint says which.
+
+TrunkRefVAE is a fidelity trunk (FidelityTrunk: the faithful upscale, T = 0) with RefVAE's texture branch on its
+features; its diagram is in its docstring. Release 0.1's RefVAE asks one network for both:
 
     lr ──LR encoder (at LR resolution)──> F_mu, F_sigma ─┐
     ref ─frozen VGG16 relu4_1─> CVAE head ─> (mu, logvar) ─> z ─> feature decoder ─> C_R

@@ -1,4 +1,8 @@
-"""`refsr train`: trains the very RefVAE module that inference loads, and writes checkpoints it loads directly.
+"""`refsr train`: trains the very modules that inference loads, and writes checkpoints it loads directly.
+
+Two stages (--stage). `trunk` (fit_trunk, at the end of this file) trains the FidelityTrunk of x2, x4 and x8 at once
+with pixel L1 and LR-consistency L1, and writes one loadable checkpoint per scale. `texture` (fit) trains a whole
+model of one scale; a trunk architecture's trunk stays frozen, so only the texture branch learns.
 
 A run folder holds `last.safetensors` (the model, loadable by `upscale --weights`), `last.state.safetensors` (model
 and optimizer, for --resume) and `log.jsonl` (one line of losses per logged step). Batches are drawn from a generator
