@@ -220,7 +220,7 @@ def arithmetic_rate(device, lean: Upscaler, size: int = 128):
 # The stages of scripts/train_release.sh (the learning rate does not change the speed); the texture stage's
 # defaults are the paper's objective.
 TRUNK_RECIPE = dict(stage="trunk", scales=(2, 4, 8), lr_patch=40)
-TEXTURE_RECIPE = dict(stage="texture", l1_weight=0.1, content_weight=1.0, style_weight=1.0, lpips_weight=0.0,
+TEXTURE_RECIPE = dict(stage="texture", l1_weight=0.1, content_weight=1.0, style_weight=0.1, lpips_weight=0.0,
                       tv_weight=0.0, kl_weight=1e-3, adv_weight=5e-3, mean_share=0.0, ref_mix=0.3)
 
 

@@ -31,7 +31,7 @@ for scale in $SCALES; do
     refsr train --stage texture --init "$OUT/trunk/x$scale.safetensors" --scale "$scale" \
         --data "$DATA/train_hr" --refs "$DATA/refs" --val "$DATA/val_hr" --steps "$TEXTURE_STEPS" \
         --batch "$TEXTURE_BATCH" --lr-patch "$patch" --learning-rate 2e-4 --l1-weight 0.1 \
-        --lr-consistency-weight 1 --content-weight 1 --style-weight 1 --lpips-weight 0 --tv-weight 0 \
+        --lr-consistency-weight 1 --content-weight 1 --style-weight 0.1 --lpips-weight 0 --tv-weight 0 \
         --kl-weight 1e-3 --adv-weight 5e-3 --mean-share 0 --ref-mix 0.3 --perceptual-crop 128 \
         --val-every 250 --save-every 100 --device "$DEVICE" --out "$OUT/texture-x$scale" -q
     cp "$OUT/texture-x$scale/last.safetensors" "$OUT/refsr-x$scale.safetensors"
