@@ -16,6 +16,18 @@ def parse_scales(value: str) -> tuple:
     return tuple(int(s) for s in scales)
 
 
+def parse_shard(value: str | None):
+    if value is None:
+        return None
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give K/N, as in 0/4") from None
+    if not 0 <= k < n:
+        raise click.BadParameter(f"{value!r}: K must be at least 0 and below N")
+    return k, n
+
+
 def fail(message: str, code: int = 2):
     click.echo(f"refsr: error: {message}", err=True)
     sys.exit(code)
@@ -66,6 +78,9 @@ def common_inference_options(f):
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no messages, only errors."),
         click.option("--json", "as_json", is_flag=True,
                      help="Print one JSON object per written file on stdout (for scripts)."),
+        click.option("--shard", metavar="K/N", default=None, callback=lambda ctx, param, value: parse_shard(value),
+                     help="Do only inputs K, K+N, K+2N... (K from 0) of the sorted list, for N parallel jobs; under "
+                          "torchrun or SLURM the launcher's rank and size are used."),
         click.option("--sheet", is_flag=True,
                      help="Write one contact sheet per input instead of the images: the same 256-pixel window of "
                           "every output at 100 %, labelled with the flag that redoes it (--seed N, --ref NAME)."),

@@ -2,6 +2,7 @@
 `refsr upscale` and `refsr sample`."""
 import functools
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,13 +233,24 @@ def pick_device(name: str) -> torch.device:
         raise RefsrError("--device cuda: no CUDA device is available")
     if name == "mps" and not torch.backends.mps.is_available():
         raise RefsrError("--device mps: MPS is not available")
-    if name != "auto":
+    if name not in ("auto", "cuda"):
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        # One GPU per process under a launcher (torchrun, SLURM): the local rank's.
+        local = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID")
+        return torch.device("cuda", int(local) % torch.cuda.device_count()) if local else torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def launcher_shard() -> tuple | None:
+    """(K, N) when a launcher started N copies of refsr (torchrun's RANK/WORLD_SIZE, SLURM's SLURM_PROCID/
+    SLURM_NTASKS), else None."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(world, "1") != "1" and rank in os.environ:
+            return int(os.environ[rank]), int(os.environ[world])
+    return None
 
 
 def load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_steps, warn=None) -> Upscaler:
@@ -323,6 +335,7 @@ class BatchOptions:
     quiet: bool = False
     as_json: bool = False
     sheet: bool = False  # one contact sheet per input instead of the images
+    shard: tuple | None = None  # (K, N): only the inputs K, K + N, K + 2N, ... of the sorted list (0-based K)
 
 
 def run_batch(inputs, refs, seeds, opt: BatchOptions) -> int:
@@ -403,7 +416,12 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
             report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "
                         "and reference gives the fidelity output")
 
-        for lr_path, stem in zip(lr_paths, unique_stems(lr_paths)):
+        # Names come from the whole list, so that a sharded run writes exactly the files an unsharded one would.
+        named = list(zip(lr_paths, unique_stems(lr_paths)))
+        shard = opt.shard or launcher_shard()
+        if shard is not None:
+            named = named[shard[0]::shard[1]]
+        for lr_path, stem in named:
             try:
                 picture = read_picture(lr_path, max_pixels)
                 input_record = {"input": lr_path.name, "input_sha256": sha256_of(lr_path)}

@@ -244,3 +244,38 @@ def test_every_output_records_how_it_was_made_and_info_redoes_it(tmp_path, check
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
     result = run("info", "photo.png")
     assert result.exit_code == 1 and "no refsr provenance" in result.stderr
+
+
+def test_shards_split_a_folder_without_writing_a_file_twice(tmp_path, checkpoint):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b", "c", "d", "e"):
+        write_png(folder / f"{name}.png")
+    (tmp_path / "other").mkdir()
+    write_png(tmp_path / "other" / "a.png")  # a second a.png: its name depends on the whole list
+    everything = run("upscale", folder, tmp_path / "other", "--scale", 2, "--weights", checkpoint, "-o",
+                     tmp_path / "all", "-q")
+    assert everything.exit_code == 0
+    for k in range(3):
+        assert run("upscale", folder, tmp_path / "other", "--scale", 2, "--weights", checkpoint, "--shard", f"{k}/3",
+                   "-o", tmp_path / "sharded", "-q").exit_code == 0
+    assert pngs(tmp_path / "sharded") == pngs(tmp_path / "all")  # the same names: stems from the whole list
+    assert len(pngs(tmp_path / "all")) == 6
+    assert run("upscale", folder, "--shard", "3/3", "--scale", 2, "--weights", checkpoint).exit_code == 2
+
+
+def test_two_processes_under_a_launcher_share_the_inputs(tmp_path, checkpoint):
+    import subprocess
+    import sys
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        write_png(folder / f"{name}.png")
+    procs = [subprocess.Popen([sys.executable, "-m", "refsr_cli", "upscale", str(folder), "--scale", "2", "--weights",
+                               str(checkpoint), "-o", str(tmp_path / "out"), "--json", "--device", "cpu"],
+                              env=os.environ | {"RANK": str(r), "WORLD_SIZE": "2"}, stdout=subprocess.PIPE, text=True)
+             for r in range(2)]
+    written = [[json.loads(line)["output"] for line in p.communicate(timeout=120)[0].splitlines()] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sorted(os.path.basename(o) for o in written[0] + written[1]) == ["a_x2.png", "b_x2.png", "c_x2.png"]
+    assert len(written[0]) == 2 and len(written[1]) == 1
