@@ -219,6 +219,27 @@ def train(quiet, device, **options):
 
 
 @main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
+@click.option("--ref", "refs", multiple=True, metavar="IMAGE", help="The two references to walk between.")
+@click.option("--seed", "seeds", multiple=True, type=click.IntRange(min=0), help="The two prior seeds to walk between.")
+@click.option("--steps", type=click.IntRange(2, 1000), default=8, show_default=True, help="Frames, both ends included.")
+@click.option("--animate", type=click.Choice(["webp", "gif"]), default=None,
+              help="Also write the frames as one looping animation.")
+@common_inference_options
+def walk(inputs, refs, seeds, steps, animate, **options):
+    """Frames of a walk through the latent space of LR_IMAGE..., between two references (--ref a --ref b, along the
+    line between their means) or two prior draws (--seed 3 --seed 7, along the sphere).
+
+    Frames are named STEM_xSCALE_walk000.png ...; --animate adds STEM_xSCALE_walk.webp (or .gif).
+    """
+    if bool(refs) == bool(seeds):
+        fail("give two --ref or two --seed, not both")
+    options["temperature"] = (1.0 if seeds else 0.0) if options["temperature"] is None else options["temperature"]
+    sys.exit(run_inference(inputs, refs or None, [int(s) for s in seeds] if seeds else None, walk=steps,
+                           animate=animate, **options))
+
+
+@main.command()
 @click.argument("outputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path),
                 metavar="IMAGE...")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")

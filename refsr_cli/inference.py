@@ -265,6 +265,40 @@ def load_upscaler(weights, scale, device, half, tile, tile_pad, consistency_step
     return upscaler
 
 
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation: the in-between z of two prior draws keeps a prior draw's length (a straight line
+    through the middle would be a z of small norm, a blander image)."""
+    cos = torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).clamp(-1, 1)
+    omega = torch.arccos(cos)
+    if omega.abs() < 1e-4:
+        return a + t * (b - a)
+    return ((torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)).to(a.dtype)
+
+
+def walk_variants(ends, frames: int, from_prior: bool) -> list:
+    """`frames` (name suffix, record fields, z) from the first end to the second: slerp between prior draws, a
+    straight line between the means of two references."""
+    (_, start, z0), (_, end, z1) = ends
+    if z0 is None or z1 is None:
+        raise RefsrError("a walk needs a temperature above 0 between seeds")
+    steps = []
+    for i in range(frames):
+        t = i / max(frames - 1, 1)
+        z = slerp(z0, z1, t) if from_prior else z0 + t * (z1 - z0)
+        steps.append((f"walk{i:03d}", {"walk": [i, frames], "from": start, "to": end}, z))
+    return steps
+
+
+def write_animation(frames, path) -> None:
+    """The written frames, in order, as one looping animated WebP or GIF (10 frames a second)."""
+    from .files import atomic_path
+    images = [Image.open(f).convert("RGB") for f in frames]
+    fmt = path.suffix.lstrip(".").upper()
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format=fmt, save_all=True, append_images=images[1:], duration=100, loop=0,
+                       **({"lossless": False, "quality": 90} if fmt == "WEBP" else {}))
+
+
 def sha256_of(path) -> str | None:
     import hashlib
     if path is None:
@@ -281,7 +315,12 @@ def redo_command(record: dict) -> str:
     weights files)."""
     import shlex
     words = ["refsr"]
-    if "reference" in record or "seed" not in record or record["temperature"] == 0:
+    if "walk" in record:
+        ends = (record["from"], record["to"])
+        words += ["walk", record["input"]] + [w for e in ends for w in (["--ref", e["reference"]] if "reference" in e
+                                                                        else ["--seed", str(e["seed"])])]
+        words += ["--steps", str(record["walk"][1]), "--temperature", f"{record['temperature']:g}"]
+    elif "reference" in record or "seed" not in record or record["temperature"] == 0:
         words += ["upscale", record["input"]] + (["--ref", record["reference"]] if "reference" in record else [])
         if record["temperature"] > 0:
             words += ["--temperature", f"{record['temperature']:g}", "--seed", str(record.get("seed", 0))]
@@ -336,6 +375,8 @@ class BatchOptions:
     as_json: bool = False
     sheet: bool = False  # one contact sheet per input instead of the images
     shard: tuple | None = None  # (K, N): only the inputs K, K + N, K + 2N, ... of the sorted list (0-based K)
+    walk: int | None = None  # frames of a latent walk between the two seeds or the two references
+    animate: str | None = None  # with walk: also one animated file of the frames, "webp" or "gif"
 
 
 def run_batch(inputs, refs, seeds, opt: BatchOptions) -> int:
@@ -412,6 +453,11 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
         if ref_paths and not variants:
             report.error("no usable reference")
             return 2
+        if opt.walk is not None:
+            if len(variants) != 2:
+                report.error(f"a walk goes between two seeds or two references, not {len(variants)}")
+                return 2
+            variants = walk_variants(variants, opt.walk, from_prior=seeds is not None)
         if not upscaler.texture_trained and (variants or temperature > 0):
             report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "
                         "and reference gives the fidelity output")
@@ -435,6 +481,7 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                 else:
                     targets = [single or folder / f"{stem}_x{scale}{'_' + suffix if suffix else ''}{ext}"
                                for suffix, _, _ in todo]
+                frames = list(targets)  # all of a walk's frames, for its animation
                 clash = [t for t in targets if t.resolve() in inputs]
                 if clash:
                     raise RefsrError(f"{clash[0]} is an input of this run; refsr never overwrites its inputs")
@@ -469,6 +516,11 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                         write_picture(image, target, picture.icc_profile, run_record | input_record | fields)
                         counts["written"] += 1
                         report.wrote({"input": str(lr_path), "output": str(target), "scale": scale, **fields})
+                if opt.animate and not opt.sheet:
+                    animation = folder / f"{stem}_x{scale}_walk.{opt.animate}"
+                    write_animation(frames, animation)
+                    counts["written"] += 1
+                    report.wrote({"input": str(lr_path), "output": str(animation), "scale": scale, "frames": len(targets)})
                 if opt.sheet:
                     labels = [sheet_label(fields, temperature) for _, fields, _ in todo]
                     write_picture(np.asarray(contact_sheet(crops, labels)), targets[0])

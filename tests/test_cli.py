@@ -279,3 +279,28 @@ def test_two_processes_under_a_launcher_share_the_inputs(tmp_path, checkpoint):
     assert [p.returncode for p in procs] == [0, 0]
     assert sorted(os.path.basename(o) for o in written[0] + written[1]) == ["a_x2.png", "b_x2.png", "c_x2.png"]
     assert len(written[0]) == 2 and len(written[1]) == 1
+
+
+def test_walk_between_two_seeds_and_two_references(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "photo.png")
+    result = run("walk", lr, "--seed", 3, "--seed", 7, "--steps", 4, "--animate", "gif", "--scale", 2,
+                 "--weights", checkpoint, "-o", tmp_path / "w", "-q")
+    assert result.exit_code == 0, result.output
+    frames = [f"photo_x2_walk{i:03d}.png" for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["photo_x2_walk.gif"] + frames
+    # The ends are the samples of those seeds.
+    assert run("sample", lr, "--n", 1, "--seed", 7, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "s",
+               "-q").exit_code == 0
+    last, sample = (np.asarray(Image.open(p)) for p in (tmp_path / "w" / frames[-1], tmp_path / "s" / "photo_x2_s7.png"))
+    assert np.array_equal(last, sample)
+    first, second = (np.asarray(Image.open(tmp_path / "w" / f), dtype=int) for f in frames[:2])
+    assert np.abs(first - second).mean() > 0
+    with Image.open(tmp_path / "w" / "photo_x2_walk.gif") as gif:
+        assert gif.n_frames == 4
+    info = json.loads(run("info", tmp_path / "w" / frames[1], "--json").stdout)
+    assert info["walk"] == [1, 4] and "refsr walk" in info["command"] and "--seed 3 --seed 7" in info["command"]
+    refs = [write_png(tmp_path / f"r{i}.png", 20, 20, seed=9 + i) for i in range(2)]
+    result = run("walk", lr, "--ref", refs[0], "--ref", refs[1], "--steps", 3, "--scale", 2, "--weights", checkpoint,
+                 "-o", tmp_path / "r", "-q")
+    assert result.exit_code == 0 and len(list((tmp_path / "r").iterdir())) == 3
+    assert run("walk", lr, "--seed", 1, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "x").exit_code == 2
