@@ -259,6 +259,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--weights", default=None, help="lean checkpoint [default: the shipped x8]")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--parts", nargs="+", default=["graphs", "breakdown", "samples", "arithmetic", "training", "cli"],
+                        help="which parts to run (default: all)")
     parser.add_argument("--memory-case", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_case is not None:
@@ -270,19 +272,16 @@ def main():
                           "device": str(device),
                           "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}}
     print(f"machine: {result['machine']}")
-    print("\n8x model time (median) and peak memory")
-    result["graphs"] = graph_table(args, device, lean, paper)
-    print("\nwhere one upscale of a 128x128 LR with a new reference goes")
-    result["breakdown"] = breakdown(device, lean)
-    print("\nsample --n 10 against --n 1 (128x128 LR)")
-    result["samples"] = samples_cost(device, lean)
-    print("\narithmetic rate of the lean decoder (128x128 LR)")
-    result["arithmetic"] = arithmetic_rate(device, lean)
-    print("\ntraining throughput")
-    result["training"] = training_throughput(device)
-    if device.type == "cpu":
-        print("\ncold CLI calls (wall, median of 3)")
-        result["cli"] = cli_times(args.weights)
+    parts = [("graphs", "8x model time (median) and peak memory", lambda: graph_table(args, device, lean, paper)),
+             ("breakdown", "where one upscale of a 128x128 LR with a new reference goes", lambda: breakdown(device, lean)),
+             ("samples", "sample --n 10 against --n 1 (128x128 LR)", lambda: samples_cost(device, lean)),
+             ("arithmetic", "arithmetic rate of the lean decoder (128x128 LR)", lambda: arithmetic_rate(device, lean)),
+             ("training", "training throughput", lambda: training_throughput(device)),
+             ("cli", "cold CLI calls (wall, median of 3)", lambda: cli_times(args.weights))]
+    for name, title, run in parts:
+        if name in args.parts and not (name == "cli" and device.type != "cpu"):
+            print(f"\n{title}")
+            result[name] = run()
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

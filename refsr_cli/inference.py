@@ -341,7 +341,7 @@ def sheet_label(fields: dict, temperature: float) -> str:
     """What a contact-sheet tile is, as the flag that redoes it: --seed N, --ref NAME, or T = 0."""
     if "reference" in fields:
         return f"--ref {Path(fields['reference']).name}"
-    if "seed" in fields:
+    if "seed" in fields and temperature > 0:
         return f"--seed {fields['seed']}" + (f" T={temperature:g}" if temperature != 1 else "")
     return "T=0 (fidelity)"
 
