@@ -421,11 +421,7 @@ def fit(opt: TrainOptions, progress=None):
                        optimizer.param_groups[0]["lr"], opt.val and (lambda: validate(model, opt.val, device)), save)
         return model
     finally:
-        if log is not None:
-            log.close()
-        if world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        end_run(log, world)
 
 
 # --- the trunk stage: one fidelity trunk for every scale ---------------------------------------------------------
@@ -600,11 +596,16 @@ def fit_trunk(opt: TrainOptions, progress=None) -> FidelityTrunk:
                                                                                           device)), save)
         return trunk
     finally:
-        if log is not None:
-            log.close()
-        if world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        end_run(log, world)
+
+
+def end_run(log, world: int) -> None:
+    """Close rank 0's log and, under torchrun, the process group: also when the run stops on an error."""
+    if log is not None:
+        log.close()
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
 
 
 def descend(loss, optimizer, scaler, step: int) -> None:
