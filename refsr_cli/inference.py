@@ -431,7 +431,7 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
         report.error(f"{out}: cannot create the output folder ({e.strerror or e})")
         return 2
 
-    inputs = {p.resolve() for p in lr_paths + ref_paths}
+    input_files = {p.resolve() for p in lr_paths + ref_paths}
     # What every output records of how it was made (`refsr info` prints it and the command that redoes it).
     run_record = {"refsr": software_tag(), "scale": scale, "temperature": temperature,
                   "weights": opt.weights or "shipped", "weights_sha256": sha256_of(upscaler.weights_path),
@@ -482,7 +482,7 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                     targets = [single or folder / f"{stem}_x{scale}{'_' + suffix if suffix else ''}{ext}"
                                for suffix, _, _ in todo]
                 frames = list(targets)  # all of a walk's frames, for its animation
-                clash = [t for t in targets if t.resolve() in inputs]
+                clash = [t for t in targets if t.resolve() in input_files]
                 if clash:
                     raise RefsrError(f"{clash[0]} is an input of this run; refsr never overwrites its inputs")
                 exists = [t.exists() for t in targets]

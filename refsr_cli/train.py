@@ -35,8 +35,7 @@ from PIL import Image
 from .checkpoint import atomic_save, build_model, load_backbone, load_checkpoint, read_metadata, save_model
 from .errors import RefsrError
 from .images import list_images, read_rgb
-from .metrics import LPIPSAlex
-from .metrics import psnr_y
+from .metrics import LPIPSAlex, psnr_y
 from .model import FidelityTrunk, RefVAEConfig, VGG16Features, downscale, kl_divergence
 
 
@@ -113,16 +112,22 @@ def batch_seed(opt: TrainOptions, step: int, rank: int = 0) -> int:
     return opt.seed * 1_000_003 + step + rank * 10 ** 12
 
 
+def crop_and_lr(images, lr_patch: int, scale: int, rng: random.Random):
+    """One random HR crop (as a PIL image) and its PIL-bicubic LR (the evaluation's degradation, uint8 quantisation
+    included)."""
+    crop = random_crop(images[rng.randrange(len(images))], lr_patch * scale, rng)
+    pil = Image.fromarray(np.ascontiguousarray(crop))
+    return pil, np.asarray(pil.resize((lr_patch,) * 2, Image.BICUBIC))
+
+
 def make_batch(images, refs, opt: TrainOptions, step: int, ref_size: int, rank: int = 0):
     """HR crops, their PIL-bicubic LR, and the reference of each sample (the HR crop itself, or from the gallery)."""
     rng = random.Random(batch_seed(opt, step, rank))
-    hr_size = opt.lr_patch * opt.scale
     hr, lr, ref, from_gallery = [], [], [], []
     for _ in range(opt.batch):
-        crop = random_crop(images[rng.randrange(len(images))], hr_size, rng)
-        pil = Image.fromarray(np.ascontiguousarray(crop))
-        hr.append(crop)
-        lr.append(np.asarray(pil.resize((opt.lr_patch,) * 2, Image.BICUBIC)))
+        pil, small = crop_and_lr(images, opt.lr_patch, opt.scale, rng)
+        hr.append(np.asarray(pil))
+        lr.append(small)
         gallery = bool(refs) and rng.random() < opt.ref_mix
         source = Image.fromarray(refs[rng.randrange(len(refs))]) if gallery else pil
         ref.append(np.asarray(source.resize((ref_size,) * 2, Image.BICUBIC)))
@@ -267,15 +272,20 @@ def train(opt: TrainOptions, progress=None) -> Path:
     return opt.out / "last.safetensors"
 
 
+def resuming(opt: TrainOptions, state_path: Path) -> bool:
+    """Whether this run continues the one in opt.out; refuses --resume without a run, and a new run over an old one."""
+    if opt.resume and not state_path.is_file():
+        raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
+    if not opt.resume and state_path.exists():
+        raise RefsrError(f"{opt.out} holds a run already: --resume it, or give another --out")
+    return opt.resume
+
+
 def build_for_training(opt: TrainOptions, state_path: Path):
     """(model, resumed state or None): from --resume, --init, or freshly initialised from opt.config."""
-    if opt.resume:
-        if not state_path.is_file():
-            raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
+    if resuming(opt, state_path):
         model, *resumed = load_training_state(state_path, opt)
         return model, resumed
-    if state_path.exists():
-        raise RefsrError(f"{opt.out} holds a run already: --resume it, or give another --out")
     if opt.init:
         if len(opt.init) != 1:
             raise RefsrError("--init: the texture stage starts from one checkpoint")
@@ -435,14 +445,10 @@ def trunk_scale(opt: TrainOptions, step: int) -> int:
 
 
 def make_pixel_batch(images, opt: TrainOptions, step: int, scale: int, rank: int = 0):
-    """HR crops and their PIL-bicubic LR (the evaluation's degradation, uint8 quantisation included)."""
+    """HR crops and their PIL-bicubic LR, at `scale`."""
     rng = random.Random(batch_seed(opt, step, rank))
-    hr, lr = [], []
-    for _ in range(opt.batch):
-        crop = np.ascontiguousarray(random_crop(images[rng.randrange(len(images))], opt.lr_patch * scale, rng))
-        hr.append(crop)
-        lr.append(np.asarray(Image.fromarray(crop).resize((opt.lr_patch,) * 2, Image.BICUBIC)))
-    return to_tensor(hr), to_tensor(lr)
+    pairs = [crop_and_lr(images, opt.lr_patch, scale, rng) for _ in range(opt.batch)]
+    return to_tensor([np.asarray(hr) for hr, _ in pairs]), to_tensor([lr for _, lr in pairs])
 
 
 def trunk_recipe(opt: TrainOptions) -> dict:
@@ -478,13 +484,16 @@ def load_trunk_state(path, opt: TrainOptions):
     return trunk, config, _optimizer_state(tensors, "optimizer", json.loads(meta["param_groups"])), int(meta["step"])
 
 
-def export_trunk(trunk: FidelityTrunk, config: RefVAEConfig, scale: int, path, step: int, seed: int) -> None:
-    """A checkpoint of one scale that `upscale` loads: the trunk with that scale's tail, and a texture branch at its
-    initial state (its output layer is zero, so every z gives the trunk's output until `--stage texture` trains
-    it)."""
+def export_models(config: RefVAEConfig, scales, seed: int) -> dict:
+    """One model per scale, built once per run, that export_trunk fills and saves: a texture branch at its initial
+    state (its output layer is zero, so every z gives the trunk's output until `--stage texture` trains it)."""
     torch.manual_seed(seed)
-    model = build_model(replace(config, arch="trunk", scale=scale))
-    tail = f"tails.x{scale}."
+    return {s: build_model(replace(config, arch="trunk", scale=s)) for s in scales}
+
+
+def export_trunk(trunk: FidelityTrunk, model, path, step: int) -> None:
+    """A checkpoint of one scale that `upscale` loads: the trunk with `model`'s scale's tail, in `model`."""
+    tail = f"tails.x{model.config.scale}."
     model.trunk.load_state_dict({k: v for k, v in trunk.state_dict().items()
                                  if not k.startswith("tails.") or k.startswith(tail)})
     save_model(model, path, step=step, stage="trunk")
@@ -549,12 +558,8 @@ def fit_trunk(opt: TrainOptions, progress=None) -> FidelityTrunk:
     state_path = opt.out / "last.state.safetensors"
     if rank == 0:
         opt.out.mkdir(parents=True, exist_ok=True)
-    if opt.resume:
-        if not state_path.is_file():
-            raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
+    if resuming(opt, state_path):
         trunk, config, optimizer_state, step = load_trunk_state(state_path, opt)
-    elif state_path.exists():
-        raise RefsrError(f"{opt.out} holds a run already: --resume it, or give another --out")
     else:
         torch.manual_seed(opt.seed)
         config, optimizer_state, step = replace(opt.config, arch="trunk"), None, 0
@@ -573,6 +578,7 @@ def fit_trunk(opt: TrainOptions, progress=None) -> FidelityTrunk:
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     images = load_training_images(opt.data, opt.lr_patch * max(opt.scales))
     crops = load_validation_crops(opt.val, 480) if opt.val is not None and rank == 0 else None
+    exports = export_models(config, opt.scales, opt.seed) if rank == 0 else None
     log = open_log(opt.out / "log.jsonl", step, resumed=opt.resume) if rank == 0 else None
     try:
         started, start_step = time.time(), step
@@ -589,8 +595,8 @@ def fit_trunk(opt: TrainOptions, progress=None) -> FidelityTrunk:
             if rank == 0:
                 def save():
                     save_trunk_state(trunk, optimizer, state_path, step, opt, config)
-                    for s in opt.scales:
-                        export_trunk(trunk, config, s, opt.out / f"x{s}.safetensors", step, opt.seed)
+                    for s, model in exports.items():
+                        export_trunk(trunk, model, opt.out / f"x{s}.safetensors", step)
                 record(opt, log, progress, step, start_step, started, {"scale": scale, "loss": loss.item()} | losses,
                        optimizer.param_groups[0]["lr"], crops and (lambda: validate_trunk(trunk, crops, opt.scales,
                                                                                           device)), save)
