@@ -235,7 +235,7 @@ def walk(inputs, refs, seeds, steps, animate, **options):
     if bool(refs) == bool(seeds):
         fail("give two --ref or two --seed, not both")
     options["temperature"] = (1.0 if seeds else 0.0) if options["temperature"] is None else options["temperature"]
-    sys.exit(run_inference(inputs, refs or None, [int(s) for s in seeds] if seeds else None, walk=steps,
+    sys.exit(run_inference(inputs, refs or None, list(seeds) or None, walk=steps,
                            animate=animate, **options))
 
 
