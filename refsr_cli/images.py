@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import RefsrError
 from .files import atomic_path
@@ -99,12 +99,17 @@ class Picture:
     warnings: list = field(default_factory=list)
 
 
-# EXIF orientation -> the numpy operations that undo it (Pillow's ImageOps.exif_transpose, on arrays).
-ORIENTATIONS = {
-    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, -1)[::-1],
-    8: lambda a: np.rot90(a, 1),
-}
+def exif_transpose(data: np.ndarray, orientation: int) -> np.ndarray:
+    """HxWxC uint8 or uint16 pixels turned upright by Pillow's ImageOps.exif_transpose, plane by plane (16-bit
+    colour PNGs are decoded by pypng, so there is no Pillow image of the whole to hand it)."""
+    if orientation == 1:
+        return data
+    planes = []
+    for c in range(data.shape[2]):
+        plane = Image.fromarray(np.ascontiguousarray(data[..., c]))  # mode L or I;16
+        plane.getexif()[0x0112] = orientation
+        planes.append(np.asarray(ImageOps.exif_transpose(plane)))
+    return np.stack(planes, axis=2)
 
 
 def _png_bit_depth(path) -> int:
@@ -183,8 +188,7 @@ def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     except Exception as e:  # pypng's png.Error and other decoder failures
         raise RefsrError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
-    if orientation in ORIENTATIONS:
-        data = np.ascontiguousarray(ORIENTATIONS[orientation](data))
+    data = exif_transpose(data, orientation)
     values = data.astype(np.float32) / (65535.0 if bits == 16 else 255.0)
     colour = values[..., :1] if grayscale else values[..., :3]
     return Picture(rgb=np.repeat(colour, 3, axis=2) if grayscale else colour,
@@ -210,29 +214,21 @@ PNG_COMPRESS_LEVEL = 1
 
 
 def _write_png16(f, array: np.ndarray, icc: bytes | None, text: dict) -> None:
-    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count), filter type 0, with the ICC profile and the
-    text chunks."""
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count) written by pypng, with the ICC profile and the
+    text chunks, which pypng's writer does not take, put in after its header through pypng's chunk API."""
+    import io
+
+    import png
     height, width, channels = array.shape
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)))
-    if icc:
-        f.write(chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(icc)))
-    for key, value in text.items():
-        f.write(chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1")))
-    compressor = zlib.compressobj(PNG_COMPRESS_LEVEL)
-    idat = bytearray()
+    writer = png.Writer(width, height, greyscale=channels <= 2, alpha=channels in (2, 4), bitdepth=16,
+                        compression=PNG_COMPRESS_LEVEL)
     rows = array.astype(">u2").reshape(height, width * channels)
-    for y in range(height):  # row by row: no second full-size copy of the image in memory
-        idat += compressor.compress(b"\x00" + rows[y].tobytes())
-        if len(idat) > 1 << 22:
-            f.write(chunk(b"IDAT", bytes(idat)))
-            idat = bytearray()
-    idat += compressor.flush()
-    f.write(chunk(b"IDAT", bytes(idat)) + chunk(b"IEND", b""))
+    encoded = io.BytesIO()
+    writer.write_packed(encoded, (row.tobytes() for row in rows))  # big-endian bytes: pypng's packed 16-bit rows
+    chunks = list(png.Reader(bytes=encoded.getvalue()).chunks())
+    extra = [(b"iCCP", b"icc\x00\x00" + zlib.compress(icc))] if icc else []
+    extra += [(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1")) for key, value in text.items()]
+    png.write_chunks(f, chunks[:1] + extra + chunks[1:])  # chunks[0] is IHDR, which must come first
 
 
 def software_tag() -> str:

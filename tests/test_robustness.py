@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import smooth_image, write_png
 from refsr_cli.cli import main
-from refsr_cli.images import read_picture, write_picture
+from refsr_cli.images import exif_transpose, read_picture, read_provenance, write_picture
 
 
 def run(*args):
@@ -241,6 +241,29 @@ def test_16_bit_png_round_trip(tmp_path):
     assert np.allclose(picture.rgb * 65535, data, atol=0.01)
     write_picture(data, tmp_path / "again.png")
     assert np.array_equal(read_picture(tmp_path / "again.png").rgb, picture.rgb)
+
+
+def test_16_bit_png_keeps_its_icc_profile_and_text(tmp_path):
+    from PIL import ImageCms
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = (np.random.default_rng(1).random((5, 9, 2)) * 65535).astype(np.uint16)  # grey + alpha
+    write_picture(data, tmp_path / "deep.png", icc_profile=icc, provenance={"refsr": "test", "seed": 3})
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.info["icc_profile"] == icc and im.info["Software"].startswith("refsr")
+    assert read_provenance(tmp_path / "deep.png")["seed"] == 3
+    picture = read_picture(tmp_path / "deep.png")
+    assert picture.bits == 16 and picture.grayscale
+    assert np.array_equal((picture.alpha * 65535).round(), data[..., 1])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_of_16_bit_pixels_matches_pillow(orientation):
+    from PIL import ImageOps
+    image = Image.fromarray(smooth_image(6, 10, seed=orientation))
+    image.getexif()[0x0112] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(image)).astype(np.uint16) * 257
+    deep = np.asarray(image).astype(np.uint16) * 257
+    assert np.array_equal(exif_transpose(deep, orientation), expected)
 
 
 def test_16_bit_png_through_the_cli(tmp_path, checkpoint):
