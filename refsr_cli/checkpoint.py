@@ -96,6 +96,14 @@ def load_checkpoint(path, scale: int | None = None, fmt: str = FORMAT, prefix: s
     return model.eval()
 
 
+def load_model(spec: str | None, scale: int | None = None) -> RefVAE:
+    """The one way in: a model from a local .safetensors file, a Hub reference owner/repo[@revision][:filename]
+    (downloaded into the Hugging Face cache), or, with spec None, the shipped weights of `scale`."""
+    if spec is None and scale is None:
+        raise RefsrError("name the weights, or the scale of the shipped weights to load")
+    return load_checkpoint(resolve_weights(spec, scale or 8), scale)
+
+
 def resolve_weights(spec: str | None, scale: int) -> Path:
     """The local file for --weights: an existing path, a Hub reference (downloaded into the HF cache), or the
     shipped checkpoint for `scale` when spec is None."""

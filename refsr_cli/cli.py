@@ -272,6 +272,29 @@ def info(outputs, as_json):
     sys.exit(code)
 
 
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path),
+                metavar="CHECKPOINT...")
+@click.argument("repo", metavar="OWNER/REPO")
+@click.option("--revision", default=None, help="Branch to commit to. [default: main]")
+@click.option("--private", is_flag=True, help="Create the repository private (if it does not exist yet).")
+@click.option("-m", "--message", default=None, help="Commit message.")
+@click.option("--no-card", is_flag=True, help="Leave the repository's README.md alone.")
+def push(files, repo, revision, private, message, no_card):
+    """Upload CHECKPOINT... to the Hugging Face Hub model repository OWNER/REPO in one commit, each as
+    refsr-x{scale}.safetensors (what --weights OWNER/REPO loads), with a generated model card as README.md.
+    Needs a token with write access (HF_TOKEN, or `hf auth login`)."""
+    from .errors import RefsrError
+    from .hub import push as push_to_hub
+    try:
+        url = push_to_hub(files, repo, revision, private, message, card=not no_card)
+    except RefsrError as e:
+        fail(str(e), 1)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    click.echo(url)
+
+
 @main.command(name="eval")
 @click.argument("hr_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--scale", type=SCALES, default="8", show_default=True)

@@ -1,4 +1,5 @@
-"""Writing files so that nothing is ever half-written: a temporary file beside the target, renamed when complete."""
+"""Files: writing them so that nothing is ever half-written (a temporary file beside the target, renamed when
+complete), and their sha256 for provenance and model cards."""
 import os
 import tempfile
 from contextlib import contextmanager
@@ -30,3 +31,15 @@ def atomic_path(path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sha256_of(path) -> str | None:
+    """The hex sha256 of a file's bytes (None for None), read in 1 MiB blocks."""
+    import hashlib
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -14,6 +14,7 @@ from PIL import Image
 
 from .checkpoint import load_checkpoint, read_metadata, resolve_weights
 from .errors import RefsrError
+from .files import sha256_of
 from .images import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb,
                      software_tag, unique_stems, write_picture)
 from .model import RefVAE, downscale, resampling_matrix, upsample
@@ -297,17 +298,6 @@ def write_animation(frames, path) -> None:
     with atomic_path(path) as tmp:
         images[0].save(tmp, format=fmt, save_all=True, append_images=images[1:], duration=100, loop=0,
                        **({"lossless": False, "quality": 90} if fmt == "WEBP" else {}))
-
-
-def sha256_of(path) -> str | None:
-    import hashlib
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def redo_command(record: dict) -> str:

@@ -190,6 +190,20 @@ class RefVAE(nn.Module):
             nn.Conv2d(c.head_channels, c.head_channels, 3, padding=1), nn.LeakyReLU(0.2))
         self.ref_to_posterior = nn.Linear(c.head_channels * c.head_grid ** 2, 2 * c.z_dim)
 
+    # --- files ------------------------------------------------------------------------------------------
+    @staticmethod
+    def from_pretrained(spec: str | None = None, scale: int | None = None) -> "RefVAE":
+        """The model a checkpoint's stored config builds, with its weights, in eval mode: `spec` is a local
+        .safetensors file, a Hub reference owner/repo[@revision][:filename], or None for the shipped weights of
+        `scale` (what `--weights` takes). The class is the config's architecture, whichever class this is called on."""
+        from .checkpoint import load_model
+        return load_model(spec, scale)
+
+    def save_pretrained(self, path, **metadata) -> None:
+        """One safetensors file: the weights and, in its metadata, the config that rebuilds the model."""
+        from .checkpoint import save_model
+        save_model(self, path, **metadata)
+
     # --- pieces -----------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict:
         """The checkpoint: every parameter except the frozen VGG16, which ships separately."""

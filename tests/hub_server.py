@@ -13,9 +13,21 @@ It answers `HEAD`/`GET {endpoint}/{owner}/{repo}/resolve/{revision}/{filename}` 
 - never an `X-Xet-Hash` header or a `xet-auth` link: either would send the client to the Xet storage protocol (the
   hf_xet extension), which nothing here speaks.
 
-Every request is recorded in `requests`, so a test can prove that a cache hit downloaded nothing.
+Uploads (`refsr push`, through `HfApi.create_repo` and `create_commit`) are answered as the Hub answers them:
+
+- `POST /api/repos/create`: 409 if the repository exists (the client's `exist_ok` accepts that), else an empty `main`;
+- `POST /api/validate-yaml`: no errors (the client checks a README's metadata before committing it);
+- `POST /api/models/{owner}/{repo}/preupload/{revision}`: every file "regular", so its bytes travel base64 in the
+  commit itself (the Hub's choice to make; LFS would send the client to the Xet protocol);
+- `POST /api/models/{owner}/{repo}/commit/{revision}`: the NDJSON commit, published as the new head of the revision,
+  so a pushed file downloads back through the endpoints above.
+
+Every write needs an `Authorization: Bearer` header (401 without one, as for an anonymous user). Every request is
+recorded in `requests`, so a test can prove that a cache hit downloaded nothing.
 """
+import base64
 import hashlib
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -32,6 +44,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self._answer(send_body=True)
+
+    def do_POST(self):
+        hub = self.server.hub
+        path = urlsplit(self.path).path
+        hub._record(self.server.role, "POST", path)
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        authorised = self.headers.get("Authorization", "").startswith("Bearer ")
+        status, answer = hub._write_answer(path, body, authorised)
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        if status >= 400:
+            self.send_header("X-Error-Message", answer.get("error", ""))
+            if "code" in answer:
+                self.send_header("X-Error-Code", answer["code"])
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def log_message(self, format, *args):  # quiet: pytest shows failures, not an access log
         pass
@@ -81,6 +111,10 @@ class FakeHub:
                 self.blobs[hashlib.sha256(data).hexdigest()] = data
         return commit
 
+    def files(self, repo, revision="main"):
+        """{filename: bytes} at the head of a revision."""
+        return {name: data for name, (data, _) in self.repos[repo][revision][1].items()}
+
     def commit(self, repo, revision):
         return self.repos[repo][revision][0]
 
@@ -119,6 +153,40 @@ class FakeHub:
                          "ETag": f'"{hashlib.sha1(data).hexdigest()}-pointer"'}, b"Found"
         # A regular file: the etag of a git blob (any stable string will do for the client).
         return 200, {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}, data
+
+    def _write_answer(self, path, body, authorised):
+        """(status, JSON answer) of an upload request."""
+        if not authorised:
+            return 401, {"error": "Invalid credentials in Authorization header"}
+        if path == "/api/validate-yaml":
+            return 200, {"errors": [], "warnings": []}
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            repo = f"{payload['organization']}/{payload['name']}"
+            if repo in self.repos:
+                return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo}"}
+            self.add_revision(repo, "main", {}, lfs=False)
+            return 200, {"url": f"{self.url}/{repo}"}
+        parts = path.lstrip("/").split("/")
+        if len(parts) != 6 or parts[0] != "api" or parts[1] != "models" or parts[4] not in ("preupload", "commit"):
+            return 404, {"error": "Not Found"}
+        repo, action, revision = f"{parts[2]}/{parts[3]}", parts[4], unquote(parts[5])
+        if repo not in self.repos:
+            return 404, {"error": "Repository not found", "code": "RepoNotFound"}
+        if revision not in self.repos[repo]:
+            return 404, {"error": f"Invalid rev id: {revision}", "code": "RevisionNotFound"}
+        if action == "preupload":
+            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                                   for f in json.loads(body)["files"]]}
+        files = self.files(repo, revision)
+        for line in body.splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] != "header":
+                return 400, {"error": f"this fake Hub takes regular files only, not {item['key']}"}
+        commit = self.add_revision(repo, revision, files, lfs=False)
+        return 200, {"commitUrl": f"{self.url}/{repo}/commit/{commit}", "commitOid": commit}
 
     def _cdn_answer(self, path):
         sha256 = path.rsplit("/", 1)[-1]

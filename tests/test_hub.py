@@ -3,6 +3,7 @@
 No test here may reach the network: HF_ENDPOINT points at tests/hub_server.py on 127.0.0.1, and a guard fails any
 test that tries to resolve or connect to anything but loopback.
 """
+import hashlib
 import socket
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 
 from conftest import write_png
 from hub_server import FakeHub
@@ -19,7 +21,7 @@ from huggingface_hub.utils import _http as hf_http
 from refsr_cli.checkpoint import build_model, load_checkpoint, resolve_weights, save_model
 from refsr_cli.cli import main
 from refsr_cli.errors import RefsrError
-from refsr_cli.model import RefVAEConfig
+from refsr_cli.model import RefVAE, RefVAEConfig
 
 REPO = "owner/repo"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -273,3 +275,79 @@ def test_cli_missing_repo_is_one_line_error(hub, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("refsr: error:"), result.stderr
     assert "repository" in lines[0]
     assert "Traceback" not in result.output
+
+
+# --- refsr push: uploads through huggingface_hub to the same fake Hub ---------------------------------------------
+
+def tiny_x4_checkpoint(path):
+    torch.manual_seed(4)
+    model = build_model(RefVAEConfig(scale=4, channels=8, lr_blocks=1, fuse_blocks=1, up_channels=(8, 8), z_dim=8,
+                                     head_channels=8, ref_size=32, cond_grid=2, cond_period=4))
+    model.save_pretrained(path, stage="trunk", step=1234)
+    return path
+
+
+def push(*args):
+    return CliRunner().invoke(main, ["push", *map(str, args)])
+
+
+def test_push_creates_the_repo_and_what_it_pushed_loads_back(hub, tmp_path, monkeypatch, checkpoints):
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    x2 = tmp_path / "mine-x2.safetensors"
+    x2.write_bytes(checkpoints[0])
+    x4 = tiny_x4_checkpoint(tmp_path / "run" / "last.safetensors")
+    result = push(x2, x4, "me/upscaler")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().startswith(f"{hub.url}/me/upscaler/commit/")
+    files = hub.files("me/upscaler")
+    # Stored under the names --weights OWNER/REPO looks for, byte for byte.
+    assert files["refsr-x2.safetensors"] == checkpoints[0] and files["refsr-x4.safetensors"] == x4.read_bytes()
+    card = files["README.md"].decode()
+    assert card.startswith("---\nlibrary_name: refsr")
+    assert hashlib.sha256(x4.read_bytes()).hexdigest() in card and "fidelity trunk only" in card and "1234" in card
+    assert "--weights me/upscaler" in card
+    # One commit for all three files: the new head of main is the commit the command printed.
+    assert result.stdout.strip().endswith(hub.commit("me/upscaler", "main"))
+    assert_same_tensors(resolve_weights("me/upscaler", 2), checkpoints[0])
+    model = RefVAE.from_pretrained("me/upscaler", scale=4)
+    reference = load_checkpoint(x4, 4)
+    for name, tensor in reference.trainable_state_dict().items():
+        assert torch.equal(model.trainable_state_dict()[name], tensor)
+
+
+def test_push_into_an_existing_repo_adds_a_commit(hub, tmp_path, monkeypatch, checkpoints):
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    x4 = tiny_x4_checkpoint(tmp_path / "x4.safetensors")
+    before = hub.commit(REPO, "main")
+    result = push(x4, REPO, "--no-card", "-m", "x4 weights")
+    assert result.exit_code == 0, result.output
+    files = hub.files(REPO)
+    assert files["refsr-x4.safetensors"] == x4.read_bytes() and "README.md" not in files
+    assert files["tiny.safetensors"] == checkpoints[0]  # what was there stays
+    assert hub.commit(REPO, "main") != before
+
+
+def test_push_without_a_token_is_one_line_error(hub, tmp_path):
+    x4 = tiny_x4_checkpoint(tmp_path / "x4.safetensors")
+    result = push(x4, "me/upscaler")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refsr: error: me/upscaler") and "HF_TOKEN" in lines[0]
+    assert "me/upscaler" not in hub.repos
+
+
+def test_push_refuses_what_it_cannot_push_before_any_request(hub, tmp_path, monkeypatch, checkpoints):
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    x2 = tmp_path / "x2.safetensors"
+    x2.write_bytes(checkpoints[0])
+    twice = tmp_path / "again.safetensors"
+    twice.write_bytes(checkpoints[1])
+    for args, message in [((other, "me/upscaler"), "not a refsr checkpoint"),
+                          ((x2, twice, "me/upscaler"), "push one per scale"),
+                          ((tmp_path / "missing.safetensors", "me/upscaler"), "no such file"),
+                          ((x2, "me/upscaler@v2"), "not a Hub repository name")]:
+        result = push(*args)
+        assert result.exit_code == 1 and message in result.stderr, result.output
+    assert hub.count() == 0
