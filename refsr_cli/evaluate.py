@@ -1,4 +1,4 @@
-"""`refsr eval`: a checkpoint measured by the protocol of DESIGN.md §5, next to the bicubic baseline.
+"""`refsr eval`: a checkpoint measured by the protocol of docs/evaluation.md, next to the bicubic baseline.
 
 HR is cropped to a multiple of the scale, LR is its PIL-bicubic downscale; PSNR and SSIM on Y with `scale` pixels of
 border shaved, LPIPS (AlexNet, v0.1) on RGB, LR-PSNR of the SR image downscaled the same way.

@@ -1,5 +1,5 @@
-"""Image quality measures of DESIGN.md §5: PSNR/SSIM on Y, LPIPS (AlexNet, v0.1), LR-PSNR, and the bicubic
-resize that defines the LR images. Arrays are float64 HxWx3 in [0, 1] unless said otherwise."""
+"""Image quality measures of the evaluation protocol (docs/evaluation.md): PSNR/SSIM on Y, LPIPS (AlexNet, v0.1),
+LR-PSNR, and the bicubic resize that defines the LR images. Arrays are float64 HxWx3 in [0, 1] unless said otherwise."""
 import numpy as np
 import torch
 import torch.nn as nn

@@ -12,8 +12,8 @@ Under `torchrun --nproc_per_node=N refsr train ...` (WORLD_SIZE set) the same lo
 gloo on the CPU, NCCL on CUDA; every rank draws its own batch of --batch samples, rank 0 alone writes checkpoints, logs
 and validation.
 
-The objective (DESIGN.md §2), each term a flag whose default is the paper's weight: pixel L1, L1 of the bicubic
-downscale (LR consistency), L1 on VGG16 relu4_1 (content), channel mean/std of VGG16 features against a gallery
+The objective (the RefVAE paper, eq. 6-9), each term a flag whose default is the paper's weight: pixel L1, L1 of
+the bicubic downscale (LR consistency), L1 on VGG16 relu4_1 (content), channel mean/std of VGG16 features against a gallery
 reference (style), LPIPS, total variation, KL, a PatchGAN discriminator, and the released code's multi-scale pixel L1.
 The VGG, LPIPS and discriminator terms see one random `perceptual_crop`-pixel window of each sample: a quarter of
 the cost of the whole 256-pixel crop, at the same pixel scale.
