@@ -96,7 +96,7 @@ def common_inference_options(f):
               help="Reference image or folder of them (repeatable): its texture is added. [default: none, the "
                    "faithful output]")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the draw when --temperature is above 0.")
+              help="Seed of the draw when --temperature is above 0, and of the texture grain of --ref outputs.")
 @common_inference_options
 def upscale(inputs, refs, seed, **options):
     """Upscale LR_IMAGE... (files, folders or globs): once per reference, or once without one.

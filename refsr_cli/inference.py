@@ -2,10 +2,12 @@
 `refsr upscale` and `refsr sample`."""
 import functools
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from .errors import RefsrError
 from .files import sha256_of
 from .images import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb,
                      software_tag, unique_stems, write_picture)
-from .model import RefVAE, downscale, resampling_matrix, upsample
+from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
 from .sheet import contact_sheet, sheet_window
 
 
@@ -48,6 +50,16 @@ def back_project(sr, lr, scale: int, rounds: int):
         correction = (inv_h @ residual @ inv_w.T).to(sr.dtype)
         sr = sr.add_(upsample(correction, scale)).clamp_(0, 1)
     return sr
+
+
+class Latent(NamedTuple):
+    """What one output is decoded from: z (None: the fidelity output, which has no texture branch) and the seed of
+    the texture branch's noise; on a walk, the noise of `noise_seed` turns into that of `noise_to` as `noise_t`
+    goes from 0 to 1."""
+    z: torch.Tensor | None
+    noise_seed: int = 0
+    noise_to: int | None = None
+    noise_t: float = 0.0
 
 
 MIN_TILE = 16
@@ -87,30 +99,35 @@ class Upscaler:
             self.device, self.dtype, memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def reference_z(self, image: np.ndarray, temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
-        """z from a reference image: mu + temperature * sigma * eps."""
+    def reference_z(self, image: np.ndarray, temperature: float = 0.0, seed: int = 0) -> Latent:
+        """z from a reference image, mu + temperature * sigma * eps (eps and the texture noise of `seed`)."""
         size = self.model.config.ref_size
         ref = Image.fromarray((image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
         mu, logvar = self.model.encode_reference(self._tensor(np.asarray(ref, dtype=np.float32) / 255))
         eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed)).to(mu)
-        return mu + temperature * torch.exp(0.5 * logvar) * eps
+        return Latent(mu + temperature * torch.exp(0.5 * logvar) * eps, seed)
 
-    def prior_z(self, seed: int, temperature: float = 1.0) -> torch.Tensor | None:
-        """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device; None at
-        temperature 0: the fidelity output."""
+    def prior_z(self, seed: int, temperature: float = 1.0) -> Latent:
+        """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device, and the
+        texture noise of the same seed; at temperature 0, the fidelity output."""
         if temperature == 0:
-            return None
+            return Latent(None, seed)
         eps = torch.randn(1, self.model.config.z_dim, generator=torch.Generator().manual_seed(seed))
-        return (temperature * eps).to(self.device, self.dtype)
+        return Latent((temperature * eps).to(self.device, self.dtype), seed)
 
-    def condition(self, z):
-        """What the decoder needs of one z: None (the trunk's fidelity output) for z = None in the trunk
+    def condition(self, latent: Latent | None):
+        """What the decoder needs of one latent: None (the trunk's fidelity output) for z = None in the trunk
         architecture; the other architectures have no such path and decode z = 0."""
+        z, noise, noise_to, t = latent if latent is not None else Latent(None)
         if z is None:
             if self.model.config.arch == "trunk":
                 return None
             z = torch.zeros(1, self.model.config.z_dim, device=self.device, dtype=self.dtype)
-        return self.model.condition_cell(z)
+        if noise_to is not None and getattr(self.model.config, "texture_noise", False):
+            # Along a quarter circle: every frame's noise has unit variance, and the ends are the two seeds'.
+            start, end = (noise_tables([s], self.model.config.stages, self.device) for s in (noise, noise_to))
+            noise = [math.cos(t * math.pi / 2) * a + math.sin(t * math.pi / 2) * b for a, b in zip(start, end)]
+        return self.model.condition_cell(z, noise)
 
     def tiles(self, height: int, width: int):
         return [(y, x) for y in tile_spans(height, self.tile) for x in tile_spans(width, self.tile)]
@@ -277,16 +294,18 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def walk_variants(ends, frames: int, from_prior: bool) -> list:
-    """`frames` (name suffix, record fields, z) from the first end to the second: slerp between prior draws, a
-    straight line between the means of two references."""
-    (_, start, z0), (_, end, z1) = ends
+    """`frames` (name suffix, record fields, latent) from the first end to the second: slerp between prior draws, a
+    straight line between the means of two references; the texture noise turns from the first end's into the
+    second's the same way, so that the grain changes as smoothly as the look."""
+    (_, start, (z0, noise0, _, _)), (_, end, (z1, noise1, _, _)) = ends
     if z0 is None or z1 is None:
         raise RefsrError("a walk needs a temperature above 0 between seeds")
     steps = []
     for i in range(frames):
         t = i / max(frames - 1, 1)
         z = slerp(z0, z1, t) if from_prior else z0 + t * (z1 - z0)
-        steps.append((f"walk{i:03d}", {"walk": [i, frames], "from": start, "to": end}, z))
+        steps.append((f"walk{i:03d}", {"walk": [i, frames], "from": start, "to": end},
+                      Latent(z, noise0, noise1 if noise1 != noise0 else None, t)))
     return steps
 
 
@@ -314,6 +333,8 @@ def redo_command(record: dict) -> str:
         words += ["upscale", record["input"]] + (["--ref", record["reference"]] if "reference" in record else [])
         if record["temperature"] > 0:
             words += ["--temperature", f"{record['temperature']:g}", "--seed", str(record.get("seed", 0))]
+        elif record.get("seed", 0) != 0:  # a reference output's texture noise
+            words += ["--seed", str(record["seed"])]
     else:
         words += ["sample", record["input"], "--n", "1", "--seed", str(record["seed"]),
                   "--temperature", f"{record['temperature']:g}"]
@@ -330,7 +351,7 @@ def redo_command(record: dict) -> str:
 def sheet_label(fields: dict, temperature: float) -> str:
     """What a contact-sheet tile is, as the flag that redoes it: --seed N, --ref NAME, or T = 0."""
     if "reference" in fields:
-        return f"--ref {Path(fields['reference']).name}"
+        return f"--ref {Path(fields['reference']).name}" + (f" --seed {fields['seed']}" if fields.get("seed") else "")
     if "seed" in fields and temperature > 0:
         return f"--seed {fields['seed']}" + (f" T={temperature:g}" if temperature != 1 else "")
     return "T=0 (fidelity)"
@@ -428,7 +449,7 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                   "tile": opt.tile, "tile_pad": opt.tile_pad, "consistency_steps": opt.consistency_steps}
     with report:
         # Each reference is encoded once for the whole batch.
-        variants = []  # (name suffix, record fields, z)
+        variants = []  # (name suffix, record fields, latent)
         if seeds is not None:
             variants = [(f"s{seed}", {"seed": seed}, upscaler.prior_z(seed, temperature)) for seed in seeds]
         for path, stem in zip(ref_paths, unique_stems(ref_paths)):
@@ -438,8 +459,8 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                 report.error(f"reference {e}")
                 counts["failed"] += 1
                 continue
-            variants.append((stem, {"reference": str(path), "reference_sha256": sha256_of(path)}
-                             | ({"seed": opt.seed} if temperature > 0 else {}), z))
+            variants.append((stem, {"reference": str(path), "reference_sha256": sha256_of(path), "seed": opt.seed},
+                             z))
         if ref_paths and not variants:
             report.error("no usable reference")
             return 2
@@ -465,7 +486,7 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                     report.warn(message)
                 # No reference: the fidelity output (temperature 0), or a prior sample of --seed.
                 todo = variants or [(f"s{opt.seed}", {"seed": opt.seed}, upscaler.prior_z(opt.seed, temperature))
-                                    if temperature > 0 else ("", {}, None)]
+                                    if temperature > 0 else ("", {}, Latent(None))]
                 if opt.sheet:
                     targets = [single or folder / f"{stem}_x{scale}_sheet{ext}"]
                 else:

@@ -51,6 +51,10 @@ class RefVAEConfig:
     # z also scales and shifts the channels after each x2 stage (as AdaIN does): a direct path from z to the
     # texture statistics of the output, which the style loss measures.
     z_modulation: bool = True
+    # A seeded noise map added after each x2 stage, scaled per channel (StyleGAN's noise inputs): where the LR is flat,
+    # texture has to come from somewhere, and without it the branch drew the only texture a deterministic
+    # decoder can place there, a grid with the LR pixels' period.
+    texture_noise: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "up_channels", tuple(self.up_channels))
@@ -82,7 +86,7 @@ class RefVAEConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "RefVAEConfig":
-        data = json.loads(text)
+        data = {**ADDED_KEYS, **json.loads(text)}
         known = {f.name for f in fields(cls)}
         unknown, missing = sorted(set(data) - known), sorted(known - set(data))
         if unknown:
@@ -90,6 +94,11 @@ class RefVAEConfig:
         if missing:  # never fill a stored architecture in with today's defaults
             raise ValueError(f"config keys {missing} missing (a checkpoint from an older refsr?)")
         return cls(**data)
+
+
+# Config keys added after checkpoints were released, with the value that rebuilds what those checkpoints were trained
+# as: the one exception to never filling a stored config in.
+ADDED_KEYS = {"texture_noise": False}
 
 
 class ResBlock(nn.Module):
@@ -139,6 +148,33 @@ class VGG16Features(nn.Module):
         return taps if all_layers else taps[-1]
 
 
+def icnr(conv: nn.Conv2d, factor: int = 2) -> nn.Conv2d:
+    """ICNR initialisation (Aitken et al. 2017) of a conv followed by PixelShuffle(factor): the factor^2 sub-pixel
+    outputs of each channel start equal, so the stage starts as a nearest-neighbour upsampling of a conv, without
+    the sub-pixel checkerboard."""
+    with torch.no_grad():
+        out_channels = conv.out_channels // factor ** 2
+        sub = nn.Conv2d(conv.in_channels, out_channels, conv.kernel_size, padding=conv.padding)
+        conv.weight.copy_(sub.weight.repeat_interleave(factor ** 2, dim=0))
+        conv.bias.copy_(sub.bias.repeat_interleave(factor ** 2, dim=0))
+    return conv
+
+
+NOISE_PERIOD = 256  # pixels of each stage's noise table, repeated over the image (at x8: 256, 512, 1024 HR px)
+
+
+def noise_tables(seeds, stages: int, device) -> list:
+    """Per x2 stage, (B, 1, NOISE_PERIOD, NOISE_PERIOD) standard normal noise, one table per seed in `seeds`, drawn
+    on the CPU so that a seed gives the same noise on every device. The decoder repeats each table over the image
+    anchored at its top-left pixel, so a tile gets the noise of its place in the whole image."""
+    tables = []
+    for stage in range(stages):
+        per_seed = [torch.randn(1, 1, NOISE_PERIOD, NOISE_PERIOD,
+                                generator=torch.Generator().manual_seed(int(seed) * 8 + stage)) for seed in seeds]
+        tables.append(torch.cat(per_seed).to(device))
+    return tables
+
+
 def tile_periodic(cell: torch.Tensor, height: int, width: int, y0: int = 0, x0: int = 0) -> torch.Tensor:
     """The (height, width) window at (y0, x0) of the plane covered by copies of `cell` anchored at (0, 0)."""
     p, q = cell.shape[-2:]
@@ -169,9 +205,13 @@ class RefVAE(nn.Module):
         self.fuse_body = nn.Sequential(*[ResBlock(c.channels) for _ in range(c.fuse_blocks)])
         ups, cin = [], c.channels
         for cout in c.up_channels[:c.stages]:
-            ups += [nn.Conv2d(cin, 4 * cout, 3, padding=1), nn.PixelShuffle(2), nn.LeakyReLU(0.2, inplace=True)]
+            ups += [icnr(nn.Conv2d(cin, 4 * cout, 3, padding=1)), nn.PixelShuffle(2), nn.LeakyReLU(0.2, inplace=True)]
             cin = cout
         self.upsample = nn.Sequential(*ups)
+        if c.texture_noise:
+            # Zero-initialised, as the output layer: the branch starts without noise and learns how much it wants.
+            self.noise_strength = nn.ParameterList(
+                nn.Parameter(torch.zeros(1, cout, 1, 1)) for cout in c.up_channels[:c.stages])
         if c.z_modulation:
             # Zero-initialised: a network without it, extended with it, computes the same function.
             self.z_to_style = nn.Linear(c.z_dim, 2 * sum(c.up_channels[:c.stages]))
@@ -223,9 +263,11 @@ class RefVAE(nn.Module):
         x = x + self.lr_body(x)
         return self.lr_to_modulation(x).chunk(2, dim=1)
 
-    def condition_cell(self, z: torch.Tensor):
+    def condition_cell(self, z: torch.Tensor, noise=0):
         """z (B, z_dim) -> (one periodic cell (B, channels, cond_period, cond_period) of C_R, the per-stage channel
-        scales and shifts or None): everything the decoder needs of z, computed once per z."""
+        scales and shifts or None, the per-stage noise tables or None): everything the decoder needs of a z,
+        computed once per z. `noise`: the seed of the texture noise (an int for every sample, or one per sample),
+        or the tables themselves (training draws them from its own generator)."""
         c = self.config
         x = self.z_to_cond(z).view(-1, c.channels, c.cond_grid, c.cond_grid)
         # Bilinear upsampling of a periodic map: pad circularly, upsample, cut one period back out.
@@ -234,7 +276,9 @@ class RefVAE(nn.Module):
                           align_corners=False)
         x = x[..., factor:factor + c.cond_period, factor:factor + c.cond_period]
         styles = self.z_to_style(z) if c.z_modulation else None
-        return self.cond_body(x), styles
+        if c.texture_noise and not isinstance(noise, list):
+            noise = noise_tables([noise] * len(z) if isinstance(noise, int) else noise, c.stages, z.device)
+        return self.cond_body(x), styles, [t.to(z.dtype) for t in noise] if c.texture_noise else None
 
     def decode(self, lr, lr_code, condition, origin=(0, 0)):
         """Decode one z (as its condition_cell) against an encoded LR image; origin places a tile in its image."""
@@ -242,14 +286,20 @@ class RefVAE(nn.Module):
         return upsample(lr, self.config.scale).add_(self.texture_residual(lr, f_mu, f_sigma, condition, origin))
 
     def texture_residual(self, lr, f_mu, f_sigma, condition, origin):
-        """F = C_R * (1 + F_sigma) + F_mu, fusion blocks, x2 stages modulated by z, to RGB."""
-        cell, styles = condition
+        """F = C_R * (1 + F_sigma) + F_mu, fusion blocks, x2 stages with noise and modulated by z, to RGB."""
+        cell, styles, noise = condition
         h, w = lr.shape[-2:]
         x = tile_periodic(cell, h, w, *origin) * (1 + f_sigma) + f_mu
         x = x + self.fuse_body(x)
         offset = 0
-        for i in range(0, len(self.upsample), 3):  # conv, pixel shuffle, activation
-            x = self.upsample[i + 2](self.upsample[i + 1](self.upsample[i](x)))
+        for stage, i in enumerate(range(0, len(self.upsample), 3)):  # conv, pixel shuffle, activation
+            x = self.upsample[i + 1](self.upsample[i](x))
+            if noise is not None:
+                f = 2 ** (stage + 1)  # this stage's pixels per LR pixel: the tables sit at image coordinates
+                grain = self.noise_strength[stage] * tile_periodic(noise[stage], *x.shape[-2:], origin[0] * f,
+                                                                   origin[1] * f)
+                x = x.add_(grain) if not torch.is_grad_enabled() else x + grain
+            x = self.upsample[i + 2](x)
             if styles is not None:
                 n = x.shape[1]
                 scale, shift = 1 + styles[:, offset:offset + n, None, None], styles[:, offset + n:offset + 2 * n, None, None]
@@ -270,7 +320,10 @@ class RefVAE(nn.Module):
         z = mu + eps * torch.exp(0.5 * logvar)
         if use_prior_mean is not None:
             z = z * (~use_prior_mean)[:, None]
-        sr = self.decode(lr, self.encode_lr(lr), self.condition_cell(z))
+        noise = None
+        if self.config.texture_noise:  # from the global generator, which training seeds per step
+            noise = [torch.randn(len(z), 1, NOISE_PERIOD, NOISE_PERIOD, device=z.device) for _ in range(self.config.stages)]
+        sr = self.decode(lr, self.encode_lr(lr), self.condition_cell(z, noise))
         return sr, mu, logvar
 
 
@@ -371,7 +424,7 @@ class PaperRefVAE(RefVAE):
         up = F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
         return self.lr_to_modulation(self.vgg(up)).chunk(2, dim=1)
 
-    def condition_cell(self, z):
+    def condition_cell(self, z, noise=0):
         c = self.config
         return self.z_to_cond(z).view(-1, c.head_channels, c.cond_grid, c.cond_grid)
 

@@ -289,9 +289,23 @@ def build_for_training(opt: TrainOptions, state_path: Path):
     if opt.init:
         if len(opt.init) != 1:
             raise RefsrError("--init: the texture stage starts from one checkpoint")
-        return load_checkpoint(opt.init[0], opt.scale), None
+        model = load_checkpoint(opt.init[0], opt.scale)
+        if read_metadata(opt.init[0]).get("stage") == "trunk" and opt.config.arch == "trunk":
+            model = fresh_texture_branch(model, opt)
+        return model, None
     torch.manual_seed(opt.seed)  # the same seed, the same initial weights (on every rank)
     return build_model(replace(opt.config, scale=opt.scale)), None
+
+
+def fresh_texture_branch(trunk_checkpoint, opt: TrainOptions):
+    """A trunk-stage checkpoint's trunk under a texture branch of today's design (opt.config's), freshly
+    initialised: the checkpoint's own branch was never trained, and may be of an older design."""
+    c = trunk_checkpoint.config
+    torch.manual_seed(opt.seed)
+    model = build_model(replace(opt.config, scale=opt.scale, channels=c.channels, lr_blocks=c.lr_blocks,
+                                up_channels=c.up_channels))
+    model.trunk.load_state_dict(trunk_checkpoint.trunk.state_dict())
+    return model
 
 
 def trainable_parameters(model) -> list:

@@ -25,6 +25,8 @@ def tiny_model(scale=2, seed=0, **overrides):
     torch.nn.init.normal_(model.ref_to_posterior.weight, std=0.5)
     if hasattr(model, "z_to_style"):
         torch.nn.init.normal_(model.z_to_style.weight, std=0.05)
+    for strength in getattr(model, "noise_strength", []):  # and the texture noise, so that tiling tests see it
+        torch.nn.init.normal_(strength, std=0.5)
     return model.eval()
 
 

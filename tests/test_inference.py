@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import smooth_image, tiny_model
-from refsr_cli.inference import Upscaler, back_project
+from refsr_cli.inference import Latent, Upscaler, back_project
 from refsr_cli.metrics import psnr
 
 
@@ -29,7 +29,29 @@ def test_prior_z_does_not_depend_on_the_generator_state():
     first = up.prior_z(5)
     torch.manual_seed(123)
     torch.rand(10)
-    assert torch.equal(first, up.prior_z(5))
+    assert torch.equal(first.z, up.prior_z(5).z)
+
+
+def test_texture_noise_follows_its_seed_and_is_cut_as_the_tiles_are():
+    lr = lr_image(40, 44)
+    whole, tiled = upscaler(tile=64), upscaler(tile=16, tile_pad=12)
+    z = whole.prior_z(0).z
+    a, b, c = whole.upscale(lr, [Latent(z, 5), Latent(z, 5), Latent(z, 6)])
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 0.5  # the same z, other grain
+    tiles = tiled.upscale(lr, [Latent(z, 5)])[0]
+    assert np.abs(tiles.astype(int) - a).max() <= 2  # a tile gets the noise of its place in the image
+
+
+def test_a_walk_turns_one_seeds_grain_into_the_others():
+    from refsr_cli.inference import walk_variants
+    up, lr = upscaler(), lr_image()
+    frames = walk_variants([("s3", {"seed": 3}, up.prior_z(3)), ("s7", {"seed": 7}, up.prior_z(7))], 5, True)
+    outputs = up.upscale(lr, [latent for _, _, latent in frames])
+    ends = up.upscale(lr, [up.prior_z(3), up.prior_z(7)])
+    assert np.abs(outputs[0].astype(int) - ends[0]).max() <= 1 and np.abs(outputs[-1].astype(int) - ends[1]).max() <= 1
+    steps = [np.abs(a.astype(int) - b).mean() for a, b in zip(outputs, outputs[1:])]
+    assert max(steps) < np.abs(ends[0].astype(int) - ends[1]).mean()  # no jump: each frame near the last
 
 
 def test_different_references_give_different_images():
@@ -42,9 +64,9 @@ def test_different_references_give_different_images():
 def test_temperature_zero_is_the_mean():
     up = upscaler()
     ref = lr_image(40, 40, seed=2)
-    assert torch.equal(up.reference_z(ref, 0.0, seed=1), up.reference_z(ref, 0.0, seed=2))
-    assert not torch.equal(up.reference_z(ref, 1.0, seed=1), up.reference_z(ref, 1.0, seed=2))
-    assert up.prior_z(3, temperature=0.0) is None  # the fidelity output: the trunk alone
+    assert torch.equal(up.reference_z(ref, 0.0, seed=1).z, up.reference_z(ref, 0.0, seed=2).z)
+    assert not torch.equal(up.reference_z(ref, 1.0, seed=1).z, up.reference_z(ref, 1.0, seed=2).z)
+    assert up.prior_z(3, temperature=0.0).z is None  # the fidelity output: the trunk alone
 
 
 def test_fidelity_output_is_the_trunk_alone():
@@ -68,7 +90,7 @@ def lr_psnr(sr_uint8, lr_float, scale):
 @pytest.mark.parametrize("scale", [2, 4])
 def test_consistency_raises_lr_psnr(scale):
     lr, model = lr_image(), tiny_model(scale)
-    z = [torch.zeros(1, 8)]
+    z = [Latent(torch.zeros(1, 8))]
     plain = Upscaler(model, "cpu", consistency_steps=0).upscale(lr, z)[0]
     default = Upscaler(model, "cpu").upscale(lr, z)[0]
     more = Upscaler(model, "cpu", consistency_steps=5).upscale(lr, z)[0]
@@ -100,7 +122,7 @@ def test_back_projection_is_the_limit_of_the_classic_iteration(scale):
 
 def test_tiled_equals_untiled():
     lr, model = lr_image(37, 45), tiny_model(4)
-    zs = [torch.zeros(1, 8), torch.ones(1, 8)]
+    zs = [Latent(torch.zeros(1, 8)), Latent(torch.ones(1, 8))]
     whole = Upscaler(model, "cpu", tile=64, tile_pad=0).upscale(lr, zs)
     tiled_up = Upscaler(model, "cpu", tile=16, tile_pad=12)
     assert len(tiled_up.tiles(37, 45)) == 9
