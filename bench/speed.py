@@ -145,7 +145,7 @@ def breakdown(device, lean: Upscaler, size: int = 128):
             parts["reference encoding"], _ = timed(lambda: lean.reference_z(ref), device, 3)
             z = lean.reference_z(ref)
             parts["LR encoding"], _ = timed(lambda: model.encode_lr(lr), device, 3)
-            code, cell = model.encode_lr(lr), lean.condition(z)
+            code, cell = model.encode_lr(lr), lean.condition(z, lr.shape[-2:])
             parts["decoding"], _ = timed(lambda: model.decode(lr, code, cell), device, 3)
             sr = model.decode(lr, code, cell)
             parts["LR consistency"], _ = timed(lambda: back_project(sr, lr, s, lean.consistency_steps), device, 3)
@@ -201,7 +201,7 @@ def arithmetic_rate(device, lean: Upscaler, size: int = 128):
     model = lean.model
     with torch.inference_mode():
         lr = lean._tensor(synthetic(size))
-        code, cell = model.encode_lr(lr), lean.condition(lean.prior_z(0))
+        code, cell = model.encode_lr(lr), lean.condition(lean.prior_z(0), lr.shape[-2:])
         counter = FlopCounterMode(display=False)
         with counter:
             model.decode(lr, code, cell)

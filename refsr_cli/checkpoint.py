@@ -101,12 +101,12 @@ def load_model(spec: str | None, scale: int | None = None) -> RefVAE:
     (downloaded into the Hugging Face cache), or, with spec None, the shipped weights of `scale`."""
     if spec is None and scale is None:
         raise RefsrError("name the weights, or the scale of the shipped weights to load")
-    return load_checkpoint(resolve_weights(spec, scale or 8), scale)
+    return load_checkpoint(resolve_weights(spec, scale), scale)
 
 
-def resolve_weights(spec: str | None, scale: int) -> Path:
-    """The local file for --weights: an existing path, a Hub reference (downloaded into the HF cache), or the
-    shipped checkpoint for `scale` when spec is None."""
+def resolve_weights(spec: str | None, scale: int | None) -> Path:
+    """The local file for --weights: an existing path, a Hub reference (downloaded into the HF cache; without
+    :filename, the file of `scale`), or the shipped checkpoint for `scale` when spec is None."""
     if spec is None:
         path = weights_dir() / default_filename(scale)
         if not path.is_file():
@@ -122,6 +122,8 @@ def resolve_weights(spec: str | None, scale: int) -> Path:
     # owner/repo:x.safetensors, where the name ending in .safetensors is the file in the repository.
     if match is None or match["repo"].endswith(".safetensors") or spec.startswith((".", "/", "~")):
         raise RefsrError(f"{spec}: no such file (and not a Hub reference owner/repo[@revision][:filename])")
+    if match["filename"] is None and scale is None:
+        raise RefsrError(f"{spec}: name the scale, or the file in the repository ({spec}:FILE)")
     return download_from_hub(match["repo"], match["filename"] or default_filename(scale), match["revision"])
 
 

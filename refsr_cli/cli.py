@@ -96,7 +96,8 @@ def common_inference_options(f):
               help="Reference image or folder of them (repeatable): its texture is added. [default: none, the "
                    "faithful output]")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the draw when --temperature is above 0, and of the texture grain of --ref outputs.")
+              help="Seed of the draw when --temperature is above 0, and of the grain of --ref outputs (weights "
+                   "with texture noise).")
 @common_inference_options
 def upscale(inputs, refs, seed, **options):
     """Upscale LR_IMAGE... (files, folders or globs): once per reference, or once without one.
@@ -276,18 +277,20 @@ def info(outputs, as_json):
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path),
                 metavar="CHECKPOINT...")
 @click.argument("repo", metavar="OWNER/REPO")
-@click.option("--revision", default=None, help="Branch to commit to. [default: main]")
+@click.option("--revision", default=None, help="Branch to commit to, created if needed. [default: main]")
 @click.option("--private", is_flag=True, help="Create the repository private (if it does not exist yet).")
 @click.option("-m", "--message", default=None, help="Commit message.")
 @click.option("--no-card", is_flag=True, help="Leave the repository's README.md alone.")
-def push(files, repo, revision, private, message, no_card):
+@click.option("--license", "license_id", default=None, metavar="ID",
+              help="Licence of the weights for the model card (a Hub licence id, e.g. mit). [default: none stated]")
+def push(files, repo, revision, private, message, no_card, license_id):
     """Upload CHECKPOINT... to the Hugging Face Hub model repository OWNER/REPO in one commit, each as
     refsr-x{scale}.safetensors (what --weights OWNER/REPO loads), with a generated model card as README.md.
     Needs a token with write access (HF_TOKEN, or `hf auth login`)."""
     from .errors import RefsrError
     from .hub import push as push_to_hub
     try:
-        url = push_to_hub(files, repo, revision, private, message, card=not no_card)
+        url = push_to_hub(files, repo, revision, private, message, card=not no_card, license=license_id)
     except RefsrError as e:
         fail(str(e), 1)
     except KeyboardInterrupt:

@@ -11,10 +11,14 @@ from .errors import RefsrError
 from .files import sha256_of
 
 
-def model_card(repo: str, checkpoints: list) -> str:
+WHAT = {"lean": "one network (refsr 0.1's design)", "paper": "the published RefVAE graph"}
+
+
+def model_card(repo: str, checkpoints: list, revision: str | None = None, license: str | None = None) -> str:
     """README.md of the repository: YAML metadata the Hub indexes, then what each file is and how to use it.
-    `checkpoints` holds (path, name in the repository, config, metadata)."""
-    lines = ["---", "library_name: refsr", "license: mit", "pipeline_tag: image-to-image",
+    `checkpoints` holds (path, name in the repository, config, metadata). No licence is claimed unless given: the
+    weights' licence follows from their training data, which only their owner knows."""
+    lines = ["---", "library_name: refsr"] + ([f"license: {license}"] if license else []) + ["pipeline_tag: image-to-image",
              "tags:", "- super-resolution", "- refvae", "- safetensors", "---", "",
              f"# {repo.split('/')[1]}", "",
              "Weights for [refsr](https://pypi.org/project/refsr/), reference-based image super-resolution after "
@@ -22,15 +26,17 @@ def model_card(repo: str, checkpoints: list) -> str:
              "is a safetensors checkpoint whose metadata holds the model config that rebuilds it.", "",
              "| file | scale | architecture | stage | steps | sha256 |", "| --- | --- | --- | --- | --- | --- |"]
     for path, name, config, meta in checkpoints:
-        texture = "fidelity trunk only" if meta.get("stage") == "trunk" else "trunk and texture branch"
+        texture = WHAT.get(config.arch) or ("fidelity trunk (texture branch untrained)" if meta.get("stage") == "trunk"
+                                            else "fidelity trunk and texture branch")
         lines.append(f"| `{name}` | x{config.scale} | {config.arch} | {texture} | {meta.get('step', 'n/a')} | "
                      f"`{sha256_of(path)}` |")
+    where = f"{repo}@{revision}" if revision else repo
     lines += ["", "## Use", "", "```sh", "pip install refsr"]
     for _, name, config, _ in checkpoints:
         suffix = "" if name == default_filename(config.scale) else f":{name}"
-        lines.append(f"refsr upscale photo.png --scale {config.scale} --weights {repo}{suffix} -o out/")
+        lines.append(f"refsr upscale photo.png --scale {config.scale} --weights {where}{suffix} -o out/")
     lines += ["```", "", "or in Python:", "", "```python", "from refsr_cli.model import RefVAE",
-              f"model = RefVAE.from_pretrained(\"{repo}\", scale={checkpoints[0][2].scale})", "```", "",
+              f"model = RefVAE.from_pretrained(\"{where}\", scale={checkpoints[0][2].scale})", "```", "",
               "## Config", ""]
     for _, name, config, _ in checkpoints:
         lines += [f"`{name}`:", "", "```json", json.dumps(json.loads(config.to_json()), indent=1), "```", ""]
@@ -38,9 +44,9 @@ def model_card(repo: str, checkpoints: list) -> str:
 
 
 def push(files: list, repo: str, revision: str | None = None, private: bool = False, message: str | None = None,
-         card: bool = True) -> str:
-    """Upload refsr checkpoints (and a generated README.md) to `repo` in one commit; creates the repository if
-    needed. Returns the commit's URL."""
+         card: bool = True, license: str | None = None) -> str:
+    """Upload refsr checkpoints (and a generated README.md) to `repo` in one commit; creates the repository, and the
+    branch `revision`, if needed. Returns the commit's URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -60,11 +66,13 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for path, name, _, _ in checkpoints]
     if card:
         operations.append(CommitOperationAdd(path_in_repo="README.md",
-                                             path_or_fileobj=model_card(repo, checkpoints).encode()))
+                                             path_or_fileobj=model_card(repo, checkpoints, revision, license).encode()))
     api = HfApi()
     where = f"{repo}{'@' + revision if revision else ''}"
     try:
         api.create_repo(repo, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo, branch=revision, exist_ok=True)
         info = api.create_commit(repo, operations, revision=revision,
                                  commit_message=message or f"refsr push: {', '.join(sorted(names))}")
     except RevisionNotFoundError:

@@ -213,22 +213,38 @@ def output_format(path) -> str:
 PNG_COMPRESS_LEVEL = 1
 
 
-def _write_png16(f, array: np.ndarray, icc: bytes | None, text: dict) -> None:
-    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count) written by pypng, with the ICC profile and the
-    text chunks, which pypng's writer does not take, put in after its header through pypng's chunk API."""
-    import io
+class _AfterHeader:
+    """A file wrapper that passes writes through and slips `chunks` in right after the PNG signature and IHDR chunk
+    (the first 33 bytes): where pypng's writer, which takes no ICC profile or text, would put nothing."""
 
+    HEADER = 8 + 25
+
+    def __init__(self, f, chunks):
+        self.f, self.chunks, self.written = f, chunks, 0
+
+    def write(self, data: bytes):
+        if self.chunks is not None and self.written + len(data) >= self.HEADER:
+            cut = self.HEADER - self.written
+            self.f.write(data[:cut])
+            import png
+            for kind, content in self.chunks:
+                png.write_chunk(self.f, kind, content)
+            self.chunks, data, self.written = None, data[cut:], self.HEADER
+        self.written += len(data)
+        self.f.write(data)
+
+
+def _write_png16(f, array: np.ndarray, icc: bytes | None, text: dict) -> None:
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count) written by pypng row by row, with the ICC
+    profile and the text chunks after its header."""
     import png
     height, width, channels = array.shape
     writer = png.Writer(width, height, greyscale=channels <= 2, alpha=channels in (2, 4), bitdepth=16,
                         compression=PNG_COMPRESS_LEVEL)
-    rows = array.astype(">u2").reshape(height, width * channels)
-    encoded = io.BytesIO()
-    writer.write_packed(encoded, (row.tobytes() for row in rows))  # big-endian bytes: pypng's packed 16-bit rows
-    chunks = list(png.Reader(bytes=encoded.getvalue()).chunks())
     extra = [(b"iCCP", b"icc\x00\x00" + zlib.compress(icc))] if icc else []
     extra += [(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1")) for key, value in text.items()]
-    png.write_chunks(f, chunks[:1] + extra + chunks[1:])  # chunks[0] is IHDR, which must come first
+    # Big-endian bytes, one row at a time: pypng's packed 16-bit rows, without a second copy of the image.
+    writer.write_packed(_AfterHeader(f, extra), (array[y].astype(">u2").tobytes() for y in range(height)))
 
 
 def software_tag() -> str:

@@ -115,9 +115,9 @@ class Upscaler:
         eps = torch.randn(1, self.model.config.z_dim, generator=torch.Generator().manual_seed(seed))
         return Latent((temperature * eps).to(self.device, self.dtype), seed)
 
-    def condition(self, latent: Latent | None):
-        """What the decoder needs of one latent: None (the trunk's fidelity output) for z = None in the trunk
-        architecture; the other architectures have no such path and decode z = 0."""
+    def condition(self, latent: Latent | None, lr_size: tuple):
+        """What the decoder needs of one latent for an LR image of `lr_size`: None (the trunk's fidelity output) for
+        z = None in the trunk architecture; the other architectures have no such path and decode z = 0."""
         z, noise, noise_to, t = latent if latent is not None else Latent(None)
         if z is None:
             if self.model.config.arch == "trunk":
@@ -125,9 +125,9 @@ class Upscaler:
             z = torch.zeros(1, self.model.config.z_dim, device=self.device, dtype=self.dtype)
         if noise_to is not None and getattr(self.model.config, "texture_noise", False):
             # Along a quarter circle: every frame's noise has unit variance, and the ends are the two seeds'.
-            start, end = (noise_tables([s], self.model.config.stages, self.device) for s in (noise, noise_to))
+            start, end = (noise_tables([s], lr_size, self.model.config.stages, self.device) for s in (noise, noise_to))
             noise = [math.cos(t * math.pi / 2) * a + math.sin(t * math.pi / 2) * b for a, b in zip(start, end)]
-        return self.model.condition_cell(z, noise)
+        return self.model.condition_cell(z, noise, lr_size)
 
     def tiles(self, height: int, width: int):
         return [(y, x) for y in tile_spans(height, self.tile) for x in tile_spans(width, self.tile)]
@@ -157,7 +157,7 @@ class Upscaler:
         peak = 65535.0 if bits == 16 else 255.0
         channels = (1 if grayscale else 3) + (alpha is not None)
         outputs = [np.empty((h * s, w * s, channels), dtype=np.uint16 if bits == 16 else np.uint8) for _ in zs]
-        cells = [self.condition(z) for z in zs]
+        cells = [self.condition(z, (h, w)) for z in zs]
         lr_t = self._tensor(lr)
         alpha_t = None if alpha is None else self._tensor(alpha[..., None])
         for (y0, y1), (x0, x1) in self.tiles(h, w):
@@ -333,7 +333,7 @@ def redo_command(record: dict) -> str:
         words += ["upscale", record["input"]] + (["--ref", record["reference"]] if "reference" in record else [])
         if record["temperature"] > 0:
             words += ["--temperature", f"{record['temperature']:g}", "--seed", str(record.get("seed", 0))]
-        elif record.get("seed", 0) != 0:  # a reference output's texture noise
+        elif record.get("seed", 0) != 0:  # the grain of a reference output (or of a T = 0 sample of a non-trunk model)
             words += ["--seed", str(record["seed"])]
     else:
         words += ["sample", record["input"], "--n", "1", "--seed", str(record["seed"]),
@@ -459,8 +459,9 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                 report.error(f"reference {e}")
                 counts["failed"] += 1
                 continue
-            variants.append((stem, {"reference": str(path), "reference_sha256": sha256_of(path), "seed": opt.seed},
-                             z))
+            # Another --seed is another grain (and draw): another name.
+            variants.append((f"{stem}_s{opt.seed}" if opt.seed else stem,
+                             {"reference": str(path), "reference_sha256": sha256_of(path), "seed": opt.seed}, z))
         if ref_paths and not variants:
             report.error("no usable reference")
             return 2

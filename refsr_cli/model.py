@@ -160,17 +160,20 @@ def icnr(conv: nn.Conv2d, factor: int = 2) -> nn.Conv2d:
     return conv
 
 
-NOISE_PERIOD = 256  # pixels of each stage's noise table, repeated over the image (at x8: 256, 512, 1024 HR px)
+NOISE_PERIOD = 1024  # the largest noise table, in a stage's pixels: the grain repeats no sooner than this
+NOISE_SEEDS = 1 << 48  # noise generators are seeded from here up, apart from the seeds of the z draws
 
 
-def noise_tables(seeds, stages: int, device) -> list:
-    """Per x2 stage, (B, 1, NOISE_PERIOD, NOISE_PERIOD) standard normal noise, one table per seed in `seeds`, drawn
-    on the CPU so that a seed gives the same noise on every device. The decoder repeats each table over the image
-    anchored at its top-left pixel, so a tile gets the noise of its place in the whole image."""
+def noise_tables(seeds, lr_size: tuple, stages: int, device) -> list:
+    """Per x2 stage, (B, 1, h, w) standard normal noise, one table per seed in `seeds`, for an LR image of
+    `lr_size`: the stage's size, at most NOISE_PERIOD a side, drawn on the CPU so that a seed gives the same noise
+    on every device. The decoder repeats each table over the image anchored at its top-left pixel, so a tile gets the
+    noise of its place in the whole image."""
     tables = []
     for stage in range(stages):
-        per_seed = [torch.randn(1, 1, NOISE_PERIOD, NOISE_PERIOD,
-                                generator=torch.Generator().manual_seed(int(seed) * 8 + stage)) for seed in seeds]
+        h, w = (min(n * 2 ** (stage + 1), NOISE_PERIOD) for n in lr_size)
+        per_seed = [torch.randn(1, 1, h, w, generator=torch.Generator().manual_seed(
+            NOISE_SEEDS + (int(seed) % (1 << 40)) * 8 + stage)) for seed in seeds]
         tables.append(torch.cat(per_seed).to(device))
     return tables
 
@@ -263,11 +266,11 @@ class RefVAE(nn.Module):
         x = x + self.lr_body(x)
         return self.lr_to_modulation(x).chunk(2, dim=1)
 
-    def condition_cell(self, z: torch.Tensor, noise=0):
+    def condition_cell(self, z: torch.Tensor, noise=0, lr_size=(64, 64)):
         """z (B, z_dim) -> (one periodic cell (B, channels, cond_period, cond_period) of C_R, the per-stage channel
-        scales and shifts or None, the per-stage noise tables or None): everything the decoder needs of a z,
-        computed once per z. `noise`: the seed of the texture noise (an int for every sample, or one per sample),
-        or the tables themselves (training draws them from its own generator)."""
+        scales and shifts or None, the per-stage noise tables or None): everything the decoder needs of a z for an
+        LR image of `lr_size` (the whole image, not a tile), computed once per z. `noise`: the seed of the texture
+        noise (an int for every sample, or one per sample), or the tables themselves (training draws its own)."""
         c = self.config
         x = self.z_to_cond(z).view(-1, c.channels, c.cond_grid, c.cond_grid)
         # Bilinear upsampling of a periodic map: pad circularly, upsample, cut one period back out.
@@ -277,7 +280,7 @@ class RefVAE(nn.Module):
         x = x[..., factor:factor + c.cond_period, factor:factor + c.cond_period]
         styles = self.z_to_style(z) if c.z_modulation else None
         if c.texture_noise and not isinstance(noise, list):
-            noise = noise_tables([noise] * len(z) if isinstance(noise, int) else noise, c.stages, z.device)
+            noise = noise_tables([noise] * len(z) if isinstance(noise, int) else noise, lr_size, c.stages, z.device)
         return self.cond_body(x), styles, [t.to(z.dtype) for t in noise] if c.texture_noise else None
 
     def decode(self, lr, lr_code, condition, origin=(0, 0)):
@@ -296,9 +299,10 @@ class RefVAE(nn.Module):
             x = self.upsample[i + 1](self.upsample[i](x))
             if noise is not None:
                 f = 2 ** (stage + 1)  # this stage's pixels per LR pixel: the tables sit at image coordinates
-                grain = self.noise_strength[stage] * tile_periodic(noise[stage], *x.shape[-2:], origin[0] * f,
-                                                                   origin[1] * f)
-                x = x.add_(grain) if not torch.is_grad_enabled() else x + grain
+                grain = tile_periodic(noise[stage], *x.shape[-2:], origin[0] * f, origin[1] * f)
+                strength = self.noise_strength[stage]
+                # In place at inference: no second full-resolution tensor of the stage's width.
+                x = x.addcmul_(strength, grain) if not torch.is_grad_enabled() else x + strength * grain
             x = self.upsample[i + 2](x)
             if styles is not None:
                 n = x.shape[1]
@@ -321,8 +325,10 @@ class RefVAE(nn.Module):
         if use_prior_mean is not None:
             z = z * (~use_prior_mean)[:, None]
         noise = None
-        if self.config.texture_noise:  # from the global generator, which training seeds per step
-            noise = [torch.randn(len(z), 1, NOISE_PERIOD, NOISE_PERIOD, device=z.device) for _ in range(self.config.stages)]
+        if self.config.texture_noise:  # the crop's size at each stage, from the generator training seeds per step
+            h, w = lr.shape[-2:]
+            noise = [torch.randn(len(z), 1, h * 2 ** k, w * 2 ** k, device=z.device)
+                     for k in range(1, self.config.stages + 1)]
         sr = self.decode(lr, self.encode_lr(lr), self.condition_cell(z, noise))
         return sr, mu, logvar
 
@@ -424,7 +430,7 @@ class PaperRefVAE(RefVAE):
         up = F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
         return self.lr_to_modulation(self.vgg(up)).chunk(2, dim=1)
 
-    def condition_cell(self, z, noise=0):
+    def condition_cell(self, z, noise=0, lr_size=None):
         c = self.config
         return self.z_to_cond(z).view(-1, c.head_channels, c.cond_grid, c.cond_grid)
 
@@ -436,7 +442,7 @@ class PaperRefVAE(RefVAE):
         return base + F.interpolate(residual, size=base.shape[-2:], mode="bilinear", align_corners=False)
 
 
-PAPER_CONFIG = dict(arch="paper", z_modulation=False, channels=512, up_channels=(256, 128, 64), head_channels=64, head_grid=16,
+PAPER_CONFIG = dict(arch="paper", z_modulation=False, texture_noise=False, channels=512, up_channels=(256, 128, 64), head_channels=64, head_grid=16,
                     cond_grid=16, ref_size=256)
 
 

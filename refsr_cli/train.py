@@ -290,7 +290,8 @@ def build_for_training(opt: TrainOptions, state_path: Path):
         if len(opt.init) != 1:
             raise RefsrError("--init: the texture stage starts from one checkpoint")
         model = load_checkpoint(opt.init[0], opt.scale)
-        if read_metadata(opt.init[0]).get("stage") == "trunk" and opt.config.arch == "trunk":
+        if (read_metadata(opt.init[0]).get("stage") == "trunk" and model.config.arch == "trunk"
+                and opt.config.arch == "trunk"):
             model = fresh_texture_branch(model, opt)
         return model, None
     torch.manual_seed(opt.seed)  # the same seed, the same initial weights (on every rank)

@@ -17,6 +17,7 @@ Uploads (`refsr push`, through `HfApi.create_repo` and `create_commit`) are answ
 
 - `POST /api/repos/create`: 409 if the repository exists (the client's `exist_ok` accepts that), else an empty `main`;
 - `POST /api/validate-yaml`: no errors (the client checks a README's metadata before committing it);
+- `POST /api/models/{owner}/{repo}/branch/{name}`: a new branch at main's head, 409 if it exists;
 - `POST /api/models/{owner}/{repo}/preupload/{revision}`: every file "regular", so its bytes travel base64 in the
   commit itself (the Hub's choice to make; LFS would send the client to the Xet protocol);
 - `POST /api/models/{owner}/{repo}/commit/{revision}`: the NDJSON commit, published as the new head of the revision,
@@ -168,11 +169,17 @@ class FakeHub:
             self.add_revision(repo, "main", {}, lfs=False)
             return 200, {"url": f"{self.url}/{repo}"}
         parts = path.lstrip("/").split("/")
-        if len(parts) != 6 or parts[0] != "api" or parts[1] != "models" or parts[4] not in ("preupload", "commit"):
+        if len(parts) != 6 or parts[0] != "api" or parts[1] != "models" or parts[4] not in ("preupload", "commit",
+                                                                                             "branch"):
             return 404, {"error": "Not Found"}
         repo, action, revision = f"{parts[2]}/{parts[3]}", parts[4], unquote(parts[5])
         if repo not in self.repos:
             return 404, {"error": "Repository not found", "code": "RepoNotFound"}
+        if action == "branch":  # a new branch starts at main's head
+            if revision in self.repos[repo]:
+                return 409, {"error": "Reference already exists"}
+            self.add_revision(repo, revision, self.files(repo, "main"), lfs=False)
+            return 200, {}
         if revision not in self.repos[repo]:
             return 404, {"error": f"Invalid rev id: {revision}", "code": "RevisionNotFound"}
         if action == "preupload":

@@ -229,7 +229,11 @@ def test_every_output_records_how_it_was_made_and_info_redoes_it(tmp_path, check
                "--weights", checkpoint, "--format", fmt, "-o", "a", "-q").exit_code == 0
     assert run("sample", "photo.png", "--n", 2, "--seed", 4, "--scale", 2, "--weights", checkpoint,
                "--format", fmt, "-o", "a", "-q").exit_code == 0
-    for name, expected in ((f"photo_x2_ref.{fmt}", {"reference": "ref.png", "seed": 7, "temperature": 0.5}),
+    # A reference at T = 0 with another seed: another grain, another name, and the redo keeps the seed.
+    assert run("upscale", "photo.png", "--ref", "ref.png", "--seed", 3, "--scale", 2,
+               "--weights", checkpoint, "--format", fmt, "-o", "a", "-q").exit_code == 0
+    for name, expected in ((f"photo_x2_ref_s7.{fmt}", {"reference": "ref.png", "seed": 7, "temperature": 0.5}),
+                           (f"photo_x2_ref_s3.{fmt}", {"reference": "ref.png", "seed": 3, "temperature": 0.0}),
                            (f"photo_x2_s5.{fmt}", {"seed": 5, "temperature": 1.0})):
         result = run("info", f"a/{name}", "--json")
         assert result.exit_code == 0, result.output

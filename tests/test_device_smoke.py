@@ -14,8 +14,8 @@ def test_smoke_script_passes_on_the_cpu():
                              "--train-steps", "1"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[-1] == "8 of 8 checks passed"
-    assert sum(line.startswith("ok ") for line in lines) == 8
+    assert lines[-1] == "9 of 9 checks passed"
+    assert sum(line.startswith("ok ") for line in lines) == 9
 
 
 def test_smoke_script_without_a_device_says_so():

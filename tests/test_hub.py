@@ -304,8 +304,8 @@ def test_push_creates_the_repo_and_what_it_pushed_loads_back(hub, tmp_path, monk
     assert files["refsr-x2.safetensors"] == checkpoints[0] and files["refsr-x4.safetensors"] == x4.read_bytes()
     card = files["README.md"].decode()
     assert card.startswith("---\nlibrary_name: refsr")
-    assert hashlib.sha256(x4.read_bytes()).hexdigest() in card and "fidelity trunk only" in card and "1234" in card
-    assert "--weights me/upscaler" in card
+    assert hashlib.sha256(x4.read_bytes()).hexdigest() in card and "texture branch untrained" in card and "1234" in card
+    assert "--weights me/upscaler" in card and "license" not in card  # no licence claimed for the user's weights
     # One commit for all three files: the new head of main is the commit the command printed.
     assert result.stdout.strip().endswith(hub.commit("me/upscaler", "main"))
     assert_same_tensors(resolve_weights("me/upscaler", 2), checkpoints[0])
@@ -313,6 +313,12 @@ def test_push_creates_the_repo_and_what_it_pushed_loads_back(hub, tmp_path, monk
     reference = load_checkpoint(x4, 4)
     for name, tensor in reference.trainable_state_dict().items():
         assert torch.equal(model.trainable_state_dict()[name], tensor)
+
+
+def test_a_hub_reference_without_a_file_needs_a_scale(hub):
+    with pytest.raises(RefsrError, match="name the scale"):
+        RefVAE.from_pretrained(REPO)
+    assert hub.count() == 0
 
 
 def test_push_into_an_existing_repo_adds_a_commit(hub, tmp_path, monkeypatch, checkpoints):
@@ -325,6 +331,17 @@ def test_push_into_an_existing_repo_adds_a_commit(hub, tmp_path, monkeypatch, ch
     assert files["refsr-x4.safetensors"] == x4.read_bytes() and "README.md" not in files
     assert files["tiny.safetensors"] == checkpoints[0]  # what was there stays
     assert hub.commit(REPO, "main") != before
+
+
+def test_push_to_a_new_branch_creates_it_and_the_card_names_it(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    x4 = tiny_x4_checkpoint(tmp_path / "x4.safetensors")
+    result = push(x4, REPO, "--revision", "v2", "--license", "cc-by-sa-4.0")
+    assert result.exit_code == 0, result.output
+    assert "refsr-x4.safetensors" not in hub.files(REPO, "main")
+    card = hub.files(REPO, "v2")["README.md"].decode()
+    assert f"--weights {REPO}@v2" in card and "license: cc-by-sa-4.0" in card
+    assert resolve_weights(f"{REPO}@v2", 4).read_bytes() == x4.read_bytes()
 
 
 def test_push_without_a_token_is_one_line_error(hub, tmp_path):
