@@ -55,6 +55,11 @@ class RefVAEConfig:
     # texture has to come from somewhere, and without it the branch drew the only texture a deterministic
     # decoder can place there, a grid with the LR pixels' period.
     texture_noise: bool = True
+    # How the texture branch's x2 stages upsample: "bilinear" then a conv, as the paper's image decoder does, or
+    # "shuffle" (a conv to 4x the channels, then pixel shuffle). With "shuffle" the branch drew a grid of the LR
+    # pixel's period wherever it added texture, with or without noise (docs/sheets/x8-texture-*.png): every output
+    # pixel's place in its LR pixel has weights of its own.
+    texture_upsample: str = "bilinear"
 
     def __post_init__(self):
         object.__setattr__(self, "up_channels", tuple(self.up_channels))
@@ -68,6 +73,8 @@ class RefVAEConfig:
                 ok = isinstance(value, kind)
             if not ok:
                 raise ValueError(f"config {f.name}={value!r} is not a valid {kind.__name__}")
+        if self.texture_upsample not in ("bilinear", "shuffle"):
+            raise ValueError(f"unknown texture_upsample {self.texture_upsample!r}")
         if self.arch not in ("trunk", "lean", "paper"):
             raise ValueError(f"unknown architecture {self.arch!r}")
         if self.cond_period % self.cond_grid:
@@ -98,7 +105,7 @@ class RefVAEConfig:
 
 # Config keys added after checkpoints were released, with the value that rebuilds what those checkpoints were trained
 # as: the one exception to never filling a stored config in.
-ADDED_KEYS = {"texture_noise": False}
+ADDED_KEYS = {"texture_noise": False, "texture_upsample": "shuffle"}
 
 
 class ResBlock(nn.Module):
@@ -208,7 +215,12 @@ class RefVAE(nn.Module):
         self.fuse_body = nn.Sequential(*[ResBlock(c.channels) for _ in range(c.fuse_blocks)])
         ups, cin = [], c.channels
         for cout in c.up_channels[:c.stages]:
-            ups += [icnr(nn.Conv2d(cin, 4 * cout, 3, padding=1)), nn.PixelShuffle(2), nn.LeakyReLU(0.2, inplace=True)]
+            if c.texture_upsample == "bilinear":
+                ups += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                        nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+            else:
+                ups += [icnr(nn.Conv2d(cin, 4 * cout, 3, padding=1)), nn.PixelShuffle(2),
+                        nn.LeakyReLU(0.2, inplace=True)]
             cin = cout
         self.upsample = nn.Sequential(*ups)
         if c.texture_noise:
@@ -295,7 +307,7 @@ class RefVAE(nn.Module):
         x = tile_periodic(cell, h, w, *origin) * (1 + f_sigma) + f_mu
         x = x + self.fuse_body(x)
         offset = 0
-        for stage, i in enumerate(range(0, len(self.upsample), 3)):  # conv, pixel shuffle, activation
+        for stage, i in enumerate(range(0, len(self.upsample), 3)):  # upsampling and conv, activation
             x = self.upsample[i + 1](self.upsample[i](x))
             if noise is not None:
                 f = 2 ** (stage + 1)  # this stage's pixels per LR pixel: the tables sit at image coordinates
@@ -442,7 +454,7 @@ class PaperRefVAE(RefVAE):
         return base + F.interpolate(residual, size=base.shape[-2:], mode="bilinear", align_corners=False)
 
 
-PAPER_CONFIG = dict(arch="paper", z_modulation=False, texture_noise=False, channels=512, up_channels=(256, 128, 64), head_channels=64, head_grid=16,
+PAPER_CONFIG = dict(arch="paper", z_modulation=False, texture_noise=False, texture_upsample="bilinear", channels=512, up_channels=(256, 128, 64), head_channels=64, head_grid=16,
                     cond_grid=16, ref_size=256)
 
 

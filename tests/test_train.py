@@ -47,7 +47,7 @@ def make_batch_for_eval(opt):
 
 
 def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(data, tmp_path):
-    # 80 steps: the ICNR-initialised x2 stages start smooth and take a while to learn the edges of these blocks.
+    # 80 steps: a texture branch on an untrained tiny trunk takes a while to learn the edges of these blocks.
     opt = options(data, tmp_path / "run", steps=80, save_every=80, lpips_weight=0.0, ref_mix=0.0)
     from refsr_cli.checkpoint import build_model
     torch.manual_seed(0)
@@ -287,25 +287,29 @@ def test_texture_stage_keeps_the_trunk_frozen_and_makes_samples_differ(data, tmp
 
 
 def test_texture_stage_on_an_older_trunk_checkpoint_starts_todays_texture_branch(data, tmp_path):
-    """Release 2's trunk checkpoints have no texture noise in their config (read as texture_noise false); the texture
-    stage takes their trunk and builds the branch of the current design."""
+    """Release 2's trunk checkpoints predate the texture branch's noise and bilinear stages: their configs lack the
+    keys (read as texture_noise false, texture_upsample "shuffle"). The texture stage takes their trunk and builds
+    the branch of the current design."""
     import json
-    from safetensors.torch import load_file, save_file
-    from refsr_cli.checkpoint import read_metadata
+    from refsr_cli.checkpoint import build_model, save_model
     from refsr_cli.train import build_for_training
     train(trunk_options(data, tmp_path / "trunk", steps=2))
-    path = tmp_path / "trunk" / "x2.safetensors"
-    meta = read_metadata(path)
-    config = json.loads(meta["config"])
-    del config["texture_noise"]  # as written before the key existed
+    trunk = load_checkpoint(tmp_path / "trunk" / "x2.safetensors")
+    from dataclasses import replace
+    old_model = build_model(replace(trunk.config, texture_noise=False, texture_upsample="shuffle"))
+    old_model.trunk.load_state_dict(trunk.trunk.state_dict())
     old = tmp_path / "old-x2.safetensors"
-    save_file({k: v for k, v in load_file(str(path)).items() if not k.startswith("noise_strength.")}, str(old),
-              metadata=meta | {"config": json.dumps(config)})
-    assert load_checkpoint(old).config.texture_noise is False  # loads, as what it was
+    save_model(old_model, old, stage="trunk")
+    config = json.loads(old_model.config.to_json())
+    del config["texture_noise"], config["texture_upsample"]  # as written before the keys existed
+    from safetensors.torch import load_file, save_file
+    from refsr_cli.checkpoint import read_metadata
+    save_file(load_file(str(old)), str(old), metadata=read_metadata(old) | {"config": json.dumps(config)})
+    loaded = load_checkpoint(old)  # loads, as what it was
+    assert loaded.config.texture_noise is False and loaded.config.texture_upsample == "shuffle"
     model, resumed = build_for_training(options(data, tmp_path / "texture", init=[old]), tmp_path / "none")
-    assert resumed is None and model.config.texture_noise and len(model.noise_strength) == 1
-    trunk = load_checkpoint(old).trunk.state_dict()
-    assert all(torch.equal(v, model.trunk.state_dict()[k]) for k, v in trunk.items())
+    assert resumed is None and model.config.texture_noise and model.config.texture_upsample == "bilinear"
+    assert all(torch.equal(v, model.trunk.state_dict()[k]) for k, v in trunk.trunk.state_dict().items())
 
 
 def test_trunk_stage_continues_from_one_checkpoint_per_scale(data, tmp_path):
