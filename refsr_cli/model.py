@@ -51,9 +51,8 @@ class RefVAEConfig:
     # z also scales and shifts the channels after each x2 stage (as AdaIN does): a direct path from z to the
     # texture statistics of the output, which the style loss measures.
     z_modulation: bool = True
-    # A seeded noise map added after each x2 stage, scaled per channel (StyleGAN's noise inputs): where the LR is flat,
-    # texture has to come from somewhere, and without it the branch drew the only texture a deterministic
-    # decoder can place there, a grid with the LR pixels' period.
+    # A seeded noise map added after each x2 stage, scaled per channel (StyleGAN's noise inputs): a source of fine
+    # texture that need not follow the LR image's structure, and differs from seed to seed.
     texture_noise: bool = True
     # How the texture branch's x2 stages upsample: "bilinear" then a conv, as the paper's image decoder does, or
     # "shuffle" (a conv to 4x the channels, then pixel shuffle). With "shuffle" the branch drew a grid of the LR
