@@ -123,7 +123,7 @@ class Upscaler:
             if self.model.config.arch == "trunk":
                 return None
             z = torch.zeros(1, self.model.config.z_dim, device=self.device, dtype=self.dtype)
-        if noise_to is not None and getattr(self.model.config, "texture_noise", False):
+        if noise_to is not None and self.model.config.texture_noise:
             # Along a quarter circle: every frame's noise has unit variance, and the ends are the two seeds'.
             start, end = (noise_tables([s], lr_size, self.model.config.stages, self.device) for s in (noise, noise_to))
             noise = [math.cos(t * math.pi / 2) * a + math.sin(t * math.pi / 2) * b for a, b in zip(start, end)]
