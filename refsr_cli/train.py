@@ -49,6 +49,9 @@ class TrainOptions:
     batch: int = 8
     lr_patch: int = 32
     learning_rate: float = 1e-4  # the paper's
+    # Learning-rate factor of the zero-initialised parameters that let z and the noise reach the image (noise
+    # strengths, z modulation): at the base rate they grew to ~0.01 in 900 steps, and samples barely differed.
+    modulation_lr_scale: float = 1.0
     # Loss weights: the paper's (eq. 6-9) where it gives one.
     l1_weight: float = 1.0  # content: pixel L1
     lr_consistency_weight: float = 1.0  # content: L1 of the bicubic downscale (the released code uses 100)
@@ -215,7 +218,8 @@ def save_training_state(model, optimizer, scaler, path, step: int, opt: TrainOpt
 
 def recipe(opt: TrainOptions) -> dict:
     """The options a resumed run must share with the run it continues (--steps may grow)."""
-    return {k: getattr(opt, k) for k in ("seed", "batch", "lr_patch", "learning_rate", "scale")}
+    return {k: getattr(opt, k) for k in ("seed", "batch", "lr_patch", "learning_rate", "modulation_lr_scale",
+                                         "scale")}
 
 
 def load_training_state(path, opt: TrainOptions):
@@ -226,7 +230,7 @@ def load_training_state(path, opt: TrainOptions):
     meta = read_metadata(path)
     if json.loads(meta["recipe"]) != recipe(opt):
         raise RefsrError(f"--resume: {path} was trained with {json.loads(meta['recipe'])}; resume with the same "
-                         "--seed, --batch, --lr-patch, --learning-rate and --scale")
+                         "--seed, --batch, --lr-patch, --learning-rate, --modulation-lr-scale and --scale")
     tensors = load_file(str(path))
     optimizer_state = _optimizer_state(tensors, "optimizer", json.loads(meta["param_groups"]))
     disc = None
@@ -309,12 +313,21 @@ def fresh_texture_branch(trunk_checkpoint, opt: TrainOptions):
     return model
 
 
-def trainable_parameters(model) -> list:
-    """Everything but the frozen VGG16 and, in the trunk architecture, the trunk: the texture branch is trained on a
-    finished trunk, so it can add texture but never cost fidelity."""
+MODULATION_PARAMETERS = ("noise_strength.", "z_to_style.")
+
+
+def trainable_parameters(model, opt: TrainOptions) -> list:
+    """Adam's parameter groups: everything but the frozen VGG16 and, in the trunk architecture, the trunk (the
+    texture branch is trained on a finished trunk, so it can add texture but never cost fidelity); the modulation
+    parameters in a group of their own, at opt.modulation_lr_scale times the rate."""
     if getattr(model, "trunk", None) is not None:
         model.trunk.requires_grad_(False)
-    return [p for n, p in model.named_parameters() if not n.startswith(("vgg.", "trunk."))]
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith(("vgg.", "trunk."))]
+    modulation = [p for n, p in named if n.startswith(MODULATION_PARAMETERS)]
+    groups = [{"params": [p for n, p in named if not n.startswith(MODULATION_PARAMETERS)], "lr_scale": 1.0}]
+    if modulation:
+        groups.append({"params": modulation, "lr_scale": opt.modulation_lr_scale})
+    return groups
 
 
 class Objective:
@@ -389,7 +402,7 @@ def fit(opt: TrainOptions, progress=None):
     model.to(device).train()
     if cuda:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(trainable_parameters(model), lr=opt.learning_rate, betas=(0.9, 0.99))
+    optimizer = torch.optim.Adam(trainable_parameters(model, opt), lr=opt.learning_rate, betas=(0.9, 0.99))
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     disc = disc_optimizer = None
     if opt.adv_weight > 0:
@@ -664,7 +677,8 @@ def set_learning_rate(optimizers, opt: TrainOptions, step: int) -> None:
     """Cosine decay to a tenth over the whole run, so that a resumed run lands on the same schedule."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = opt.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / opt.steps))
+            group["lr"] = (opt.learning_rate * group.get("lr_scale", 1.0)
+                           * (0.55 + 0.45 * math.cos(math.pi * step / opt.steps)))
 
 
 def open_log(path: Path, step: int, resumed: bool):

@@ -331,3 +331,23 @@ def test_trunk_stage_continues_from_one_checkpoint_per_scale(data, tmp_path):
     train(trunk_options(data, tmp_path / "b", steps=4, seed=1))
     with pytest.raises(RefsrError, match="differs"):
         init_trunk(trunk, config, [files[0], tmp_path / "b" / "x4.safetensors"])
+
+
+def test_modulation_parameters_learn_at_their_own_rate(data, tmp_path):
+    """--modulation-lr-scale moves the noise strengths and z modulation (and only them) off the base rate, all the
+    way down the cosine schedule."""
+    from refsr_cli.checkpoint import build_model
+    from refsr_cli.train import set_learning_rate, trainable_parameters
+    opt = options(data, tmp_path / "run", learning_rate=1e-3, modulation_lr_scale=10.0, steps=10,
+                  config=tiny_config(2, arch="trunk", texture_noise=True, z_modulation=True))
+    model = build_model(opt.config)
+    optimizer = torch.optim.Adam(trainable_parameters(model, opt), lr=opt.learning_rate)
+    names = {id(p): n for n, p in model.named_parameters()}
+    base, modulation = optimizer.param_groups
+    assert {names[id(p)].split(".")[0] for p in modulation["params"]} == {"noise_strength", "z_to_style"}
+    assert not any(names[id(p)].startswith(("noise_strength", "z_to_style", "trunk.", "vgg."))
+                   for p in base["params"])
+    for step in (0, 5):
+        set_learning_rate([optimizer], opt, step)
+        assert modulation["lr"] == pytest.approx(10 * base["lr"])
+    assert base["lr"] < opt.learning_rate
