@@ -98,15 +98,24 @@ def common_inference_options(f):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the draw when --temperature is above 0, and of the grain of --ref outputs (weights "
                    "with texture noise).")
+@click.option("--match", is_flag=True,
+              help="The references show the same scene (another shot, the next frame): bring in their real detail "
+                   "where they match, one output from all of them (STEM_xSCALE_match.png). Where nothing matches, "
+                   "the output is the one without a reference.")
+@click.option("--match-map", is_flag=True,
+              help="With --match: also write where each reference was used, as a grey image (STEM_xSCALE_match_map"
+                   ".png; white: the reference's pixels).")
 @common_inference_options
-def upscale(inputs, refs, seed, **options):
+def upscale(inputs, refs, seed, match, match_map, **options):
     """Upscale LR_IMAGE... (files, folders or globs): once per reference, or once without one.
 
     Outputs are named STEM_xSCALE_REFSTEM.png, or STEM_xSCALE.png without a reference (STEM_xSCALE_sSEED.png for a
     prior sample, --temperature above 0).
     """
     options["temperature"] = 0.0 if options["temperature"] is None else options["temperature"]
-    sys.exit(run_inference(inputs, refs, None, seed=seed, **options))
+    if match_map and not match:
+        fail("--match-map needs --match")
+    sys.exit(run_inference(inputs, refs, None, seed=seed, match=match, match_map=match_map, **options))
 
 
 @main.command()
@@ -150,6 +159,9 @@ def run_inference(inputs, refs, seeds, no_consistency, scale, **options) -> int:
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lr-patch", type=click.IntRange(min=8), default=32, show_default=True, help="LR crop size in pixels.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--modulation-lr-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Learning-rate factor of the noise strengths and the z modulation (texture stage), which start at "
+                   "zero and must grow for samples to differ.")
 @click.option("--l1-weight", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Pixel L1.")
 @click.option("--lr-consistency-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="L1 between the SR's bicubic downscale and the LR.")
@@ -315,16 +327,21 @@ def push(files, repo, revision, private, message, no_card, license_id):
                    "with two or more, the reference influence score.")
 @click.option("--num-refs", type=click.IntRange(min=1), default=None,
               help="Use K of the --ref images, evenly spaced in sorted order. [default: all]")
+@click.option("--match-protocol", type=click.Choice(["warp", "half", "unrelated"]), default=None,
+              help="Also measure `upscale --match`, with as reference: the HR image under a seeded random "
+                   "similarity transform (warp); the photo's other half, the image being one half (half); the next "
+                   "photo of HR_DIR (unrelated).")
 @click.option("--baseline", type=click.Choice(["bicubic", "none"]), default="bicubic", show_default=True)
 @click.option("--consistency-steps", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the rows and means to this JSON file.")
-def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperature, refs, num_refs, baseline,
-             consistency_steps, tile, device, json_path):
+def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperature, refs, num_refs,
+             match_protocol, baseline, consistency_steps, tile, device, json_path):
     """Measure a checkpoint on the HR images of HR_DIR against bicubic (PSNR/SSIM on Y, LPIPS, LR-PSNR;
-    diversity with --samples, reference influence with --ref)."""
+    diversity with --samples, reference influence with --ref, content-similar references with
+    --match-protocol)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -349,14 +366,15 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
                       console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("eval", total=len(list_images(hr_dir)))
             result = run_eval(hr_dir, upscaler, scale, z, sample_zs, references, baseline == "bicubic",
-                              on_image=lambda name: bar.advance(task))
+                              on_image=lambda name: bar.advance(task), match_protocol=match_protocol)
     except RefsrError as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
     table = Table(title=f"x{scale} on {hr_dir}")
     columns = [("PSNR-Y", "psnr", ".2f"), ("SSIM-Y", "ssim", ".4f"), ("LPIPS", "lpips", ".4f"),
-               ("LR-PSNR", "lr_psnr", ".2f"), ("diversity", "diversity", ".2f"), ("influence", "influence", ".2f")]
+               ("LR-PSNR", "lr_psnr", ".2f"), ("diversity", "diversity", ".2f"), ("influence", "influence", ".2f"),
+               ("confidence", "confidence", ".2f"), ("match s", "seconds", ".1f")]
     rows = result["rows"] + [{"image": "mean", "method": m, **v} for m, v in result["means"].items()]
     rows += published_rows(hr_dir, scale)
     columns = [c for c in columns if any(c[1] in r for r in rows)]
@@ -365,13 +383,17 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
     for r in rows:
         table.add_row(r["image"], r["method"], *(format(r[k], f) if k in r else "" for _, k, f in columns))
     Console(width=None if sys.stdout.isatty() else 160).print(table)  # a file or pipe gets whole columns
+    if match_protocol is not None:
+        fidelity, matched = result["means"]["refsr"], result["means"]["match"]
+        click.echo(f"--match ({match_protocol}) against the output without a reference: "
+                   f"PSNR-Y {matched['psnr'] - fidelity['psnr']:+.2f} dB, LPIPS {matched['lpips'] - fidelity['lpips']:+.4f}")
     if len(ref_paths) >= 2:
         click.echo(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}")
     if json_path is not None:
         from .files import atomic_path
         text = json.dumps({"scale": scale, "weights": weights, "temperature": temperature, "seed": seed,
                            "samples": samples, "sample_temperature": sample_temperature,
-                           "references": [str(p) for p in ref_paths], **result,
+                           "references": [str(p) for p in ref_paths], "match_protocol": match_protocol, **result,
                            "published": published_rows(hr_dir, scale)}, indent=1)
         try:
             with atomic_path(json_path) as tmp:

@@ -7,6 +7,8 @@ Besides the one z of the main "refsr" rows, each LR image can be decoded
 - for N prior samples: their mean measures, the lowest LR-PSNR among them, and the NTIRE 2021 diversity score;
 - for K references: their mean measures, the lowest LR-PSNR, and the reference influence (below).
 """
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,8 @@ from PIL import Image
 from .checkpoint import load_backbone
 from .errors import RefsrError
 from .images import MIN_SIDE, list_images, read_rgb
+from .inference import Latent
+from .match import correspond, prepare_reference
 from .metrics import LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
 from .model import VGG16Features
 
@@ -94,11 +98,14 @@ def reference_influence(output_stats, reference_stats) -> float:
 
 
 def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), baseline: bool = True,
-             on_image=None) -> dict:
-    """Rows of {image, method, psnr, ssim, lpips, lr_psnr[, diversity | influence]} and their means per method.
+             on_image=None, match_protocol: str | None = None) -> dict:
+    """Rows of {image, method, psnr, ssim, lpips, lr_psnr[, diversity | influence | confidence]} and their means
+    per method.
 
     z: the z of the "refsr" rows; sample_zs: the N zs of the "samples" rows (diversity when N >= 2); references:
-    (z, HxWx3 image) pairs of the "references" rows (influence when K >= 2)."""
+    (z, HxWx3 image) pairs of the "references" rows (influence when K >= 2); match_protocol: "match" rows, the
+    `upscale --match` output with the reference of that protocol (protocol_pair), its mean confidence and the
+    seconds its matching took."""
     lpips = LPIPSAlex()
     load_backbone(lpips, "lpips_alex")
     vgg = None
@@ -107,11 +114,16 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
         load_backbone(vgg, "vgg16_relu4_1")
         reference_stats = [feature_stats(vgg, image) for _, image in references]
     rows = []
-    for path in list_images(hr_dir):
+    paths = list_images(hr_dir)
+    for index, path in enumerate(paths):
         rgb = read_rgb(path)
-        if min(rgb.shape[:2]) < MIN_SIDE * scale:
+        if min(rgb.shape[:2]) < MIN_SIDE * scale * (2 if match_protocol == "half" else 1):
             raise RefsrError(f"{path}: too small to evaluate at x{scale}")
-        hr = modcrop(Image.fromarray((rgb * 255).round().astype(np.uint8)), scale)
+        hr = Image.fromarray((rgb * 255).round().astype(np.uint8))
+        if match_protocol is not None:
+            other = Image.fromarray((read_rgb(paths[(index + 1) % len(paths)]) * 255).round().astype(np.uint8))
+            hr, match_ref = protocol_pair(hr, match_protocol, index, other)
+        hr = modcrop(hr, scale)
         lr = bicubic_resize(hr, (hr.width // scale, hr.height // scale))
         lr_array = np.asarray(lr, dtype=np.float32) / 255
         upscale = lambda zs: [Image.fromarray(a) for a in upscaler.upscale(lr_array, zs)]
@@ -131,6 +143,11 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
                 stats = [feature_stats(vgg, to_float(o)) for o in outputs]
                 extra = {"influence": reference_influence(stats, reference_stats)}
             groups.append(("references", outputs, extra))
+        if match_protocol is not None:
+            started = time.perf_counter()
+            transfer = correspond(as_tensor(lr_array), [prepare_reference(to_float(match_ref), scale)], scale)
+            extra = {"confidence": float(transfer.confidence.mean()), "seconds": time.perf_counter() - started}
+            groups.append(("match", upscale([Latent(None, transfer=transfer)]), extra))
         for method, outputs, extra in groups:
             each = [measure(o, hr, lr, scale, lpips) for o in outputs]
             mean = {k: float(np.mean([m[k] for m in each])) for k in MEASURES}
@@ -145,3 +162,37 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
         if method != "refsr" and method != "bicubic":
             means[method]["lr_psnr"] = min(r["lr_psnr"] for r in mine)
     return {"rows": rows, "means": means}
+
+
+# --- content-similar references (`--match`): the protocols of docs/evaluation.md ------------------------------------
+
+MATCH_PROTOCOLS = ("warp", "half", "unrelated")
+
+
+def protocol_pair(hr: Image.Image, protocol: str, seed: int, other: Image.Image | None = None):
+    """(HR image to super-resolve, its reference) under a protocol:
+    warp: the HR image under a seeded random similarity transform (rotation within +-5 degrees, shift within +-8 %
+    of each side, scale 0.9-1.1) and brightness x0.9-1.1 (SRNTT's "HR warp" level);
+    half: one half of the photo (along its long side) as the image, the other half as the reference, no pixel shared;
+    unrelated: `other`, another photo, as the reference (a reference that does not match must do no harm)."""
+    rng = np.random.default_rng(seed)
+    if protocol == "warp":
+        angle, zoom = np.deg2rad(rng.uniform(-5, 5)), rng.uniform(0.9, 1.1)
+        shift = rng.uniform(-0.08, 0.08, 2) * hr.size
+        gain = rng.uniform(0.9, 1.1)
+        # PIL's AFFINE maps output pixels to input pixels: the inverse of rotate-and-scale about the centre, shifted.
+        cx, cy = hr.width / 2, hr.height / 2
+        cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+        a, b, d, e = cos, sin, -sin, cos
+        c = cx - a * (cx + shift[0]) - b * (cy + shift[1])
+        f = cy - d * (cx + shift[0]) - e * (cy + shift[1])
+        warped = hr.transform(hr.size, Image.AFFINE, (a, b, c, d, e, f), resample=Image.BICUBIC)
+        ref = Image.fromarray(np.clip(np.asarray(warped, dtype=np.float32) * gain, 0, 255).round().astype(np.uint8))
+        return hr, ref
+    if protocol == "half":
+        if hr.width >= hr.height:
+            half = hr.width // 2
+            return hr.crop((0, 0, half, hr.height)), hr.crop((half, 0, hr.width, hr.height))
+        half = hr.height // 2
+        return hr.crop((0, 0, hr.width, half)), hr.crop((0, half, hr.width, hr.height))
+    return hr, other

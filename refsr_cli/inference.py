@@ -19,6 +19,7 @@ from .errors import RefsrError
 from .files import sha256_of
 from .images import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb,
                      software_tag, unique_stems, write_picture)
+from .match import Transfer, correspond, prepare_reference
 from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
 from .sheet import contact_sheet, sheet_window
 
@@ -55,11 +56,12 @@ def back_project(sr, lr, scale: int, rounds: int):
 class Latent(NamedTuple):
     """What one output is decoded from: z (None: the fidelity output, which has no texture branch) and the seed of
     the texture branch's noise; on a walk, the noise of `noise_seed` turns into that of `noise_to` as `noise_t`
-    goes from 0 to 1."""
+    goes from 0 to 1. `transfer`: content-similar references' pixels blended in where they match (`--match`)."""
     z: torch.Tensor | None
     noise_seed: int = 0
     noise_to: int | None = None
     noise_t: float = 0.0
+    transfer: Transfer | None = None
 
 
 MIN_TILE = 16
@@ -118,7 +120,8 @@ class Upscaler:
     def condition(self, latent: Latent | None, lr_size: tuple):
         """What the decoder needs of one latent for an LR image of `lr_size`: None (the trunk's fidelity output) for
         z = None in the trunk architecture; the other architectures have no such path and decode z = 0."""
-        z, noise, noise_to, t = latent if latent is not None else Latent(None)
+        latent = latent if latent is not None else Latent(None)
+        z, noise, noise_to, t = latent.z, latent.noise_seed, latent.noise_to, latent.noise_t
         if z is None:
             if self.model.config.arch == "trunk":
                 return None
@@ -170,8 +173,10 @@ class Upscaler:
             if alpha_t is not None:
                 extra = F.interpolate(alpha_t[..., py0:py1, px0:px1].float(), scale_factor=s, mode="bicubic",
                                       align_corners=False)[keep].clamp_(0, 1)
-            for out, cell in zip(outputs, cells):
+            for out, cell, latent in zip(outputs, cells, zs):
                 sr = self.model.decode(patch, code, cell, origin=(py0, px0))
+                if latent is not None and latent.transfer is not None:
+                    sr = latent.transfer.blend(sr, py0, px0)
                 sr = back_project(sr, patch, s, self.consistency_steps)[keep].float()
                 if grayscale:
                     sr = (sr * self.LUMA.to(sr.device)).sum(1, keepdim=True)
@@ -297,7 +302,8 @@ def walk_variants(ends, frames: int, from_prior: bool) -> list:
     """`frames` (name suffix, record fields, latent) from the first end to the second: slerp between prior draws, a
     straight line between the means of two references; the texture noise turns from the first end's into the
     second's the same way, so that the grain changes as smoothly as the look."""
-    (_, start, (z0, noise0, _, _)), (_, end, (z1, noise1, _, _)) = ends
+    (_, start, first), (_, end, last) = ends
+    z0, noise0, z1, noise1 = first.z, first.noise_seed, last.z, last.noise_seed
     if z0 is None or z1 is None:
         raise RefsrError("a walk needs a temperature above 0 between seeds")
     steps = []
@@ -319,6 +325,13 @@ def write_animation(frames, path) -> None:
                        **({"lossless": False, "quality": 90} if fmt == "WEBP" else {}))
 
 
+def confidence_image(transfer: Transfer, scale: int) -> np.ndarray:
+    """The --match confidence at the output's size, as an 8-bit grey image (white: the reference's pixels)."""
+    confidence = F.interpolate(transfer.confidence[None, None], scale_factor=scale, mode="bilinear",
+                               align_corners=False)[0, 0].clamp(0, 1)
+    return (confidence * 255).round().byte().numpy()[..., None]
+
+
 def redo_command(record: dict) -> str:
     """The refsr command that makes the output a provenance record describes (with the same input, reference and
     weights files)."""
@@ -329,6 +342,8 @@ def redo_command(record: dict) -> str:
         words += ["walk", record["input"]] + [w for e in ends for w in (["--ref", e["reference"]] if "reference" in e
                                                                         else ["--seed", str(e["seed"])])]
         words += ["--steps", str(record["walk"][1]), "--temperature", f"{record['temperature']:g}"]
+    elif "references" in record:
+        words += ["upscale", record["input"]] + [w for r in record["references"] for w in ("--ref", r)] + ["--match"]
     elif "reference" in record or "seed" not in record or record["temperature"] == 0:
         words += ["upscale", record["input"]] + (["--ref", record["reference"]] if "reference" in record else [])
         if record["temperature"] > 0:
@@ -350,6 +365,8 @@ def redo_command(record: dict) -> str:
 
 def sheet_label(fields: dict, temperature: float) -> str:
     """What a contact-sheet tile is, as the flag that redoes it: --seed N, --ref NAME, or T = 0."""
+    if "references" in fields:
+        return "--match"
     if "reference" in fields:
         return f"--ref {Path(fields['reference']).name}" + (f" --seed {fields['seed']}" if fields.get("seed") else "")
     if "seed" in fields and temperature > 0:
@@ -386,6 +403,8 @@ class BatchOptions:
     as_json: bool = False
     sheet: bool = False  # one contact sheet per input instead of the images
     shard: tuple | None = None  # (K, N): only the inputs K, K + N, K + 2N, ... of the sorted list (0-based K)
+    match: bool = False  # one output per input from all references together, by correspondence (refsr_cli.match)
+    match_map: bool = False  # with match: also write the confidence map next to each output
     walk: int | None = None  # frames of a latent walk between the two seeds or the two references
     animate: str | None = None  # with walk: also one animated file of the frames, "webp" or "gif"
 
@@ -418,6 +437,10 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
     scale, out, temperature, max_pixels = opt.scale, opt.out, opt.temperature, opt.max_pixels
     if opt.overwrite and opt.skip_existing:
         report.error("--overwrite and --skip-existing contradict each other")
+        return 2
+    if opt.match and (not refs or temperature > 0):
+        report.error("--match needs at least one --ref, and gives the fidelity output where nothing matches "
+                     "(no --temperature)")
         return 2
     lr_paths = []
     for spec in inputs:
@@ -452,7 +475,15 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
         variants = []  # (name suffix, record fields, latent)
         if seeds is not None:
             variants = [(f"s{seed}", {"seed": seed}, upscaler.prior_z(seed, temperature)) for seed in seeds]
+        match_refs = []  # --match: the references' HR pixels, matched against each input
         for path, stem in zip(ref_paths, unique_stems(ref_paths)):
+            if opt.match:
+                try:
+                    match_refs.append(prepare_reference(read_rgb(path, max_pixels), scale, str(path)))
+                except RefsrError as e:
+                    report.error(f"reference {e}")
+                    counts["failed"] += 1
+                continue
             try:
                 z = upscaler.reference_z(read_rgb(path, max_pixels), temperature, opt.seed)
             except RefsrError as e:
@@ -462,6 +493,10 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
             # Another --seed is another grain (and draw): another name.
             variants.append((f"{stem}_s{opt.seed}" if opt.seed else stem,
                              {"reference": str(path), "reference_sha256": sha256_of(path), "seed": opt.seed}, z))
+        if match_refs:
+            # One output per input from all the references; its latent is made per input (see below).
+            variants.append(("match", {"references": [str(p) for p in ref_paths],
+                                       "references_sha256": [sha256_of(p) for p in ref_paths]}, None))
         if ref_paths and not variants:
             report.error("no usable reference")
             return 2
@@ -470,7 +505,7 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                 report.error(f"a walk goes between two seeds or two references, not {len(variants)}")
                 return 2
             variants = walk_variants(variants, opt.walk, from_prior=seeds is not None)
-        if not upscaler.texture_trained and (variants or temperature > 0):
+        if not upscaler.texture_trained and (any(z is not None for _, _, z in variants) or temperature > 0):
             report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "
                         "and reference gives the fidelity output")
 
@@ -511,6 +546,11 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                 if not todo:
                     continue
                 h, w = picture.rgb.shape[:2]
+                transfer = None
+                if match_refs:
+                    report.say(f"{lr_path.name}: matching {len(match_refs)} reference(s)")
+                    transfer = correspond(upscaler._tensor(picture.rgb), match_refs, scale)
+                    todo = [(sfx, f, Latent(None, transfer=transfer) if z is None else z) for sfx, f, z in todo]
                 tick = report.task(lr_path.name, len(upscaler.tiles(h, w)) * len(todo))
                 window = sheet_window(picture.rgb, scale) if opt.sheet else None
                 crops = []
@@ -528,6 +568,12 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                         write_picture(image, target, picture.icc_profile, run_record | input_record | fields)
                         counts["written"] += 1
                         report.wrote({"input": str(lr_path), "output": str(target), "scale": scale, **fields})
+                    if transfer is not None and opt.match_map:
+                        target = targets[0].with_name(f"{targets[0].stem}_map.png")
+                        write_picture(confidence_image(transfer, scale), target, None, run_record | input_record)
+                        counts["written"] += 1
+                        report.wrote({"input": str(lr_path), "output": str(target), "scale": scale,
+                                      "confidence": float(transfer.confidence.mean())})
                 if opt.animate and not opt.sheet:
                     animation = folder / f"{stem}_x{scale}_walk.{opt.animate}"
                     write_animation(frames, animation)

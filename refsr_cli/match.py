@@ -1,0 +1,389 @@
+"""Texture transfer by correspondence (`upscale --ref similar.jpg --match`): the sharp detail of a content-similar
+reference (the same building from another spot, the next frame, a sharp shot of the scene) brought in where the
+reference matches the LR image. SRNTT's idea (Zhang et al. 2019) with a classical pipeline: nothing here is trained.
+
+Everything is compared at LR resolution, where the two images look alike: the reference is downscaled exactly as an
+LR image is made.
+1. Matching: each LR pixel finds the reference pixel whose 5x5 colour patch matches it best, by normalised
+   cross-correlation times SSIM's contrast term (a flat patch does not match a textured one). Coarse to fine, as
+   MASA-SR does: brute force on a pyramid level small enough, then PatchMatch (propagation from neighbours, random
+   search around the current match) on each finer level, so time and memory grow with the image, not with
+   image x reference.
+2. Alignment: a match at whole-pixel precision pastes detail up to half an LR pixel off, which costs more than it
+   gives (measured: -0.9 dB). Lucas-Kanade steps in windows refine each match to a fraction of an LR pixel, which
+   also follows a reference that is rotated or rescaled a little.
+3. Confidence: SSIM, in windows, between the LR image and the reference as aligned (at LR resolution); from 0 at
+   `LOW` to 1 at `HIGH`. Where nothing matches, the weight is 0 and the output is the one without a reference.
+4. Transfer: the reference's HR pixels, resampled along the aligned positions and given the LR image's local gain
+   and offset, are blended into the network's output by the confidence; the Upscaler's back-projection then gives
+   the blend the LR image's low frequencies.
+
+The correspondence is computed once per image over the whole LR (`correspond`); each tile then resamples its part
+of the references from it (`Transfer.blend`), so tiles agree with the untiled output.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import RefsrError
+from .model import downscale
+
+PATCH = 5  # LR pixels per side of a matched patch
+BRUTE_PAIRS = 1 << 24  # query x reference pixels compared exhaustively on the coarsest pyramid level
+PATCHMATCH_ROUNDS = 4  # propagation + random search rounds per pyramid level
+LK_STEPS = 5  # Lucas-Kanade refinement steps at LR resolution
+WINDOW_SIGMA = 1.5  # LR pixels: the Gaussian window of the confidence and of the gain and offset
+LK_SIGMA = 3.0  # LR pixels: the Gaussian window of the alignment (wide enough to hold corners, not just edges)
+LOW, HIGH = 0.5, 0.9  # windowed SSIM of confidence 0 and of confidence 1 (chosen on val_hr)
+MAX_REFERENCE_PIXELS = 4096 * 4096  # larger references are downscaled to this many pixels (memory bound)
+TEXTURED = 0.02  # patch standard deviation above which a patch has structure enough to locate
+COHERENT_LOW = 0.5  # share of agreeing neighbours below which a local match is not trusted at all
+CONTRAST_C = 1e-4  # SSIM's C2 on [0, 1] images, about (0.01)^2: patches flatter than that count as flat
+
+
+def prepare_reference(image: np.ndarray, scale: int, name: str = "reference") -> torch.Tensor:
+    """HxWx3 float reference -> (1, 3, H, W) tensor, downscaled to at most MAX_REFERENCE_PIXELS and cropped to a
+    multiple of the scale. `name`: what an error calls it."""
+    h, w = image.shape[:2]
+    if h * w > MAX_REFERENCE_PIXELS:
+        factor = math.sqrt(MAX_REFERENCE_PIXELS / (h * w))
+        pil = Image.fromarray((image * 255).round().astype(np.uint8))
+        image = np.asarray(pil.resize((int(w * factor), int(h * factor)), Image.BICUBIC), dtype=np.float32) / 255
+        h, w = image.shape[:2]
+    if h < PATCH * scale or w < PATCH * scale:
+        raise RefsrError(f"{name}: too small to match at x{scale} (at least {PATCH * scale} pixels on each side)")
+    crop = image[:h - h % scale, :w - w % scale]
+    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float()
+
+
+def patch_descriptors(image: torch.Tensor):
+    """(1, 3, H, W) -> (H*W, 3*PATCH^2) patches with each channel's mean removed, scaled to unit length, and the
+    patches' standard deviations (H*W,)."""
+    patches = F.unfold(F.pad(image, (PATCH // 2,) * 4, mode="replicate"), PATCH)[0]  # (3*PATCH^2, H*W)
+    patches = patches.view(3, PATCH * PATCH, -1)
+    patches = (patches - patches.mean(1, keepdim=True)).flatten(0, 1)
+    norm = patches.norm(dim=0)
+    return (patches / (norm + 1e-6)).T.contiguous(), norm / patches.shape[0] ** 0.5
+
+
+def match_score(q, q_std, k, k_std):
+    """Normalised cross-correlation times SSIM's contrast term of descriptor rows `q` and `k` (broadcasting)."""
+    contrast = (2 * q_std * k_std + CONTRAST_C) / (q_std ** 2 + k_std ** 2 + CONTRAST_C)
+    return (q * k).sum(-1) * contrast
+
+
+def pyramid(image: torch.Tensor, levels: int) -> list:
+    """[image, image/2, image/4, ...]: `levels` levels, finest first."""
+    out = [image]
+    for _ in range(levels - 1):
+        out.append(downscale(out[-1], 2))
+    return out
+
+
+def brute_force(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(h, w, 2) integer (y, x) positions in `reference` of each query pixel's best patch, by exhaustive search in
+    chunks of BRUTE_PAIRS pairs, and their scores (h, w)."""
+    q, q_std = patch_descriptors(query)
+    k, k_std = patch_descriptors(reference)
+    best = torch.empty(len(q), dtype=torch.int64)
+    best_score = torch.empty(len(q))
+    chunk = max(1, BRUTE_PAIRS // len(k))
+    for start in range(0, len(q), chunk):
+        rows = slice(start, start + chunk)
+        contrast = ((2 * q_std[rows, None] * k_std[None] + CONTRAST_C)
+                    / (q_std[rows, None] ** 2 + k_std[None] ** 2 + CONTRAST_C))
+        best_score[rows], best[rows] = ((q[rows] @ k.T) * contrast).max(1)
+    width, shape = reference.shape[-1], query.shape[-2:]
+    return torch.stack([best // width, best % width], -1).view(*shape, 2), best_score.view(shape)
+
+
+def patchmatch(query: torch.Tensor, reference: torch.Tensor, start: torch.Tensor, generator) -> torch.Tensor:
+    """Improve integer positions `start` (h, w, 2) by PATCHMATCH_ROUNDS rounds of PatchMatch (Barnes et al. 2009),
+    vectorised: each pixel tries its neighbours' matches shifted by one (and two, four) pixels and random positions
+    around its own, and keeps the best."""
+    q, q_std = patch_descriptors(query)
+    k, k_std = patch_descriptors(reference)
+    height, width = reference.shape[-2:]
+    limit = torch.tensor([height - 1, width - 1])
+    pos = start.clone()
+    flat = lambda p: p[..., 0].flatten() * width + p[..., 1].flatten()
+    best = match_score(q, q_std, k[flat(pos)], k_std[flat(pos)])
+    for round_ in range(PATCHMATCH_ROUNDS):
+        candidates = []
+        for jump in (1, 2, 4):
+            for dy, dx in ((jump, 0), (-jump, 0), (0, jump), (0, -jump)):
+                # The match of the neighbour at (y - dy, x - dx), moved by (dy, dx).
+                shifted = torch.roll(pos, (dy, dx), (0, 1)) + torch.tensor([dy, dx])
+                candidates.append(shifted)
+        radius = max(1, 8 >> round_)
+        for r in (radius, max(1, radius // 2)):
+            candidates.append(pos + torch.randint(-r, r + 1, pos.shape, generator=generator))
+        for cand in candidates:
+            cand = torch.minimum(cand.clamp_min(0), limit)
+            index = flat(cand)
+            score = match_score(q, q_std, k[index], k_std[index])
+            better = score > best
+            best = torch.where(better, score, best)
+            pos = torch.where(better.view(*pos.shape[:2], 1), cand, pos)
+    return pos, best.view(pos.shape[:2])
+
+
+def match_positions(lr: torch.Tensor, ref_lr: torch.Tensor, generator) -> torch.Tensor:
+    """(h, w, 2) integer positions in `ref_lr` of the best match of each pixel of `lr`, coarse to fine, and the
+    matches' scores (h, w)."""
+    levels = 1
+    while (lr.shape[-2] >> levels) >= 2 * PATCH and (ref_lr.shape[-2] >> levels) >= 2 * PATCH \
+            and (lr.shape[-1] >> levels) >= 2 * PATCH and (ref_lr.shape[-1] >> levels) >= 2 * PATCH \
+            and lr[0, 0].numel() * ref_lr[0, 0].numel() >> (4 * (levels - 1)) > BRUTE_PAIRS:
+        levels += 1
+    queries, references = pyramid(lr, levels), pyramid(ref_lr, levels)
+    pos, score = brute_force(queries[-1], references[-1])
+    for query, reference in zip(queries[-2::-1], references[-2::-1]):
+        h, w = query.shape[-2:]
+        # Each coarse match seeds the 2x2 block below it.
+        up = pos.repeat_interleave(2, 0).repeat_interleave(2, 1)
+        up = F.pad(up.permute(2, 0, 1)[None].float(), (0, max(0, w - up.shape[1]), 0, max(0, h - up.shape[0])),
+                   mode="replicate")[0].permute(1, 2, 0).long()[:h, :w]
+        parity = torch.stack(torch.meshgrid(torch.arange(h) % 2, torch.arange(w) % 2, indexing="ij"), -1)
+        pos, score = patchmatch(query, reference, 2 * up + parity, generator)
+    return pos, score
+
+
+def sample(image: torch.Tensor, pos: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """`image` (1, C, H, W) read at float pixel positions `pos` (h, w, 2) as (y, x): (1, C, h, w)."""
+    height, width = image.shape[-2:]
+    grid = torch.stack([2 * pos[..., 1] / max(width - 1, 1) - 1, 2 * pos[..., 0] / max(height - 1, 1) - 1], -1)
+    return F.grid_sample(image, grid[None].to(image.dtype), mode=mode, padding_mode="border", align_corners=True)
+
+
+def window(x: torch.Tensor, sigma: float = WINDOW_SIGMA) -> torch.Tensor:
+    """Gaussian-weighted local mean (`sigma` LR pixels), separable, each channel on its own."""
+    radius = math.ceil(3 * sigma)
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype) / sigma) ** 2)
+    taps = (taps / taps.sum()).to(x.device)
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1).repeat(c, 1, 1, 1),
+                 groups=c)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), taps.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
+                    groups=c)
+
+
+def smooth_displacements(pos: torch.Tensor, weight: torch.Tensor, radius: int = 3, agree: float = 1.0):
+    """Each displacement (position minus the pixel's own) replaced by the average of its (2 radius + 1)^2
+    neighbours' that agree with it (within about `agree` pixels), weighted by `weight` (h, w) and a Gaussian of the
+    distance. Where the reference moves smoothly (a shift, a small rotation or zoom) the matches' rounding and
+    noise average out; neighbours that matched elsewhere take no part, so edges between matched regions stay."""
+    h, w = pos.shape[:2]
+    own = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    d = (pos - own).float().permute(2, 0, 1)[None]  # (1, 2, h, w)
+    k = 2 * radius + 1
+    around = F.unfold(F.pad(d, (radius,) * 4, mode="replicate"), k).view(2, k * k, h * w)
+    weights = F.unfold(F.pad(weight.clamp_min(0)[None, None].float(), (radius,) * 4, mode="replicate"), k)[0]
+    offsets = torch.arange(k, dtype=torch.float32) - radius
+    spatial = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (radius ** 2)).flatten()[:, None]
+    weights = weights * spatial * torch.exp(-((around - d.view(2, 1, h * w)) ** 2).sum(0) / (2 * agree ** 2))
+    d = (around * weights).sum(1) / weights.sum(0).clamp_min(1e-8)
+    return own.float() + d.view(2, h, w).permute(1, 2, 0)
+
+
+def fit_affine(pos: torch.Tensor, score: torch.Tensor, textured: torch.Tensor, generator, trials: int = 1024):
+    """The affine map own position -> reference position that most confident matches follow (RANSAC: 3 random
+    matches per trial, inliers within one pixel, then least squares on the best trial's inliers), as an (h, w, 2)
+    field; None when under a fifth of the confident matches follow one. A reference that is the same scene seen
+    a little rotated, rescaled or shifted (a second shot, the next frame) is such a map: fitted over the whole
+    image, it is far more precise than any one match. Only textured pixels (`textured`, (h, w) bool) take part:
+    a flat patch matches anywhere."""
+    h, w = pos.shape[:2]
+    own = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).float().view(-1, 2)
+    target = pos.float().view(-1, 2)
+    confident = (score.flatten() > 0.8) & textured.flatten()
+    if confident.sum() < 16:
+        return None
+    x, y = own[confident], target[confident]
+    ones = torch.ones(len(x), 1)
+    design = torch.cat([x, ones], 1)  # (n, 3)
+    picks = torch.randint(len(x), (trials, 3), generator=generator)
+    maps = torch.linalg.solve_ex(design[picks].double(), y[picks].double())[0].float()  # (trials, 3, 2)
+    inliers = ((design @ maps - y).norm(dim=-1) < 1.0)  # (trials, n)
+    # Three points close together or on a line fix no map: such trials do not count.
+    corners = x[picks]
+    e1, e2 = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
+    area = (e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]).abs() / 2
+    best = (inliers.sum(1) * (area > h * w / 200)).argmax()
+    keep = inliers[best]
+    if keep.sum() < max(16, 0.2 * len(x)):
+        return None
+    # Normal equations in float64 (torch.linalg.lstsq returned a wrong solution here for tall float32 systems).
+    a, b = design[keep].double(), y[keep].double()
+    fitted = torch.linalg.solve(a.T @ a, a.T @ b).float()
+    return (torch.cat([own, torch.ones(len(own), 1)], 1) @ fitted).view(h, w, 2)
+
+
+def refine(lr: torch.Tensor, ref_lr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Sub-pixel positions: LK_STEPS Lucas-Kanade steps, each the least-squares shift of a Gaussian window's
+    positions that best explains the LR image by the reference's gradients there (colour channels pooled). At most
+    half a pixel a step; flat windows, whose shift is undetermined, hardly move (a small ridge term)."""
+    pad = F.pad(ref_lr, (1, 1, 1, 1), mode="replicate")
+    grad_y = (pad[..., 2:, 1:-1] - pad[..., :-2, 1:-1]) / 2
+    grad_x = (pad[..., 1:-1, 2:] - pad[..., 1:-1, :-2]) / 2
+    # The reference may be brighter, or of another colour balance: a per-channel gain and offset, fitted once, keep
+    # that from pulling the positions along the gradients.
+    aligned = sample(ref_lr, pos, mode="bicubic")
+    gain, offset = global_fit(lr, aligned)
+    for _ in range(LK_STEPS):
+        residual = lr - (gain * sample(ref_lr, pos, mode="bicubic") + offset)
+        gy, gx = gain * sample(grad_y, pos), gain * sample(grad_x, pos)
+        terms = torch.cat([(gy * gy).sum(1, keepdim=True), (gy * gx).sum(1, keepdim=True),
+                           (gx * gx).sum(1, keepdim=True), (gy * residual).sum(1, keepdim=True),
+                           (gx * residual).sum(1, keepdim=True)], 1)
+        a, b, c, u, v = window(terms, LK_SIGMA)[0]
+        ridge = 1e-5
+        a, c = a + ridge, c + ridge
+        det = a * c - b * b
+        step = torch.stack([(c * u - b * v) / det, (a * v - b * u) / det], -1).clamp(-0.5, 0.5)
+        pos = smooth_displacements(pos + step, torch.ones(pos.shape[:2]), agree=0.5)
+        pos = torch.stack([pos[..., 0].clamp(0, ref_lr.shape[-2] - 1), pos[..., 1].clamp(0, ref_lr.shape[-1] - 1)], -1)
+    return pos
+
+
+def global_fit(lr: torch.Tensor, aligned: torch.Tensor):
+    """Per-channel gain and offset (1, 3, 1, 1) mapping the aligned reference onto the LR image, by least squares
+    over the pixels where the two agree best (the better half by absolute difference, after a first fit)."""
+    x, y = aligned.flatten(2), lr.flatten(2)
+    keep = torch.ones_like(x, dtype=torch.bool)
+    for _ in range(2):
+        w = keep.float()
+        n = w.sum(-1).clamp_min(1)
+        mx, my = (x * w).sum(-1) / n, (y * w).sum(-1) / n
+        var = (((x - mx[..., None]) ** 2) * w).sum(-1) / n
+        cov = ((x - mx[..., None]) * (y - my[..., None]) * w).sum(-1) / n
+        gain = (cov / var.clamp_min(1e-6)).clamp(0.5, 2.0)
+        offset = my - gain * mx
+        error = (y - gain[..., None] * x - offset[..., None]).abs()
+        keep = error <= error.median(-1, keepdim=True).values
+    return gain[..., None, None], offset[..., None, None]
+
+
+def distinctive(image: torch.Tensor, share: float = 0.3) -> torch.Tensor:
+    """(h, w) bool: the `share` of pixels whose neighbourhood is the most distinctive, by the smaller eigenvalue of
+    the windowed structure tensor (Shi-Tomasi): corners and texture, which locate a match in both directions, and
+    not edges or gradients (a sky's), along which any position fits."""
+    pad = F.pad(image, (1, 1, 1, 1), mode="replicate")
+    gy = (pad[..., 2:, 1:-1] - pad[..., :-2, 1:-1]) / 2
+    gx = (pad[..., 1:-1, 2:] - pad[..., 1:-1, :-2]) / 2
+    a, b, c = window(torch.cat([(gy * gy).sum(1, keepdim=True), (gy * gx).sum(1, keepdim=True),
+                                (gx * gx).sum(1, keepdim=True)], 1))[0]
+    smallest = (a + c) / 2 - (((a - c) / 2) ** 2 + b ** 2).sqrt()
+    return smallest >= smallest.flatten().quantile(1 - share) if smallest.numel() <= 1 << 24 else \
+        smallest >= smallest.flatten()[::smallest.numel() // (1 << 20)].quantile(1 - share)
+
+
+def coherence(pos: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """(h, w) in [0, 1]: the share of each pixel's neighbours whose displacement agrees with its own within about
+    half a pixel. The same content seen again moves as a whole; an unrelated reference gives each pixel a match of
+    its own, and those scatter."""
+    h, w = pos.shape[:2]
+    own = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    d = (pos - own).permute(2, 0, 1)[None]
+    k = 2 * radius + 1
+    around = F.unfold(F.pad(d, (radius,) * 4, mode="replicate"), k).view(2, k * k, h * w)
+    agree = torch.exp(-((around - d.view(2, 1, h * w)) ** 2).sum(0) / (2 * 0.5 ** 2)).mean(0)
+    return ((agree.view(h, w) - COHERENT_LOW) / (1 - COHERENT_LOW)).clamp(0, 1)
+
+
+def local_fit(lr: torch.Tensor, aligned: torch.Tensor, sigma: float = WINDOW_SIGMA):
+    """Windowed SSIM between the LR image and the aligned reference (mean over channels; (1, 1, h, w)), and the
+    per-channel gain and offset that map the aligned reference onto the LR image (a local linear fit, as a guided
+    filter makes; the gain kept within [0.5, 2])."""
+    mu_l, mu_a = window(lr, sigma), window(aligned, sigma)
+    var_l = (window(lr * lr, sigma) - mu_l ** 2).clamp_min(0)
+    var_a = (window(aligned * aligned, sigma) - mu_a ** 2).clamp_min(0)
+    cov = window(lr * aligned, sigma) - mu_l * mu_a
+    c1 = (0.01) ** 2
+    ssim = ((2 * mu_l * mu_a + c1) * (2 * cov + CONTRAST_C)) / ((mu_l ** 2 + mu_a ** 2 + c1) * (var_l + var_a + CONTRAST_C))
+    gain = ((cov + CONTRAST_C / 2) / (var_a + CONTRAST_C / 2)).clamp(0.5, 2.0)
+    return ssim.mean(1, keepdim=True), gain, mu_l - gain * mu_a
+
+
+@dataclass
+class ReferenceMatch:
+    """One reference's part of a transfer: its HR pixels, where each LR pixel lies in it (in reference LR pixels,
+    sub-pixel), the local gain and offset, and the confidence (h, w) in [0, 1]."""
+    reference: torch.Tensor  # (1, 3, H, W) HR
+    positions: torch.Tensor  # (h, w, 2) float (y, x)
+    gain: torch.Tensor  # (1, 3, h, w)
+    offset: torch.Tensor  # (1, 3, h, w)
+    confidence: torch.Tensor  # (h, w)
+
+
+@dataclass
+class Transfer:
+    """The correspondence of one LR image with its references, and how it enters the network's output."""
+    matches: list
+    scale: int
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """(h, w): per LR pixel, the most confident reference's confidence (what --match-map writes)."""
+        return torch.stack([m.confidence for m in self.matches]).amax(0)
+
+    def blend(self, sr: torch.Tensor, y0: int, x0: int) -> torch.Tensor:
+        """`sr` (1, 3, H, W): the network's output for the LR region whose top-left pixel is (y0, x0), blended with
+        the references' aligned pixels by their confidences (each reference weighted by its confidence squared where
+        several match)."""
+        s, device, dtype = self.scale, sr.device, sr.dtype
+        sr = sr.float().cpu()
+        # LR coordinates of each HR pixel centre of the region, and the fields interpolated there.
+        ys = (torch.arange(sr.shape[-2], dtype=torch.float32) + 0.5) / s - 0.5 + y0
+        xs = (torch.arange(sr.shape[-1], dtype=torch.float32) + 0.5) / s - 0.5 + x0
+        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1)
+        total = torch.zeros_like(sr, dtype=torch.float32)
+        weights = torch.zeros_like(sr[:, :1], dtype=torch.float32)
+        strongest = torch.zeros_like(weights)
+        for m in self.matches:
+            fields = torch.cat([m.positions.permute(2, 0, 1)[None], m.gain, m.offset, m.confidence[None, None]], 1)
+            at = sample(fields, grid)  # (1, 9, H, W)
+            pos_hr = (at[0, :2].permute(1, 2, 0) + 0.5) * s - 0.5
+            pixels = sample(m.reference, pos_hr, mode="bicubic")
+            pixels = at[:, 2:5] * pixels + at[:, 5:8]
+            confidence = at[:, 8:9].clamp(0, 1)
+            total += confidence ** 2 * pixels
+            weights += confidence ** 2
+            strongest = torch.maximum(strongest, confidence)
+        aligned = total / weights.clamp_min(1e-8)
+        return (sr * (1 - strongest) + aligned * strongest).to(device, dtype)
+
+
+def correspond(lr: torch.Tensor, references: list, scale: int, seed: int = 0) -> Transfer:
+    """The Transfer of LR image `lr` (1, 3, h, w) from HR references (each (1, 3, H, W), from prepare_reference)."""
+    generator = torch.Generator().manual_seed(seed)
+    lr = lr.float().cpu()
+    # A flat LR window matches any flat reference window, yet the reference may hold detail there that its
+    # downscale hides (grain, fine stripes): only where the LR image has structure is a match evidence.
+    spread = (window(lr * lr) - window(lr) ** 2).clamp_min(0).mean(1)[0].sqrt()
+    structure = (spread / TEXTURED).clamp(0, 1)
+    distinct = distinctive(lr)
+    matches = []
+    for reference in references:
+        ref_lr = downscale(reference, scale)
+        pos, score = match_positions(lr, ref_lr, generator)
+        local = refine(lr, ref_lr, smooth_displacements(pos, score))
+        candidates = [(local, coherence(local))]
+        affine = fit_affine(pos, score, distinct, generator)
+        if affine is not None:
+            candidates.append((refine(lr, ref_lr, affine), 1.0))
+        # Per pixel, the candidate trusted most.
+        trusted = []
+        for positions, coherent in candidates:
+            aligned = sample(ref_lr, positions, mode="bicubic")
+            ssim = local_fit(lr, aligned, LK_SIGMA)[0][0, 0]
+            trusted.append(((ssim - LOW) / (HIGH - LOW)).clamp(0, 1) * structure * coherent)
+        confidence, choice = torch.stack(trusted).max(0)
+        pos = torch.stack([c for c, _ in candidates]).gather(0, choice[None, ..., None].expand(1, *pos.shape))[0]
+        _, gain, offset = local_fit(lr, sample(ref_lr, pos, mode="bicubic"))
+        matches.append(ReferenceMatch(reference, pos, gain, offset, confidence))
+    return Transfer(matches, scale)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# `upscale --match` measured under the three protocols of docs/evaluation.md (warp, half, unrelated) with the shipped
+# weights, against their output without a reference; JSON and tables into docs/eval/match/.
+#
+#   scripts/eval_match.sh                                      # all of it
+#   SETS="val_hr" SCALES="4" PROTOCOLS="warp" scripts/eval_match.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+SCALES=${SCALES:-4 8}
+SETS=${SETS:-val_hr bench/Set5 bench/Set14}
+PROTOCOLS=${PROTOCOLS:-warp half unrelated}
+mkdir -p docs/eval/match
+for scale in $SCALES; do
+    for set in $SETS; do
+        name=$(basename "$set")
+        for protocol in $PROTOCOLS; do
+            out="docs/eval/match/x$scale-$name-$protocol"
+            refsr eval "$DATA/$set" --scale "$scale" --match-protocol "$protocol" --baseline none \
+                --json "$out.json" > "$out.txt"
+            echo "x$scale $name $protocol: $(tail -1 "$out.txt")"
+        done
+    done
+done
