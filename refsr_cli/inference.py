@@ -475,11 +475,12 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
         variants = []  # (name suffix, record fields, latent)
         if seeds is not None:
             variants = [(f"s{seed}", {"seed": seed}, upscaler.prior_z(seed, temperature)) for seed in seeds]
-        match_refs = []  # --match: the references' HR pixels, matched against each input
+        match_refs, matched_paths = [], []  # --match: the references' HR pixels, matched against each input
         for path, stem in zip(ref_paths, unique_stems(ref_paths)):
             if opt.match:
                 try:
                     match_refs.append(prepare_reference(read_rgb(path, max_pixels), scale, str(path)))
+                    matched_paths.append(path)
                 except RefsrError as e:
                     report.error(f"reference {e}")
                     counts["failed"] += 1
@@ -495,8 +496,8 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                              {"reference": str(path), "reference_sha256": sha256_of(path), "seed": opt.seed}, z))
         if match_refs:
             # One output per input from all the references; its latent is made per input (see below).
-            variants.append(("match", {"references": [str(p) for p in ref_paths],
-                                       "references_sha256": [sha256_of(p) for p in ref_paths]}, None))
+            variants.append(("match", {"references": [str(p) for p in matched_paths],
+                                       "references_sha256": [sha256_of(p) for p in matched_paths]}, None))
         if ref_paths and not variants:
             report.error("no usable reference")
             return 2

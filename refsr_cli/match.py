@@ -10,10 +10,15 @@ LR image is made.
    search around the current match) on each finer level, so time and memory grow with the image, not with
    image x reference.
 2. Alignment: a match at whole-pixel precision pastes detail up to half an LR pixel off, which costs more than it
-   gives (measured: -0.9 dB). Lucas-Kanade steps in windows refine each match to a fraction of an LR pixel, which
-   also follows a reference that is rotated or rescaled a little.
-3. Confidence: SSIM, in windows, between the LR image and the reference as aligned (at LR resolution); from 0 at
-   `LOW` to 1 at `HIGH`. Where nothing matches, the weight is 0 and the output is the one without a reference.
+   gives (measured: -0.9 dB). Two candidate position fields, each refined by Lucas-Kanade steps to a fraction of
+   an LR pixel: the matches themselves, averaged with the neighbours that agree (any content, any motion); and one
+   affine map fitted by RANSAC to the distinctive matches (a second shot or the next frame, rotated, rescaled or
+   shifted a little, for which it is far more precise than any one match).
+3. Confidence, per pixel for each candidate, and the higher one kept: SSIM, in windows, between the LR image and
+   the reference as aligned (at LR resolution), from 0 at `LOW` to 1 at `HIGH`; times the LR's structure there (a
+   flat window matches anything); for the matches' own field, times their coherence (an unrelated reference gives
+   each pixel a match of its own, and those scatter). Where nothing matches, the weight is 0 and the output is the
+   one without a reference.
 4. Transfer: the reference's HR pixels, resampled along the aligned positions and given the LR image's local gain
    and offset, are blended into the network's output by the confidence; the Upscaler's back-projection then gives
    the blend the LR image's low frequencies.
@@ -40,7 +45,8 @@ WINDOW_SIGMA = 1.5  # LR pixels: the Gaussian window of the confidence and of th
 LK_SIGMA = 3.0  # LR pixels: the Gaussian window of the alignment (wide enough to hold corners, not just edges)
 LOW, HIGH = 0.5, 0.9  # windowed SSIM of confidence 0 and of confidence 1 (chosen on val_hr)
 MAX_REFERENCE_PIXELS = 4096 * 4096  # larger references are downscaled to this many pixels (memory bound)
-TEXTURED = 0.02  # patch standard deviation above which a patch has structure enough to locate
+TEXTURED = 0.02  # LR standard deviation in a window above which a match there counts in full (below: in part)
+LK_RIDGE = 1e-5  # keeps flat windows, whose shift is undetermined, where they are
 COHERENT_LOW = 0.5  # share of agreeing neighbours below which a local match is not trusted at all
 CONTRAST_C = 1e-4  # SSIM's C2 on [0, 1] images, about (0.01)^2: patches flatter than that count as flat
 
@@ -84,7 +90,7 @@ def pyramid(image: torch.Tensor, levels: int) -> list:
     return out
 
 
-def brute_force(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def brute_force(query: torch.Tensor, reference: torch.Tensor) -> tuple:
     """(h, w, 2) integer (y, x) positions in `reference` of each query pixel's best patch, by exhaustive search in
     chunks of BRUTE_PAIRS pairs, and their scores (h, w)."""
     q, q_std = patch_descriptors(query)
@@ -101,10 +107,10 @@ def brute_force(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.stack([best // width, best % width], -1).view(*shape, 2), best_score.view(shape)
 
 
-def patchmatch(query: torch.Tensor, reference: torch.Tensor, start: torch.Tensor, generator) -> torch.Tensor:
+def patchmatch(query: torch.Tensor, reference: torch.Tensor, start: torch.Tensor, generator) -> tuple:
     """Improve integer positions `start` (h, w, 2) by PATCHMATCH_ROUNDS rounds of PatchMatch (Barnes et al. 2009),
     vectorised: each pixel tries its neighbours' matches shifted by one (and two, four) pixels and random positions
-    around its own, and keeps the best."""
+    around its own, and keeps the best. Returns the positions and their scores (h, w)."""
     q, q_std = patch_descriptors(query)
     k, k_std = patch_descriptors(reference)
     height, width = reference.shape[-2:]
@@ -132,7 +138,7 @@ def patchmatch(query: torch.Tensor, reference: torch.Tensor, start: torch.Tensor
     return pos, best.view(pos.shape[:2])
 
 
-def match_positions(lr: torch.Tensor, ref_lr: torch.Tensor, generator) -> torch.Tensor:
+def match_positions(lr: torch.Tensor, ref_lr: torch.Tensor, generator) -> tuple:
     """(h, w, 2) integer positions in `ref_lr` of the best match of each pixel of `lr`, coarse to fine, and the
     matches' scores (h, w)."""
     levels = 1
@@ -190,17 +196,17 @@ def smooth_displacements(pos: torch.Tensor, weight: torch.Tensor, radius: int = 
     return own.float() + d.view(2, h, w).permute(1, 2, 0)
 
 
-def fit_affine(pos: torch.Tensor, score: torch.Tensor, textured: torch.Tensor, generator, trials: int = 1024):
+def fit_affine(pos: torch.Tensor, score: torch.Tensor, distinct: torch.Tensor, generator, trials: int = 1024):
     """The affine map own position -> reference position that most confident matches follow (RANSAC: 3 random
     matches per trial, inliers within one pixel, then least squares on the best trial's inliers), as an (h, w, 2)
     field; None when under a fifth of the confident matches follow one. A reference that is the same scene seen
     a little rotated, rescaled or shifted (a second shot, the next frame) is such a map: fitted over the whole
-    image, it is far more precise than any one match. Only textured pixels (`textured`, (h, w) bool) take part:
-    a flat patch matches anywhere."""
+    image, it is far more precise than any one match. Only distinctive pixels (`distinct`, (h, w) bool) take
+    part: a flat patch matches anywhere, an edge anywhere along itself."""
     h, w = pos.shape[:2]
     own = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).float().view(-1, 2)
     target = pos.float().view(-1, 2)
-    confident = (score.flatten() > 0.8) & textured.flatten()
+    confident = (score.flatten() > 0.8) & distinct.flatten()
     if confident.sum() < 16:
         return None
     x, y = own[confident], target[confident]
@@ -226,7 +232,8 @@ def fit_affine(pos: torch.Tensor, score: torch.Tensor, textured: torch.Tensor, g
 def refine(lr: torch.Tensor, ref_lr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Sub-pixel positions: LK_STEPS Lucas-Kanade steps, each the least-squares shift of a Gaussian window's
     positions that best explains the LR image by the reference's gradients there (colour channels pooled). At most
-    half a pixel a step; flat windows, whose shift is undetermined, hardly move (a small ridge term)."""
+    half a pixel a step; flat windows, whose shift is undetermined, hardly move (LK_RIDGE); after each step the
+    field is averaged with the neighbours that agree, which keeps it from fitting the LR image's aliasing."""
     pad = F.pad(ref_lr, (1, 1, 1, 1), mode="replicate")
     grad_y = (pad[..., 2:, 1:-1] - pad[..., :-2, 1:-1]) / 2
     grad_x = (pad[..., 1:-1, 2:] - pad[..., 1:-1, :-2]) / 2
@@ -241,8 +248,7 @@ def refine(lr: torch.Tensor, ref_lr: torch.Tensor, pos: torch.Tensor) -> torch.T
                            (gx * gx).sum(1, keepdim=True), (gy * residual).sum(1, keepdim=True),
                            (gx * residual).sum(1, keepdim=True)], 1)
         a, b, c, u, v = window(terms, LK_SIGMA)[0]
-        ridge = 1e-5
-        a, c = a + ridge, c + ridge
+        a, c = a + LK_RIDGE, c + LK_RIDGE
         det = a * c - b * b
         step = torch.stack([(c * u - b * v) / det, (a * v - b * u) / det], -1).clamp(-0.5, 0.5)
         pos = smooth_displacements(pos + step, torch.ones(pos.shape[:2]), agree=0.5)

@@ -180,3 +180,14 @@ def test_eval_measures_match_under_a_protocol(tmp_path):
             assert gain > 1 and means["match"]["confidence"] > 0.3
         else:
             assert abs(gain) < 0.1 and means["match"]["confidence"] < 0.1
+
+
+def test_a_bad_reference_is_reported_and_the_others_used(tmp_path, checkpoint):
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "lr.png")
+    texture(64, 64, seed=4).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    result = run("upscale", tmp_path / "lr.png", "--ref", tmp_path / "bad.png", "--ref", tmp_path / "good.png",
+                 "--match", "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out")
+    assert result.exit_code == 1 and "bad.png" in result.stderr
+    info = json.loads(run("info", tmp_path / "out" / "lr_x2_match.png", "--json").stdout)
+    assert info["references"] == [str(tmp_path / "good.png")]
