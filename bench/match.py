@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from memory import run_measured  # bench/memory.py, next to this script
 from refsr_cli.evaluate import protocol_pair
 from refsr_cli.inference import Latent, load_upscaler
 from refsr_cli.match import correspond, prepare_reference
@@ -53,15 +53,11 @@ def memory(photo: Image.Image, scale: int) -> dict:
         command = [sys.executable, "-m", "refsr_cli", "upscale", str(lr), "--ref", str(ref), "--match", "--scale",
                    str(scale), "-o", tmp, "-q", "--device", "cpu"]
         started = time.time()
-        # A fresh child: RUSAGE_CHILDREN's maxrss is the largest of the children waited for.
-        done = subprocess.run(["/usr/bin/env", "python3", "-c", (
-            "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r)"), *command],
-            capture_output=True, text=True)
+        done, peak = run_measured(command)
         if done.returncode != 0:
             raise SystemExit(f"x{scale}: refsr failed: {done.stderr.strip()}")
-    return {"lr": "256x256", "reference": "4096x4096", "scale": scale,
-            "peak_rss_mib": int(done.stdout.split()[-1]) / 1024, "seconds": round(time.time() - started, 1)}
+    return {"lr": "256x256", "reference": "4096x4096", "scale": scale, "peak_rss_mib": peak,
+            "seconds": round(time.time() - started, 1)}
 
 
 def main():

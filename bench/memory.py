@@ -26,6 +26,17 @@ def synthetic_lr(path: Path, size: int) -> None:
     Image.fromarray(small).resize((size, size), Image.BICUBIC).save(path)
 
 
+def run_measured(command: list):
+    """Runs `command` in a fresh child process: (its CompletedProcess, its peak RSS in MiB). A fresh child each
+    time: RUSAGE_CHILDREN's maxrss is the largest of the children waited for so far."""
+    done = subprocess.run(["/usr/bin/env", "python3", "-c", (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r)"), *command],
+        capture_output=True, text=True)
+    peak = int(done.stdout.split()[-1]) / 1024 if done.stdout.split() else float("nan")
+    return done, peak
+
+
 def measure(size: int, weights, extra) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         lr = Path(tmp) / f"lr{size}.png"
@@ -35,15 +46,11 @@ def measure(size: int, weights, extra) -> dict:
         if weights:
             command += ["--weights", weights]
         started = time.time()
-        # A fresh child per size: RUSAGE_CHILDREN's maxrss is the largest of the children waited for so far.
-        code = subprocess.run(["/usr/bin/env", "python3", "-c", (
-            "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r)"), *command],
-            capture_output=True, text=True)
-        if code.returncode != 0:
-            raise SystemExit(f"size {size}: refsr failed: {code.stderr.strip()}")
+        done, peak = run_measured(command)
+        if done.returncode != 0:
+            raise SystemExit(f"size {size}: refsr failed: {done.stderr.strip()}")
         out_size = Image.open(Path(tmp) / f"lr{size}_x8.png").size
-    return {"lr": size, "output": f"{out_size[0]}x{out_size[1]}", "peak_rss_mib": int(code.stdout.split()[-1]) / 1024,
+    return {"lr": size, "output": f"{out_size[0]}x{out_size[1]}", "peak_rss_mib": peak,
             "seconds": round(time.time() - started, 1)}
 
 
