@@ -1,9 +1,11 @@
 """Inference: the Upscaler (tiling, LR consistency, one LR encoding for every z) and the batch behind
 `refsr upscale` and `refsr sample`."""
+import contextlib
 import functools
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +199,26 @@ class Terminated(BaseException):
 
 def on_sigterm(signum, frame):
     raise Terminated()
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block is done, then act as they would have: a file that is written is also
+    reported, never one without the other. (Handlers, not a signal mask: any of torch's threads may take a signal.)"""
+    caught = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
 
 
 class Reporter:
@@ -414,7 +436,6 @@ def run_batch(inputs, refs, seeds, opt: BatchOptions) -> int:
     temperature 0, else a prior sample of opt.seed); a temperature above 0 draws around each reference's mean with
     opt.seed. Returns the exit code:
     0 all done, 1 some inputs failed, 2 nothing could start, 130/143 interrupted by SIGINT/SIGTERM."""
-    import signal
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     report = Reporter(opt.quiet, opt.as_json)
     counts = {"written": 0, "skipped": 0, "failed": 0}
@@ -510,6 +531,13 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
             report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "
                         "and reference gives the fidelity output")
 
+        def publish(write, record: dict) -> None:
+            """One file written and reported, with SIGINT and SIGTERM held between the two."""
+            with signals_held():
+                write()
+                counts["written"] += 1
+                report.wrote(record)
+
         # Names come from the whole list, so that a sharded run writes exactly the files an unsharded one would.
         named = list(zip(lr_paths, unique_stems(lr_paths)))
         shard = opt.shard or launcher_shard()
@@ -566,25 +594,23 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                         crops += [image[window].copy() for image in images]
                         continue
                     for (_, fields, _), target, image in zip(part, targets[start:start + chunk], images):
-                        write_picture(image, target, picture.icc_profile, run_record | input_record | fields)
-                        counts["written"] += 1
-                        report.wrote({"input": str(lr_path), "output": str(target), "scale": scale, **fields})
+                        publish(lambda: write_picture(image, target, picture.icc_profile,
+                                                      run_record | input_record | fields),
+                                {"input": str(lr_path), "output": str(target), "scale": scale, **fields})
                     if transfer is not None and opt.match_map:
                         target = targets[0].with_name(f"{targets[0].stem}_map.png")
-                        write_picture(confidence_image(transfer, scale), target, None, run_record | input_record)
-                        counts["written"] += 1
-                        report.wrote({"input": str(lr_path), "output": str(target), "scale": scale,
-                                      "confidence": float(transfer.confidence.mean())})
+                        publish(lambda: write_picture(confidence_image(transfer, scale), target, None,
+                                                      run_record | input_record),
+                                {"input": str(lr_path), "output": str(target), "scale": scale,
+                                 "confidence": float(transfer.confidence.mean())})
                 if opt.animate and not opt.sheet:
                     animation = folder / f"{stem}_x{scale}_walk.{opt.animate}"
-                    write_animation(frames, animation)
-                    counts["written"] += 1
-                    report.wrote({"input": str(lr_path), "output": str(animation), "scale": scale, "frames": len(targets)})
+                    publish(lambda: write_animation(frames, animation),
+                            {"input": str(lr_path), "output": str(animation), "scale": scale, "frames": len(targets)})
                 if opt.sheet:
                     labels = [sheet_label(fields, temperature) for _, fields, _ in todo]
-                    write_picture(np.asarray(contact_sheet(crops, labels)), targets[0])
-                    counts["written"] += 1
-                    report.wrote({"input": str(lr_path), "output": str(targets[0]), "scale": scale, "sheet": labels})
+                    publish(lambda: write_picture(np.asarray(contact_sheet(crops, labels)), targets[0]),
+                            {"input": str(lr_path), "output": str(targets[0]), "scale": scale, "sheet": labels})
             except RefsrError as e:
                 report.error(str(e))
                 counts["failed"] += 1

@@ -409,3 +409,24 @@ def test_32_bit_and_float_tiffs_are_read_or_refused_clearly(tmp_path, checkpoint
     a, b = (np.asarray(Image.open(tmp_path / "out" / f"{n}_x2.png")).astype(float) / 65535 for n in ("int", "float"))
     assert a.ndim == 2 and np.abs(a - b).max() < 2e-4  # the same picture, not black, not wrapped
     assert abs(a.mean() - grey.mean()) < 0.02
+
+
+def test_a_signal_while_a_file_is_written_waits_until_it_is_reported():
+    from refsr_cli.inference import Terminated, on_sigterm, signals_held
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    done = []
+    try:
+        with pytest.raises(Terminated):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler would run here, between the write and the report
+                done.append("written and reported")
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                done.append("again")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert done == ["written and reported", "again"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
