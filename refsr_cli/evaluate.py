@@ -166,9 +166,6 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
 
 # --- content-similar references (`--match`): the protocols of docs/evaluation.md ------------------------------------
 
-MATCH_PROTOCOLS = ("warp", "half", "unrelated")
-
-
 def protocol_pair(hr: Image.Image, protocol: str, seed: int, other: Image.Image | None = None):
     """(HR image to super-resolve, its reference) under a protocol:
     warp: the HR image under a seeded random similarity transform (rotation within +-5 degrees, shift within +-8 %
