@@ -578,7 +578,8 @@ def _run_batch(report, counts, inputs, refs, seeds, opt: BatchOptions) -> int:
                 transfer = None
                 if match_refs:
                     report.say(f"{lr_path.name}: matching {len(match_refs)} reference(s)")
-                    transfer = correspond(upscaler._tensor(picture.rgb), match_refs, scale)
+                    # On the CPU in float32 whatever the device: matching is done there (refsr_cli.match).
+                    transfer = correspond(torch.from_numpy(picture.rgb).permute(2, 0, 1)[None], match_refs, scale)
                     todo = [(sfx, f, Latent(None, transfer=transfer) if z is None else z) for sfx, f, z in todo]
                 tick = report.task(lr_path.name, len(upscaler.tiles(h, w)) * len(todo))
                 window = sheet_window(picture.rgb, scale) if opt.sheet else None

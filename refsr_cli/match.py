@@ -142,9 +142,9 @@ def match_positions(lr: torch.Tensor, ref_lr: torch.Tensor, generator) -> tuple:
     """(h, w, 2) integer positions in `ref_lr` of the best match of each pixel of `lr`, coarse to fine, and the
     matches' scores (h, w)."""
     levels = 1
-    while (lr.shape[-2] >> levels) >= 2 * PATCH and (ref_lr.shape[-2] >> levels) >= 2 * PATCH \
-            and (lr.shape[-1] >> levels) >= 2 * PATCH and (ref_lr.shape[-1] >> levels) >= 2 * PATCH \
-            and lr[0, 0].numel() * ref_lr[0, 0].numel() >> (4 * (levels - 1)) > BRUTE_PAIRS:
+    # One level more while the next one is still two patches wide and this one is too big for brute force.
+    shortest, pairs = min(*lr.shape[-2:], *ref_lr.shape[-2:]), lr[0, 0].numel() * ref_lr[0, 0].numel()
+    while shortest >> levels >= 2 * PATCH and pairs >> (4 * (levels - 1)) > BRUTE_PAIRS:
         levels += 1
     queries, references = pyramid(lr, levels), pyramid(ref_lr, levels)
     pos, score = brute_force(queries[-1], references[-1])
@@ -154,7 +154,7 @@ def match_positions(lr: torch.Tensor, ref_lr: torch.Tensor, generator) -> tuple:
         up = pos.repeat_interleave(2, 0).repeat_interleave(2, 1)
         up = F.pad(up.permute(2, 0, 1)[None].float(), (0, max(0, w - up.shape[1]), 0, max(0, h - up.shape[0])),
                    mode="replicate")[0].permute(1, 2, 0).long()[:h, :w]
-        parity = torch.stack(torch.meshgrid(torch.arange(h) % 2, torch.arange(w) % 2, indexing="ij"), -1)
+        parity = pixel_grid(h, w) % 2
         pos, score = patchmatch(query, reference, 2 * up + parity, generator)
     return pos, score
 
@@ -178,22 +178,40 @@ def window(x: torch.Tensor, sigma: float = WINDOW_SIGMA) -> torch.Tensor:
                     groups=c)
 
 
+def pixel_grid(h: int, w: int) -> torch.Tensor:
+    """(h, w, 2) int64: each pixel's own (y, x)."""
+    return torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
+
+
+def gradients(image: torch.Tensor):
+    """Central differences (d/dy, d/dx) of (1, C, H, W), edges replicated."""
+    pad = F.pad(image, (1, 1, 1, 1), mode="replicate")
+    return (pad[..., 2:, 1:-1] - pad[..., :-2, 1:-1]) / 2, (pad[..., 1:-1, 2:] - pad[..., 1:-1, :-2]) / 2
+
+
+def displacement_neighbourhoods(pos: torch.Tensor, radius: int):
+    """Each pixel's displacement (position minus its own), (2, 1, h*w), and those of its (2 radius + 1)^2
+    neighbours, (2, (2 radius + 1)^2, h*w)."""
+    h, w = pos.shape[:2]
+    d = (pos - pixel_grid(h, w)).float().permute(2, 0, 1)[None]  # (1, 2, h, w)
+    k = 2 * radius + 1
+    return d.view(2, 1, h * w), F.unfold(F.pad(d, (radius,) * 4, mode="replicate"), k).view(2, k * k, h * w)
+
+
 def smooth_displacements(pos: torch.Tensor, weight: torch.Tensor, radius: int = 3, agree: float = 1.0):
     """Each displacement (position minus the pixel's own) replaced by the average of its (2 radius + 1)^2
     neighbours' that agree with it (within about `agree` pixels), weighted by `weight` (h, w) and a Gaussian of the
     distance. Where the reference moves smoothly (a shift, a small rotation or zoom) the matches' rounding and
     noise average out; neighbours that matched elsewhere take no part, so edges between matched regions stay."""
     h, w = pos.shape[:2]
-    own = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
-    d = (pos - own).float().permute(2, 0, 1)[None]  # (1, 2, h, w)
     k = 2 * radius + 1
-    around = F.unfold(F.pad(d, (radius,) * 4, mode="replicate"), k).view(2, k * k, h * w)
+    d, around = displacement_neighbourhoods(pos, radius)
     weights = F.unfold(F.pad(weight.clamp_min(0)[None, None].float(), (radius,) * 4, mode="replicate"), k)[0]
     offsets = torch.arange(k, dtype=torch.float32) - radius
     spatial = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (radius ** 2)).flatten()[:, None]
-    weights = weights * spatial * torch.exp(-((around - d.view(2, 1, h * w)) ** 2).sum(0) / (2 * agree ** 2))
+    weights = weights * spatial * torch.exp(-((around - d) ** 2).sum(0) / (2 * agree ** 2))
     d = (around * weights).sum(1) / weights.sum(0).clamp_min(1e-8)
-    return own.float() + d.view(2, h, w).permute(1, 2, 0)
+    return pixel_grid(h, w).float() + d.view(2, h, w).permute(1, 2, 0)
 
 
 def fit_affine(pos: torch.Tensor, score: torch.Tensor, distinct: torch.Tensor, generator, trials: int = 1024):
@@ -204,7 +222,7 @@ def fit_affine(pos: torch.Tensor, score: torch.Tensor, distinct: torch.Tensor, g
     image, it is far more precise than any one match. Only distinctive pixels (`distinct`, (h, w) bool) take
     part: a flat patch matches anywhere, an edge anywhere along itself."""
     h, w = pos.shape[:2]
-    own = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).float().view(-1, 2)
+    own = pixel_grid(h, w).float().view(-1, 2)
     target = pos.float().view(-1, 2)
     confident = (score.flatten() > 0.8) & distinct.flatten()
     if confident.sum() < 16:
@@ -234,15 +252,15 @@ def refine(lr: torch.Tensor, ref_lr: torch.Tensor, pos: torch.Tensor) -> torch.T
     positions that best explains the LR image by the reference's gradients there (colour channels pooled). At most
     half a pixel a step; flat windows, whose shift is undetermined, hardly move (LK_RIDGE); after each step the
     field is averaged with the neighbours that agree, which keeps it from fitting the LR image's aliasing."""
-    pad = F.pad(ref_lr, (1, 1, 1, 1), mode="replicate")
-    grad_y = (pad[..., 2:, 1:-1] - pad[..., :-2, 1:-1]) / 2
-    grad_x = (pad[..., 1:-1, 2:] - pad[..., 1:-1, :-2]) / 2
+    grad_y, grad_x = gradients(ref_lr)
     # The reference may be brighter, or of another colour balance: a per-channel gain and offset, fitted once, keep
     # that from pulling the positions along the gradients.
     aligned = sample(ref_lr, pos, mode="bicubic")
     gain, offset = global_fit(lr, aligned)
-    for _ in range(LK_STEPS):
-        residual = lr - (gain * sample(ref_lr, pos, mode="bicubic") + offset)
+    for i in range(LK_STEPS):
+        if i:
+            aligned = sample(ref_lr, pos, mode="bicubic")
+        residual = lr - (gain * aligned + offset)
         gy, gx = gain * sample(grad_y, pos), gain * sample(grad_x, pos)
         terms = torch.cat([(gy * gy).sum(1, keepdim=True), (gy * gx).sum(1, keepdim=True),
                            (gx * gx).sum(1, keepdim=True), (gy * residual).sum(1, keepdim=True),
@@ -278,14 +296,14 @@ def distinctive(image: torch.Tensor, share: float = 0.3) -> torch.Tensor:
     """(h, w) bool: the `share` of pixels whose neighbourhood is the most distinctive, by the smaller eigenvalue of
     the windowed structure tensor (Shi-Tomasi): corners and texture, which locate a match in both directions, and
     not edges or gradients (a sky's), along which any position fits."""
-    pad = F.pad(image, (1, 1, 1, 1), mode="replicate")
-    gy = (pad[..., 2:, 1:-1] - pad[..., :-2, 1:-1]) / 2
-    gx = (pad[..., 1:-1, 2:] - pad[..., 1:-1, :-2]) / 2
+    gy, gx = gradients(image)
     a, b, c = window(torch.cat([(gy * gy).sum(1, keepdim=True), (gy * gx).sum(1, keepdim=True),
                                 (gx * gx).sum(1, keepdim=True)], 1))[0]
     smallest = (a + c) / 2 - (((a - c) / 2) ** 2 + b ** 2).sqrt()
-    return smallest >= smallest.flatten().quantile(1 - share) if smallest.numel() <= 1 << 24 else \
-        smallest >= smallest.flatten()[::smallest.numel() // (1 << 20)].quantile(1 - share)
+    values = smallest.flatten()
+    if values.numel() > 1 << 24:  # torch.quantile's limit: a strided sample of a million
+        values = values[::values.numel() // (1 << 20)]
+    return smallest >= values.quantile(1 - share)
 
 
 def coherence(pos: torch.Tensor, radius: int = 2) -> torch.Tensor:
@@ -293,11 +311,8 @@ def coherence(pos: torch.Tensor, radius: int = 2) -> torch.Tensor:
     half a pixel. The same content seen again moves as a whole; an unrelated reference gives each pixel a match of
     its own, and those scatter."""
     h, w = pos.shape[:2]
-    own = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
-    d = (pos - own).permute(2, 0, 1)[None]
-    k = 2 * radius + 1
-    around = F.unfold(F.pad(d, (radius,) * 4, mode="replicate"), k).view(2, k * k, h * w)
-    agree = torch.exp(-((around - d.view(2, 1, h * w)) ** 2).sum(0) / (2 * 0.5 ** 2)).mean(0)
+    d, around = displacement_neighbourhoods(pos, radius)
+    agree = torch.exp(-((around - d) ** 2).sum(0) / (2 * 0.5 ** 2)).mean(0)
     return ((agree.view(h, w) - COHERENT_LOW) / (1 - COHERENT_LOW)).clamp(0, 1)
 
 
