@@ -1,0 +1,105 @@
+"""The model card's training curves: the validation numbers each run logged (`--val-every`), against the steps
+trained so far in the shipped lineage, so that a continuation (`--init` a shipped file) starts where its parent
+ended. Drawn with Pillow, which refsr already needs.
+
+    python scripts/plot_curves.py -o docs/sheets/curves.png
+"""
+import argparse
+import json
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+RUNS = Path(__file__).resolve().parent.parent / "docs" / "runs"
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+
+# (title, [(label, log file, metric, steps before the run started)]); a run continued from another starts at its
+# parent's last step.
+PANELS = [
+    ("trunk: val PSNR-Y gain over bicubic (dB)", [
+        (f"x{s}", log, (f"val_psnr_x{s}", f"val_bicubic_x{s}"), offset)
+        for s in (2, 4, 8) for log, offset in (("trunk-log.jsonl", 0), ("trunk2-log.jsonl", 5000))]),
+    ("x8 texture: val LPIPS, one prior sample", [
+        ("shipped (900)", "texture3-x8-log.jsonl", "val_lpips", 0),
+        ("+300, lr 1e-4", "texture4-x8-log.jsonl", "val_lpips", 900),
+        ("+800, modulation x10", "texture5-x8-log.jsonl", "val_lpips", 900)]),
+    ("x4 texture: val LPIPS, one prior sample", [
+        ("1000 steps", "texture-x4-log.jsonl", "val_lpips", 0),
+        ("+800, lr 1e-4", "texture2-x4-log.jsonl", "val_lpips", 1000)]),
+    ("x2 texture: val LPIPS, one prior sample", [
+        ("1000 steps", "texture-x2-log.jsonl", "val_lpips", 0)]),
+]
+
+
+def points(log: Path, metric, offset: int) -> list[tuple[float, float]]:
+    """(step, value) of every validation line; metric is a key, or (key, baseline key) for a difference."""
+    out = []
+    for line in log.read_text().splitlines():
+        row = json.loads(line)
+        keys = metric if isinstance(metric, tuple) else (metric,)
+        if keys[0] in row:
+            value = row[keys[0]] - (row[keys[1]] if len(keys) > 1 else 0)
+            out.append((row["step"] + offset, value))
+    return out
+
+
+def draw_panel(title: str, series: list[tuple[str, list[tuple[float, float]]]], size=(520, 340)) -> Image.Image:
+    panel = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(panel), ImageFont.load_default()
+    left, top, right, bottom = 56, 24, size[0] - 16, size[1] - 48
+    xs = [x for _, pts in series for x, _ in pts] + [0]
+    ys = [y for _, pts in series for _, y in pts]
+    x0, x1 = 0, max(xs)
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.1 or abs(y1) * 0.05 or 1
+    y0, y1 = y0 - pad, y1 + pad
+
+    def at(x, y):
+        return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
+
+    draw.text((left, 6), title, fill="black", font=font)
+    draw.rectangle((left, top, right, bottom), outline="black")
+    for i in range(5):  # four intervals on each axis, labelled
+        y = y0 + (y1 - y0) * i / 4
+        digits = 4 if y1 - y0 < 0.01 else 3 if y1 - y0 < 0.1 else 2
+        draw.text((4, at(0, y)[1] - 5), f"{y:.{digits}f}", fill="black", font=font)
+        x = x0 + (x1 - x0) * i / 4
+        draw.text((at(x, y0)[0] - 10, bottom + 4), f"{x:.0f}", fill="black", font=font)
+    draw.text((right - 30, bottom + 16), "step", fill="black", font=font)
+    labels = list(dict.fromkeys(label for label, _ in series))
+    for label, pts in series:
+        colour = COLOURS[labels.index(label) % len(COLOURS)]
+        coords = [at(x, y) for x, y in pts]
+        if len(coords) > 1:
+            draw.line(coords, fill=colour, width=2)
+        for cx, cy in coords:
+            draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
+    x = left
+    for i, label in enumerate(labels):  # legend, one row under the axis
+        y = size[1] - 16
+        draw.line((x, y + 6, x + 16, y + 6), fill=COLOURS[i % len(COLOURS)], width=2)
+        draw.text((x + 20, y), label, fill="black", font=font)
+        x += 20 + draw.textlength(label, font=font) + 16
+    return panel
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-o", "--out", type=Path, required=True)
+    args = parser.parse_args()
+    panels = []
+    for title, runs in PANELS:
+        series = {}
+        for label, log, metric, offset in runs:  # one line per label: a trunk and its continuation join up
+            series.setdefault(label, []).extend(points(RUNS / log, metric, offset))
+        panels.append(draw_panel(title, [(label, sorted(pts)) for label, pts in series.items()]))
+    w, h = panels[0].size
+    sheet = Image.new("RGB", (2 * w, h * ((len(panels) + 1) // 2)), "white")
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, ((i % 2) * w, (i // 2) * h))
+    sheet.save(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
