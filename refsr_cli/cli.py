@@ -66,7 +66,7 @@ def common_inference_options(f):
         click.option("--tile-pad", type=click.IntRange(min=0), default=32, show_default=True,
                      help="Context around each tile in LR pixels; tiles agree with the untiled result when it "
                           "covers the network's receptive field."),
-        click.option("--consistency-steps", type=click.IntRange(min=0), default=2, show_default=True,
+        click.option("--consistency-steps", type=click.IntRange(min=0), default=4, show_default=True,
                      help="Back-projection rounds that make the output's bicubic downscale match the input "
                           "(each an exact projection, then a clamp to the displayable range)."),
         click.option("--no-consistency", is_flag=True, help="Skip the LR-consistency step (same as --consistency-steps 0)."),
@@ -332,7 +332,7 @@ def push(files, repo, revision, private, message, no_card, license_id):
                    "similarity transform (warp); the photo's other half, the image being one half (half); the next "
                    "photo of HR_DIR (unrelated).")
 @click.option("--baseline", type=click.Choice(["bicubic", "none"]), default="bicubic", show_default=True)
-@click.option("--consistency-steps", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--consistency-steps", type=click.IntRange(min=0), default=4, show_default=True)
 @click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

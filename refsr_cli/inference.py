@@ -86,7 +86,7 @@ class Upscaler:
 
     LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # grayscale in, grayscale out (ITU-R 601)
 
-    def __init__(self, model: RefVAE, device, half=False, tile=256, tile_pad=24, consistency_steps=2, warn=None):
+    def __init__(self, model: RefVAE, device, half=False, tile=256, tile_pad=24, consistency_steps=4, warn=None):
         self.warn = warn or (lambda message: print(f"refsr: warning: {message}", file=sys.stderr))
         self.device = torch.device(device)
         self.dtype = torch.float16 if half else torch.float32
@@ -379,7 +379,7 @@ def redo_command(record: dict) -> str:
     if record["weights"] != "shipped":
         words += ["--weights", record["weights"]]
     for flag, key, default in (("--tile", "tile", 256), ("--tile-pad", "tile_pad", 32),
-                               ("--consistency-steps", "consistency_steps", 2)):
+                               ("--consistency-steps", "consistency_steps", 4)):
         if record.get(key, default) != default:
             words += [flag, str(record[key])]
     return shlex.join(words)
@@ -415,7 +415,7 @@ class BatchOptions:
     seed: int = 0  # upscale: the draw at temperature > 0 (sample's seeds come as `seeds`)
     tile: int = 256
     tile_pad: int = 32
-    consistency_steps: int = 2
+    consistency_steps: int = 4
     device: str = "auto"
     half: bool = False
     overwrite: bool = False
