@@ -116,15 +116,7 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
     rows = []
     paths = list_images(hr_dir)
     for index, path in enumerate(paths):
-        rgb = read_rgb(path)
-        if min(rgb.shape[:2]) < MIN_SIDE * scale * (2 if match_protocol == "half" else 1):
-            raise RefsrError(f"{path}: too small to evaluate at x{scale}")
-        hr = Image.fromarray((rgb * 255).round().astype(np.uint8))
-        if match_protocol is not None:
-            other = Image.fromarray((read_rgb(paths[(index + 1) % len(paths)]) * 255).round().astype(np.uint8))
-            hr, match_ref = protocol_pair(hr, match_protocol, index, other)
-        hr = modcrop(hr, scale)
-        lr = bicubic_resize(hr, (hr.width // scale, hr.height // scale))
+        hr, lr, match_ref = protocol_images(paths, index, scale, match_protocol)
         lr_array = np.asarray(lr, dtype=np.float32) / 255
         upscale = lambda zs: [Image.fromarray(a) for a in upscaler.upscale(lr_array, zs)]
         if baseline:
@@ -165,6 +157,23 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
 
 
 # --- content-similar references (`--match`): the protocols of docs/evaluation.md ------------------------------------
+
+def protocol_images(paths: list, index: int, scale: int, match_protocol: str | None = None):
+    """Image `index` of an HR folder as `refsr eval` measures it: the HR image (8-bit RGB; under a protocol, as
+    protocol_pair makes it; cropped to a multiple of `scale`), its PIL-bicubic LR, and the protocol's reference
+    (None without a protocol; "unrelated" takes the next image of the folder)."""
+    path = paths[index]
+    rgb = read_rgb(path)
+    if min(rgb.shape[:2]) < MIN_SIDE * scale * (2 if match_protocol == "half" else 1):
+        raise RefsrError(f"{path}: too small to evaluate at x{scale}")
+    eight_bit = lambda a: Image.fromarray((a * 255).round().astype(np.uint8))
+    hr, reference = eight_bit(rgb), None
+    if match_protocol is not None:
+        other = eight_bit(read_rgb(paths[(index + 1) % len(paths)]))
+        hr, reference = protocol_pair(hr, match_protocol, index, other)
+    hr = modcrop(hr, scale)
+    return hr, bicubic_resize(hr, (hr.width // scale, hr.height // scale)), reference
+
 
 def protocol_pair(hr: Image.Image, protocol: str, seed: int, other: Image.Image | None = None):
     """(HR image to super-resolve, its reference) under a protocol:

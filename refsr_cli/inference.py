@@ -378,8 +378,8 @@ def redo_command(record: dict) -> str:
     words += ["--scale", str(record["scale"])]
     if record["weights"] != "shipped":
         words += ["--weights", record["weights"]]
-    for flag, key, default in (("--tile", "tile", 256), ("--tile-pad", "tile_pad", 32),
-                               ("--consistency-steps", "consistency_steps", 4)):
+    for flag, key in (("--tile", "tile"), ("--tile-pad", "tile_pad"), ("--consistency-steps", "consistency_steps")):
+        default = getattr(BatchOptions, key)  # only what differs from the flag's default is written
         if record.get(key, default) != default:
             words += [flag, str(record[key])]
     return shlex.join(words)

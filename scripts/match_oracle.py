@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from refsr_cli.evaluate import as_tensor, protocol_pair  # noqa: E402
-from refsr_cli.images import list_images, read_rgb  # noqa: E402
+from refsr_cli.evaluate import as_tensor, protocol_images  # noqa: E402
+from refsr_cli.images import list_images  # noqa: E402
 from refsr_cli.inference import back_project, load_upscaler  # noqa: E402
 from refsr_cli.match import correspond, prepare_reference  # noqa: E402
-from refsr_cli.metrics import bicubic_resize, modcrop, psnr_y, to_float  # noqa: E402
+from refsr_cli.metrics import psnr_y, to_float  # noqa: E402
 
 WEIGHTS = torch.linspace(0, 1, 5)
 
@@ -53,15 +52,13 @@ def main():
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     s = args.scale
+    # Two back-projection rounds: refsr's default when docs/eval/match/oracle-*.json were measured.
     up = load_upscaler(args.weights, s, "cpu", False, 256, 24, 2)
     paths = list_images(args.hr_dir)
     rows = []
     for index, path in enumerate(paths):
-        hr = Image.fromarray((read_rgb(path) * 255).round().astype(np.uint8))
-        other = Image.fromarray((read_rgb(paths[(index + 1) % len(paths)]) * 255).round().astype(np.uint8))
-        hr, reference = protocol_pair(hr, args.protocol, index, other)  # the pairs `refsr eval` measures
-        hr = modcrop(hr, s)
-        lr = as_tensor(np.asarray(bicubic_resize(hr, (hr.width // s, hr.height // s)), dtype=np.float32) / 255)
+        hr, lr, reference = protocol_images(paths, index, s, args.protocol)  # the images `refsr eval` measures
+        lr = as_tensor(np.asarray(lr, dtype=np.float32) / 255)
         transfer = correspond(lr, [prepare_reference(to_float(reference).astype(np.float32), s)], s)
         # The decoder's output at T = 0 (untiled), then as `--match` blends it, and with every pixel pasted.
         raw = up.model.decode(lr, up.model.encode_lr(lr), up.condition(None, lr.shape[-2:]), origin=(0, 0))
