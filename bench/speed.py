@@ -25,11 +25,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from refsr_cli.checkpoint import build_model, load_checkpoint, resolve_weights  # noqa: E402
 from refsr_cli.images import write_picture  # noqa: E402
 from refsr_cli.inference import Upscaler, back_project  # noqa: E402
-from refsr_cli.model import PAPER_CONFIG, RefVAEConfig  # noqa: E402
+from paper_graph import PaperRefVAE  # noqa: E402
 
 
 def synthetic(size: int, seed: int = 0) -> np.ndarray:
@@ -125,7 +126,7 @@ def graph_table(args, device, lean: Upscaler, paper: Upscaler):
 
 def load_graphs(weights, device):
     lean = Upscaler(load_checkpoint(resolve_weights(weights, 8), 8), device)
-    paper = Upscaler(build_model(RefVAEConfig(**PAPER_CONFIG)), device)
+    paper = Upscaler(PaperRefVAE(), device)
     return lean, paper
 
 

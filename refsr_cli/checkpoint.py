@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import RefsrError
 from .files import atomic_path
-from .model import RefVAE, RefVAEConfig, model_class
+from .model import RefVAE, RefVAEConfig
 
 FORMAT = "refsr-refvae"
 HUB_REF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?::(?P<filename>[\w./-]+))?$")
@@ -70,7 +70,7 @@ def load_backbone(module: torch.nn.Module, name: str) -> None:
 
 def build_model(config: RefVAEConfig) -> RefVAE:
     """A model of this config with the frozen VGG16 loaded and the rest freshly initialised."""
-    model = model_class(config)(config)
+    model = RefVAE(config)
     load_backbone(model.vgg, "vgg16_relu4_1")
     return model
 
@@ -166,3 +166,63 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     except ValueError as e:  # HFValidationError: a name the Hub forbids, e.g. owner/re..po or a ../ file
         raise RefsrError(f"{where}: not a valid Hub reference ({e})") from None
 
+
+
+# --- training states: what `refsr train --resume` continues from ------------------------------------------------
+
+STATE_FORMAT = "refsr-training-state-2"
+
+
+def _optimizer_tensors(prefix: str, optimizer) -> dict:
+    return {f"{prefix}.{i}.{k}": v for i, st in optimizer.state_dict()["state"].items() for k, v in st.items()
+            if torch.is_tensor(v)}
+
+
+def _optimizer_state(tensors: dict, prefix: str, param_groups: list) -> dict:
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            i, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(i), {})[name] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def save_training_state(path, stage, step: int, optimizer, scaler, recipe: dict, disc=None,
+                        disc_optimizer=None) -> None:
+    """The trained module of a training stage, its optimizer, the loss scaler and the step (and the
+    discriminator) in one file, so that they can never be from different steps."""
+    import json
+    tensors = {f"module.{k}": v for k, v in stage.trained_state().items()}
+    tensors.update(_optimizer_tensors("optimizer", optimizer))
+    meta = {"format": STATE_FORMAT, "stage": stage.name, "step": str(step), "config": stage.config.to_json(),
+            "param_groups": json.dumps(optimizer.state_dict()["param_groups"]),
+            "scaler": json.dumps(scaler.state_dict()), "recipe": json.dumps(recipe)}
+    if disc is not None:
+        tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
+        tensors.update(_optimizer_tensors("disc_optimizer", disc_optimizer))
+        meta["disc_param_groups"] = json.dumps(disc_optimizer.state_dict()["param_groups"])
+    atomic_save(tensors, path, meta)
+
+
+def load_training_state(path, recipe: dict) -> dict:
+    """What save_training_state wrote: {meta, step, module, optimizer, scaler[, disc, disc_optimizer]}; refused
+    unless it was written by a run of the same `recipe`."""
+    import json
+    meta = read_metadata(path)
+    if meta.get("format") != STATE_FORMAT:
+        raise RefsrError(f"--resume: {path} is not a training state this refsr reads")
+    if json.loads(meta["recipe"]) != recipe:
+        changed = sorted(k for k in recipe if json.loads(meta["recipe"]).get(k) != recipe[k])
+        raise RefsrError(f"--resume: {path} was trained with {json.loads(meta['recipe'])}; resume with the same "
+                         f"options ({', '.join(changed)} differ)")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise RefsrError(f"{path}: cannot read the training state ({e})") from None
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = {"meta": meta, "step": int(meta["step"]), "module": part("module."), "scaler": json.loads(meta["scaler"]),
+             "optimizer": _optimizer_state(tensors, "optimizer", json.loads(meta["param_groups"]))}
+    if "disc_param_groups" in meta:
+        state["disc"] = part("disc.")
+        state["disc_optimizer"] = _optimizer_state(tensors, "disc_optimizer", json.loads(meta["disc_param_groups"]))
+    return state

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .options import TrainOptions
+
 SCALES = click.Choice(["2", "4", "8"])
 
 
@@ -141,65 +143,79 @@ def run_inference(inputs, refs, seeds, no_consistency, scale, **options) -> int:
     return run_batch(inputs, refs, seeds, BatchOptions(scale=int(scale), **options))
 
 
+TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
+
+
 @main.command()
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(file_okay=False, exists=True,
               path_type=Path), help="Folder of HR training images (repeatable).")
 @click.option("--refs", "refs", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Folder of reference images (artworks); a share of each batch then takes its reference from "
-                   "here with a style loss.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/refsr"),
-              show_default=True, help="Run folder: last.safetensors, last.state.safetensors, log.jsonl.")
-@click.option("--stage", type=click.Choice(["trunk", "texture"]), default="texture", show_default=True,
+              help="Folder of gallery references (artworks) for the texture stage's reference outputs.")
+@click.option("--out", type=click.Path(path_type=Path), default=TRAIN.out, show_default=True,
+              help="Run folder: the checkpoints, last.state.safetensors (for --resume), log.jsonl.")
+@click.option("--stage", type=click.Choice(["trunk", "texture"]), default=TRAIN.stage, show_default=True,
               help="trunk: the fidelity trunk of every --scales at once, pixel losses only (writes x2/x4/x8"
-                   ".safetensors); texture: the whole model of --scale (a trunk checkpoint's trunk stays frozen).")
-@click.option("--scale", type=SCALES, default="8", show_default=True)
-@click.option("--scales", default="2,4,8", show_default=True, callback=lambda ctx, param, value: parse_scales(value),
+                   ".safetensors); texture: the texture branch of --scale on a frozen trunk (writes last.safetensors).")
+@click.option("--scale", type=SCALES, default=str(TRAIN.scale), show_default=True)
+@click.option("--scales", default=",".join(map(str, TRAIN.scales)), show_default=True,
+              callback=lambda ctx, param, value: parse_scales(value),
               help="Scales the trunk stage trains together, comma-separated.")
-@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True, help="Total steps of the run.")
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--lr-patch", type=click.IntRange(min=8), default=32, show_default=True, help="LR crop size in pixels.")
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option("--modulation-lr-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Learning-rate factor of the noise strengths and the z modulation (texture stage), which start at "
-                   "zero and must grow for samples to differ.")
-@click.option("--l1-weight", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Pixel L1.")
-@click.option("--lr-consistency-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="L1 between the SR's bicubic downscale and the LR.")
-@click.option("--content-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="L1 between VGG16 relu4_1 features of SR and HR.")
-@click.option("--style-weight", type=click.FloatRange(min=0), default=10.0, show_default=True,
-              help="Channel mean/std of VGG16 features against the gallery reference (needs --refs).")
-@click.option("--lpips-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--tv-weight", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Total variation.")
-@click.option("--kl-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--adv-weight", type=click.FloatRange(min=0), default=5e-3, show_default=True,
-              help="PatchGAN adversarial loss (0: no discriminator). The paper gives no value; this is ESRGAN's.")
-@click.option("--multiscale-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Pixel L1 at 1/2 and 1/4 size (the released code's; not in the paper).")
-@click.option("--ref-mix", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Share of each batch that takes a reference from --refs (ignored without --refs).")
-@click.option("--mean-share", type=click.FloatRange(0, 1), default=0.25, show_default=True,
-              help="Share of each batch decoded with z = 0 under the pixel losses alone (the fidelity output).")
-@click.option("--perceptual-crop", type=click.IntRange(min=32), default=128, show_default=True,
-              help="HR pixels of each sample seen by the VGG, LPIPS and discriminator terms (cost control).")
+@click.option("--steps", type=click.IntRange(min=1), default=TRAIN.steps, show_default=True,
+              help="Total steps of the run.")
+@click.option("--batch", type=click.IntRange(min=1), default=TRAIN.batch, show_default=True, help="Crops per step.")
+@click.option("--lr-patch", type=click.IntRange(min=8), default=TRAIN.lr_patch, show_default=True,
+              help="LR crop side in pixels.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=TRAIN.learning_rate,
+              show_default=True)
+@click.option("--modulation-lr-scale", type=click.FloatRange(min=0, min_open=True), default=TRAIN.modulation_lr_scale,
+              show_default=True, help="Learning-rate factor of the noise strengths and the z modulation, which start "
+                                      "at zero and must grow for samples to differ.")
+@click.option("--l1-weight", type=click.FloatRange(min=0), default=TRAIN.l1_weight, show_default=True,
+              help="Pixel L1 to the HR crop.")
+@click.option("--lr-consistency-weight", type=click.FloatRange(min=0), default=TRAIN.lr_consistency_weight,
+              show_default=True, help="L1 between the output's bicubic downscale and the LR crop.")
+@click.option("--imle-samples", type=click.IntRange(min=1), default=TRAIN.imle_samples, show_default=True,
+              help="Texture stage: latents decoded per crop; the one nearest the HR crop is trained (IMLE).")
+@click.option("--imle-weight", type=click.FloatRange(min=0), default=TRAIN.imle_weight, show_default=True,
+              help="VGG16 feature distance of the chosen sample to the HR crop.")
+@click.option("--ref-share", type=click.FloatRange(0, 1), default=TRAIN.ref_share, show_default=True,
+              help="Share of each batch also decoded from a reference (another crop of the same photo, or --refs).")
+@click.option("--ref-mix", type=click.FloatRange(0, 1), default=TRAIN.ref_mix, show_default=True,
+              help="Share of those references taken from --refs (ignored without --refs).")
+@click.option("--content-weight", type=click.FloatRange(min=0), default=TRAIN.content_weight, show_default=True,
+              help="VGG16 feature distance of the reference outputs to the HR crop.")
+@click.option("--style-weight", type=click.FloatRange(min=0), default=TRAIN.style_weight, show_default=True,
+              help="Channel mean/std of VGG16 features of the reference outputs against their reference.")
+@click.option("--kl-weight", type=click.FloatRange(min=0), default=TRAIN.kl_weight, show_default=True)
+@click.option("--adv-weight", type=click.FloatRange(min=0), default=TRAIN.adv_weight, show_default=True,
+              help="PatchGAN adversarial loss (0: no discriminator).")
+@click.option("--perceptual-crop", type=click.IntRange(min=32), default=TRAIN.perceptual_crop, show_default=True,
+              help="HR pixels a side seen by the feature distance and the discriminator (cost control).")
+@click.option("--pool-size", type=click.IntRange(min=1), default=TRAIN.pool_size, show_default=True,
+              help="Texture stage: crops held in memory with the frozen trunk's outputs.")
+@click.option("--crop-uses", type=click.IntRange(min=1), default=TRAIN.crop_uses, show_default=True,
+              help="Texture stage: batches each pooled crop serves, on average, before it is replaced.")
 @click.option("--val", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="Folder of HR images measured (PSNR, SSIM, LPIPS, LR-PSNR at z = 0) during training.")
-@click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--save-every", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+              help="Folder of HR images measured during training (centre crops).")
+@click.option("--val-every", type=click.IntRange(min=1), default=TRAIN.val_every, show_default=True)
+@click.option("--val-samples", type=click.IntRange(min=1), default=TRAIN.val_samples, show_default=True,
+              help="Texture stage: prior samples per validation image (mean measures; diversity from 2).")
+@click.option("--save-every", type=click.IntRange(min=1), default=TRAIN.save_every, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=TRAIN.log_every, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=TRAIN.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--init", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Start from these weights (a fresh optimizer). The trunk stage takes one checkpoint per scale "
-                   "(repeat --init).")
+              help="Start from these weights (a fresh optimizer). The texture stage takes one checkpoint (default: "
+                   "the shipped weights of --scale); the trunk stage one per scale (repeat --init).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(quiet, device, **options):
-    """Train RefVAE on a folder of HR photos; checkpoints load directly with --weights."""
+    """Train refsr's networks on a folder of HR photos; checkpoints load directly with --weights."""
     import torch
 
     from .errors import RefsrError
     from .inference import pick_device
-    from .train import TrainOptions, train as run_training
+    from .train import train as run_training
     options["scale"] = int(options["scale"])
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
     options["init"] = list(options["init"]) or None

@@ -11,9 +11,6 @@ from .errors import RefsrError
 from .files import sha256_of
 
 
-WHAT = {"lean": "one network (refsr 0.1's design)", "paper": "the published RefVAE graph"}
-
-
 def model_card(repo: str, checkpoints: list, revision: str | None = None, license: str | None = None) -> str:
     """README.md of the repository: YAML metadata the Hub indexes, then what each file is and how to use it.
     `checkpoints` holds (path, name in the repository, config, metadata). No licence is claimed unless given: the
@@ -24,19 +21,19 @@ def model_card(repo: str, checkpoints: list, revision: str | None = None, licens
              "Weights for [refsr](https://pypi.org/project/refsr/), reference-based image super-resolution after "
              "RefVAE (Liu et al., *Variational AutoEncoder for Reference based Image Super-Resolution*). Each file "
              "is a safetensors checkpoint whose metadata holds the model config that rebuilds it.", "",
-             "| file | scale | architecture | stage | steps | sha256 |", "| --- | --- | --- | --- | --- | --- |"]
+             "| file | scale | what it holds | steps | sha256 |", "| --- | --- | --- | --- | --- |"]
     for path, name, config, meta in checkpoints:
-        texture = WHAT.get(config.arch) or ("fidelity trunk (texture branch untrained)" if meta.get("stage") == "trunk"
-                                            else "fidelity trunk and texture branch")
-        lines.append(f"| `{name}` | x{config.scale} | {config.arch} | {texture} | {meta.get('step', 'n/a')} | "
+        texture = ("fidelity trunk (texture branch untrained)" if meta.get("stage") == "trunk"
+                   else "fidelity trunk and texture branch")
+        lines.append(f"| `{name}` | x{config.scale} | {texture} | {meta.get('step', 'n/a')} | "
                      f"`{sha256_of(path)}` |")
     where = f"{repo}@{revision}" if revision else repo
     lines += ["", "## Use", "", "```sh", "pip install refsr"]
     for _, name, config, _ in checkpoints:
         suffix = "" if name == default_filename(config.scale) else f":{name}"
         lines.append(f"refsr upscale photo.png --scale {config.scale} --weights {where}{suffix} -o out/")
-    lines += ["```", "", "or in Python:", "", "```python", "from refsr_cli.model import RefVAE",
-              f"model = RefVAE.from_pretrained(\"{where}\", scale={checkpoints[0][2].scale})", "```", "",
+    lines += ["```", "", "or in Python:", "", "```python", "from refsr_cli.checkpoint import load_model",
+              f"model = load_model(\"{where}\", scale={checkpoints[0][2].scale})", "```", "",
               "## Config", ""]
     for _, name, config, _ in checkpoints:
         lines += [f"`{name}`:", "", "```json", json.dumps(json.loads(config.to_json()), indent=1), "```", ""]

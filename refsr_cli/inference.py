@@ -121,18 +121,20 @@ class Upscaler:
 
     def condition(self, latent: Latent | None, lr_size: tuple):
         """What the decoder needs of one latent for an LR image of `lr_size`: None (the trunk's fidelity output) for
-        z = None in the trunk architecture; the other architectures have no such path and decode z = 0."""
+        z = None."""
         latent = latent if latent is not None else Latent(None)
-        z, noise, noise_to, t = latent.z, latent.noise_seed, latent.noise_to, latent.noise_t
-        if z is None:
-            if self.model.config.arch == "trunk":
-                return None
-            z = torch.zeros(1, self.model.config.z_dim, device=self.device, dtype=self.dtype)
-        if noise_to is not None and self.model.config.texture_noise:
-            # Along a quarter circle: every frame's noise has unit variance, and the ends are the two seeds'.
-            start, end = (noise_tables([s], lr_size, self.model.config.stages, self.device) for s in (noise, noise_to))
-            noise = [math.cos(t * math.pi / 2) * a + math.sin(t * math.pi / 2) * b for a, b in zip(start, end)]
-        return self.model.condition_cell(z, noise, lr_size)
+        if latent.z is None:
+            return None
+        config = self.model.config
+        noise = None
+        if config.texture_noise:
+            noise = noise_tables([latent.noise_seed], lr_size, config.stages, self.device)
+            if latent.noise_to is not None:
+                # Along a quarter circle: every frame's noise has unit variance, and the ends are the two seeds'.
+                end = noise_tables([latent.noise_to], lr_size, config.stages, self.device)
+                t = latent.noise_t * math.pi / 2
+                noise = [math.cos(t) * a + math.sin(t) * b for a, b in zip(noise, end)]
+        return self.model.condition_cell(latent.z, noise)
 
     def tiles(self, height: int, width: int):
         return [(y, x) for y in tile_spans(height, self.tile) for x in tile_spans(width, self.tile)]

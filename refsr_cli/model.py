@@ -1,15 +1,12 @@
-"""The networks: TrunkRefVAE (arch "trunk", release 2), release 0.1's RefVAE (arch "lean") and the published graph
-(arch "paper", for comparison); the config stored with every checkpoint says which.
+"""The network: RefVAE as refsr ships it, a fidelity trunk with RefVAE's texture branch on its features, built from
+the config stored with its weights.
 
-TrunkRefVAE is a fidelity trunk (FidelityTrunk: the faithful upscale, T = 0) with RefVAE's texture branch on its
-features; its diagram is in its docstring. Release 0.1's RefVAE asks one network for both:
-
-    lr ──LR encoder (at LR resolution)──> F_mu, F_sigma ─┐
-    ref ─frozen VGG16 relu4_1─> CVAE head ─> (mu, logvar) ─> z ─> feature decoder ─> C_R
-                                 F = C_R * (1 + F_sigma) + F_mu ─> image decoder (x2 stages) ─> + bicubic(lr)
+    lr ─trunk body (LR resolution)─> features ─tail─> + bicubic(lr) = the fidelity output (T = 0)
+                                     features ─conv─> F_mu, F_sigma ─┐
+    ref ─VGG16─> CVAE head ─> z ─> C_R ─> F = C_R(1 + F_sigma) + F_mu ─> x2 stages ─> residual ─> + fidelity
 
 The pieces are separate methods so that inference can encode an LR image once and decode it for many z, and encode
-a reference once for many tiles. Training calls the same methods through `forward`.
+a reference once for many tiles; training calls the same methods.
 
 Why the condition map is periodic: the released code stretches a 16x16 map over the whole LR feature map, which makes
 the model behave differently on a 32x32 training patch and on a 500x500 photo, and makes a tile's condition depend on
@@ -32,8 +29,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class RefVAEConfig:
-    # "trunk" (TrunkRefVAE: a fidelity trunk and the texture branch on top), "lean" (RefVAE: release 0.1's one
-    # network) or "paper" (PaperRefVAE: the published graph, for comparison)
+    # The architecture's name, stored with every checkpoint: "trunk" (a fidelity trunk and the texture branch on
+    # top) is the one this refsr builds; RETIRED names the earlier ones.
     arch: str = "trunk"
     scale: int = 8
     channels: int = 64  # width of the LR feature maps
@@ -74,7 +71,9 @@ class RefVAEConfig:
                 raise ValueError(f"config {f.name}={value!r} is not a valid {kind.__name__}")
         if self.texture_upsample not in ("bilinear", "shuffle"):
             raise ValueError(f"unknown texture_upsample {self.texture_upsample!r}")
-        if self.arch not in ("trunk", "lean", "paper"):
+        if self.arch in RETIRED:
+            raise ValueError(f"a checkpoint of {RETIRED[self.arch]}")
+        if self.arch != "trunk":
             raise ValueError(f"unknown architecture {self.arch!r}")
         if self.cond_period % self.cond_grid:
             raise ValueError(f"cond_period ({self.cond_period}) must be a multiple of cond_grid ({self.cond_grid})")
@@ -105,6 +104,11 @@ class RefVAEConfig:
 # Config keys added after checkpoints were released, with the value that rebuilds what those checkpoints were trained
 # as: the one exception to never filling a stored config in.
 ADDED_KEYS = {"texture_noise": False, "texture_upsample": "shuffle"}
+# Architectures of earlier releases, which this refsr no longer builds, and the release that reads them.
+RETIRED = {"lean": "release 0.1's one-network architecture (\"lean\"), which refsr no longer reads; git commit "
+                   "bf55e9d of refsr does",
+           "paper": "the published RefVAE graph (\"paper\"), which refsr no longer loads (bench/paper_graph.py "
+                    "builds it to time it)"}
 
 
 class ResBlock(nn.Module):
@@ -192,158 +196,6 @@ def tile_periodic(cell: torch.Tensor, height: int, width: int, y0: int = 0, x0: 
     return cell.repeat(1, 1, *reps)[..., :height, :width]
 
 
-class RefVAE(nn.Module):
-    def __init__(self, config: RefVAEConfig):
-        super().__init__()
-        self.config = c = config
-        # LR encoder: everything that depends on the LR image alone, at LR resolution.
-        self.lr_head = nn.Conv2d(3, c.channels, 3, padding=1)
-        self.lr_body = nn.Sequential(*[ResBlock(c.channels) for _ in range(c.lr_blocks)])
-        self.lr_to_modulation = nn.Conv2d(c.channels, 2 * c.channels, 3, padding=1)
-        self._add_reference_encoder(c)
-        self._add_texture_decoder(c)
-
-    def _add_texture_decoder(self, c: RefVAEConfig):
-        """z -> condition C_R; fusion with the LR code; x2 stages to an RGB residual that starts at zero."""
-        # Feature decoder: z -> one periodic cell of the condition map C_R.
-        self.z_to_cond = nn.Linear(c.z_dim, c.channels * c.cond_grid ** 2)
-        self.cond_body = nn.Sequential(
-            nn.Conv2d(c.channels, c.channels, 3, padding=1, padding_mode="circular"), nn.LeakyReLU(0.2),
-            ResBlock(c.channels, padding_mode="circular"))
-        # Image decoder: fusion blocks at LR resolution, then x2 pixel-shuffle stages.
-        self.fuse_body = nn.Sequential(*[ResBlock(c.channels) for _ in range(c.fuse_blocks)])
-        ups, cin = [], c.channels
-        for cout in c.up_channels[:c.stages]:
-            if c.texture_upsample == "bilinear":
-                ups += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                        nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.2, inplace=True)]
-            else:
-                ups += [icnr(nn.Conv2d(cin, 4 * cout, 3, padding=1)), nn.PixelShuffle(2),
-                        nn.LeakyReLU(0.2, inplace=True)]
-            cin = cout
-        self.upsample = nn.Sequential(*ups)
-        if c.texture_noise:
-            # Zero-initialised, as the output layer: the branch starts without noise and learns how much it wants.
-            self.noise_strength = nn.ParameterList(
-                nn.Parameter(torch.zeros(1, cout, 1, 1)) for cout in c.up_channels[:c.stages])
-        if c.z_modulation:
-            # Zero-initialised: a network without it, extended with it, computes the same function.
-            self.z_to_style = nn.Linear(c.z_dim, 2 * sum(c.up_channels[:c.stages]))
-            nn.init.zeros_(self.z_to_style.weight)
-            nn.init.zeros_(self.z_to_style.bias)
-        self.to_rgb = nn.Conv2d(cin, 3, 3, padding=1)
-        # Start at zero (the output is then bicubic, or the trunk's): early training is stable.
-        nn.init.zeros_(self.to_rgb.weight)
-        nn.init.zeros_(self.to_rgb.bias)
-
-    def _add_reference_encoder(self, c: RefVAEConfig):
-        """Frozen VGG16 (not part of the checkpoint) + the trainable CVAE head, the same in both graphs."""
-        self.vgg = VGG16Features()
-        self.ref_reduce = nn.Sequential(
-            nn.Conv2d(512, c.head_channels, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(c.head_channels, c.head_channels, 3, padding=1), nn.LeakyReLU(0.2))
-        self.ref_to_posterior = nn.Linear(c.head_channels * c.head_grid ** 2, 2 * c.z_dim)
-
-    # --- files ------------------------------------------------------------------------------------------
-    @staticmethod
-    def from_pretrained(spec: str | None = None, scale: int | None = None) -> "RefVAE":
-        """The model a checkpoint's stored config builds, with its weights, in eval mode: `spec` is a local
-        .safetensors file, a Hub reference owner/repo[@revision][:filename], or None for the shipped weights of
-        `scale` (what `--weights` takes). The class is the config's architecture, whichever class this is called on."""
-        from .checkpoint import load_model
-        return load_model(spec, scale)
-
-    def save_pretrained(self, path, **metadata) -> None:
-        """One safetensors file: the weights and, in its metadata, the config that rebuilds the model."""
-        from .checkpoint import save_model
-        save_model(self, path, **metadata)
-
-    # --- pieces -----------------------------------------------------------------------------------------
-    def trainable_state_dict(self) -> dict:
-        """The checkpoint: every parameter except the frozen VGG16, which ships separately."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("vgg.")}
-
-    def encode_reference(self, ref: torch.Tensor):
-        """ref (B, 3, ref_size, ref_size) in [0, 1] -> mu, logvar (B, z_dim)."""
-        g = self.config.head_grid
-        feats = self.ref_reduce(self.vgg(ref))
-        feats = F.adaptive_avg_pool2d(feats, (g, g)).flatten(1)
-        mu, logvar = self.ref_to_posterior(feats).chunk(2, dim=1)
-        return mu, logvar.clamp(-12.0, 6.0)
-
-    def encode_lr(self, lr: torch.Tensor):
-        """lr (B, 3, h, w) in [0, 1] -> (F_mu, F_sigma), each (B, channels, h, w). Computed once per LR image."""
-        x = self.lr_head(lr)
-        x = x + self.lr_body(x)
-        return self.lr_to_modulation(x).chunk(2, dim=1)
-
-    def condition_cell(self, z: torch.Tensor, noise=0, lr_size=(64, 64)):
-        """z (B, z_dim) -> (one periodic cell (B, channels, cond_period, cond_period) of C_R, the per-stage channel
-        scales and shifts or None, the per-stage noise tables or None): everything the decoder needs of a z for an
-        LR image of `lr_size` (the whole image, not a tile), computed once per z. `noise`: the seed of the texture
-        noise (an int for every sample, or one per sample), or the tables themselves (training draws its own)."""
-        c = self.config
-        x = self.z_to_cond(z).view(-1, c.channels, c.cond_grid, c.cond_grid)
-        # Bilinear upsampling of a periodic map: pad circularly, upsample, cut one period back out.
-        factor = c.cond_period // c.cond_grid
-        x = F.interpolate(F.pad(x, (1, 1, 1, 1), mode="circular"), scale_factor=factor, mode="bilinear",
-                          align_corners=False)
-        x = x[..., factor:factor + c.cond_period, factor:factor + c.cond_period]
-        styles = self.z_to_style(z) if c.z_modulation else None
-        if c.texture_noise and not isinstance(noise, list):
-            noise = noise_tables([noise] * len(z) if isinstance(noise, int) else noise, lr_size, c.stages, z.device)
-        return self.cond_body(x), styles, [t.to(z.dtype) for t in noise] if c.texture_noise else None
-
-    def decode(self, lr, lr_code, condition, origin=(0, 0)):
-        """Decode one z (as its condition_cell) against an encoded LR image; origin places a tile in its image."""
-        f_mu, f_sigma = lr_code
-        return upsample(lr, self.config.scale).add_(self.texture_residual(lr, f_mu, f_sigma, condition, origin))
-
-    def texture_residual(self, lr, f_mu, f_sigma, condition, origin):
-        """F = C_R * (1 + F_sigma) + F_mu, fusion blocks, x2 stages with noise and modulated by z, to RGB."""
-        cell, styles, noise = condition
-        h, w = lr.shape[-2:]
-        x = tile_periodic(cell, h, w, *origin) * (1 + f_sigma) + f_mu
-        x = x + self.fuse_body(x)
-        offset = 0
-        for stage, i in enumerate(range(0, len(self.upsample), 3)):  # upsampling and conv, activation
-            x = self.upsample[i + 1](self.upsample[i](x))
-            if noise is not None:
-                f = 2 ** (stage + 1)  # this stage's pixels per LR pixel: the tables sit at image coordinates
-                grain = tile_periodic(noise[stage], *x.shape[-2:], origin[0] * f, origin[1] * f)
-                strength = self.noise_strength[stage]
-                # In place at inference: no second full-resolution tensor of the stage's width.
-                x = x.addcmul_(strength, grain) if not torch.is_grad_enabled() else x + strength * grain
-            x = self.upsample[i + 2](x)
-            if styles is not None:
-                n = x.shape[1]
-                scale, shift = 1 + styles[:, offset:offset + n, None, None], styles[:, offset + n:offset + 2 * n, None, None]
-                # In place when nothing records the graph (inference): these passes run at up to full resolution.
-                x = x.mul_(scale).add_(shift) if not torch.is_grad_enabled() else x * scale + shift
-                offset += 2 * n
-        return self.to_rgb(x)
-
-    # --- training ---------------------------------------------------------------------------------------
-    def forward(self, lr, ref, use_mean=None, use_prior_mean=None):
-        """Training pass: z ~ q(z | ref); z = mu for the samples where the bool mask `use_mean` is set; z = 0 (the
-        prior's mean, what `refsr sample --temperature 0` decodes) where `use_prior_mean` is set.
-        Returns sr, mu, logvar."""
-        mu, logvar = self.encode_reference(ref)
-        eps = torch.randn_like(mu)
-        if use_mean is not None:
-            eps = eps * (~use_mean)[:, None]
-        z = mu + eps * torch.exp(0.5 * logvar)
-        if use_prior_mean is not None:
-            z = z * (~use_prior_mean)[:, None]
-        noise = None
-        if self.config.texture_noise:  # the crop's size at each stage, from the generator training seeds per step
-            h, w = lr.shape[-2:]
-            noise = [torch.randn(len(z), 1, h * 2 ** k, w * 2 ** k, device=z.device)
-                     for k in range(1, self.config.stages + 1)]
-        sr = self.decode(lr, self.encode_lr(lr), self.condition_cell(z, noise))
-        return sr, mu, logvar
-
-
 class FidelityTrunk(nn.Module):
     """The faithful (MMSE-like) upscaler: EDSR residual blocks at LR resolution, shared by every scale, and one
     pixel-shuffle tail per scale (MDSR's idea), added to bicubic. Trained with pixel losses alone; its output is
@@ -378,88 +230,120 @@ class FidelityTrunk(nn.Module):
         return self.reconstruct(lr, self.features(lr), scale)
 
 
-class TrunkRefVAE(RefVAE):
-    """Release 2's graph (config arch="trunk"): the fidelity trunk, and RefVAE's texture branch on its features.
-
-        lr ─trunk body (LR resolution)─> features ─tail─> + bicubic(lr) = the fidelity output (T = 0)
-                                         features ─conv─> F_mu, F_sigma ─┐
-        ref ─VGG16─> CVAE head ─> z ─> C_R ─> F = C_R(1 + F_sigma) + F_mu ─> x2 stages ─> residual ─> + fidelity
+class RefVAE(nn.Module):
+    """The fidelity trunk of one scale and RefVAE's texture branch on its features (the diagram at the top).
 
     The texture branch is trained with the trunk frozen, so it can add texture but never cost the trunk's fidelity;
     z = None (temperature 0, `upscale` without a reference) skips it.
     """
 
     def __init__(self, config: RefVAEConfig):
-        nn.Module.__init__(self)
+        super().__init__()
         self.config = c = config
         self.trunk = FidelityTrunk(c.channels, c.lr_blocks, c.up_channels, (c.scale,))
         self.lr_to_modulation = nn.Conv2d(c.channels, 2 * c.channels, 3, padding=1)
-        self._add_reference_encoder(c)
-        self._add_texture_decoder(c)
+        # Reference encoder: the frozen VGG16 (not part of the checkpoint) and the trainable CVAE head.
+        self.vgg = VGG16Features()
+        self.ref_reduce = nn.Sequential(
+            nn.Conv2d(512, c.head_channels, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c.head_channels, c.head_channels, 3, padding=1), nn.LeakyReLU(0.2))
+        self.ref_to_posterior = nn.Linear(c.head_channels * c.head_grid ** 2, 2 * c.z_dim)
+        # Feature decoder: z -> one periodic cell of the condition map C_R.
+        self.z_to_cond = nn.Linear(c.z_dim, c.channels * c.cond_grid ** 2)
+        self.cond_body = nn.Sequential(
+            nn.Conv2d(c.channels, c.channels, 3, padding=1, padding_mode="circular"), nn.LeakyReLU(0.2),
+            ResBlock(c.channels, padding_mode="circular"))
+        # Image decoder: fusion blocks at LR resolution, then x2 stages to an RGB residual that starts at zero.
+        self.fuse_body = nn.Sequential(*[ResBlock(c.channels) for _ in range(c.fuse_blocks)])
+        ups, cin = [], c.channels
+        for cout in c.up_channels[:c.stages]:
+            if c.texture_upsample == "bilinear":
+                ups += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                        nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+            else:
+                ups += [icnr(nn.Conv2d(cin, 4 * cout, 3, padding=1)), nn.PixelShuffle(2),
+                        nn.LeakyReLU(0.2, inplace=True)]
+            cin = cout
+        self.upsample = nn.Sequential(*ups)
+        if c.texture_noise:
+            # Zero-initialised, as the output layer: the branch starts without noise and learns how much it wants.
+            self.noise_strength = nn.ParameterList(
+                nn.Parameter(torch.zeros(1, cout, 1, 1)) for cout in c.up_channels[:c.stages])
+        if c.z_modulation:
+            # Zero-initialised: a network without it, extended with it, computes the same function.
+            self.z_to_style = nn.Linear(c.z_dim, 2 * sum(c.up_channels[:c.stages]))
+            nn.init.zeros_(self.z_to_style.weight)
+            nn.init.zeros_(self.z_to_style.bias)
+        self.to_rgb = nn.Conv2d(cin, 3, 3, padding=1)
+        # Start at zero (the output is then the trunk's): early training is stable.
+        nn.init.zeros_(self.to_rgb.weight)
+        nn.init.zeros_(self.to_rgb.bias)
 
-    def encode_lr(self, lr):
-        """lr -> (F_mu, F_sigma, the trunk's output): everything that does not depend on z, once per LR image."""
+    def trainable_state_dict(self) -> dict:
+        """The checkpoint: every parameter except the frozen VGG16, which ships separately."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("vgg.")}
+
+    def encode_reference(self, ref: torch.Tensor):
+        """ref (B, 3, ref_size, ref_size) in [0, 1] -> mu, logvar (B, z_dim)."""
+        g = self.config.head_grid
+        feats = self.ref_reduce(self.vgg(ref))
+        feats = F.adaptive_avg_pool2d(feats, (g, g)).flatten(1)
+        mu, logvar = self.ref_to_posterior(feats).chunk(2, dim=1)
+        return mu, logvar.clamp(-12.0, 6.0)
+
+    def encode_lr(self, lr: torch.Tensor):
+        """lr (B, 3, h, w) in [0, 1] -> (F_mu, F_sigma, the trunk's output): everything that does not depend on z,
+        computed once per LR image."""
         features = self.trunk.features(lr)
         return (*self.lr_to_modulation(features).chunk(2, dim=1), self.trunk.reconstruct(lr, features, self.config.scale))
 
+    def condition_cell(self, z: torch.Tensor, noise: list | None = None):
+        """z (B, z_dim) -> (one periodic cell (B, channels, cond_period, cond_period) of C_R, the per-stage channel
+        scales and shifts or None, the per-stage noise or None): everything the decoder needs of a z, computed once
+        per z. `noise`: per x2 stage, a (B, 1, h, w) map of standard normal noise that the decoder repeats over the
+        image (noise_tables makes them from seeds); None without texture_noise."""
+        c = self.config
+        x = self.z_to_cond(z).view(-1, c.channels, c.cond_grid, c.cond_grid)
+        # Bilinear upsampling of a periodic map: pad circularly, upsample, cut one period back out.
+        factor = c.cond_period // c.cond_grid
+        x = F.interpolate(F.pad(x, (1, 1, 1, 1), mode="circular"), scale_factor=factor, mode="bilinear",
+                          align_corners=False)
+        x = x[..., factor:factor + c.cond_period, factor:factor + c.cond_period]
+        styles = self.z_to_style(z) if c.z_modulation else None
+        noise = [t.to(z.dtype) for t in noise] if c.texture_noise else None
+        return self.cond_body(x), styles, noise
+
     def decode(self, lr, lr_code, condition, origin=(0, 0)):
+        """The output for one z (as its condition_cell, or None for the fidelity output) of an encoded LR image;
+        origin places a tile in its image."""
         f_mu, f_sigma, fidelity = lr_code
         if condition is None:
             return fidelity.clone()
         return fidelity + self.texture_residual(lr, f_mu, f_sigma, condition, origin)
 
-
-class PaperRefVAE(RefVAE):
-    """The published RefVAE graph, kept to measure the lean one against (config arch="paper").
-
-    Frozen VGG16 to relu4_1 on the *bicubic-upsampled* LR (features at 1/8 of the output size, `channels` = 512
-    wide); the released code's CVAE head (1x1 + 3x3 convs, resize to head_grid x head_grid, flatten, linear) and
-    feature decoder (linear to cond_grid x cond_grid, resized to the feature map, conv + residual block); image
-    decoder of three bilinear x2 stages (up_channels, 512 -> 256 -> 128 -> 64) and a final conv, added to bicubic.
-    Its condition map is stretched over whatever it decodes, so its tiled output is not its untiled one.
-    """
-
-    def __init__(self, config: RefVAEConfig):
-        nn.Module.__init__(self)
-        self.config = c = config
-        self._add_reference_encoder(c)
-        self.lr_to_modulation = nn.Sequential(
-            nn.Conv2d(512, c.channels, 3, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(c.channels, 2 * c.channels, 3, padding=1))
-        self.z_to_cond = nn.Linear(c.z_dim, c.head_channels * c.cond_grid ** 2)
-        self.cond_body = nn.Sequential(
-            nn.Conv2d(c.head_channels, c.channels, 3, padding=1), nn.LeakyReLU(0.2), ResBlock(c.channels))
-        stages, cin = [], c.channels
-        for cout in c.up_channels[:3]:
-            stages += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                       nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.2)]
-            cin = cout
-        self.upsample = nn.Sequential(*stages)
-        self.to_rgb = nn.Conv2d(cin, 3, 3, padding=1)
-
-    def encode_lr(self, lr):
-        up = F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
-        return self.lr_to_modulation(self.vgg(up)).chunk(2, dim=1)
-
-    def condition_cell(self, z, noise=0, lr_size=None):
-        c = self.config
-        return self.z_to_cond(z).view(-1, c.head_channels, c.cond_grid, c.cond_grid)
-
-    def decode(self, lr, lr_code, cell, origin=(0, 0)):
-        f_mu, f_sigma = lr_code
-        cond = self.cond_body(F.interpolate(cell, size=f_mu.shape[-2:], mode="bilinear", align_corners=False))
-        residual = self.to_rgb(self.upsample(cond * (1 + f_sigma) + f_mu))
-        base = F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
-        return base + F.interpolate(residual, size=base.shape[-2:], mode="bilinear", align_corners=False)
-
-
-PAPER_CONFIG = dict(arch="paper", z_modulation=False, texture_noise=False, texture_upsample="bilinear", channels=512, up_channels=(256, 128, 64), head_channels=64, head_grid=16,
-                    cond_grid=16, ref_size=256)
-
-
-def model_class(config: RefVAEConfig):
-    """The network class of a config's architecture."""
-    return {"trunk": TrunkRefVAE, "lean": RefVAE, "paper": PaperRefVAE}[config.arch]
+    def texture_residual(self, lr, f_mu, f_sigma, condition, origin):
+        """F = C_R * (1 + F_sigma) + F_mu, fusion blocks, x2 stages with noise and modulated by z, to RGB."""
+        cell, styles, noise = condition
+        h, w = lr.shape[-2:]
+        x = tile_periodic(cell, h, w, *origin) * (1 + f_sigma) + f_mu
+        x = x + self.fuse_body(x)
+        offset = 0
+        for stage, i in enumerate(range(0, len(self.upsample), 3)):  # upsampling and conv, activation
+            x = self.upsample[i + 1](self.upsample[i](x))
+            if noise is not None:
+                f = 2 ** (stage + 1)  # this stage's pixels per LR pixel: the tables sit at image coordinates
+                grain = tile_periodic(noise[stage], *x.shape[-2:], origin[0] * f, origin[1] * f)
+                strength = self.noise_strength[stage]
+                # In place at inference: no second full-resolution tensor of the stage's width.
+                x = x.addcmul_(strength, grain) if not torch.is_grad_enabled() else x + strength * grain
+            x = self.upsample[i + 2](x)
+            if styles is not None:
+                n = x.shape[1]
+                scale, shift = 1 + styles[:, offset:offset + n, None, None], styles[:, offset + n:offset + 2 * n, None, None]
+                # In place when nothing records the graph (inference): these passes run at up to full resolution.
+                x = x.mul_(scale).add_(shift) if not torch.is_grad_enabled() else x * scale + shift
+                offset += 2 * n
+        return self.to_rgb(x)
 
 
 @functools.lru_cache(maxsize=64)
@@ -489,8 +373,3 @@ def upsample(x, scale: int):
 def downscale(x, scale: int):
     """Bicubic downscale with antialiasing: torch's match for PIL's BICUBIC resize, the LR degradation."""
     return _resample(x, scale, down=True)
-
-
-def kl_divergence(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, I)), summed over z and averaged over the batch."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()

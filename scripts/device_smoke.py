@@ -29,7 +29,8 @@ from refsr_cli.checkpoint import load_checkpoint, read_metadata, resolve_weights
 from refsr_cli.images import read_rgb  # noqa: E402
 from refsr_cli.inference import Upscaler  # noqa: E402
 from refsr_cli.metrics import psnr  # noqa: E402
-from refsr_cli.train import TrainOptions, fresh_texture_branch, train  # noqa: E402
+from refsr_cli.options import TrainOptions  # noqa: E402
+from refsr_cli.train import fresh_texture_branch, train  # noqa: E402
 
 
 def load(path, scale: int):
@@ -114,8 +115,8 @@ def main() -> int:
             for stage in ("trunk", "texture"):
                 losses = []
                 options = TrainOptions(data=[data], refs=[data], out=Path(tmp) / stage, stage=stage, scale=args.scale, scales=(args.scale,),
-                                       steps=args.train_steps, batch=2, lr_patch=16, lpips_weight=0, log_every=1,
-                                       perceptual_crop=64, init=None if stage == "trunk" else [path],
+                                       steps=args.train_steps, batch=2, lr_patch=16, log_every=1, imle_samples=4,
+                                       pool_size=4, perceptual_crop=64, init=None if stage == "trunk" else [path],
                                        device=str(device))
                 try:
                     train(options, progress=lambda step, steps, l, rate: losses.append(float(l["l1"])))

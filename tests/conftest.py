@@ -30,6 +30,15 @@ def tiny_model(scale=2, seed=0, **overrides):
     return model.eval()
 
 
+def decode_reference(model, lr, ref, noise_seed=0):
+    """The model's output for each LR image with the mean z of its reference, as `upscale --ref` decodes it
+    (untiled, without back-projection)."""
+    from refsr_cli.model import noise_tables
+    mu, logvar = model.encode_reference(ref)
+    noise = noise_tables([noise_seed] * len(lr), lr.shape[-2:], model.config.stages, lr.device)
+    return model.decode(lr, model.encode_lr(lr), model.condition_cell(mu, noise)), mu, logvar
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     """A tiny x2 checkpoint file."""

@@ -18,10 +18,10 @@ from hub_server import FakeHub
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import file_download as hf_file_download
 from huggingface_hub.utils import _http as hf_http
-from refsr_cli.checkpoint import build_model, load_checkpoint, resolve_weights, save_model
+from refsr_cli.checkpoint import build_model, load_checkpoint, load_model, resolve_weights, save_model
 from refsr_cli.cli import main
 from refsr_cli.errors import RefsrError
-from refsr_cli.model import RefVAE, RefVAEConfig
+from refsr_cli.model import RefVAEConfig
 
 REPO = "owner/repo"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -283,7 +283,7 @@ def tiny_x4_checkpoint(path):
     torch.manual_seed(4)
     model = build_model(RefVAEConfig(scale=4, channels=8, lr_blocks=1, fuse_blocks=1, up_channels=(8, 8), z_dim=8,
                                      head_channels=8, ref_size=32, cond_grid=2, cond_period=4))
-    model.save_pretrained(path, stage="trunk", step=1234)
+    save_model(model, path, stage="trunk", step=1234)
     return path
 
 
@@ -309,7 +309,7 @@ def test_push_creates_the_repo_and_what_it_pushed_loads_back(hub, tmp_path, monk
     # One commit for all three files: the new head of main is the commit the command printed.
     assert result.stdout.strip().endswith(hub.commit("me/upscaler", "main"))
     assert_same_tensors(resolve_weights("me/upscaler", 2), checkpoints[0])
-    model = RefVAE.from_pretrained("me/upscaler", scale=4)
+    model = load_model("me/upscaler", scale=4)
     reference = load_checkpoint(x4, 4)
     for name, tensor in reference.trainable_state_dict().items():
         assert torch.equal(model.trainable_state_dict()[name], tensor)
@@ -317,7 +317,7 @@ def test_push_creates_the_repo_and_what_it_pushed_loads_back(hub, tmp_path, monk
 
 def test_a_hub_reference_without_a_file_needs_a_scale(hub):
     with pytest.raises(RefsrError, match="name the scale"):
-        RefVAE.from_pretrained(REPO)
+        load_model(REPO)
     assert hub.count() == 0
 
 

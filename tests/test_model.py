@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config, tiny_model
+from conftest import decode_reference, tiny_config, tiny_model
 from refsr_cli.checkpoint import build_model, load_checkpoint, read_config, save_model
 from refsr_cli.errors import RefsrError
 from refsr_cli.model import RefVAE, RefVAEConfig, tile_periodic
@@ -17,7 +17,7 @@ def test_output_shape_for_each_scale(scale):
     model = tiny_model(scale)
     lr, ref = torch.rand(2, 3, 10, 14), torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        sr, mu, logvar = model(lr, ref)
+        sr, mu, logvar = decode_reference(model, lr, ref)
     assert sr.shape == (2, 3, 10 * scale, 14 * scale)
     assert mu.shape == logvar.shape == (2, 8)
 
@@ -34,29 +34,9 @@ def test_untrained_model_is_bicubic():
     model = build_model(tiny_config(4)).eval()
     lr = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
-        sr, _, _ = model(lr, torch.rand(1, 3, 32, 32))
+        sr, _, _ = decode_reference(model, lr, torch.rand(1, 3, 32, 32))
     bicubic = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
     assert torch.allclose(sr, bicubic)
-
-
-def test_change_scale_script_carries_an_x8_model_over_to_x4(tmp_path):
-    src, dst = tmp_path / "x8.safetensors", tmp_path / "x4.safetensors"
-    x8 = tiny_model(8, arch="lean")
-    save_model(x8, src)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "change_scale.py"
-    subprocess.run([sys.executable, str(script), str(src), "4", str(dst)], check=True, capture_output=True)
-    x4 = load_checkpoint(dst, scale=4)
-    lr, ref = torch.rand(1, 3, 6, 7), torch.rand(1, 3, 32, 32)
-    with torch.no_grad():
-        # The scale-free parts compute what they did ...
-        for a, b in zip(x8.encode_lr(lr) + x8.encode_reference(ref), x4.encode_lr(lr) + x4.encode_reference(ref)):
-            assert torch.equal(a, b)
-        assert torch.equal(x4.z_to_style.weight, x8.z_to_style.weight[:x4.z_to_style.weight.shape[0]])
-        # ... and the output layer, which would read another stage's features, starts at zero: bicubic, as a fresh
-        # model does.
-        sr, _, _ = x4(lr, ref)
-    assert x8.to_rgb.weight.any()
-    assert torch.allclose(sr, torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False))
 
 
 def test_condition_map_is_periodic_and_anchored():
@@ -119,17 +99,28 @@ def test_pickle_and_foreign_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "foreign.safetensors")
 
 
-@pytest.mark.parametrize("scale", [2, 4, 8])
-def test_paper_graph_tiny_config(scale, tmp_path):
-    """The published architecture (arch="paper"), kept for the benchmark, still builds, runs and round-trips."""
-    config = tiny_config(scale, arch="paper", channels=16, up_channels=(8, 8, 8), cond_grid=4, head_grid=4)
-    model = build_model(config).eval()
-    lr, ref = torch.rand(1, 3, 6, 10), torch.rand(1, 3, 32, 32)
-    with torch.no_grad():
-        sr, mu, _ = model(lr, ref)
-    assert sr.shape == (1, 3, 6 * scale, 10 * scale) and mu.shape == (1, 8)
-    save_model(model, tmp_path / "paper.safetensors")
-    assert type(load_checkpoint(tmp_path / "paper.safetensors", scale)).__name__ == "PaperRefVAE"
+@pytest.mark.parametrize("arch, release", [("lean", "bf55e9d"), ("paper", "bench/paper_graph.py")])
+def test_checkpoints_of_retired_architectures_say_what_reads_them(arch, release, tmp_path):
+    from safetensors.torch import save_file
+    config = tiny_config(2).to_json().replace('"trunk"', f'"{arch}"')
+    save_file({"x": torch.zeros(2)}, tmp_path / "old.safetensors", metadata={"format": "refsr-refvae", "config": config})
+    with pytest.raises(RefsrError, match=release) as error:
+        load_checkpoint(tmp_path / "old.safetensors")
+    assert "\n" not in str(error.value)
+
+
+def test_the_published_graph_of_the_speed_bench_runs_through_the_upscaler():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from paper_graph import PaperConfig, PaperRefVAE
+    from refsr_cli.inference import Upscaler
+    import numpy as np
+    torch.manual_seed(0)
+    model = PaperRefVAE(PaperConfig(scale=4, channels=16, up_channels=(8, 8), stages=2, head_channels=8,
+                                    head_grid=4, cond_grid=4, z_dim=8, ref_size=32))
+    up = Upscaler(model, "cpu", tile=8)
+    lr = np.random.default_rng(0).random((10, 12, 3)).astype(np.float32)
+    out, = up.upscale(lr, [up.reference_z(np.random.default_rng(1).random((40, 40, 3)))])
+    assert out.shape == (40, 48, 3)
 
 
 def test_matrix_resampling_equals_torch_interpolate():

@@ -1,0 +1,83 @@
+"""The training objective's terms (training only: inference never imports this module).
+
+Each term is a plain function or a small module; `train.py` weights and sums them. The VGG16 here is the frozen
+ImageNet network the model's reference encoder uses, so training loads no second copy.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import VGG16Features, downscale
+
+
+def feature_distance(vgg: VGG16Features, x, target: list):
+    """Per-sample distance of images x (B, 3, H, W) to images whose VGG16 features are `target` (what
+    `vgg(y, all_layers=True)` returns, computed once for every x compared with y): L1 between the features relu1_2,
+    relu2_2, relu3_3 and relu4_1, each layer's L1 divided by the mean magnitude of the target's features there, so
+    that the four layers weigh alike. The IMLE selection and the loss of the chosen sample use it; it is not LPIPS
+    (the metric refsr reports), which a loss would stop measuring."""
+    distance = 0
+    for a, b in zip(vgg(x, all_layers=True), target):
+        distance = distance + (a - b).abs().mean((1, 2, 3)) / b.abs().mean().detach().clamp_min(1e-6)
+    return distance
+
+
+def feature_stats_loss(vgg: VGG16Features, x, ref):
+    """Style: L1 between channel means and standard deviations of VGG16 features (relu1_2 .. relu4_1), with `x`
+    resized to the reference's size (the size the reference encoder sees)."""
+    x = F.interpolate(x, size=ref.shape[-2:], mode="bicubic", antialias=True, align_corners=False)
+    loss = 0
+    for a, b in zip(vgg(x, all_layers=True), vgg(ref, all_layers=True)):
+        loss = loss + F.l1_loss(a.mean((2, 3)), b.mean((2, 3))) + F.l1_loss(a.std((2, 3)), b.std((2, 3)))
+    return loss
+
+
+def lr_consistency(sr, lr, scale: int):
+    """L1 between the output's bicubic downscale and the LR input."""
+    return F.l1_loss(downscale(sr, scale), lr)
+
+
+def kl_divergence(mu, logvar):
+    """KL(N(mu, sigma^2) || N(0, I)), summed over z and averaged over the batch."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
+
+
+def same_crop(size: int, *images, generator=None):
+    """One random size x size window, the same in each of `images` (B, C, H, W)."""
+    h, w = images[0].shape[-2:]
+    if size >= min(h, w):
+        return images
+    y, x = (int(torch.randint(0, n - size + 1, (1,), generator=generator)) for n in (h, w))
+    return tuple(im[..., y:y + size, x:x + size] for im in images)
+
+
+class PatchDiscriminator(nn.Module):
+    """The 70x70 PatchGAN of pix2pix (Isola et al. 2017), instance-normalised: one real/fake logit per patch."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        layers, cin = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2)], width
+        for cout, stride in ((2 * width, 2), (4 * width, 2), (8 * width, 1)):
+            layers += [nn.Conv2d(cin, cout, 4, stride, 1), nn.InstanceNorm2d(cout, affine=True), nn.LeakyReLU(0.2)]
+            cin = cout
+        layers.append(nn.Conv2d(cin, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x * 2 - 1)
+
+
+def generator_adversarial(disc: PatchDiscriminator, fake):
+    """-log D(G(x)), the non-saturating form, with the discriminator frozen: the generator's step must not give it
+    gradients."""
+    disc.requires_grad_(False)
+    loss = F.softplus(-disc(fake)).mean()
+    disc.requires_grad_(True)
+    return loss
+
+
+def discriminator_loss(disc, real, fake):
+    """The discriminator's loss on real and (detached) fake windows, in one call: instance norm keeps the samples
+    apart. In float32 even on CUDA: it is small, and needs no loss scaler then."""
+    real_logits, fake_logits = disc(torch.cat([real, fake.detach()]).float()).chunk(2)
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()

@@ -1,0 +1,55 @@
+"""Every command's options and their defaults, written once: the CLI reads its flags' defaults from here, the
+engine and the scripts take them from here. Torch-free, so that `refsr --help` and `refsr info` stay fast."""
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class TrainOptions:
+    """`refsr train`: what to train on, how long, and the objective's weights."""
+    data: list
+    out: Path = Path("runs/refsr")
+    refs: list | None = None  # gallery references (artworks) for the texture stage's reference path
+    # "trunk": the fidelity trunk of every `scales` at once, pixel losses alone; "texture": the texture branch of
+    # `scale` on a frozen trunk (IMLE samples, reference outputs).
+    stage: str = "texture"
+    scale: int = 8
+    scales: tuple = (2, 4, 8)
+    steps: int = 2000
+    batch: int = 8
+    lr_patch: int = 24  # LR crop side: 24 px is a 192-pixel HR crop at x8
+    learning_rate: float = 1e-4
+    # Learning-rate factor of the zero-initialised parameters that let z and the noise reach the image (noise
+    # strengths, z modulation): at the base rate they stayed near zero.
+    modulation_lr_scale: float = 1.0
+    # Pixel terms (both stages): L1 to the HR crop, L1 of the bicubic downscale to the LR crop.
+    l1_weight: float = 1.0
+    lr_consistency_weight: float = 1.0
+    # Texture stage, prior samples by implicit maximum likelihood: imle_samples latents per crop are decoded
+    # without gradients, and the one nearest the HR crop (VGG16 feature distance) is trained towards it.
+    imle_samples: int = 8
+    imle_weight: float = 1.0
+    # Texture stage, reference outputs: a share of each batch is decoded from the mean z of a reference (another
+    # crop of the same photo, or with `refs` a gallery image for a `ref_mix` share), trained towards the HR crop
+    # (content, the feature distance) and the reference's VGG16 feature statistics (style).
+    ref_share: float = 0.5
+    ref_mix: float = 0.5
+    content_weight: float = 1.0
+    style_weight: float = 1.0
+    kl_weight: float = 1e-3
+    adv_weight: float = 0.0  # a PatchGAN discriminator on the outputs (0: none)
+    perceptual_crop: int = 96  # HR pixels a side seen by the feature distance and the discriminator
+    pool_size: int = 256  # texture stage: crops held with the frozen trunk's outputs ...
+    crop_uses: int = 4  # ... each used by about this many batches
+    val: Path | None = None  # HR images measured every val_every steps
+    val_every: int = 500
+    val_samples: int = 4  # texture stage: prior samples per validation image (mean measures, diversity)
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    # Weights to start from: the texture stage takes one checkpoint (default: the shipped weights of `scale`); the
+    # trunk stage one per scale.
+    init: list | None = None
+    device: str = "cpu"
+    config: object = None  # a RefVAEConfig for a freshly initialised model (None: the default architecture)
