@@ -64,11 +64,14 @@ class PaperRefVAE(nn.Module):
         return self.lr_to_modulation(self.vgg(up)).chunk(2, dim=1)
 
     def condition_cell(self, z, noise=None):
+        """(cell, styles, noise), the shape of refsr's conditions, which the Upscaler batches: this graph has neither
+        styles nor noise."""
         c = self.config
-        return self.z_to_cond(z).view(-1, c.head_channels, c.cond_grid, c.cond_grid)
+        return self.z_to_cond(z).view(-1, c.head_channels, c.cond_grid, c.cond_grid), None, None
 
-    def decode(self, lr, lr_code, cell, origin=(0, 0)):
+    def decode(self, lr, lr_code, condition, origin=(0, 0)):
         f_mu, f_sigma = lr_code
+        cell = condition[0]
         cond = self.cond_body(F.interpolate(cell, size=f_mu.shape[-2:], mode="bilinear", align_corners=False))
         residual = self.to_rgb(self.upsample(cond * (1 + f_sigma) + f_mu))
         base = F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)

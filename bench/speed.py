@@ -1,9 +1,9 @@
-"""Speed of refsr on this machine: the lean graph against the published one, where the time goes, and the limit.
+"""Speed of refsr on this machine: refsr's graph against the published one, where the time goes, and the limit.
 
     python bench/speed.py [--device cpu|cuda] [--json docs/speed-cpu.json] [--sizes 64 128 256 512]
 
 Prints tables and writes JSON. Model time is the median of --repeats runs after one warm-up, with the real
-Upscaler (tiles, LR consistency), weights as shipped for the lean graph and untrained for the paper graph (timing does
+Upscaler (tiles, LR consistency), weights as shipped for refsr's graph and untrained for the paper graph (timing does
 not depend on the values). Peak memory on the CPU: each case once more in a fresh process, its peak RSS (VmHWM) and
 that peak less the RSS of the process with both graphs loaded (what the graph itself needs); on CUDA, torch's peak
 allocation.
@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from refsr_cli.checkpoint import build_model, load_checkpoint, resolve_weights  # noqa: E402
+from refsr_cli.checkpoint import load_checkpoint, resolve_weights  # noqa: E402
 from refsr_cli.images import write_picture  # noqa: E402
-from refsr_cli.inference import Upscaler, back_project  # noqa: E402
+from refsr_cli.engine import Upscaler, back_project  # noqa: E402
 from paper_graph import PaperRefVAE  # noqa: E402
 
 
@@ -74,16 +74,16 @@ def timed(fn, device, repeats: int):
     return statistics.median(times), read_peak_mib(device)
 
 
-CASES = ("lean, fidelity (T = 0)", "lean, prior sample", "lean, new reference", "paper graph, new reference",
+CASES = ("refsr, fidelity (T = 0)", "refsr, prior sample", "refsr, new reference", "paper graph, new reference",
          "bicubic (PIL)")
 
 
-def case_function(name: str, size: int, lean: Upscaler, paper: Upscaler):
+def case_function(name: str, size: int, ours: Upscaler, paper: Upscaler):
     lr, ref = synthetic(size), synthetic(256, seed=9)
     return {
-        "lean, fidelity (T = 0)": lambda: lean.upscale(lr, [None]),
-        "lean, prior sample": lambda: lean.upscale(lr, [lean.prior_z(0)]),
-        "lean, new reference": lambda: lean.upscale(lr, [lean.reference_z(ref)]),
+        "refsr, fidelity (T = 0)": lambda: ours.upscale(lr, [None]),
+        "refsr, prior sample": lambda: ours.upscale(lr, [ours.prior_z(0)]),
+        "refsr, new reference": lambda: ours.upscale(lr, [ours.reference_z(ref)]),
         "paper graph, new reference": lambda: paper.upscale(lr, [paper.reference_z(ref)]),
         "bicubic (PIL)": lambda: Image.fromarray((lr * 255).astype(np.uint8)).resize((size * 8, size * 8),
                                                                                       Image.BICUBIC),
@@ -94,22 +94,22 @@ def memory_of_case(args, case: int, size: int):
     """Run in a fresh process (--memory-case): the RSS once both graphs are loaded, and the peak RSS of one run of
     the case. Their difference is what the graph itself needs, without Python, torch and the weights."""
     device = torch.device(args.device)
-    lean, paper = load_graphs(args.weights, device)
-    fn = case_function(CASES[case], size, lean, paper)
+    ours, paper = load_graphs(args.weights, device)
+    fn = case_function(CASES[case], size, ours, paper)
     before = rss_mib("VmRSS")
     reset_peak(device)
     fn()
     print(json.dumps({"loaded_mib": before, "peak_mib": rss_mib("VmHWM")}))
 
 
-def graph_table(args, device, lean: Upscaler, paper: Upscaler):
+def graph_table(args, device, ours: Upscaler, paper: Upscaler):
     rows = []
     for size in args.sizes:
         out_mpx = (size * 8) ** 2 / 1e6
         for i, name in enumerate(CASES):
             if name.startswith("paper") and size not in args.paper_sizes:
                 continue
-            seconds, peak = timed(case_function(name, size, lean, paper), device, args.repeats if size <= 256 else 1)
+            seconds, peak = timed(case_function(name, size, ours, paper), device, args.repeats if size <= 256 else 1)
             row = {"lr": size, "graph": name, "seconds": seconds, "mpx_per_s": out_mpx / seconds, "peak_mib": peak}
             if device.type == "cpu":  # the process's peak includes earlier cases: measure each in a fresh one
                 command = [sys.executable, __file__, "--memory-case", str(i), str(size), "--device", "cpu"]
@@ -125,14 +125,14 @@ def graph_table(args, device, lean: Upscaler, paper: Upscaler):
 
 
 def load_graphs(weights, device):
-    lean = Upscaler(load_checkpoint(resolve_weights(weights, 8), 8), device)
+    ours = Upscaler(load_checkpoint(resolve_weights(weights, 8), 8), device)
     paper = Upscaler(PaperRefVAE(), device)
-    return lean, paper
+    return ours, paper
 
 
-def breakdown(device, lean: Upscaler, size: int = 128):
+def breakdown(device, ours: Upscaler, size: int = 128):
     """Where one `upscale` of a size x size LR with a new reference goes."""
-    model, s = lean.model, lean.scale
+    model, s = ours.model, ours.scale
     lr_img = synthetic(size)
     ref = synthetic(256, seed=9)
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,15 +142,15 @@ def breakdown(device, lean: Upscaler, size: int = 128):
         picture_rgb = np.asarray(Image.open(Path(tmp) / "lr.png").convert("RGB"), dtype=np.float32) / 255
         parts["read input"] = time.perf_counter() - start
         with torch.inference_mode():
-            lr = lean._tensor(picture_rgb)
-            parts["reference encoding"], _ = timed(lambda: lean.reference_z(ref), device, 3)
-            z = lean.reference_z(ref)
+            lr = ours._tensor(picture_rgb)
+            parts["reference encoding"], _ = timed(lambda: ours.reference_z(ref), device, 3)
+            z = ours.reference_z(ref)
             parts["LR encoding"], _ = timed(lambda: model.encode_lr(lr), device, 3)
-            code, cell = model.encode_lr(lr), lean.condition(z, lr.shape[-2:])
+            code, cell = model.encode_lr(lr), ours.condition(z, lr.shape[-2:])
             parts["decoding"], _ = timed(lambda: model.decode(lr, code, cell), device, 3)
             sr = model.decode(lr, code, cell)
-            parts["LR consistency"], _ = timed(lambda: back_project(sr, lr, s, lean.consistency_steps), device, 3)
-        image = lean.upscale(picture_rgb, [z])[0]
+            parts["LR consistency"], _ = timed(lambda: back_project(sr, lr, s, ours.consistency_steps), device, 3)
+        image = ours.upscale(picture_rgb, [z])[0]
         start = time.perf_counter()
         write_picture(image, Path(tmp) / "out.png")
         parts["write output (PNG)"] = time.perf_counter() - start
@@ -160,49 +160,53 @@ def breakdown(device, lean: Upscaler, size: int = 128):
     return {k: {"seconds": v, "share": v / total} for k, v in parts.items()}
 
 
-def samples_cost(device, lean: Upscaler, size: int = 128):
+def samples_cost(device, ours: Upscaler, size: int = 128):
     lr = synthetic(size)
-    one, _ = timed(lambda: lean.upscale(lr, [lean.prior_z(0)]), device, 3)
-    ten, _ = timed(lambda: lean.upscale(lr, [lean.prior_z(i) for i in range(10)]), device, 1)
+    one, _ = timed(lambda: ours.upscale(lr, [ours.prior_z(0)]), device, 3)
+    ten, _ = timed(lambda: ours.upscale(lr, [ours.prior_z(i) for i in range(10)]), device, 1)
     print(f"  --n 1: {one:.3f} s; --n 10: {ten:.3f} s = {ten / 10:.3f} s per sample ({ten / 10 / one:.2f}x of --n 1)")
     return {"n1_seconds": one, "n10_seconds": ten, "per_sample_ratio": ten / 10 / one}
 
 
 def cli_times(weights, repeats: int = 3):
-    """Cold CLI calls, as a shell loop pays them."""
-    def wall(command):
+    """Whole CLI processes as a user (or a shell loop) pays them, best of `repeats`, each next to a bare
+    `python -c "import torch"` measured in the same run (these machines' absolute times drift from day to day):
+    8x of a 128x128 LR with `upscale` and `sample --n 1`, the cost of each extra sample of `sample --n 10`, `info`
+    and `--help`."""
+    def best(command):
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return min(times)
     refsr = [sys.executable, "-m", "refsr_cli"]
     use = ["--weights", str(weights)] if weights else []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "in"
-        folder.mkdir()
-        for i in range(4):
-            Image.open(ROOT / "examples" / "seeding-lr.png").save(folder / f"copy{i}.png")
-        result = {
-            "help_seconds": wall(refsr + ["--help"]),
-            "example_upscale_seconds": wall(refsr + ["upscale", "examples/seeding-lr.png", "--ref",
-                                                     "examples/painting.jpg", "-o", tmp, "-q", "--overwrite", *use]),
-            "folder_of_4_one_call_seconds": wall(refsr + ["upscale", str(folder), "--ref", "examples/painting.jpg",
-                                                          "-o", tmp, "-q", "--overwrite", *use]),
-        }
+        lr = Path(tmp) / "lr.png"
+        Image.fromarray((synthetic(128) * 255).round().astype(np.uint8)).save(lr)
+        out = ["-o", tmp, "-q", "--overwrite", *use]
+        result = {"import_torch_seconds": best([sys.executable, "-c", "import torch"]),
+                  "upscale_seconds": best(refsr + ["upscale", str(lr), *out]),
+                  "sample_n1_seconds": best(refsr + ["sample", str(lr), "--n", "1", *out]),
+                  "sample_n10_seconds": best(refsr + ["sample", str(lr), "--n", "10", *out]),
+                  "info_seconds": best(refsr + ["info", str(Path(tmp) / "lr_x8.png")]),
+                  "help_seconds": best(refsr + ["--help"])}
+    result["extra_sample_seconds"] = (result["sample_n10_seconds"] - result["sample_n1_seconds"]) / 9
+    torch_s = result["import_torch_seconds"]
     for k, v in result.items():
-        print(f"  {k:<32} {v:>7.2f} s")
+        over = f"  (import torch {v - torch_s:+.2f} s)" if k in ("upscale_seconds", "sample_n1_seconds") else ""
+        print(f"  {k:<24} {v:>7.2f} s{over}")
     return result
 
 
-def arithmetic_rate(device, lean: Upscaler, size: int = 128):
-    """MACs of the lean decoder (counted by torch) per second, against a large float32 matmul on the same device."""
+def arithmetic_rate(device, ours: Upscaler, size: int = 128):
+    """MACs of refsr's decoder (counted by torch) per second, against a large float32 matmul on the same device."""
     from torch.utils.flop_counter import FlopCounterMode
-    model = lean.model
+    model = ours.model
     with torch.inference_mode():
-        lr = lean._tensor(synthetic(size))
-        code, cell = model.encode_lr(lr), lean.condition(lean.prior_z(0), lr.shape[-2:])
+        lr = ours._tensor(synthetic(size))
+        code, cell = model.encode_lr(lr), ours.condition(ours.prior_z(0), lr.shape[-2:])
         counter = FlopCounterMode(display=False)
         with counter:
             model.decode(lr, code, cell)
@@ -218,67 +222,32 @@ def arithmetic_rate(device, lean: Upscaler, size: int = 128):
             "matmul_gmac_per_s": peak / 1e9, "fraction_of_peak": macs / seconds / peak}
 
 
-# The stages of scripts/train_release.sh (the learning rate does not change the speed); the texture stage's
-# defaults are the paper's objective.
-TRUNK_RECIPE = dict(stage="trunk", scales=(2, 4, 8), lr_patch=40)
-TEXTURE_RECIPE = dict(stage="texture", l1_weight=0.1, content_weight=1.0, style_weight=0.1, lpips_weight=0.0,
-                      tv_weight=0.0, kl_weight=1e-3, adv_weight=5e-3, mean_share=0.0, ref_mix=0.3)
-
-
-def training_throughput(device, steps: int = 3):
-    """Samples per second of `refsr train`: the trunk stage, and the texture stage with the release recipe and with
-    the paper's objective (the defaults), on synthetic data."""
-    from refsr_cli.train import TrainOptions, train
-    result = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        data, refs = Path(tmp) / "hr", Path(tmp) / "refs"
-        data.mkdir()
-        refs.mkdir()
-        for i in range(4):
-            Image.fromarray((synthetic(512, seed=i) * 255).astype(np.uint8)).save(data / f"{i}.png")
-            Image.fromarray((synthetic(256, seed=10 + i) * 255).astype(np.uint8)).save(refs / f"{i}.png")
-        cases = (("trunk stage, x2/x4/x8 in turn", TRUNK_RECIPE, 3 * steps),
-                 ("texture stage, release recipe", TEXTURE_RECIPE, steps),
-                 ("texture stage, paper objective", {}, steps))
-        for name, recipe, n in cases:
-            opt = TrainOptions(data=[data], refs=[refs], out=Path(tmp) / name, steps=n + 1, save_every=10 ** 9,
-                               device=str(device), **recipe)
-            marks = []
-            train(opt, progress=lambda step, *a: marks.append(time.perf_counter()))
-            per_step = (marks[-1] - marks[0]) / (len(marks) - 1)
-            print(f"  {name:<32} {opt.batch / per_step:.2f} samples/s ({per_step:.2f} s per step of batch "
-                  f"{opt.batch}, LR {opt.lr_patch}px, x{opt.scale if opt.stage == 'texture' else '2/4/8'})")
-            result[name] = {"samples_per_s": opt.batch / per_step, "seconds_per_step": per_step, "batch": opt.batch}
-    return result
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--paper-sizes", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--weights", default=None, help="lean checkpoint [default: the shipped x8]")
+    parser.add_argument("--weights", default=None, help="checkpoint [default: the shipped x8]")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--parts", nargs="+", default=["graphs", "breakdown", "samples", "arithmetic", "training", "cli"],
+    parser.add_argument("--parts", nargs="+", default=["graphs", "breakdown", "samples", "arithmetic", "cli"],
                         help="which parts to run (default: all)")
     parser.add_argument("--memory-case", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_case is not None:
         return memory_of_case(args, *args.memory_case)
     device = torch.device(args.device)
-    lean, paper = load_graphs(args.weights, device)
+    ours, paper = load_graphs(args.weights, device)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "device": str(device),
                           "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}}
     print(f"machine: {result['machine']}")
-    parts = [("graphs", "8x model time (median) and peak memory", lambda: graph_table(args, device, lean, paper)),
-             ("breakdown", "where one upscale of a 128x128 LR with a new reference goes", lambda: breakdown(device, lean)),
-             ("samples", "sample --n 10 against --n 1 (128x128 LR)", lambda: samples_cost(device, lean)),
-             ("arithmetic", "arithmetic rate of the lean decoder (128x128 LR)", lambda: arithmetic_rate(device, lean)),
-             ("training", "training throughput", lambda: training_throughput(device)),
-             ("cli", "cold CLI calls (wall, median of 3)", lambda: cli_times(args.weights))]
+    parts = [("graphs", "8x model time (median) and peak memory", lambda: graph_table(args, device, ours, paper)),
+             ("breakdown", "where one upscale of a 128x128 LR with a new reference goes", lambda: breakdown(device, ours)),
+             ("samples", "sample --n 10 against --n 1 (128x128 LR)", lambda: samples_cost(device, ours)),
+             ("arithmetic", "arithmetic rate of the decoder (128x128 LR)", lambda: arithmetic_rate(device, ours)),
+             ("cli", "whole CLI processes (wall, best of 3)", lambda: cli_times(args.weights))]
     for name, title, run in parts:
         if name in args.parts and not (name == "cli" and device.type != "cpu"):
             print(f"\n{title}")

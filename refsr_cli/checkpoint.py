@@ -5,6 +5,7 @@ None for the shipped checkpoint of that scale. Nothing here unpickles anything.
 """
 import importlib
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -140,21 +141,64 @@ def http_client_errors() -> tuple:
     return tuple(errors)
 
 
+HUB_TIMEOUT = 5  # seconds the Hub has to answer where a file is (huggingface_hub's own: 10, then retries)
+
+
+@contextmanager
+def hub_fails_fast():
+    """hf_hub_download without its retries of a Hub that cannot be reached. When its request for a file's metadata
+    fails on the network (or with a 5xx) and the file is not cached, huggingface_hub 2.x asks again with a 60 s
+    timeout (file_download._ETAG_RETRY_TIMEOUT) and 5 retries backed off 1+2+4+8+8 s (utils/_http.py, http_backoff):
+    26 s before an error when the connection is refused, minutes when nobody answers. A command line is better
+    served by an error within HUB_TIMEOUT that says how to use the cache; a cached file is still returned (that
+    fallback never retried). These module globals of file_download are set for the duration of refsr's call only
+    (refsr downloads from one thread), and only those this version has: another keeps its own behaviour."""
+    from huggingface_hub import file_download
+    bounds = {"_DEFAULT_RETRY_ON_EXCEPTIONS": (), "_DEFAULT_RETRY_ON_STATUS_CODES": (),
+              "_ETAG_RETRY_TIMEOUT": HUB_TIMEOUT}
+    saved = {name: getattr(file_download, name) for name in bounds if hasattr(file_download, name)}
+    try:
+        for name in saved:
+            setattr(file_download, name, bounds[name])
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(file_download, name, value)
+
+
+def import_hub():
+    """huggingface_hub's constants, imported. It reads its HF_* environment variables on import, and a malformed one
+    (HF_ENDPOINT=http://[::1, HF_HUB_ETAG_TIMEOUT=abc) raises a ValueError there: a RefsrError instead."""
+    try:
+        from huggingface_hub import constants
+    except ValueError as e:
+        raise RefsrError(f"huggingface_hub cannot start: {e} (check the HF_* environment variables)") from None
+    return constants
+
+
 def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
-    from huggingface_hub import constants, hf_hub_download
+    """The file from the Hugging Face cache, downloaded there if needed; an error within seconds when the Hub
+    cannot be reached and the file is not cached (HUB_TIMEOUT; HF_HUB_ETAG_TIMEOUT, when set, takes precedence)."""
+    constants = import_hub()
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
     where = f"{repo}{'@' + revision if revision else ''}:{filename}"
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision))
+        with hub_fails_fast():
+            return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision, etag_timeout=HUB_TIMEOUT))
     except RevisionNotFoundError:
         raise RefsrError(f"{where}: no such revision on the Hub") from None
-    except LocalEntryNotFoundError:  # before EntryNotFoundError, its base class: "not cached", not "not on the Hub"
+    except LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base: "not cached", not "not on the Hub"
         if constants.HF_HUB_OFFLINE:
             raise RefsrError(f"{where}: offline mode (HF_HUB_OFFLINE=1) is on and the file is not in the local "
                              "cache; download it once online first") from None
-        raise RefsrError(f"{where}: the Hub cannot be reached and the file is not in the local cache (once "
-                         "downloaded, it works offline with HF_HUB_OFFLINE=1)") from None
+        # The cause, when huggingface_hub kept it: "[Errno 111] Connection refused", "timed out", an HTTP status.
+        cause = (str(e.__cause__).strip().splitlines() or [type(e.__cause__).__name__])[0] if e.__cause__ else ""
+        if "Timeout" in type(e.__cause__).__name__:  # ConnectTimeout, ReadTimeout: a slow network may need longer
+            cause += f"; HF_HUB_ETAG_TIMEOUT=SECONDS waits longer than {HUB_TIMEOUT} s"
+        raise RefsrError(f"{where}: the Hub cannot be reached{f' ({cause})' if cause else ''} and the file is not in "
+                         "the local cache (once downloaded, it works offline with HF_HUB_OFFLINE=1)") from None
     except EntryNotFoundError:
         raise RefsrError(f"{where}: no such file in that Hub repository") from None
     except RepositoryNotFoundError:

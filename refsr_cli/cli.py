@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import TrainOptions
+from .options import BatchOptions, EngineOptions, TrainOptions
 
 SCALES = click.Choice(["2", "4", "8"])
 
@@ -48,32 +48,36 @@ def main():
     """
 
 
+BATCH = BatchOptions()  # the defaults of upscale's, sample's and walk's flags
+
+
 def common_inference_options(f):
     options = [
-        click.option("--scale", type=SCALES, default="8", show_default=True, help="Upscaling factor."),
+        click.option("--scale", type=SCALES, default=str(BATCH.scale), show_default=True, help="Upscaling factor."),
         click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("."), show_default=True,
                      help="Output folder (created if missing), or a file name (its extension sets the format) "
                           "when the run writes one image."),
         click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp", "tiff"]), default=None,
                      help="Format of files written into a folder. [default: png]"),
-        click.option("--max-pixels", type=click.IntRange(min=1), default=64_000_000, show_default=True,
+        click.option("--max-pixels", type=click.IntRange(min=1), default=BATCH.max_pixels, show_default=True,
                      help="Refuse input images with more pixels than this (decompression bombs), before decoding."),
         click.option("--weights", metavar="FILE|OWNER/REPO[@REV][:FILE]", default=None,
                      help="Checkpoint: a local .safetensors file or a Hugging Face Hub reference. "
                           "[default: the shipped weights for --scale]"),
         click.option("--temperature", type=click.FloatRange(min=0), default=None,
                      help="Spread of z around its mean: 0 gives the mean, 1 the learned spread."),
-        click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True,
+        click.option("--tile", type=click.IntRange(min=16), default=BATCH.tile, show_default=True,
                      help="Tile size in LR pixels; bounds memory on large images."),
-        click.option("--tile-pad", type=click.IntRange(min=0), default=32, show_default=True,
+        click.option("--tile-pad", type=click.IntRange(min=0), default=BATCH.tile_pad, show_default=True,
                      help="Context around each tile in LR pixels; tiles agree with the untiled result when it "
                           "covers the network's receptive field."),
-        click.option("--consistency-steps", type=click.IntRange(min=0), default=4, show_default=True,
+        click.option("--consistency-steps", type=click.IntRange(min=0), default=BATCH.consistency_steps,
+                     show_default=True,
                      help="Back-projection rounds that make the output's bicubic downscale match the input "
                           "(each an exact projection, then a clamp to the displayable range)."),
         click.option("--no-consistency", is_flag=True, help="Skip the LR-consistency step (same as --consistency-steps 0)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
-                     help="auto picks CUDA, then MPS, then CPU."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=BATCH.device,
+                     show_default=True, help="auto picks CUDA, then MPS, then CPU."),
         click.option("--half", is_flag=True, help="Half precision (GPU only)."),
         click.option("--overwrite", is_flag=True, help="Replace existing output files."),
         click.option("--skip-existing", is_flag=True, help="Skip outputs that already exist (resume a batch)."),
@@ -117,7 +121,7 @@ def upscale(inputs, refs, seed, match, match_map, **options):
     options["temperature"] = 0.0 if options["temperature"] is None else options["temperature"]
     if match_map and not match:
         fail("--match-map needs --match")
-    sys.exit(run_inference(inputs, refs, None, seed=seed, match=match, match_map=match_map, **options))
+    sys.exit(run_inference("upscale", inputs, refs, None, seed=seed, match=match, match_map=match_map, **options))
 
 
 @main.command()
@@ -133,14 +137,14 @@ def sample(inputs, count, seed, **options):
     Outputs are named STEM_xSCALE_sSEED.png.
     """
     options["temperature"] = 1.0 if options["temperature"] is None else options["temperature"]
-    sys.exit(run_inference(inputs, None, range(seed, seed + count), **options))
+    sys.exit(run_inference("sample", inputs, None, range(seed, seed + count), **options))
 
 
-def run_inference(inputs, refs, seeds, no_consistency, scale, **options) -> int:
-    from .inference import BatchOptions, run_batch
+def run_inference(command, inputs, refs, seeds, no_consistency, scale, **options) -> int:
+    from .batch import run_batch
     if no_consistency:
         options["consistency_steps"] = 0
-    return run_batch(inputs, refs, seeds, BatchOptions(scale=int(scale), **options))
+    return run_batch(command, inputs, refs, seeds, BatchOptions(scale=int(scale), **options))
 
 
 TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
@@ -214,7 +218,7 @@ def train(quiet, device, **options):
     import torch
 
     from .errors import RefsrError
-    from .inference import pick_device
+    from .device import pick_device
     from .train import train as run_training
     options["scale"] = int(options["scale"])
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
@@ -264,7 +268,7 @@ def walk(inputs, refs, seeds, steps, animate, **options):
     if bool(refs) == bool(seeds):
         fail("give two --ref or two --seed, not both")
     options["temperature"] = (1.0 if seeds else 0.0) if options["temperature"] is None else options["temperature"]
-    sys.exit(run_inference(inputs, refs or None, list(seeds) or None, walk=steps,
+    sys.exit(run_inference("walk", inputs, refs or None, list(seeds) or None, walk=steps,
                            animate=animate, **options))
 
 
@@ -276,21 +280,22 @@ def info(outputs, as_json):
     """How refsr made IMAGE...: version, weights and their sha256, scale, seed, temperature, reference and input
     (with sha256), and the command that makes it again."""
     from .images import read_provenance
-    from .inference import redo_command
+    from .provenance import DamagedRecord, redo_command
     code = 0
     for path in outputs:
         try:
             record = read_provenance(path)
-        except (OSError, ValueError, SyntaxError) as e:
+            if record is None:
+                raise DamagedRecord("no refsr provenance (not an output of refsr)")
+            command = redo_command(record)
+        except DamagedRecord as e:
+            click.echo(f"refsr: error: {path}: {e}", err=True)
+            code = 1
+            continue
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors of unreadable and foreign files
             click.echo(f"refsr: error: {path}: not a readable image ({e})", err=True)
             code = 1
             continue
-        if record is None:
-            click.echo(f"refsr: error: {path}: no refsr provenance (not written by refsr, or by refsr < 0.2)",
-                       err=True)
-            code = 1
-            continue
-        command = redo_command(record)
         if as_json:
             click.echo(json.dumps({"file": str(path), **record, "command": command}))
             continue
@@ -302,8 +307,7 @@ def info(outputs, as_json):
 
 
 @main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path),
-                metavar="CHECKPOINT...")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="CHECKPOINT...")
 @click.argument("repo", metavar="OWNER/REPO")
 @click.option("--revision", default=None, help="Branch to commit to, created if needed. [default: main]")
 @click.option("--private", is_flag=True, help="Create the repository private (if it does not exist yet).")
@@ -314,13 +318,19 @@ def info(outputs, as_json):
 def push(files, repo, revision, private, message, no_card, license_id):
     """Upload CHECKPOINT... to the Hugging Face Hub model repository OWNER/REPO in one commit, each as
     refsr-x{scale}.safetensors (what --weights OWNER/REPO loads), with a generated model card as README.md.
-    Needs a token with write access (HF_TOKEN, or `hf auth login`)."""
+    Needs a token with write access (HF_TOKEN, or `hf auth login`).
+
+    Exit code 0: pushed (the commit's URL is printed); 2: nothing was sent (a file that is not a refsr checkpoint,
+    two of one scale, a bad repository or branch name); 1: the Hub refused the push or it failed on the way (no
+    token, no connection), after the repository or the branch may have been created."""
     from .errors import RefsrError
-    from .hub import push as push_to_hub
+    from .hub import UploadFailed, push as push_to_hub
     try:
         url = push_to_hub(files, repo, revision, private, message, card=not no_card, license=license_id)
-    except RefsrError as e:
+    except UploadFailed as e:
         fail(str(e), 1)
+    except RefsrError as e:
+        fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
     click.echo(url)
@@ -348,45 +358,78 @@ def push(files, repo, revision, private, message, no_card, license_id):
                    "similarity transform (warp); the photo's other half, the image being one half (half); the next "
                    "photo of HR_DIR (unrelated).")
 @click.option("--baseline", type=click.Choice(["bicubic", "none"]), default="bicubic", show_default=True)
-@click.option("--consistency-steps", type=click.IntRange(min=0), default=4, show_default=True)
-@click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the rows and means to this JSON file.")
+@click.option("--consistency-steps", type=click.IntRange(min=0), default=BATCH.consistency_steps, show_default=True)
+@click.option("--tile", type=click.IntRange(min=16), default=BATCH.tile, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=BATCH.device, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the rows and means (and the images that failed) to this JSON file.")
 def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperature, refs, num_refs,
              match_protocol, baseline, consistency_steps, tile, device, json_path):
     """Measure a checkpoint on the HR images of HR_DIR against bicubic (PSNR/SSIM on Y, LPIPS, LR-PSNR;
     diversity with --samples, reference influence with --ref, content-similar references with
-    --match-protocol)."""
+    --match-protocol).
+
+    An image that cannot be measured (unreadable, too small) is reported on stderr and left out; the table and
+    --json hold the others. Exit code 0: all measured; 1: some images failed; 2: nothing could start (bad flag,
+    weights, reference, an HR_DIR without images) or no image could be measured."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from .errors import RefsrError
-    from .evaluate import evaluate as run_eval, published_rows
+    from .evaluate import STATS_MIN_SIDE, check_hr_folder, evaluate as run_eval, published_rows
     from .images import expand_inputs, list_images, read_rgb
-    from .inference import load_upscaler
+    from .engine import load_upscaler
     scale = int(scale)
     try:
+        # Everything that can be refused is refused before the weights are loaded and any image measured.
+        paths = list_images(hr_dir)
+        check_hr_folder(hr_dir, paths, match_protocol)
         ref_paths = expand_inputs(refs) if refs else []
-        if num_refs is not None and num_refs < len(ref_paths):
+        if num_refs is not None:
+            if num_refs > len(ref_paths):
+                raise RefsrError(f"--num-refs {num_refs}: --ref gives {len(ref_paths)} image(s)" if refs
+                                 else "--num-refs needs --ref")
             ref_paths = [ref_paths[i * len(ref_paths) // num_refs] for i in range(num_refs)]
-        upscaler = load_upscaler(weights, scale, device, False, tile, min(24, tile // 2), consistency_steps)
+        if json_path is not None:
+            if json_path.is_dir():
+                raise RefsrError(f"--json {json_path}: is a folder; give a file name")
+            folder = json_path.parent
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise RefsrError(f"--json {json_path}: {folder} is not a folder that can be written to")
+            if json_path.resolve() in {p.resolve() for p in paths + ref_paths}:
+                raise RefsrError(f"--json {json_path} is an input of this run; refsr never overwrites its inputs")
+        upscaler = load_upscaler(weights, scale, EngineOptions(tile=tile, consistency_steps=consistency_steps,
+                                                               device=device))
         references = []
         for path in ref_paths:
-            image = read_rgb(path)
+            try:
+                image = read_rgb(path)
+            except RefsrError as e:
+                raise RefsrError(f"reference {e}") from None
+            if len(ref_paths) >= 2 and min(image.shape[:2]) < STATS_MIN_SIDE:
+                raise RefsrError(f"reference {path}: too small for the reference influence (at least "
+                                 f"{STATS_MIN_SIDE} pixels on each side)")
             references.append((upscaler.reference_z(image), image))
         z = upscaler.prior_z(seed, temperature)
         sample_zs = [upscaler.prior_z(seed + i, sample_temperature) for i in range(samples)]
+        err = Console(stderr=True)
+        # No bar into a file or pipe (it left a blank line there).
         with Progress(TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("eval", total=len(list_images(hr_dir)))
+                      console=err, transient=True, disable=not err.is_terminal) as bar:
+            task = bar.add_task("eval", total=len(paths))
+            # An image that fails is reported as it happens (above the bar, one line whatever the width).
+            report = lambda message: bar.console.print(f"refsr: error: {message}", markup=False, emoji=False,
+                                                       highlight=False, soft_wrap=True)
             result = run_eval(hr_dir, upscaler, scale, z, sample_zs, references, baseline == "bicubic",
-                              on_image=lambda name: bar.advance(task), match_protocol=match_protocol)
+                              on_image=lambda name: bar.advance(task), match_protocol=match_protocol,
+                              on_error=report)
     except RefsrError as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    if not result["rows"]:
+        fail(f"no image of {hr_dir} could be measured")
     table = Table(title=f"x{scale} on {hr_dir}")
     columns = [("PSNR-Y", "psnr", ".2f"), ("SSIM-Y", "ssim", ".4f"), ("LPIPS", "lpips", ".4f"),
                ("LR-PSNR", "lr_psnr", ".2f"), ("diversity", "diversity", ".2f"), ("influence", "influence", ".2f"),
@@ -416,3 +459,4 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
                 Path(tmp).write_text(text)
         except OSError as e:
             fail(f"{json_path}: cannot write ({e.strerror or e})", 1)
+    sys.exit(1 if result["failed"] else 0)

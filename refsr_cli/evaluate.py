@@ -16,14 +16,15 @@ from PIL import Image
 
 from .checkpoint import load_backbone
 from .errors import RefsrError
-from .images import MIN_SIDE, list_images, read_rgb
-from .inference import Latent
+from .images import IMAGE_SUFFIXES, MIN_SIDE, list_images, read_rgb
 from .match import correspond, prepare_reference
 from .metrics import LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
 from .model import VGG16Features
 
 MEASURES = ("psnr", "ssim", "lpips", "lr_psnr")
 STATS_SIDE = 512  # images are compared by VGG feature statistics at (at most) the size of the reference gallery
+STATS_MIN_SIDE = 16  # VGG16's three max-pools before relu4_1 leave 2x2 of this: a standard deviation to take
+LPIPS_MIN_SIDE = 32  # LPIPS's AlexNet (stride 4, then two 3x3 max-pools of stride 2) needs 31 pixels a side
 
 
 # Published results on the standard benchmarks (PSNR-Y dB / SSIM-Y / LPIPS-alex, bicubic degradation), shown next to
@@ -97,15 +98,28 @@ def reference_influence(output_stats, reference_stats) -> float:
     return float((d.argmin(dim=1) == torch.arange(len(d))).float().mean())
 
 
+def check_hr_folder(hr_dir, paths: list, match_protocol: str | None = None) -> None:
+    """Refuse a folder that gives nothing to measure: no images; or, under the "unrelated" protocol (each image's
+    reference is the next one), a single image, which would be its own reference."""
+    if not paths:
+        raise RefsrError(f"{hr_dir}: no images to evaluate ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if match_protocol == "unrelated" and len(paths) < 2:
+        raise RefsrError(f"--match-protocol unrelated takes the next image of {hr_dir} as each image's reference: "
+                         f"it needs at least two images, and {hr_dir} has one")
+
+
 def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), baseline: bool = True,
-             on_image=None, match_protocol: str | None = None) -> dict:
-    """Rows of {image, method, psnr, ssim, lpips, lr_psnr[, diversity | influence | confidence]} and their means
-    per method.
+             on_image=None, match_protocol: str | None = None, on_error=None) -> dict:
+    """Rows of {image, method, psnr, ssim, lpips, lr_psnr[, diversity | influence | confidence]}, their means
+    per method, and the images that could not be measured ("failed": {image, error}, each error also passed to
+    `on_error` as it happens; the others are measured all the same).
 
     z: the z of the "refsr" rows; sample_zs: the N zs of the "samples" rows (diversity when N >= 2); references:
     (z, HxWx3 image) pairs of the "references" rows (influence when K >= 2); match_protocol: "match" rows, the
     `upscale --match` output with the reference of that protocol (protocol_pair), its mean confidence and the
     seconds its matching took."""
+    paths = list_images(hr_dir)
+    check_hr_folder(hr_dir, paths, match_protocol)
     lpips = LPIPSAlex()
     load_backbone(lpips, "lpips_alex")
     vgg = None
@@ -113,12 +127,14 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
         vgg = VGG16Features()
         load_backbone(vgg, "vgg16_relu4_1")
         reference_stats = [feature_stats(vgg, image) for _, image in references]
-    rows = []
-    paths = list_images(hr_dir)
-    for index, path in enumerate(paths):
+
+    def image_rows(index, path) -> list:
+        """All the rows of one image (an error: none of them, so that every mean is over the same images)."""
+        rows = []
         hr, lr, match_ref = protocol_images(paths, index, scale, match_protocol)
         lr_array = np.asarray(lr, dtype=np.float32) / 255
-        upscale = lambda zs: [Image.fromarray(a) for a in upscaler.upscale(lr_array, zs)]
+        upscale = lambda zs, transfer=None: [Image.fromarray(a) for a in upscaler.upscale(lr_array, zs,
+                                                                                          transfer=transfer)]
         if baseline:
             rows.append({"image": path.name, "method": "bicubic",
                          **measure(bicubic_resize(lr, hr.size), hr, lr, scale, lpips)})
@@ -137,14 +153,32 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
             groups.append(("references", outputs, extra))
         if match_protocol is not None:
             started = time.perf_counter()
-            transfer = correspond(as_tensor(lr_array), [prepare_reference(to_float(match_ref), scale)], scale)
+            name = (f"{path}: its reference {paths[(index + 1) % len(paths)]}" if match_protocol == "unrelated"
+                    else f"{path}: its {match_protocol} reference")  # what a "too small to match" error names
+            transfer = correspond(as_tensor(lr_array), [prepare_reference(to_float(match_ref), scale, name)], scale)
             extra = {"confidence": float(transfer.confidence.mean()), "seconds": time.perf_counter() - started}
-            groups.append(("match", upscale([Latent(None, transfer=transfer)]), extra))
+            groups.append(("match", upscale([None], transfer), extra))
         for method, outputs, extra in groups:
             each = [measure(o, hr, lr, scale, lpips) for o in outputs]
             mean = {k: float(np.mean([m[k] for m in each])) for k in MEASURES}
             mean["lr_psnr"] = min(m["lr_psnr"] for m in each)  # "LR-PSNR of every sample": the worst one
             rows.append({"image": path.name, "method": method, **mean, **extra})
+        return rows
+
+    rows, failed = [], []
+    for index, path in enumerate(paths):
+        error = None
+        try:
+            rows += image_rows(index, path)
+        except RefsrError as e:
+            error = str(e)
+        except Exception as e:  # a bug of ours: still one line, and the other images are measured
+            reason = (str(e).strip().splitlines() or [""])[0]
+            error = f"{path}: internal error, please report it ({type(e).__name__}: {reason})"
+        if error is not None:
+            failed.append({"image": path.name, "error": error})
+            if on_error is not None:
+                on_error(error)
         if on_image is not None:
             on_image(path.name)
     means = {}
@@ -153,7 +187,7 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
         means[method] = {k: float(np.mean([r[k] for r in mine])) for k in mine[0] if k not in ("image", "method")}
         if method != "refsr" and method != "bicubic":
             means[method]["lr_psnr"] = min(r["lr_psnr"] for r in mine)
-    return {"rows": rows, "means": means}
+    return {"rows": rows, "means": means, "failed": failed}
 
 
 # --- content-similar references (`--match`): the protocols of docs/evaluation.md ------------------------------------
@@ -164,12 +198,24 @@ def protocol_images(paths: list, index: int, scale: int, match_protocol: str | N
     (None without a protocol; "unrelated" takes the next image of the folder)."""
     path = paths[index]
     rgb = read_rgb(path)
-    if min(rgb.shape[:2]) < MIN_SIDE * scale * (2 if match_protocol == "half" else 1):
-        raise RefsrError(f"{path}: too small to evaluate at x{scale}")
+    # The smallest image every measure takes: an LR of MIN_SIDE pixels, and LPIPS's (under "half": each half).
+    need, half = max(MIN_SIDE * scale, LPIPS_MIN_SIDE), match_protocol == "half"
+    (h, w), long_need = rgb.shape[:2], 2 * need if half else need
+    if min(h, w) < need or max(h, w) < long_need:
+        raise RefsrError(f"{path}: {w}x{h} is too small to evaluate at x{scale} (at least {need} pixels on each side"
+                         + (f" and {long_need} on the long one, under --match-protocol half)" if half else ")"))
     eight_bit = lambda a: Image.fromarray((a * 255).round().astype(np.uint8))
     hr, reference = eight_bit(rgb), None
     if match_protocol is not None:
-        other = eight_bit(read_rgb(paths[(index + 1) % len(paths)]))
+        other = None
+        if match_protocol == "unrelated":
+            if len(paths) < 2:  # the next image would be this one: its own reference
+                raise RefsrError(f"{path}: --match-protocol unrelated needs another image in its folder")
+            other_path = paths[(index + 1) % len(paths)]
+            try:
+                other = eight_bit(read_rgb(other_path))
+            except RefsrError as e:
+                raise RefsrError(f"{path}: its reference {e}") from None
         hr, reference = protocol_pair(hr, match_protocol, index, other)
     hr = modcrop(hr, scale)
     return hr, bicubic_resize(hr, (hr.width // scale, hr.height // scale)), reference

@@ -4,11 +4,45 @@ Each checkpoint goes up under the name `--weights owner/repo` looks for (refsr-x
 pushed loads back with `refsr upscale photo.png --weights owner/repo --scale S`. Downloads are in checkpoint.py.
 """
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import HUB_REF, default_filename, http_client_errors, read_config, read_metadata
+from .checkpoint import (HUB_REF, HUB_TIMEOUT, default_filename, http_client_errors, import_hub, read_config,
+                         read_metadata)
 from .errors import RefsrError
 from .files import sha256_of
+
+PUSH_TIMEOUT = 60  # seconds a push waits for the Hub to answer a request (connecting: HUB_TIMEOUT)
+
+
+class UploadFailed(RefsrError):
+    """The Hub refused the push, or it failed on the way: raised once the first request was sent (the repository or
+    the branch may exist by then, without the commit). What is refused before any request is a plain RefsrError."""
+
+
+@contextmanager
+def bounded_requests():
+    """huggingface_hub's shared HTTP client waits for an answer without a time limit (its API calls, unlike its
+    downloads, pass no timeout), so a push to a Hub that does not answer never ended. For the push, its clients are
+    made by the factory in use with timeouts added (through huggingface_hub's public set_client_factory), and that
+    factory is put back after. Left alone where this huggingface_hub has no such knob."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
+    if previous is None:
+        yield
+        return
+
+    def with_timeouts():
+        client = previous()
+        client.timeout = type(client.timeout)(PUSH_TIMEOUT, connect=HUB_TIMEOUT)
+        return client
+
+    set_client_factory(with_timeouts)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
 
 
 def model_card(repo: str, checkpoints: list, revision: str | None = None, license: str | None = None) -> str:
@@ -43,15 +77,30 @@ def model_card(repo: str, checkpoints: list, revision: str | None = None, licens
 def push(files: list, repo: str, revision: str | None = None, private: bool = False, message: str | None = None,
          card: bool = True, license: str | None = None) -> str:
     """Upload refsr checkpoints (and a generated README.md) to `repo` in one commit; creates the repository, and the
-    branch `revision`, if needed. Returns the commit's URL."""
+    branch `revision`, if needed. Returns the commit's URL. Everything is checked before the first request (a
+    RefsrError: nothing was sent); what fails after it is an UploadFailed."""
+    import_hub()
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
     match = HUB_REF.match(repo)
     if match is None or match["revision"] or match["filename"]:
         raise RefsrError(f"{repo}: not a Hub repository name (owner/name)")
+    try:
+        validate_repo_id(repo)  # the Hub's own rules (no "..", no ".git" ending...), checked without a request
+    except ValueError as e:
+        raise RefsrError(f"{repo}: not a Hub repository name ({(str(e).strip().splitlines() or [''])[0]})") from None
+    if revision is not None:
+        # A branch that `--weights OWNER/REPO@BRANCH` could not name would hold weights nothing loads.
+        named = HUB_REF.match(f"{repo}@{revision}")
+        if named is None or named["revision"] != revision:
+            raise RefsrError(f"--revision {revision!r}: not a branch name --weights {repo}@BRANCH can load "
+                             "(letters, digits, _ . / -)")
     checkpoints, names = [], {}
     for path in map(Path, files):
+        if path.is_dir():
+            raise RefsrError(f"{path}: is a folder, not a checkpoint")
         if not path.is_file():
             raise RefsrError(f"{path}: no such file")
         config = read_config(path)  # refuses anything that is not a refsr checkpoint
@@ -67,21 +116,23 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
     api = HfApi()
     where = f"{repo}{'@' + revision if revision else ''}"
     try:
-        api.create_repo(repo, private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo, branch=revision, exist_ok=True)
-        info = api.create_commit(repo, operations, revision=revision,
-                                 commit_message=message or f"refsr push: {', '.join(sorted(names))}")
+        with bounded_requests():
+            api.create_repo(repo, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo, branch=revision, exist_ok=True)
+            info = api.create_commit(repo, operations, revision=revision,
+                                     commit_message=message or f"refsr push: {', '.join(sorted(names))}")
     except RevisionNotFoundError:
-        raise RefsrError(f"{where}: no such branch on the Hub") from None
+        raise UploadFailed(f"{where}: no such branch on the Hub") from None
     except RepositoryNotFoundError:
-        raise RefsrError(f"{where}: no such repository, or no right to write to it") from None
+        raise UploadFailed(f"{where}: no such repository, or no right to write to it") from None
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
         if status in (401, 403):
-            raise RefsrError(f"{where}: the Hub refused the upload ({status}): log in with `hf auth login` or set "
-                             "HF_TOKEN to a token with write access") from None
-        raise RefsrError(f"{where}: upload failed ({(str(e).strip().splitlines() or ['HTTP error'])[0]})") from None
+            raise UploadFailed(f"{where}: the Hub refused the upload ({status}): log in with `hf auth login` or set "
+                               "HF_TOKEN to a token with write access") from None
+        raise UploadFailed(f"{where}: upload failed ({(str(e).strip().splitlines() or ['HTTP error'])[0]})") from None
     except (OSError, ValueError, *http_client_errors()) as e:
-        raise RefsrError(f"{where}: upload failed ({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UploadFailed(f"{where}: upload failed ({reason})") from None
     return info.commit_url

@@ -1,6 +1,7 @@
 """Image files: finding them (files, folders, globs), reading what people actually have (alpha, grayscale, palette,
 CMYK, 16-bit PNG, EXIF orientation, ICC profiles, animations), and writing results atomically in the same kind."""
 import glob
+import json
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -11,10 +12,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import RefsrError
 from .files import atomic_path
+from .options import DEFAULT_MAX_PIXELS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP"}
-DEFAULT_MAX_PIXELS = 64_000_000  # an LR image this large is already a 4 Gpx output at 8x
 MIN_SIDE = 4  # below this, bicubic resampling and back-projection have nothing to work with
 SOFTWARE = "refsr"  # the Software tag of every output: how a folder's earlier outputs are told from its inputs
 PROVENANCE_KEY = "refsr"  # the PNG text chunk that holds an output's provenance
@@ -30,11 +31,26 @@ def list_images(folder) -> list:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def _embedded_text(im: Image.Image, png_key: str, exif_tag: int):
+    """A text refsr embeds in its outputs: a PNG text chunk, an EXIF tag (JPEG, WebP, TIFF), or for a GIF, whose
+    only place for text is its comment, the comment (which holds the provenance JSON)."""
+    text = im.info.get(png_key) or im.getexif().get(exif_tag)
+    if text is None and isinstance(im.info.get("comment"), bytes):
+        comment = im.info["comment"].decode("latin-1")
+        try:
+            record = json.loads(comment)
+        except ValueError:
+            return None
+        if isinstance(record, dict) and isinstance(record.get("refsr"), str):
+            text = record["refsr"] if png_key == "Software" else comment
+    return text
+
+
 def is_refsr_output(path) -> bool:
     """Whether an image file was written by refsr (its Software tag), read from the header alone."""
     try:
         with Image.open(path) as im:
-            software = im.info.get("Software") or im.getexif().get(0x0131) or ""
+            software = _embedded_text(im, "Software", 0x0131) or ""
     except Exception:  # unreadable files are reported when they are read as inputs
         return False
     return isinstance(software, str) and software.split(" ")[0] == SOFTWARE
@@ -189,7 +205,8 @@ def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
         raise RefsrError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
     data = exif_transpose(data, orientation)
-    values = data.astype(np.float32) / (65535.0 if bits == 16 else 255.0)
+    values = data.astype(np.float32)
+    values /= 65535.0 if bits == 16 else 255.0  # in place: one float copy of a large image, not two
     colour = values[..., :1] if grayscale else values[..., :3]
     return Picture(rgb=np.repeat(colour, 3, axis=2) if grayscale else colour,
                    alpha=values[..., -1] if has_alpha else None,
@@ -256,10 +273,9 @@ def software_tag() -> str:
 
 
 def read_provenance(path) -> dict | None:
-    """The provenance refsr wrote into an output (see write_picture), or None."""
-    import json
+    """The provenance refsr wrote into an output (see write_picture and write_animation), or None."""
     with Image.open(path) as im:
-        text = im.info.get(PROVENANCE_KEY) or im.getexif().get(0x010E)  # PNG text chunk, or EXIF ImageDescription
+        text = _embedded_text(im, PROVENANCE_KEY, 0x010E)  # PNG text chunk, EXIF ImageDescription, GIF comment
     try:
         data = json.loads(text) if isinstance(text, str) else None
     except ValueError:
@@ -271,7 +287,6 @@ def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None, pro
     """Save HxWxC (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA; uint8, or uint16 for PNG) through a temporary file in the
     target folder, renamed into place when complete. Every file carries the Software tag and, when given, the
     provenance as JSON: a PNG text chunk `refsr`, or the EXIF ImageDescription of JPEG, WebP and TIFF."""
-    import json
     text = {"Software": software_tag()}
     if provenance is not None:
         text[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)  # ASCII: fits tEXt and EXIF
@@ -305,3 +320,24 @@ def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None, pro
                     exif[0x010E] = text[PROVENANCE_KEY]
                 options["exif"] = exif.tobytes()
             image.save(tmp, format=fmt, **options)
+
+
+def write_animation(frames, path, provenance: dict) -> None:
+    """The image files `frames`, in order, as one looping animated WebP or GIF (10 frames a second), written
+    atomically. 8-bit RGB, whatever the frames' depth (a 16-bit grey frame is scaled, not clipped), with the Software
+    tag and the provenance: in EXIF for WebP, in the comment for GIF."""
+    path = Path(path)
+    images = []
+    for frame in frames:
+        rgb = read_picture(frame).rgb
+        images.append(Image.fromarray((rgb * 255).round().astype(np.uint8)))
+    fmt = path.suffix.lstrip(".").upper()
+    record = json.dumps(provenance | {"refsr": software_tag()}, sort_keys=True)
+    if fmt == "WEBP":
+        exif = Image.Exif()
+        exif[0x0131], exif[0x010E] = software_tag(), record
+        options = {"lossless": False, "quality": 90, "exif": exif.tobytes()}
+    else:
+        options = {"comment": record.encode("latin-1")}
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format=fmt, save_all=True, append_images=images[1:], duration=100, loop=0, **options)

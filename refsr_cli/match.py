@@ -25,6 +25,10 @@ LR image is made.
 
 The correspondence is computed once per image over the whole LR (`correspond`); each tile then resamples its part
 of the references from it (`Transfer.blend`), so tiles agree with the untiled output.
+
+Memory: every reference's HR pixels are held for the whole batch, so they are held as the 8- or 16-bit integers
+they were read from (a quarter or half of float32; `prepare_reference`), and only one reference at a time is turned
+back into float32 (`reference_pixels`), to be downscaled for matching or sampled by a tile's blend.
 """
 import math
 from dataclasses import dataclass
@@ -53,17 +57,54 @@ CONTRAST_C = 1e-4  # SSIM's C2 on [0, 1] images, about (0.01)^2: patches flatter
 
 def prepare_reference(image: np.ndarray, scale: int, name: str = "reference") -> torch.Tensor:
     """HxWx3 float reference -> (1, 3, H, W) tensor, downscaled to at most MAX_REFERENCE_PIXELS and cropped to a
-    multiple of the scale. `name`: what an error calls it."""
+    multiple of the scale; uint8 or uint16 where the pixels are exactly 8- or 16-bit values (reference_pixels gives
+    them back as float32, bit for bit), else float32. `name`: what an error calls it (the file)."""
     h, w = image.shape[:2]
     if h * w > MAX_REFERENCE_PIXELS:
         factor = math.sqrt(MAX_REFERENCE_PIXELS / (h * w))
-        pil = Image.fromarray((image * 255).round().astype(np.uint8))
-        image = np.asarray(pil.resize((int(w * factor), int(h * factor)), Image.BICUBIC), dtype=np.float32) / 255
+        pixels = integer_pixels(image)  # without a float temporary as large as the image, when it is 8-bit
+        if pixels is None or pixels.dtype != np.uint8:
+            pixels = (image * 255).round().astype(np.uint8)
+        resized = Image.fromarray(pixels).resize((int(w * factor), int(h * factor)), Image.BICUBIC)
+        del pixels  # the full-size 8-bit copy
+        image = np.asarray(resized, dtype=np.float32) / 255
         h, w = image.shape[:2]
     if h < PATCH * scale or w < PATCH * scale:
         raise RefsrError(f"{name}: too small to match at x{scale} (at least {PATCH * scale} pixels on each side)")
     crop = image[:h - h % scale, :w - w % scale]
-    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float()
+    compact = integer_pixels(crop)
+    if compact is None:
+        compact = np.ascontiguousarray(crop, dtype=np.float32)
+    return torch.from_numpy(compact).permute(2, 0, 1)[None]
+
+
+# Integer types a reference is held in, and the divisor that gives its float32 values back (as images.py reads them).
+PEAKS = ((np.uint8, torch.uint8, 255), (np.uint16, torch.uint16, 65535))
+
+
+def integer_pixels(image: np.ndarray, rows: int = 256) -> np.ndarray | None:
+    """HxWx3 float `image` as the uint8 (else uint16) array whose values divided by 255 (65535) give `image` exactly,
+    or None when there is none (a float image). Checked `rows` rows at a time: no temporary as large as the image."""
+    for np_type, _, peak in PEAKS:
+        out = np.empty(image.shape, np_type)
+        for top in range(0, image.shape[0], rows):
+            block = image[top:top + rows]
+            values = np.rint(block * np.float32(peak))
+            if not (values.min() >= 0 and values.max() <= peak and np.array_equal(values / np.float32(peak), block)):
+                break
+            out[top:top + rows] = values
+        else:
+            return out
+    return None
+
+
+def reference_pixels(reference: torch.Tensor) -> torch.Tensor:
+    """A prepared reference's pixels as float32 in [0, 1], in the same memory layout (the same values, bit for bit,
+    as the float image it was prepared from)."""
+    for _, torch_type, peak in PEAKS:
+        if reference.dtype == torch_type:
+            return reference.float().div_(peak)  # in place: one float32 copy, not two
+    return reference.float()
 
 
 def patch_descriptors(image: torch.Tensor):
@@ -334,7 +375,7 @@ def local_fit(lr: torch.Tensor, aligned: torch.Tensor, sigma: float = WINDOW_SIG
 class ReferenceMatch:
     """One reference's part of a transfer: its HR pixels, where each LR pixel lies in it (in reference LR pixels,
     sub-pixel), the local gain and offset, and the confidence (h, w) in [0, 1]."""
-    reference: torch.Tensor  # (1, 3, H, W) HR
+    reference: torch.Tensor  # (1, 3, H, W) HR, as prepare_reference holds it (reference_pixels: float32)
     positions: torch.Tensor  # (h, w, 2) float (y, x)
     gain: torch.Tensor  # (1, 3, h, w)
     offset: torch.Tensor  # (1, 3, h, w)
@@ -369,7 +410,8 @@ class Transfer:
             fields = torch.cat([m.positions.permute(2, 0, 1)[None], m.gain, m.offset, m.confidence[None, None]], 1)
             at = sample(fields, grid)  # (1, 9, H, W)
             pos_hr = (at[0, :2].permute(1, 2, 0) + 0.5) * s - 0.5
-            pixels = sample(m.reference, pos_hr, mode="bicubic")
+            # One reference's float32 pixels at a time (a 4096² one is 192 MiB); freed once sampled.
+            pixels = sample(reference_pixels(m.reference), pos_hr, mode="bicubic")
             pixels = at[:, 2:5] * pixels + at[:, 5:8]
             confidence = at[:, 8:9].clamp(0, 1)
             total += confidence ** 2 * pixels
@@ -390,7 +432,7 @@ def correspond(lr: torch.Tensor, references: list, scale: int, seed: int = 0) ->
     distinct = distinctive(lr)
     matches = []
     for reference in references:
-        ref_lr = downscale(reference, scale)
+        ref_lr = downscale(reference_pixels(reference), scale)  # the float32 HR pixels live only for this line
         pos, score = match_positions(lr, ref_lr, generator)
         local = refine(lr, ref_lr, smooth_displacements(pos, score))
         candidates = [(local, coherence(local))]

@@ -3,6 +3,40 @@ engine and the scripts take them from here. Torch-free, so that `refsr --help` a
 from dataclasses import dataclass
 from pathlib import Path
 
+DEFAULT_MAX_PIXELS = 64_000_000  # an LR image this large is already a 4 Gpx output at 8x
+
+
+@dataclass
+class EngineOptions:
+    """How the inference engine runs a model: tiles, back-projection, device and precision."""
+    tile: int = 256  # LR pixels a side of a tile: bounds the network's memory on large images
+    tile_pad: int = 32  # LR pixels of context around each tile (the network's reach is about 24)
+    consistency_steps: int = 4  # back-projection rounds (4: every benchmark output at 45.5 dB LR-PSNR or more)
+    device: str = "auto"
+    half: bool = False
+
+
+@dataclass
+class BatchOptions(EngineOptions):
+    """`refsr upscale`, `sample` and `walk`: what to write, where, and how."""
+    scale: int = 8
+    out: Path = Path(".")
+    fmt: str | None = None  # --format: of files written into a folder
+    weights: str | None = None
+    temperature: float = 0.0
+    seed: int = 0  # upscale: the draw at temperature > 0, and the grain of reference outputs
+    overwrite: bool = False
+    skip_existing: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    quiet: bool = False
+    as_json: bool = False
+    sheet: bool = False  # one contact sheet per input instead of the images
+    shard: tuple | None = None  # (K, N): only the inputs K, K + N, K + 2N, ... of the sorted list (0-based K)
+    match: bool = False  # one output per input from all references together, by correspondence (refsr_cli.match)
+    match_map: bool = False  # with match: also write the confidence map next to each output
+    walk: int | None = None  # frames of a latent walk between the two seeds or the two references
+    animate: str | None = None  # with walk: also one animated file of the frames, "webp" or "gif"
+
 
 @dataclass
 class TrainOptions:

@@ -18,7 +18,6 @@ before each step (gloo on the CPU, NCCL on CUDA); rank 0 alone writes files and 
 """
 import json
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 
 from .checkpoint import (build_model, load_checkpoint, load_training_state, read_metadata, resolve_weights,
                          save_model, save_training_state)
+from .device import environment_int
 from .errors import RefsrError
 from .losses import (PatchDiscriminator, discriminator_loss, feature_distance, feature_stats_loss,
                      generator_adversarial, kl_divergence, lr_consistency)
@@ -75,8 +75,7 @@ class TrunkStage:
         scale = self.opt.scales[step % len(self.opt.scales)]
         rng = seeded(self.opt.seed, step, self.rank)
         hr, lr = (t.to(self.device) for t in pixel_batch(self.images, self.opt.batch, self.opt.lr_patch, scale, rng))
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
-            sr = self.module(lr, scale).float()
+        sr = self.module(lr, scale).float()
         return {"scale": scale, "l1": F.l1_loss(sr, hr), "lr_cons": lr_consistency(sr, lr, scale)}, None
 
     def export(self, step: int) -> None:
@@ -228,7 +227,7 @@ class TextureStage:
         --samples` measures them: mean PSNR-Y, SSIM, LPIPS, the lowest LR-PSNR and the diversity score."""
         from .checkpoint import load_backbone
         from .evaluate import diversity_score, measure
-        from .inference import Upscaler
+        from .engine import Upscaler
         from .metrics import LPIPSAlex, bicubic_resize
         lpips = LPIPSAlex()
         load_backbone(lpips, "lpips_alex")
@@ -373,9 +372,11 @@ def fit(opt: TrainOptions, progress=None):
         started, start_step = time.time(), step
         while step < opt.steps:
             set_learning_rate(filter(None, (optimizer, disc_optimizer)), opt, step)
-            losses, windows = stage.losses(step)
-            if disc is not None:
-                losses["adv"] = generator_adversarial(disc, windows[1])
+            # AMP on CUDA (float16 activations, float32 weights and loss scaling); a no-op elsewhere.
+            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                losses, windows = stage.losses(step)
+                if disc is not None:
+                    losses["adv"] = generator_adversarial(disc, windows[1])
             loss = sum(weights[k] * v for k, v in losses.items() if k in weights)
             descend(loss, optimizer, stage.module, world, step, scaler)
             if disc is not None:
@@ -407,12 +408,12 @@ def make_run_folder(out: Path) -> None:
 
 def start_distributed(device: torch.device):
     """(rank, world size, device) under torchrun (WORLD_SIZE set), else (0, 1, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = environment_int("WORLD_SIZE", minimum=1) or 1
     if world == 1:
         return 0, 1, device
     import torch.distributed as dist
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", environment_int("LOCAL_RANK") or 0)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device

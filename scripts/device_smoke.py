@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from refsr_cli.checkpoint import load_checkpoint, read_metadata, resolve_weights  # noqa: E402
 from refsr_cli.images import read_rgb  # noqa: E402
-from refsr_cli.inference import Upscaler  # noqa: E402
+from refsr_cli.engine import Upscaler  # noqa: E402
 from refsr_cli.metrics import psnr  # noqa: E402
 from refsr_cli.options import TrainOptions  # noqa: E402
 from refsr_cli.train import fresh_texture_branch, train  # noqa: E402

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from refsr_cli.evaluate import as_tensor, protocol_images  # noqa: E402
 from refsr_cli.images import list_images  # noqa: E402
-from refsr_cli.inference import back_project, load_upscaler  # noqa: E402
+from refsr_cli.options import EngineOptions  # noqa: E402
+from refsr_cli.engine import back_project, load_upscaler  # noqa: E402
 from refsr_cli.match import correspond, prepare_reference  # noqa: E402
 from refsr_cli.metrics import psnr_y, to_float  # noqa: E402
 
@@ -53,13 +54,14 @@ def main():
     args = parser.parse_args()
     s = args.scale
     # Two back-projection rounds: refsr's default when docs/eval/match/oracle-*.json were measured.
-    up = load_upscaler(args.weights, s, "cpu", False, 256, 24, 2)
+    up = load_upscaler(args.weights, s, EngineOptions(device="cpu"))
     paths = list_images(args.hr_dir)
     rows = []
     for index, path in enumerate(paths):
         hr, lr, reference = protocol_images(paths, index, s, args.protocol)  # the images `refsr eval` measures
         lr = as_tensor(np.asarray(lr, dtype=np.float32) / 255)
-        transfer = correspond(lr, [prepare_reference(to_float(reference).astype(np.float32), s)], s)
+        name = f"{path}: its {args.protocol} reference"  # what a "too small to match" error names
+        transfer = correspond(lr, [prepare_reference(to_float(reference).astype(np.float32), s, name)], s)
         # The decoder's output at T = 0 (untiled), then as `--match` blends it, and with every pixel pasted.
         raw = up.model.decode(lr, up.model.encode_lr(lr), up.condition(None, lr.shape[-2:]), origin=(0, 0))
         base = back_project(raw, lr, s, up.consistency_steps)

@@ -13,7 +13,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from refsr_cli.images import list_images, read_rgb  # noqa: E402
-from refsr_cli.inference import load_upscaler  # noqa: E402
+from refsr_cli.options import EngineOptions  # noqa: E402
+from refsr_cli.engine import load_upscaler  # noqa: E402
 from refsr_cli.metrics import bicubic_resize, modcrop  # noqa: E402
 from refsr_cli.sheet import contact_sheet, sheet_window  # noqa: E402
 
@@ -27,7 +28,7 @@ def main():
     parser.add_argument("--crop", type=int, default=192, help="window side in output pixels")
     parser.add_argument("-o", "--out", type=Path, required=True)
     args = parser.parse_args()
-    up = load_upscaler(args.weights, args.scale, "cpu", False, 256, 32, 2)
+    up = load_upscaler(args.weights, args.scale, EngineOptions(device="cpu"))
     gallery = list_images(args.refs)
     refs = [gallery[i * len(gallery) // 3] for i in range(3)]
     ref_zs = [up.reference_z(read_rgb(p)) for p in refs]

@@ -2,7 +2,7 @@
 # The release recipe end to end: the fidelity trunk of x2/x4/x8, then the texture branch of each scale on it.
 #
 #   scripts/train_release.sh                              # on this machine (CPU: hours; see weights/README.md)
-#   DEVICE=cuda BATCH=32 TEXTURE_BATCH=16 scripts/train_release.sh    # one GPU: the whole recipe in minutes
+#   DEVICE=cuda BATCH=32 TEXTURE_BATCH=32 IMLE_SAMPLES=16 scripts/train_release.sh   # one GPU
 #
 # DATA holds train_hr/, refs/ and val_hr/ (copy ../shared/data there for a device machine: /data/ is git-ignored);
 # OUT receives runs/ and the finished refsr-x{2,4,8}.safetensors. INIT_TRUNK (a trunk checkpoint, e.g.
@@ -13,9 +13,10 @@ DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/release}
 DEVICE=${DEVICE:-cpu}
 TRUNK_STEPS=${TRUNK_STEPS:-5000}
-TEXTURE_STEPS=${TEXTURE_STEPS:-2000}
+TEXTURE_STEPS=${TEXTURE_STEPS:-3000}
 BATCH=${BATCH:-8}
 TEXTURE_BATCH=${TEXTURE_BATCH:-8}
+IMLE_SAMPLES=${IMLE_SAMPLES:-8}
 SCALES=${SCALES:-8 4 2}
 mkdir -p "$OUT"
 
@@ -26,14 +27,13 @@ refsr train --stage trunk --scales 2,4,8 --data "$DATA/train_hr" --val "$DATA/va
     "${trunk_init[@]}" --out "$OUT/trunk" -q
 
 for scale in $SCALES; do
-    # LR crops: 32 px at x8 (256 px HR, the paper's), 48 at x4 (HR 192), 64 at x2 (HR 128, the perceptual crop).
-    # The shipped x4 and x2 also learnt the noise strengths and z's modulation at 10x the rate; at x8 it did not pay.
-    case $scale in 8) patch=32 modulation=1 ;; 4) patch=48 modulation=10 ;; *) patch=64 modulation=10 ;; esac
+    # LR crops: 24 px at x8 (HR 192), 48 at x4 (HR 192), 96 at x2 (HR 192). The texture stage: IMLE over 8 latents
+    # per crop, half the batch also decoded from a reference (another crop of the photo, or a gallery image).
+    case $scale in 8) patch=24 ;; 4) patch=48 ;; *) patch=96 ;; esac
     refsr train --stage texture --init "$OUT/trunk/x$scale.safetensors" --scale "$scale" \
         --data "$DATA/train_hr" --refs "$DATA/refs" --val "$DATA/val_hr" --steps "$TEXTURE_STEPS" \
-        --batch "$TEXTURE_BATCH" --lr-patch "$patch" --learning-rate 2e-4 --modulation-lr-scale "$modulation" \
-        --l1-weight 0.1 --lr-consistency-weight 1 --content-weight 1 --style-weight 0.1 --lpips-weight 0 \
-        --tv-weight 0 --kl-weight 1e-3 --adv-weight 5e-3 --mean-share 0 --ref-mix 0.3 --perceptual-crop 128 \
-        --val-every 250 --save-every 100 --device "$DEVICE" --out "$OUT/texture-x$scale" -q
+        --batch "$TEXTURE_BATCH" --lr-patch "$patch" --learning-rate 2e-4 --modulation-lr-scale 10 \
+        --imle-samples "$IMLE_SAMPLES" --val-every 250 --save-every 50 --device "$DEVICE" \
+        --out "$OUT/texture-x$scale" -q
     cp "$OUT/texture-x$scale/last.safetensors" "$OUT/refsr-x$scale.safetensors"
 done

@@ -302,7 +302,7 @@ def test_walk_between_two_seeds_and_two_references(tmp_path, checkpoint):
     with Image.open(tmp_path / "w" / "photo_x2_walk.gif") as gif:
         assert gif.n_frames == 4
     info = json.loads(run("info", tmp_path / "w" / frames[1], "--json").stdout)
-    assert info["walk"] == [1, 4] and "refsr walk" in info["command"] and "--seed 3 --seed 7" in info["command"]
+    assert info["frame"] == 1 and info["frames"] == 4 and "refsr walk" in info["command"] and "--seed 3 --seed 7" in info["command"]
     refs = [write_png(tmp_path / f"r{i}.png", 20, 20, seed=9 + i) for i in range(2)]
     result = run("walk", lr, "--ref", refs[0], "--ref", refs[1], "--steps", 3, "--scale", 2, "--weights", checkpoint,
                  "-o", tmp_path / "r", "-q")

@@ -150,3 +150,116 @@ def test_eval_on_a_standard_benchmark_shows_the_published_rows(tmp_path, checkpo
     result = CliRunner().invoke(main, ["eval", str(other), "--scale", "2", "--weights", str(checkpoint),
                                        "--json", str(out), "--device", "cpu"])
     assert json.loads(out.read_text())["published"] == [] and "SRCNN" not in result.output
+
+
+# --- bad inputs: one line on stderr each, exit 2 when nothing could start, 1 when some images failed ----------------
+
+def eval_run(*args):
+    return CliRunner().invoke(main, ["eval", *map(str, args), "--device", "cpu"])
+
+
+def error_lines(result):
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert all(line.startswith("refsr: error: ") for line in lines), result.stderr
+    return lines
+
+
+def hr_folder(tmp_path, name="hr", sizes=((48, 40), (40, 56))):
+    folder = tmp_path / name
+    folder.mkdir()
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(smooth_image(h, w, seed=i)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_a_folder_without_images_is_refused(tmp_path, checkpoint):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    result = eval_run(tmp_path / "empty", "--scale", 2, "--weights", checkpoint)
+    assert result.exit_code == 2 and result.stdout == ""
+    lines = error_lines(result)
+    assert len(lines) == 1 and "empty: no images to evaluate" in lines[0]
+
+
+def test_the_unrelated_protocol_refuses_a_single_image(tmp_path, checkpoint):
+    # The next image of a one-image folder is the image itself: it matched itself (+20.9 dB) before.
+    folder = hr_folder(tmp_path, sizes=((48, 40),))
+    result = eval_run(folder, "--scale", 2, "--weights", checkpoint, "--match-protocol", "unrelated")
+    assert result.exit_code == 2 and result.stdout == ""
+    lines = error_lines(result)
+    assert len(lines) == 1 and "--match-protocol unrelated" in lines[0] and "at least two images" in lines[0]
+
+
+def test_a_bad_image_is_reported_and_the_others_measured(tmp_path, checkpoint):
+    folder = hr_folder(tmp_path)
+    (folder / "1b-corrupt.png").write_bytes(b"not an image at all")
+    Image.fromarray(smooth_image(16, 16, seed=5)).save(folder / "2-tiny.png")  # too small for x2 (LPIPS needs 31)
+    out = tmp_path / "eval.json"
+    result = eval_run(folder, "--scale", 2, "--weights", checkpoint, "--json", out)
+    assert result.exit_code == 1, result.output
+    lines = error_lines(result)
+    assert len(lines) == 2
+    assert "1b-corrupt.png: not an image" in lines[0] and str(folder) in lines[0]
+    assert "2-tiny.png: 16x16 is too small to evaluate at x2" in lines[1]
+    data = json.loads(out.read_text())
+    assert {r["image"] for r in data["rows"]} == {"0.png", "1.png"} and len(data["rows"]) == 4
+    assert [f["image"] for f in data["failed"]] == ["1b-corrupt.png", "2-tiny.png"]
+    assert "0.png" in result.stdout and "mean" in result.stdout and "corrupt" not in result.stdout
+
+
+def test_no_image_that_can_be_measured_exits_2(tmp_path, checkpoint):
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    Image.fromarray(smooth_image(8, 8)).save(folder / "b.png")
+    out = tmp_path / "eval.json"
+    result = eval_run(folder, "--scale", 2, "--weights", checkpoint, "--json", out)
+    assert result.exit_code == 2 and not out.exists() and result.stdout == ""
+    lines = error_lines(result)
+    assert len(lines) == 3 and "a.png" in lines[0] and "b.png" in lines[1]
+    assert "no image of" in lines[2] and "could be measured" in lines[2]
+
+
+def test_too_small_to_match_names_the_file(tmp_path):
+    from refsr_cli.checkpoint import save_model
+    from conftest import tiny_model
+    weights = tmp_path / "tiny-x8.safetensors"
+    save_model(tiny_model(8), weights)
+    # 36 pixels: enough to measure at x8 (32), not to match (40), whether as the warped copy or as the next image.
+    folder = hr_folder(tmp_path, sizes=((36, 36), (64, 64)))
+    for protocol, fragment in [("warp", "0.png: its warp reference: too small to match at x8"),
+                               ("unrelated", "1.png: its reference " + str(folder / "0.png") + ": too small to match")]:
+        result = eval_run(folder, "--scale", 8, "--weights", weights, "--match-protocol", protocol,
+                          "--baseline", "none")
+        assert result.exit_code == 1, result.output
+        lines = error_lines(result)
+        assert len(lines) == 1 and fragment in lines[0], (protocol, lines)
+
+
+@pytest.mark.parametrize("case", ["num-refs over refs", "num-refs without ref", "unreadable ref", "tiny refs",
+                                  "json in a missing folder", "json onto a folder", "json onto an input"])
+def test_bad_flags_are_refused_before_measuring(tmp_path, checkpoint, case):
+    folder = hr_folder(tmp_path)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(2):
+        write_png(refs / f"r{i}.png", 40, 40, seed=20 + i)
+    write_png(tmp_path / "tiny.png", 8, 8)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff broken")
+    broken, tiny = tmp_path / "broken.jpg", tmp_path / "tiny.png"
+    args, fragment = {
+        "num-refs over refs": (("--ref", refs, "--num-refs", 3), "--num-refs 3: --ref gives 2 image(s)"),
+        "num-refs without ref": (("--num-refs", 2), "--num-refs needs --ref"),
+        "unreadable ref": (("--ref", refs, "--ref", broken), f"reference {broken}"),
+        "tiny refs": (("--ref", refs, "--ref", tiny), "tiny.png: too small for the reference influence"),
+        "json in a missing folder": (("--json", tmp_path / "no" / "e.json"), "is not a folder that can be written"),
+        "json onto a folder": (("--json", refs), "is a folder"),
+        "json onto an input": (("--json", folder / "0.png"), "is an input of this run"),
+    }[case]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = eval_run(folder, "--scale", 2, "--weights", checkpoint, *args)
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    lines = error_lines(result)
+    assert len(lines) == 1 and fragment in lines[0], lines
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing overwritten

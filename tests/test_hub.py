@@ -5,6 +5,7 @@ test that tries to resolve or connect to anything but loopback.
 """
 import hashlib
 import socket
+import time
 
 import pytest
 import torch
@@ -237,6 +238,44 @@ def test_unreachable_hub_suggests_offline_mode(hub, monkeypatch):
     assert "no such file" not in message
 
 
+@pytest.fixture
+def silent_port_url():
+    """The URL of a loopback port that takes connections and never answers (a Hub that does not respond)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("where", ["closed port", "silent port"])
+def test_an_unreachable_hub_fails_within_seconds(hub, monkeypatch, tmp_path, silent_port_url, where):
+    # Real waiting, as a user waits: the hub fixture's no-sleep clock is put back, and no HF_HUB_ETAG_TIMEOUT of
+    # the developer's environment applies. huggingface_hub alone retried for 26 s (refused) or minutes (silent).
+    monkeypatch.setattr(hf_http, "time", time)
+    monkeypatch.setattr(hf_file_download, "time", time)
+    monkeypatch.setattr(hf_constants, "HF_HUB_ETAG_TIMEOUT", hf_constants.DEFAULT_ETAG_TIMEOUT)
+    point_hub_at(monkeypatch, closed_port_url() if where == "closed port" else silent_port_url)
+    image = write_png(tmp_path / "small.png", height=12, width=12)
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["upscale", str(image), "--scale", "2", "--weights", f"{REPO}:tiny.safetensors",
+                                       "-o", str(tmp_path / "out"), "-q", "--device", "cpu"])
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refsr: error:") and "cannot be reached" in lines[0], result.stderr
+    assert elapsed < 8, f"{where}: {elapsed:.1f} s before the error"
+
+
+def test_an_unreachable_hub_still_gives_the_cached_file_quickly(hub, monkeypatch, silent_port_url):
+    monkeypatch.setattr(hf_http, "time", time)
+    monkeypatch.setattr(hf_file_download, "time", time)
+    cached = resolve_weights(f"{REPO}:tiny.safetensors", 2)
+    point_hub_at(monkeypatch, silent_port_url)
+    started = time.monotonic()
+    assert resolve_weights(f"{REPO}:tiny.safetensors", 2) == cached
+    assert time.monotonic() - started < 8
+
+
 def test_download_cut_midway_is_a_refsr_error(hub):
     hub.cut_downloads = True
     message = hub_error(f"{REPO}:tiny.safetensors")
@@ -361,10 +400,66 @@ def test_push_refuses_what_it_cannot_push_before_any_request(hub, tmp_path, monk
     x2.write_bytes(checkpoints[0])
     twice = tmp_path / "again.safetensors"
     twice.write_bytes(checkpoints[1])
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 40)
+    (tmp_path / "folder.safetensors").mkdir()
+    # Nothing could start, as the README's contract says: exit 2 (1 is for a push the Hub refused or that failed).
     for args, message in [((other, "me/upscaler"), "not a refsr checkpoint"),
                           ((x2, twice, "me/upscaler"), "push one per scale"),
                           ((tmp_path / "missing.safetensors", "me/upscaler"), "no such file"),
-                          ((x2, "me/upscaler@v2"), "not a Hub repository name")]:
+                          ((tmp_path / "corrupt.safetensors", "me/upscaler"), "not a readable safetensors"),
+                          ((tmp_path / "folder.safetensors", "me/upscaler"), "folder.safetensors"),
+                          ((x2, "me/upscaler@v2"), "not a Hub repository name"),
+                          ((x2, "me"), "not a Hub repository name"),
+                          ((x2, "owner/re..po"), "not a Hub repository name"),  # the Hub's own rules
+                          ((x2, "me/upscaler.git"), "not a Hub repository name"),
+                          ((x2, "me/upscaler", "--revision", "v2:x"), "--revision"),
+                          ((x2, "me/upscaler", "--revision", ""), "--revision")]:
         result = push(*args)
-        assert result.exit_code == 1 and message in result.stderr, result.output
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("refsr: error:") and message in lines[0], (args, result.stderr)
     assert hub.count() == 0
+
+
+def test_push_that_fails_at_the_hub_exits_1(hub, tmp_path, monkeypatch):
+    """Once the first request is sent, a failure exits 1: the Hub was reached (the repository may exist by then)."""
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    x4 = tiny_x4_checkpoint(tmp_path / "x4.safetensors")
+    point_hub_at(monkeypatch, closed_port_url())
+    result = push(x4, "me/upscaler")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refsr: error: me/upscaler: upload failed"), result.stderr
+
+
+def test_push_to_a_hub_that_does_not_answer_gives_up(hub, tmp_path, monkeypatch, silent_port_url):
+    # huggingface_hub's HTTP client has no timeout of its own: a push to a silent Hub waited forever.
+    from refsr_cli import hub as refsr_hub
+    monkeypatch.setattr(refsr_hub, "PUSH_TIMEOUT", 1)
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    x4 = tiny_x4_checkpoint(tmp_path / "x4.safetensors")
+    point_hub_at(monkeypatch, silent_port_url)
+    started = time.monotonic()
+    result = push(x4, "me/upscaler")
+    assert result.exit_code == 1 and "upload failed" in result.stderr, result.output
+    assert time.monotonic() - started < 8
+
+
+@pytest.mark.parametrize("variable, value", [("HF_ENDPOINT", "http://[::1"), ("HF_HUB_ETAG_TIMEOUT", "soon")])
+def test_a_malformed_hub_setting_is_one_line(tmp_path, checkpoints, variable, value):
+    """huggingface_hub reads its HF_* variables when imported, and a malformed one raised a ValueError there (a
+    traceback). A fresh process: this one imported huggingface_hub long ago. Offline, so that nothing is reached."""
+    import os
+    import subprocess
+    import sys
+    image = write_png(tmp_path / "small.png", height=12, width=12)
+    x2 = tmp_path / "x2.safetensors"
+    x2.write_bytes(checkpoints[0])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"), **{variable: value})
+    for args, code in [(["upscale", image, "--scale", "2", "--weights", REPO, "-o", tmp_path / "out"], 2),
+                       (["push", x2, "me/upscaler"], 2)]:
+        done = subprocess.run([sys.executable, "-m", "refsr_cli", *map(str, args)], env=env, capture_output=True,
+                              text=True, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == code and len(lines) == 1, done.stderr
+        assert lines[0].startswith("refsr: error: huggingface_hub cannot start") and "HF_" in lines[0]

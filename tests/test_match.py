@@ -12,7 +12,7 @@ from refsr_cli import match
 from refsr_cli.cli import main
 from refsr_cli.errors import RefsrError
 from refsr_cli.evaluate import protocol_pair
-from refsr_cli.inference import Latent, Upscaler
+from refsr_cli.engine import Latent, Upscaler
 from refsr_cli.model import downscale, upsample
 
 
@@ -85,8 +85,8 @@ def test_tiles_agree_with_the_untiled_output(scene):
     model = tiny_model(4)
     transfer = match.correspond(torch.from_numpy(lr).permute(2, 0, 1)[None],
                                 [match.prepare_reference(np.asarray(view, dtype=np.float32) / 255, 4)], 4)
-    whole = Upscaler(model, "cpu", tile=64, tile_pad=0).upscale(lr, [Latent(None, transfer=transfer)])[0]
-    tiled = Upscaler(model, "cpu", tile=16, tile_pad=12).upscale(lr, [Latent(None, transfer=transfer)])[0]
+    whole = Upscaler(model, "cpu", tile=64, tile_pad=0).upscale(lr, [None], transfer=transfer)[0]
+    tiled = Upscaler(model, "cpu", tile=16, tile_pad=12).upscale(lr, [None], transfer=transfer)[0]
     diff = np.abs(whole.astype(int) - tiled.astype(int))
     assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
     plain = Upscaler(model, "cpu", tile=64, tile_pad=0).upscale(lr, [Latent(None)])[0]
@@ -135,7 +135,8 @@ def test_upscale_match_writes_one_output_and_its_map(tmp_path, scene):
     assert confidence_map[64:240, 160:240].mean() > 150 and confidence_map[:8, :16].mean() < 100
     # Its provenance redoes it.
     info = json.loads(run("info", tmp_path / "out" / "lr_x4_match.png", "--json").stdout)
-    assert info["command"].endswith("--match --scale 4 --weights " + str(weights))
+    assert info["command"].endswith("--match --match-map --scale 4 --weights " + str(weights))
+    assert info["command"] == json.loads(run("info", tmp_path / "out" / "lr_x4_match_map.png", "--json").stdout)["command"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -191,3 +192,28 @@ def test_a_bad_reference_is_reported_and_the_others_used(tmp_path, checkpoint):
     assert result.exit_code == 1 and "bad.png" in result.stderr
     info = json.loads(run("info", tmp_path / "out" / "lr_x2_match.png", "--json").stdout)
     assert info["references"] == [str(tmp_path / "good.png")]
+
+
+def test_references_are_held_in_their_bit_depth_and_give_the_same_output(scene):
+    """Every reference's HR pixels are held for the whole batch: as the 8- or 16-bit values they were read as, a
+    quarter (a half) of float32, turned back into float32 one reference at a time, bit for bit."""
+    hr, view = scene
+    lr = downscale(as_tensor(hr), 4)
+    eight = np.asarray(view, dtype=np.float32) / 255  # as images.py reads an 8-bit file
+    sixteen = (np.asarray(view, dtype=np.uint16) * 257 + 7).astype(np.float32) / 65535  # ... and a 16-bit one
+    other = np.random.default_rng(0).random((120, 200, 3), dtype=np.float32)  # no bit depth: kept as float32
+    for image, dtype in [(eight, torch.uint8), (sixteen, torch.uint16), (other, torch.float32)]:
+        held = match.prepare_reference(image, 4)
+        assert held.dtype == dtype
+        h, w = held.shape[-2:]
+        as_float = torch.from_numpy(np.ascontiguousarray(image[:h, :w])).permute(2, 0, 1)[None]  # what it was
+        assert torch.equal(match.reference_pixels(held), as_float)
+        assert match.reference_pixels(held).stride() == as_float.stride()
+    # The transfer, and its blend into an output, are the same from the held reference as from the float one.
+    held = match.prepare_reference(eight, 4)
+    h, w = held.shape[-2:]
+    as_float = torch.from_numpy(np.ascontiguousarray(eight[:h, :w])).permute(2, 0, 1)[None]
+    a, b = match.correspond(lr, [held], 4), match.correspond(lr, [as_float], 4)
+    assert torch.equal(a.confidence, b.confidence)
+    base = upsample(lr, 4).clamp(0, 1)
+    assert torch.equal(a.blend(base[..., 40:120, 16:200], 10, 4), b.blend(base[..., 40:120, 16:200], 10, 4))

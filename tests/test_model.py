@@ -112,7 +112,7 @@ def test_checkpoints_of_retired_architectures_say_what_reads_them(arch, release,
 def test_the_published_graph_of_the_speed_bench_runs_through_the_upscaler():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from paper_graph import PaperConfig, PaperRefVAE
-    from refsr_cli.inference import Upscaler
+    from refsr_cli.engine import Upscaler
     import numpy as np
     torch.manual_seed(0)
     model = PaperRefVAE(PaperConfig(scale=4, channels=16, up_channels=(8, 8), stages=2, head_channels=8,

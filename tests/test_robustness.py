@@ -412,7 +412,7 @@ def test_32_bit_and_float_tiffs_are_read_or_refused_clearly(tmp_path, checkpoint
 
 
 def test_a_signal_while_a_file_is_written_waits_until_it_is_reported():
-    from refsr_cli.inference import Terminated, on_sigterm, signals_held
+    from refsr_cli.batch import Terminated, on_sigterm, signals_held
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     done = []
     try:

@@ -67,7 +67,7 @@ def test_texture_stage_resumes_exactly_with_its_crop_pool(data, tmp_path):
 
 
 def test_texture_stage_keeps_the_trunk_frozen_and_makes_samples_differ(data, tmp_path):
-    from refsr_cli.inference import Upscaler
+    from refsr_cli.engine import Upscaler
     train(trunk_options(data, tmp_path / "trunk", steps=4))
     trunk_ckpt = tmp_path / "trunk" / "x2.safetensors"
     texture = train(options(data, tmp_path / "texture", init=[trunk_ckpt], steps=8, modulation_lr_scale=10))
@@ -246,7 +246,7 @@ def one_photo(tmp_path):
 
 def test_trunk_stage_trains_every_scale_and_writes_a_checkpoint_per_scale(one_photo, tmp_path):
     import random
-    from refsr_cli.inference import Upscaler
+    from refsr_cli.engine import Upscaler
     from refsr_cli.train_data import load_training_images, pixel_batch
     photos, _ = one_photo
     opt = trunk_options(one_photo, tmp_path / "trunk", val=photos, steps=100, val_every=100, save_every=50)

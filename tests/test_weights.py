@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from refsr_cli.checkpoint import load_backbone, load_checkpoint, resolve_weights
-from refsr_cli.inference import Upscaler
+from refsr_cli.engine import Upscaler
 from refsr_cli.metrics import LPIPSAlex, bicubic_resize, modcrop, psnr_y, to_float
 
 HELD_IN = Path(__file__).resolve().parents[2] / "shared" / "data" / "train_hr" / "bsds-100075.jpg"

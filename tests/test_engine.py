@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import smooth_image, tiny_model
-from refsr_cli.inference import Latent, Upscaler, back_project
+from refsr_cli.engine import Latent, Upscaler, back_project
 from refsr_cli.metrics import psnr
 
 
@@ -44,10 +44,11 @@ def test_texture_noise_follows_its_seed_and_is_cut_as_the_tiles_are():
 
 
 def test_a_walk_turns_one_seeds_grain_into_the_others():
-    from refsr_cli.inference import walk_variants
+    from refsr_cli.batch import Variant, walk_variants
     up, lr = upscaler(), lr_image()
-    frames = walk_variants([("s3", {"seed": 3}, up.prior_z(3)), ("s7", {"seed": 7}, up.prior_z(7))], 5, True)
-    outputs = up.upscale(lr, [latent for _, _, latent in frames])
+    frames = walk_variants([Variant("s3", {"seed": 3}, up.prior_z(3)), Variant("s7", {"seed": 7}, up.prior_z(7))], 5,
+                           True)
+    outputs = up.upscale(lr, [frame.latent for frame in frames])
     ends = up.upscale(lr, [up.prior_z(3), up.prior_z(7)])
     assert np.abs(outputs[0].astype(int) - ends[0]).max() <= 1 and np.abs(outputs[-1].astype(int) - ends[1]).max() <= 1
     steps = [np.abs(a.astype(int) - b).mean() for a, b in zip(outputs, outputs[1:])]
@@ -105,7 +106,7 @@ def test_consistency_raises_lr_psnr(scale):
 def test_back_projection_is_the_limit_of_the_classic_iteration(scale):
     """One round (closed form, at LR) lands where many classic HR steps sr += up(lr - down(sr)) go, for an image
     that stays inside [0, 1] so that the clamps do nothing."""
-    from refsr_cli.inference import back_project
+    from refsr_cli.engine import back_project
     from refsr_cli.model import downscale
     gen = torch.Generator().manual_seed(0)
     lr = 0.3 + 0.4 * torch.rand(1, 3, 11, 14, generator=gen)
@@ -150,7 +151,7 @@ def test_inference_runs_without_autograd(monkeypatch):
                         or original(*a, **k))
     with torch.enable_grad():
         out = up.upscale(lr_image(), [up.prior_z(0), up.prior_z(1)])
-    assert modes == [True, True] and out[0].dtype == np.uint8
+    assert modes and all(modes) and out[0].dtype == np.uint8
 
 
 def test_gpu_out_of_memory_falls_back_to_smaller_tiles(monkeypatch, capsys):
@@ -167,3 +168,15 @@ def test_gpu_out_of_memory_falls_back_to_smaller_tiles(monkeypatch, capsys):
     assert up.tile == 16
     assert "retrying with --tile 32" in capsys.readouterr().err
     assert np.array_equal(result, expected)  # the same as asking for 16-pixel tiles in the first place
+
+
+def test_latents_decoded_together_equal_latents_decoded_one_by_one(monkeypatch):
+    """sample --n N runs the texture branch once for a batch of latents: the same images as one at a time (within
+    a grey level: a batch may sum in another order), the fidelity output among them included."""
+    from refsr_cli import engine
+    up, lr = upscaler(), lr_image()
+    latents = [up.prior_z(0), None, up.prior_z(1), up.reference_z(lr_image(40, 40, seed=2))]
+    together = up.upscale(lr, latents)
+    monkeypatch.setattr(engine, "DECODE_PIXELS", 1)  # one latent per batch
+    for a, b in zip(together, up.upscale(lr, latents)):
+        assert np.abs(a.astype(int) - b).max() <= 1

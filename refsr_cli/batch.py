@@ -1,0 +1,408 @@
+"""The batch behind `refsr upscale`, `sample` and `walk`: inputs and references found, the outputs of each input
+planned under one set of rules, the engine run, every file written atomically, recorded and reported.
+
+The rules, for every file a run writes (images, contact sheets, --match-map maps, walk animations): a temporary
+name in the output folder, renamed when complete; an existing file is kept unless --overwrite, and skipped, not
+an error, with --skip-existing; no file the user passed in (input or reference, resolved through links) is ever
+written; each carries a `Software: refsr` tag and its provenance; each is reported (`wrote FILE`, or a JSON line).
+A bad input is reported and skipped, the others are done. Exit code 0: all done; 1: some inputs failed; 2: nothing
+could start; 130/143: interrupted by SIGINT/SIGTERM.
+"""
+import contextlib
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .device import launcher_shard
+from .engine import Latent, load_upscaler
+from .errors import RefsrError
+from .files import sha256_of
+from .images import (IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb, software_tag, unique_stems,
+                     write_animation, write_picture)
+from .match import Transfer, correspond, prepare_reference
+from .options import BatchOptions
+from .provenance import sheet_label
+from .sheet import contact_sheet, sheet_window
+
+OUTPUTS_BUDGET = 1 << 30  # bytes of finished outputs held at once; more latents are decoded in several passes
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that the atomic writes clean up as they do for Ctrl-C."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block is done, then act as they would have: a file that is written is also
+    reported, never one without the other. (Handlers, not a signal mask: any of torch's threads may take a signal.)"""
+    caught = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
+
+
+class Reporter:
+    """Messages on stderr (a rich progress bar when not quiet), JSON lines on stdout with --json, and the counts."""
+
+    def __init__(self, quiet: bool, as_json: bool):
+        self.quiet, self.as_json = quiet, as_json
+        self.counts = {"written": 0, "skipped": 0, "failed": 0}
+        self.progress = None
+        if not quiet and not as_json:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+
+    def _print(self, line: str):
+        if self.progress is not None:
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, file=sys.stderr)
+
+    def say(self, message: str):
+        if not self.quiet:
+            self._print(message)
+
+    def warn(self, message: str):
+        if not self.quiet:
+            self._print(f"refsr: warning: {message}")
+
+    def error(self, message: str):
+        self._print(f"refsr: error: {message}")
+
+    def failed(self, message: str):
+        self.error(message)
+        self.counts["failed"] += 1
+
+    def wrote(self, report: dict):
+        self.counts["written"] += 1
+        if self.as_json:
+            print(json.dumps(report), flush=True)
+        else:
+            self.say(f"wrote {report['output']}")
+
+    def task(self, description: str, total: int):
+        if self.progress is None:
+            return None
+        task = self.progress.add_task(description, total=total)
+        return lambda: self.progress.advance(task)
+
+
+@dataclass
+class Variant:
+    """One output of every input: its name suffix, what its provenance records of it, its latent (None: the
+    fidelity output, or with --match the output the references' matched pixels are blended into)."""
+    suffix: str
+    fields: dict
+    latent: Latent | None
+
+
+@dataclass
+class Plan:
+    """What a run does to every input, settled before the first input is read."""
+    opt: BatchOptions
+    command: str  # "upscale", "sample" or "walk"
+    upscaler: object
+    folder: Path
+    single: Path | None  # -o FILE: the one output's name
+    ext: str
+    variants: list  # of Variant
+    match_refs: list = field(default_factory=list)  # --match: the references' prepared pixels
+    passed_in: set = field(default_factory=set)  # inputs and references, resolved: never written
+    record: dict = field(default_factory=dict)  # the provenance every output shares
+
+
+def run_batch(command: str, inputs, refs, seeds, opt: BatchOptions) -> int:
+    """Upscale every input once per reference (refs), or once per seed (seeds), or once (the fidelity output at
+    temperature 0, else a prior sample of opt.seed); with opt.walk, frames between the two seeds or references.
+    Returns the exit code."""
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    report = Reporter(opt.quiet, opt.as_json)
+    try:
+        with report:
+            code = run(report, command, inputs, refs, seeds, opt)
+    except KeyboardInterrupt:
+        report.error("interrupted; finished outputs are kept, none is half-written")
+        code = 130
+    except Terminated:
+        report.error("terminated; finished outputs are kept, none is half-written")
+        code = 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 2 and not opt.as_json:
+        report.say("{written} written, {skipped} skipped, {failed} failed".format(**report.counts))
+    return code
+
+
+def run(report: Reporter, command: str, inputs, refs, seeds, opt: BatchOptions) -> int:
+    lr_paths = []
+    for spec in inputs:
+        try:
+            lr_paths += [p for p in expand_inputs([spec], skip_outputs=True) if p not in lr_paths]
+        except RefsrError as e:
+            report.failed(str(e))
+    try:
+        shard = opt.shard or launcher_shard()
+        plan = make_plan(report, command, lr_paths, refs, seeds, opt)
+    except RefsrError as e:
+        report.error(str(e))
+        return 2
+    # Names come from the whole list, so that a sharded run writes exactly the files an unsharded one would.
+    named = list(zip(lr_paths, unique_stems(lr_paths)))
+    if shard is not None:
+        named = named[shard[0]::shard[1]]
+    for lr_path, stem in named:
+        try:
+            upscale_one(report, plan, lr_path, stem)
+        except RefsrError as e:
+            report.failed(str(e))
+        except OSError as e:
+            report.failed(f"{lr_path}: cannot write the output ({e.strerror or e})")
+        except Exception as e:  # a bug of ours: still one line, and the batch goes on
+            report.failed(f"{lr_path}: internal error, please report it ({type(e).__name__}: {e})")
+    return 1 if report.counts["failed"] else 0
+
+
+def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchOptions) -> Plan:
+    """Everything that does not depend on the input: the engine, each reference encoded once, the variants, the
+    provenance they share. A RefsrError here means nothing could start."""
+    if opt.overwrite and opt.skip_existing:
+        raise RefsrError("--overwrite and --skip-existing contradict each other")
+    if opt.match and (not refs or opt.temperature > 0):
+        raise RefsrError("--match needs at least one --ref, and gives the fidelity output where nothing matches "
+                         "(no --temperature)")
+    if opt.animate and opt.sheet:
+        raise RefsrError("--animate animates the frames, which --sheet does not write: choose one")
+    if opt.walk is not None and seeds is not None and opt.temperature == 0:
+        raise RefsrError("a walk between seeds needs a --temperature above 0 (at 0 every seed gives the same image)")
+    folder, single, ext = plan_outputs(opt.out, opt.fmt)
+    ref_paths = expand_inputs(refs) if refs else []
+    images = (1 if opt.sheet else opt.walk if opt.walk is not None else len(seeds) if seeds is not None
+              else 1 if opt.match else max(len(ref_paths), 1))
+    planned = len(lr_paths) * (images + opt.match_map + bool(opt.animate))
+    if single is not None and planned > 1:
+        raise RefsrError(f"-o {opt.out} names one file, but this run writes {planned}; give a folder")
+    upscaler = load_upscaler(opt.weights, opt.scale, opt, report.warn)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RefsrError(f"{opt.out}: cannot create the output folder ({e.strerror or e})") from None
+    record = {"refsr": software_tag(), "command": command, "scale": opt.scale, "temperature": opt.temperature,
+              "weights": opt.weights or "shipped", "weights_sha256": sha256_of(upscaler.weights_path),
+              "tile": opt.tile, "tile_pad": opt.tile_pad, "consistency_steps": opt.consistency_steps}
+    plan = Plan(opt, command, upscaler, folder, single, ext, [], record=record,
+                passed_in={p.resolve() for p in lr_paths + ref_paths + [upscaler.weights_path]})
+    if seeds is not None:
+        plan.variants = [Variant(f"s{seed}", {"seed": seed}, upscaler.prior_z(seed, opt.temperature))
+                         for seed in seeds]
+    matched = []
+    for path, stem in zip(ref_paths, unique_stems(ref_paths)):  # each reference read and encoded once
+        try:
+            image = read_rgb(path, opt.max_pixels)
+            if opt.match:
+                plan.match_refs.append(prepare_reference(image, opt.scale, str(path)))
+                matched.append(path)
+                del image  # its float copy, before the next reference is read
+                continue
+            z = upscaler.reference_z(image, opt.temperature, opt.seed)
+        except RefsrError as e:
+            report.failed(f"reference {e}")
+            continue
+        # Another --seed is another grain (and draw): another name.
+        plan.variants.append(Variant(f"{stem}_s{opt.seed}" if opt.seed else stem,
+                                     {"reference": str(path), "reference_sha256": sha256_of(path), "seed": opt.seed},
+                                     z))
+    if matched:  # one output per input from all the references together
+        plan.variants.append(Variant("match", {"references": [str(p) for p in matched],
+                                               "references_sha256": [sha256_of(p) for p in matched],
+                                               "match_map": opt.match_map}, None))
+    if ref_paths and not plan.variants:
+        raise RefsrError("no usable reference")
+    if not plan.variants:  # no reference: the fidelity output (temperature 0), or a prior sample of --seed
+        plan.variants = [Variant(f"s{opt.seed}", {"seed": opt.seed}, upscaler.prior_z(opt.seed, opt.temperature))
+                         if opt.temperature > 0 else Variant("", {}, None)]
+    if opt.walk is not None:
+        if len(plan.variants) != 2:
+            raise RefsrError(f"a walk goes between two seeds or two references, not {len(plan.variants)}")
+        plan.variants = walk_variants(plan.variants, opt.walk, from_prior=seeds is not None)
+    if not upscaler.texture_trained and (any(v.latent is not None for v in plan.variants) or opt.temperature > 0):
+        report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "
+                    "and reference gives the fidelity output")
+    return plan
+
+
+def plan_outputs(out: Path, fmt: str | None):
+    """(folder, single output file or None, extension) from -o and --format."""
+    if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
+        output_format(out)
+        return out.parent, out, out.suffix
+    return out, None, "." + (fmt or "png")
+
+
+@dataclass
+class Output:
+    """One file an input gives, and whether it is to be written."""
+    path: Path
+    kind: str  # "image", "sheet", "map" or "animation"
+    variant: Variant | None = None
+    todo: bool = True
+
+
+def outputs_of(plan: Plan, stem: str) -> list:
+    """Every file the input of `stem` gives, under the output rules (see the module's docstring)."""
+    opt = plan.opt
+    base = plan.folder / f"{stem}_x{opt.scale}"
+    if opt.sheet:
+        outputs = [Output(plan.single or Path(f"{base}_sheet{plan.ext}"), "sheet")]
+    else:
+        outputs = [Output(plan.single or Path(f"{base}{'_' + v.suffix if v.suffix else ''}{plan.ext}"), "image", v)
+                   for v in plan.variants]
+    if opt.match_map and not opt.sheet:
+        outputs.append(Output(Path(f"{base}_match_map.png"), "map"))
+    if opt.animate:
+        outputs.append(Output(Path(f"{base}_walk.{opt.animate}"), "animation"))
+    for output in outputs:
+        if output.path.resolve() in plan.passed_in:
+            raise RefsrError(f"{output.path} is an input of this run; refsr never overwrites its inputs")
+        if output.path.exists():
+            if opt.skip_existing:
+                output.todo = False
+            elif not opt.overwrite:
+                raise RefsrError(f"{output.path} exists (use --overwrite to replace, or --skip-existing)")
+    return outputs
+
+
+def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
+    """Every output of one input."""
+    opt, upscaler, scale = plan.opt, plan.upscaler, plan.opt.scale
+    outputs = outputs_of(plan, stem)
+    report.counts["skipped"] += sum(not o.todo for o in outputs)
+    if not any(o.todo for o in outputs):
+        return
+    picture = read_picture(lr_path, opt.max_pixels)
+    for message in picture.warnings:
+        report.warn(message)
+    record = plan.record | {"input": lr_path.name, "input_sha256": sha256_of(lr_path)}
+
+    def publish(output: Output, write, fields: dict, **extra) -> None:
+        """One file written and reported, with SIGINT and SIGTERM held between the two."""
+        provenance = record | fields
+        with signals_held():
+            write(provenance)
+            report.wrote({"input": str(lr_path), "output": str(output.path), "scale": scale, **fields, **extra})
+
+    transfer = None
+    if plan.match_refs and any(o.todo and o.kind in ("image", "map", "sheet") for o in outputs):
+        report.say(f"{lr_path.name}: matching {len(plan.match_refs)} reference(s)")
+        # On the CPU in float32 whatever the device: matching is done there (refsr_cli.match).
+        transfer = correspond(torch.from_numpy(picture.rgb).permute(2, 0, 1)[None], plan.match_refs, scale)
+    images = [o for o in outputs if o.kind == "image" and o.todo]
+    sheet = next((o for o in outputs if o.kind == "sheet" and o.todo), None)
+    variants = plan.variants if sheet else [o.variant for o in images]
+    h, w = picture.rgb.shape[:2]
+    tick = report.task(lr_path.name, len(upscaler.tiles(h, w)) * len(variants))
+    window = sheet_window(picture.rgb, scale) if sheet else None
+    crops = []
+    # The outputs of one pass are held in memory until written: bound them (sample --n 100 on a photo).
+    chunk = max(1, OUTPUTS_BUDGET // (h * w * scale * scale * 4 * picture.bits // 8))
+    for start in range(0, len(variants), chunk):
+        part = variants[start:start + chunk]
+        decoded = upscaler.upscale(picture.rgb, [v.latent for v in part], transfer=transfer, alpha=picture.alpha,
+                                   grayscale=picture.grayscale, bits=picture.bits, on_tile=tick)
+        if sheet:  # only the window of each is kept
+            crops += [image[window].copy() for image in decoded]
+            continue
+        for output, image in zip(images[start:start + chunk], decoded):
+            publish(output, lambda provenance: write_picture(image, output.path, picture.icc_profile, provenance),
+                    output.variant.fields)
+    if sheet:
+        labels = [sheet_label(v.fields, opt.temperature) for v in variants]
+        publish(sheet, lambda provenance: write_picture(np.asarray(contact_sheet(crops, labels)), sheet.path,
+                                                         None, provenance), sheet_fields(plan), sheet=labels)
+    for output in outputs:
+        if output.kind == "map" and output.todo:
+            fields = plan.variants[-1].fields | {"map": True}
+            publish(output, lambda provenance: write_picture(confidence_image(transfer, scale), output.path, None,
+                                                             provenance),
+                    fields, confidence=float(transfer.confidence.mean()))
+        if output.kind == "animation" and output.todo:
+            frames = [o.path for o in outputs if o.kind == "image"]
+            fields = {k: v for k, v in plan.variants[0].fields.items() if k != "frame"} | {"animate": opt.animate}
+            publish(output, lambda provenance: write_animation(frames, output.path, provenance), fields)
+
+
+def sheet_fields(plan: Plan) -> dict:
+    """What a contact sheet's provenance records of its tiles: enough to redo the sheet."""
+    fields = {k: v for k, v in plan.variants[0].fields.items() if k not in ("frame", "reference",
+                                                                           "reference_sha256")}
+    if plan.command == "sample":
+        fields["seeds"] = [v.fields["seed"] for v in plan.variants]
+    elif plan.command == "upscale" and "reference" in plan.variants[0].fields:
+        fields["reference_list"] = [v.fields["reference"] for v in plan.variants]
+    fields["sheet"] = [sheet_label(v.fields, plan.opt.temperature) for v in plan.variants]
+    return fields
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation: the in-between z of two prior draws keeps a prior draw's length (a straight line
+    through the middle would be a z of small norm, a blander image)."""
+    cos = F.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).clamp(-1, 1)
+    omega = torch.arccos(cos)
+    if omega.abs() < 1e-4:
+        return a + t * (b - a)
+    return ((torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)).to(a.dtype)
+
+
+def walk_variants(ends, frames: int, from_prior: bool) -> list:
+    """`frames` variants from the first end to the second: slerp between prior draws, a straight line between the
+    means of two references; the texture noise turns from the first end's into the second's the same way, so that
+    the grain changes as smoothly as the look."""
+    first, last = (end.latent for end in ends)
+    if first is None or last is None:
+        raise RefsrError("a walk needs a temperature above 0 between seeds")
+    walk = {"from": ends[0].fields, "to": ends[1].fields, "frames": frames}
+    steps = []
+    for i in range(frames):
+        t = i / max(frames - 1, 1)
+        z = slerp(first.z, last.z, t) if from_prior else first.z + t * (last.z - first.z)
+        noise_to = last.noise_seed if last.noise_seed != first.noise_seed else None
+        steps.append(Variant(f"walk{i:03d}", walk | {"frame": i}, Latent(z, first.noise_seed, noise_to, t)))
+    return steps
+
+
+def confidence_image(transfer: Transfer, scale: int) -> np.ndarray:
+    """The --match confidence at the output's size, as an 8-bit grey image (white: the reference's pixels)."""
+    confidence = F.interpolate(transfer.confidence[None, None], scale_factor=scale, mode="bilinear",
+                               align_corners=False)[0, 0].clamp(0, 1)
+    return (confidence * 255).round().byte().numpy()[..., None]

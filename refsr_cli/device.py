@@ -1,0 +1,58 @@
+"""Where a run goes: the device of --device, and this process's share of the inputs when a launcher (torchrun,
+SLURM) started several copies of refsr."""
+import os
+
+from .errors import RefsrError
+
+
+def pick_device(name: str):
+    """--device: auto picks CUDA, then MPS, then the CPU."""
+    import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RefsrError("--device cuda: no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RefsrError("--device mps: MPS is not available")
+    if name not in ("auto", "cuda"):
+        return torch.device(name)
+    if torch.cuda.is_available():
+        # One GPU per process under a launcher (torchrun, SLURM): the local rank's.
+        local = environment_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else environment_int("SLURM_LOCALID")
+        return torch.device("cuda", local % torch.cuda.device_count()) if local is not None else torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def environment_int(name: str, minimum: int = 0) -> int | None:
+    """The integer value of environment variable `name` (None when unset); a value that is not an integer of at
+    least `minimum` stops the run with a line naming the variable."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise RefsrError(f"{name}={value!r}: not an integer (set by a launcher such as torchrun or srun?)") from None
+    if number < minimum:
+        raise RefsrError(f"{name}={value!r}: must be at least {minimum}")
+    return number
+
+
+def launcher_shard() -> tuple | None:
+    """(K, N) when a launcher started N copies of refsr (torchrun's RANK/WORLD_SIZE, SLURM's SLURM_PROCID/
+    SLURM_NTASKS), else None. Values that cannot describe a share (not integers, a size below 1, a rank outside
+    0..N-1, a rank without a size) stop the run: a wrong share would silently write the wrong files."""
+    for rank_name, world_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        rank, world = environment_int(rank_name), environment_int(world_name, minimum=1)
+        if world is None and rank is None:
+            continue
+        if world is None:
+            raise RefsrError(f"{rank_name} is set but {world_name} is not: set both, or neither")
+        if rank is None:
+            if world == 1:
+                continue
+            raise RefsrError(f"{world_name}={world} is set but {rank_name} is not: set both, or neither")
+        if rank >= world:
+            raise RefsrError(f"{rank_name}={rank} is not below {world_name}={world}")
+        return (rank, world) if world > 1 else None
+    return None

@@ -1,0 +1,225 @@
+"""The inference engine: a RefVAE run on images of any size, a tile at a time, the LR image encoded once for every
+latent, each output made consistent with its input by back-projection."""
+import functools
+import math
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoint import load_checkpoint, read_metadata, resolve_weights
+from .errors import RefsrError
+from .match import Transfer
+from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
+from .options import EngineOptions
+
+
+@functools.lru_cache(maxsize=32)
+def _inverse_down_up(length: int, scale: int, device: torch.device) -> torch.Tensor:
+    """The inverse of downscale(upsample(.)) along one axis of an LR image, as a (length x length) matrix: on an LR
+    image r, M_h^-1 @ r @ M_w^-T is the LR correction whose upsampling removes the LR residual r exactly. M's
+    eigenvalues lie in about [0.47, 1.01] at every scale, so the inverse is well conditioned. Built in float64 on
+    the CPU (MPS has no float64), used in float32 on the device."""
+    cpu = torch.device("cpu")
+    up = resampling_matrix(length, scale, False, cpu, torch.float64)
+    down = resampling_matrix(length * scale, scale, True, cpu, torch.float64)
+    return torch.linalg.inv(down @ up).float().to(device)
+
+
+def back_project(sr, lr, scale: int, rounds: int):
+    """Back-projection as POCS: `rounds` times, project `sr` onto the images whose bicubic downscale is `lr`, then
+    onto [0, 1] (a clamp, which would otherwise undo the consistency at the end).
+
+    The first projection is the limit of Irani & Peleg's iteration sr += up(lr - down(sr)), computed in closed
+    form at LR resolution: each round costs two HR resamplings where ten classic steps cost twenty."""
+    # NCHW: the resampling matrix products are twice as fast on it as on the decoder's channels-last output.
+    sr = sr.contiguous().clamp(0, 1)
+    lr = lr.contiguous()
+    if rounds == 0:
+        return sr
+    inv_h, inv_w = (_inverse_down_up(n, scale, lr.device) for n in lr.shape[-2:])
+    for _ in range(rounds):
+        residual = (lr - downscale(sr, scale)).float()
+        correction = (inv_h @ residual @ inv_w.T).to(sr.dtype)
+        sr = sr.add_(upsample(correction, scale)).clamp_(0, 1)
+    return sr
+
+
+class Latent(NamedTuple):
+    """What one output is decoded from: z (None: the fidelity output, which has no texture branch) and the seed of
+    the texture branch's noise; on a walk, the noise of `noise_seed` turns into that of `noise_to` as `noise_t`
+    goes from 0 to 1."""
+    z: torch.Tensor | None
+    noise_seed: int = 0
+    noise_to: int | None = None
+    noise_t: float = 0.0
+
+
+MIN_TILE = 16
+# Output pixels decoded in one batch: the latents of `sample --n N` go through the texture branch together, as many
+# as fit (4 for a 128-pixel LR image at 8x), which saves a fifth of the branch's time on the CPU.
+DECODE_PIXELS = 1 << 22
+
+
+def tile_spans(length: int, tile: int):
+    """[start, end) spans of at most `tile` covering 0..length."""
+    return [(start, min(start + tile, length)) for start in range(0, length, tile)]
+
+
+class Upscaler:
+    """Runs a RefVAE on images of any size, a tile at a time.
+
+    Each tile is cut with `tile_pad` LR pixels of context on every side and only its centre is kept. The network's
+    receptive field is about 24 LR pixels, so with enough context a tiled result equals the untiled one (up to the
+    far tail of the back-projection); no blending is needed, and each finished tile goes straight into the uint8
+    output.
+    """
+
+    LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # grayscale in, grayscale out (ITU-R 601)
+
+    def __init__(self, model: RefVAE, device, *, tile: int = EngineOptions.tile, tile_pad: int = EngineOptions.tile_pad,
+                 consistency_steps: int = EngineOptions.consistency_steps, half: bool = EngineOptions.half, warn=None):
+        self.warn = warn or (lambda message: print(f"refsr: warning: {message}", file=sys.stderr))
+        self.device = torch.device(device)
+        self.dtype = torch.float16 if half else torch.float32
+        # Channels-last: oneDNN's (and cuDNN's) preferred layout; a quarter off the decoder on this CPU.
+        self.model = model.to(self.device, self.dtype).to(memory_format=torch.channels_last).eval()
+        self.scale = model.config.scale
+        self.tile, self.tile_pad, self.consistency_steps = tile, tile_pad, consistency_steps
+        self.texture_trained = True
+        self.weights_path = None  # the checkpoint file, when loaded from one (for the outputs' provenance)
+
+    def _tensor(self, image: np.ndarray) -> torch.Tensor:
+        """HxWxC array -> (1, C, H, W) tensor, channels-last (the HWC memory as it is)."""
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(
+            self.device, self.dtype, memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def reference_z(self, image: np.ndarray, temperature: float = 0.0, seed: int = 0) -> Latent:
+        """z from a reference image, mu + temperature * sigma * eps (eps and the texture noise of `seed`)."""
+        size = self.model.config.ref_size
+        ref = Image.fromarray((image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
+        mu, logvar = self.model.encode_reference(self._tensor(np.asarray(ref, dtype=np.float32) / 255))
+        eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed)).to(mu)
+        return Latent(mu + temperature * torch.exp(0.5 * logvar) * eps, seed)
+
+    def prior_z(self, seed: int, temperature: float = 1.0) -> Latent:
+        """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device, and the
+        texture noise of the same seed; at temperature 0, the fidelity output."""
+        if temperature == 0:
+            return Latent(None, seed)
+        eps = torch.randn(1, self.model.config.z_dim, generator=torch.Generator().manual_seed(seed))
+        return Latent((temperature * eps).to(self.device, self.dtype), seed)
+
+    def condition(self, latent: Latent | None, lr_size: tuple):
+        """What the decoder needs of one latent for an LR image of `lr_size`: None (the trunk's fidelity output) for
+        z = None."""
+        latent = latent if latent is not None else Latent(None)
+        if latent.z is None:
+            return None
+        config = self.model.config
+        noise = None
+        if config.texture_noise:
+            noise = noise_tables([latent.noise_seed], lr_size, config.stages, self.device)
+            if latent.noise_to is not None:
+                # Along a quarter circle: every frame's noise has unit variance, and the ends are the two seeds'.
+                end = noise_tables([latent.noise_to], lr_size, config.stages, self.device)
+                t = latent.noise_t * math.pi / 2
+                noise = [math.cos(t) * a + math.sin(t) * b for a, b in zip(noise, end)]
+        return self.model.condition_cell(latent.z, noise)
+
+    def tiles(self, height: int, width: int):
+        return [(y, x) for y in tile_spans(height, self.tile) for x in tile_spans(width, self.tile)]
+
+    def upscale(self, lr: np.ndarray, latents, *, transfer: Transfer | None = None, alpha=None, grayscale=False,
+                bits=8, on_tile=None) -> list:
+        """lr HxWx3 float in [0, 1] -> one (H*s)x(W*s)xC image per latent (None: the fidelity output), uint8 (or
+        uint16 for bits=16), C = 1 or 3 colour channels (grayscale or not) plus alpha, when given (HxW float),
+        upscaled bicubically on its own. `transfer` (`--match`): content-similar references' pixels blended into
+        every output where they match.
+
+        On a GPU out-of-memory error the image is started again with tiles of half the size."""
+        while True:
+            try:
+                return self._upscale(lr, latents, transfer, alpha, grayscale, bits, on_tile)
+            except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; MPS raises a plain RuntimeError
+                if "out of memory" not in str(e):
+                    raise
+                if self.tile // 2 < MIN_TILE:
+                    raise RefsrError(f"out of GPU memory even with {self.tile}-pixel tiles; try --device cpu")
+                self.tile //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.warn(f"out of GPU memory; retrying with --tile {self.tile}")
+
+    @torch.inference_mode()
+    def _upscale(self, lr, latents, transfer, alpha, grayscale, bits, on_tile) -> list:
+        h, w = lr.shape[:2]
+        s, pad = self.scale, self.tile_pad
+        peak = 65535.0 if bits == 16 else 255.0
+        channels = (1 if grayscale else 3) + (alpha is not None)
+        outputs = [np.empty((h * s, w * s, channels), dtype=np.uint16 if bits == 16 else np.uint8) for _ in latents]
+        conditions = [self.condition(latent, (h, w)) for latent in latents]
+        lr_t = self._tensor(lr)
+        alpha_t = None if alpha is None else self._tensor(alpha[..., None])
+        for (y0, y1), (x0, x1) in self.tiles(h, w):
+            py0, px0, py1, px1 = max(y0 - pad, 0), max(x0 - pad, 0), min(y1 + pad, h), min(x1 + pad, w)
+            keep = (slice(None), slice(None), slice((y0 - py0) * s, (y1 - py0) * s),
+                    slice((x0 - px0) * s, (x1 - px0) * s))
+            patch = lr_t[..., py0:py1, px0:px1]
+            code = self.model.encode_lr(patch)
+            extra = None
+            if alpha_t is not None:
+                extra = F.interpolate(alpha_t[..., py0:py1, px0:px1].float(), scale_factor=s, mode="bicubic",
+                                      align_corners=False)[keep].clamp_(0, 1)
+            group = max(1, DECODE_PIXELS // (patch.shape[-2] * patch.shape[-1] * s * s))
+            for start in range(0, len(latents), group):
+                members = range(start, min(start + group, len(latents)))
+                sr = self.decode_together(patch, code, [conditions[i] for i in members], (py0, px0))
+                if transfer is not None:
+                    sr = transfer.blend(sr, py0, px0)
+                sr = back_project(sr, patch, s, self.consistency_steps)[keep].float()
+                if grayscale:
+                    sr = (sr * self.LUMA.to(sr.device)).sum(1, keepdim=True)
+                if extra is not None:
+                    sr = torch.cat([sr, extra.expand(len(sr), -1, -1, -1)], 1)
+                values = sr.mul_(peak).round_().permute(0, 2, 3, 1).cpu().numpy()
+                for i, value in zip(members, values):
+                    outputs[i][y0 * s:y1 * s, x0 * s:x1 * s] = value
+                    if on_tile is not None:
+                        on_tile()
+        return outputs
+
+    def decode_together(self, patch, code, conditions, origin):
+        """The outputs of several latents' conditions on one encoded patch, as one batch: the texture branch runs
+        once for all of them (the patch's code is broadcast), the fidelity output is shared by those without one."""
+        textured = [c for c in conditions if c is not None]
+        if not textured:
+            return self.model.decode(patch, code, None).expand(len(conditions), -1, -1, -1).clone()
+        cells, styles, noise = zip(*textured)
+        together = (torch.cat(cells), None if styles[0] is None else torch.cat(styles),
+                    None if noise[0] is None else [torch.cat(stage) for stage in zip(*noise)])
+        decoded = self.model.decode(patch, code, together, origin=origin)
+        if len(textured) == len(conditions):
+            return decoded
+        decoded, fidelity = iter(decoded), code[2][0]
+        return torch.stack([next(decoded) if c is not None else fidelity for c in conditions])
+
+
+def load_upscaler(weights: str | None, scale: int, options: EngineOptions, warn=None) -> Upscaler:
+    """The engine for --weights (a file, a Hub reference, or None: the shipped weights of `scale`) on the device
+    and with the tiles, back-projection and precision of `options`."""
+    from .device import pick_device
+    device = pick_device(options.device)
+    if options.half and device.type == "cpu":
+        raise RefsrError("--half needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
+    path = resolve_weights(weights, scale)
+    upscaler = Upscaler(load_checkpoint(path, scale), device, tile=options.tile, tile_pad=options.tile_pad,
+                        consistency_steps=options.consistency_steps, half=options.half, warn=warn)
+    upscaler.weights_path = path
+    # A checkpoint of `refsr train --stage trunk` has a texture branch at its initial state.
+    upscaler.texture_trained = read_metadata(path).get("stage") != "trunk"
+    return upscaler

@@ -1,0 +1,99 @@
+"""Provenance: what every file refsr writes records of how it was made, and the command that makes it again.
+
+Torch-free: `refsr info` reads records and prints redo commands without loading a network. A record is a flat JSON
+object (see RECORD_TYPES); images.write_picture stores it in the file, images.read_provenance reads it back.
+"""
+import shlex
+
+from .options import BatchOptions
+
+# The keys a record may hold and their JSON types. "command" says which refsr command wrote the file; the run's keys
+# are in every record, the others where they apply.
+RUN_KEYS = {"refsr": str, "command": str, "scale": int, "temperature": (int, float), "weights": str,
+            "weights_sha256": (str, type(None)), "tile": int, "tile_pad": int, "consistency_steps": int,
+            "input": str, "input_sha256": str}
+RECORD_TYPES = RUN_KEYS | {
+    "seed": int,  # the draw (temperature > 0) and the grain
+    "reference": str, "reference_sha256": str,  # upscale --ref: one output per reference
+    "references": list, "references_sha256": list, "match_map": bool,  # upscale --match [--match-map]
+    "map": bool,  # the --match-map image itself
+    "frame": int, "frames": int, "from": dict, "to": dict, "animate": str,  # walk: frame i of n between two ends
+    "sheet": list, "seeds": list, "reference_list": list,  # a contact sheet: its labels, and what its tiles are
+}
+
+
+class DamagedRecord(ValueError):
+    """A provenance record that lacks a key it needs, or holds a value of the wrong type."""
+
+
+def check(record: dict) -> dict:
+    """The record, if it has every run key and each key it has is of its type; else DamagedRecord naming the key."""
+    for key in RUN_KEYS:
+        if key not in record:
+            raise DamagedRecord(f"its refsr record lacks {key!r}")
+    for key, value in record.items():
+        kind = RECORD_TYPES.get(key)
+        if kind is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is int):
+            raise DamagedRecord(f"its refsr record's {key!r} is {value!r}")
+    for end in (record.get("from"), record.get("to")):
+        if end is not None and not (isinstance(end.get("seed"), int) or isinstance(end.get("reference"), str)):
+            raise DamagedRecord(f"its refsr record's walk end {end!r} is neither a seed nor a reference")
+    return record
+
+
+def number(value) -> str:
+    return f"{value:g}"
+
+
+def redo_command(record: dict) -> str:
+    """The refsr command that makes the file a record describes again (with the same input, reference and weights
+    files, run from the folder the input was named in). DamagedRecord if the record cannot say."""
+    check(record)
+    command, temperature = record["command"], record["temperature"]
+    words = ["refsr", command, record["input"]]
+    if command == "walk":
+        if not all(key in record for key in ("from", "to", "frames")):
+            raise DamagedRecord("its refsr record of a walk lacks its ends or its number of frames")
+        for end in (record["from"], record["to"]):
+            words += ["--ref", end["reference"]] if "reference" in end else ["--seed", str(end["seed"])]
+        words += ["--steps", str(record["frames"]), "--temperature", number(temperature)]
+        if "animate" in record:
+            words += ["--animate", record["animate"]]
+    elif command == "sample":
+        seeds = record.get("seeds") or [record.get("seed", 0)]
+        words += ["--n", str(len(seeds)), "--seed", str(seeds[0]), "--temperature", number(temperature)]
+    elif command == "upscale":
+        references = record.get("references") or record.get("reference_list") or (
+            [record["reference"]] if "reference" in record else [])
+        words += [w for r in references for w in ("--ref", r)]
+        if "references" in record:
+            words += ["--match"] + (["--match-map"] if record.get("match_map") else [])
+        if temperature > 0:
+            words += ["--temperature", number(temperature)]
+        if temperature > 0 or record.get("seed", 0) != 0:  # the draw, or the grain of a reference output
+            words += ["--seed", str(record.get("seed", 0))]
+    else:
+        raise DamagedRecord(f"its refsr record's 'command' is {command!r}")
+    if "sheet" in record:
+        words += ["--sheet"]
+    words += ["--scale", str(record["scale"])]
+    if record["weights"] != "shipped":
+        words += ["--weights", record["weights"]]
+    for flag, key in (("--tile", "tile"), ("--tile-pad", "tile_pad"), ("--consistency-steps", "consistency_steps")):
+        if record[key] != getattr(BatchOptions, key):  # only what differs from the flag's default is written
+            words += [flag, str(record[key])]
+    return shlex.join(words)
+
+
+def sheet_label(fields: dict, temperature: float) -> str:
+    """What a contact-sheet tile is, as the flag that redoes it: --seed N, --ref NAME, a walk's frame, or T = 0."""
+    from pathlib import Path
+    if "frame" in fields:
+        return f"frame {fields['frame'] + 1}/{fields['frames']}"
+    if "references" in fields:
+        return "--match"
+    if "reference" in fields:
+        return f"--ref {Path(fields['reference']).name}" + (f" --seed {fields['seed']}" if fields.get("seed") else "")
+    if "seed" in fields and temperature > 0:
+        return f"--seed {fields['seed']}" + (f" T={temperature:g}" if temperature != 1 else "")
+    return "T=0 (fidelity)"

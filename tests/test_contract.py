@@ -1,0 +1,181 @@
+"""The output contract for every file a command writes (images, contact sheets, --match-map maps, walk animations)
+and the edges found by trying each command as an adversarial user: inputs never written, sidecars under the same
+rules as the images, one line and the right exit code for every bad value, provenance that `refsr info` reads."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import write_png
+from refsr_cli.cli import main
+from refsr_cli.images import is_refsr_output, write_picture
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def one_error_line(result, *fragments):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("refsr: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def photo(tmp_path):
+    return write_png(tmp_path / "in.png", 16, 16)
+
+
+def common(checkpoint, out):
+    return ["--scale", 2, "--weights", checkpoint, "-o", out, "-q", "--device", "cpu"]
+
+
+def test_a_reference_named_like_the_match_map_is_never_overwritten(tmp_path, checkpoint, photo):
+    out = tmp_path / "out"
+    out.mkdir()
+    ref = write_png(out / "in_x2_match_map.png", 40, 40, seed=5)  # the name the map would take
+    before = ref.read_bytes()
+    result = run("upscale", photo, "--ref", ref, "--match", "--match-map", *common(checkpoint, out), "--overwrite")
+    assert result.exit_code == 1
+    one_error_line(result, "in_x2_match_map.png", "input of this run")
+    assert ref.read_bytes() == before
+
+
+def test_a_reference_named_like_the_walk_animation_is_never_overwritten(tmp_path, checkpoint, photo):
+    out = tmp_path / "out"
+    out.mkdir()
+    gif = out / "in_x2_walk.gif"
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(gif)
+    other = write_png(tmp_path / "other.png", 20, 20, seed=3)
+    before = gif.read_bytes()
+    result = run("walk", photo, "--ref", gif, "--ref", other, "--steps", 2, "--animate", "gif",
+                 *common(checkpoint, out), "--overwrite")
+    assert result.exit_code == 1
+    one_error_line(result, "in_x2_walk.gif", "input of this run")
+    assert gif.read_bytes() == before
+
+
+def test_a_map_follows_the_output_rules(tmp_path, checkpoint, photo):
+    out = tmp_path / "out"
+    ref = write_png(tmp_path / "ref.png", 40, 40, seed=5)
+    args = ["upscale", photo, "--ref", ref, "--match", "--match-map", *common(checkpoint, out)]
+    assert run(*args).exit_code == 0
+    image, sidecar = out / "in_x2_match.png", out / "in_x2_match_map.png"
+    sidecar.write_bytes(b"mine")
+    image.unlink()
+    result = run(*args)  # the map exists: kept, and the run says so
+    assert result.exit_code == 1 and "in_x2_match_map.png exists" in result.stderr
+    assert sidecar.read_bytes() == b"mine" and not image.exists()
+    sidecar.unlink()
+    assert run(*args).exit_code == 0  # nothing exists: both written
+    image.unlink()
+    before = sidecar.read_bytes()
+    result = run(*args, "--skip-existing", "--json")  # the map exists, the image is missing: the image alone
+    written = [json.loads(line)["output"] for line in result.stdout.splitlines()]
+    assert result.exit_code == 0 and written == [str(image)] and sidecar.read_bytes() == before
+    sidecar.unlink()
+    result = run(*args, "--skip-existing", "--json")  # the image exists, the map is missing: the map alone
+    written = [json.loads(line)["output"] for line in result.stdout.splitlines()]
+    assert result.exit_code == 0 and written == [str(sidecar)] and sidecar.exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_walk_animation_follows_the_output_rules_and_is_not_read_back_as_an_input(tmp_path, checkpoint, photo):
+    out = tmp_path / "out"
+    args = ["walk", photo, "--seed", 1, "--seed", 2, "--steps", 3, "--animate", "webp", *common(checkpoint, out)]
+    assert run(*args).exit_code == 0
+    animation = out / "in_x2_walk.webp"
+    assert is_refsr_output(animation)
+    stamp = animation.read_bytes()
+    result = run(*args)
+    assert result.exit_code == 1 and "exists" in result.stderr and animation.read_bytes() == stamp
+    animation.unlink()
+    result = run(*args, "--skip-existing", "--json")  # the frames exist: the animation alone, from them
+    written = [json.loads(line)["output"] for line in result.stdout.splitlines()]
+    assert result.exit_code == 0 and written == [str(animation)]
+    with Image.open(animation) as im:
+        assert im.n_frames == 3
+    # upscale dir/ -o dir/ takes none of refsr's outputs, the animation included
+    result = run("upscale", out, "--scale", 2, "--weights", checkpoint, "-o", out, "-q", "--device", "cpu")
+    assert result.exit_code == 1 and "holds only refsr outputs" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["in_x2_walk.webp"] + [f"in_x2_walk00{i}.png" for i in range(3)]
+
+
+@pytest.mark.parametrize("fmt", ["gif", "webp"])
+def test_a_walk_of_a_16_bit_grey_input_animates_its_frames(tmp_path, checkpoint, fmt):
+    values = (np.linspace(0, 65535, 16 * 16).reshape(16, 16)).astype(np.uint16)
+    lr = tmp_path / "deep.png"
+    write_picture(values[..., None], lr)
+    out = tmp_path / "out"
+    result = run("walk", lr, "--seed", 1, "--seed", 2, "--steps", 2, "--animate", fmt, *common(checkpoint, out))
+    assert result.exit_code == 0, result.output
+    frame = np.asarray(Image.open(out / "deep_x2_walk000.png"), dtype=np.float64) / 257
+    with Image.open(out / f"deep_x2_walk.{fmt}") as im:
+        first = np.asarray(im.convert("RGB"), dtype=np.float64)
+    assert first.std() > 20  # not one flat colour
+    assert np.abs(first[..., 0] - frame).mean() < 4  # the frame, at 8 bits
+
+
+def test_info_reads_sheets_and_animations_and_redoes_them(tmp_path, checkpoint, photo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run("sample", "in.png", "--n", 3, "--seed", 4, "--sheet", *common(checkpoint, "a")).exit_code == 0
+    assert run("walk", "in.png", "--seed", 1, "--seed", 2, "--steps", 2, "--animate", "gif",
+               *common(checkpoint, "a")).exit_code == 0
+    for name, expected in (("in_x2_sheet.png", "refsr sample in.png --n 3 --seed 4 --temperature 1 --sheet"),
+                           ("in_x2_walk.gif", "refsr walk in.png --seed 1 --seed 2 --steps 2 --temperature 1 "
+                                              "--animate gif")):
+        result = run("info", f"a/{name}", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["command"].startswith(expected)
+
+
+def test_a_damaged_record_is_one_line_and_the_next_file_is_still_read(tmp_path, checkpoint, photo):
+    out = tmp_path / "out"
+    assert run("upscale", photo, *common(checkpoint, out)).exit_code == 0
+    good = out / "in_x2.png"
+    record = json.loads(Image.open(good).info["refsr"])
+    for name, damaged in (("lacks.png", {k: v for k, v in record.items() if k != "scale"}),
+                          ("wrong.png", record | {"scale": "two"}), ("list.png", record | {"from": 3})):
+        write_picture(np.zeros((4, 4, 3), np.uint8), tmp_path / name, provenance=damaged)
+    result = run("info", tmp_path / "lacks.png", tmp_path / "wrong.png", tmp_path / "list.png", good)
+    assert result.exit_code == 1
+    errors = result.stderr.splitlines()
+    assert len(errors) == 3 and all(line.startswith("refsr: error: ") for line in errors)
+    assert "'scale'" in errors[0] and "'scale'" in errors[1] and "Traceback" not in result.output
+    assert "refsr upscale in.png" in result.stdout  # the valid file after them is printed
+
+
+def test_a_walk_between_seeds_at_temperature_zero_is_one_line(tmp_path, checkpoint, photo):
+    result = run("walk", photo, "--seed", 1, "--seed", 2, "--temperature", 0, *common(checkpoint, tmp_path / "o"))
+    assert result.exit_code == 2
+    one_error_line(result, "temperature")
+
+
+def test_walk_sheet_labels_each_frame_and_refuses_an_animation(tmp_path, checkpoint, photo):
+    out = tmp_path / "out"
+    result = run("walk", photo, "--seed", 1, "--seed", 2, "--steps", 3, "--sheet", *common(checkpoint, out))
+    assert result.exit_code == 0, result.output
+    record = json.loads(Image.open(out / "in_x2_sheet.png").info["refsr"])
+    assert record["sheet"] == ["frame 1/3", "frame 2/3", "frame 3/3"]
+    result = run("walk", photo, "--seed", 1, "--seed", 2, "--sheet", "--animate", "gif", *common(checkpoint, out))
+    assert result.exit_code == 2
+    one_error_line(result, "--animate", "--sheet")
+
+
+@pytest.mark.parametrize("env, name", [({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK"),
+                                       ({"SLURM_PROCID": "0", "SLURM_NTASKS": "x"}, "SLURM_NTASKS"),
+                                       ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE"),
+                                       ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK"),
+                                       ({"RANK": "0", "WORLD_SIZE": "-2"}, "WORLD_SIZE"),
+                                       ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK"),
+                                       ({"RANK": "1"}, "WORLD_SIZE")])
+def test_bad_launcher_environments_stop_the_run_naming_the_variable(tmp_path, checkpoint, photo, env, name):
+    clean = {k: None for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")}
+    result = run("upscale", photo, *common(checkpoint, tmp_path / "out"), env=clean | env)
+    assert result.exit_code == 2
+    one_error_line(result, name)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
