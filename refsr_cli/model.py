@@ -56,6 +56,10 @@ class RefVAEConfig:
     # pixel's period wherever it added texture, with or without noise (docs/sheets/x8-texture-*.png): every output
     # pixel's place in its LR pixel has weights of its own.
     texture_upsample: str = "bilinear"
+    # The noise of each stage scaled, pixel by pixel, by a gate computed from the stage's features (2 sigmoid of a
+    # 1x1 conv, zero-initialised: 1 everywhere at first). Without it the grain's strength is one number per channel,
+    # the same on a clear sky as on grass, and IMLE training spread grain over flat areas (docs/runs).
+    noise_gate: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "up_channels", tuple(self.up_channels))
@@ -103,7 +107,7 @@ class RefVAEConfig:
 
 # Config keys added after checkpoints were released, with the value that rebuilds what those checkpoints were trained
 # as: the one exception to never filling a stored config in.
-ADDED_KEYS = {"texture_noise": False, "texture_upsample": "shuffle"}
+ADDED_KEYS = {"texture_noise": False, "texture_upsample": "shuffle", "noise_gate": False}
 # Architectures of earlier releases, which this refsr no longer builds, and the release that reads them.
 RETIRED = {"lean": "release 0.1's one-network architecture (\"lean\"), which refsr no longer reads; git commit "
                    "bf55e9d of refsr does",
@@ -269,6 +273,11 @@ class RefVAE(nn.Module):
             # Zero-initialised, as the output layer: the branch starts without noise and learns how much it wants.
             self.noise_strength = nn.ParameterList(
                 nn.Parameter(torch.zeros(1, cout, 1, 1)) for cout in c.up_channels[:c.stages])
+            if c.noise_gate:
+                self.noise_gate = nn.ModuleList(nn.Conv2d(cout, cout, 1) for cout in c.up_channels[:c.stages])
+                for gate in self.noise_gate:
+                    nn.init.zeros_(gate.weight)
+                    nn.init.zeros_(gate.bias)
         if c.z_modulation:
             # Zero-initialised: a network without it, extended with it, computes the same function.
             self.z_to_style = nn.Linear(c.z_dim, 2 * sum(c.up_channels[:c.stages]))
@@ -334,6 +343,8 @@ class RefVAE(nn.Module):
                 f = 2 ** (stage + 1)  # this stage's pixels per LR pixel: the tables sit at image coordinates
                 grain = tile_periodic(noise[stage], *x.shape[-2:], origin[0] * f, origin[1] * f)
                 strength = self.noise_strength[stage]
+                if self.config.noise_gate:  # where the features say grain belongs
+                    strength = strength * 2 * torch.sigmoid(self.noise_gate[stage](x))
                 # In place at inference: no second full-resolution tensor of the stage's width.
                 x = x.addcmul_(strength, grain) if not torch.is_grad_enabled() else x + strength * grain
             x = self.upsample[i + 2](x)

@@ -140,7 +140,7 @@ class TextureStage:
         """Everything but the frozen VGG16 and trunk; the zero-initialised noise strengths and z modulation in a
         group of their own, at modulation_lr_scale times the rate."""
         named = [(n, p) for n, p in self.model.named_parameters() if not n.startswith(("vgg.", "trunk."))]
-        modulation = ("noise_strength.", "z_to_style.")
+        modulation = ("noise_strength.", "noise_gate.", "z_to_style.")
         groups = [{"params": [p for n, p in named if not n.startswith(modulation)], "lr_scale": 1.0}]
         if any(n.startswith(modulation) for n, _ in named):
             groups.append({"params": [p for n, p in named if n.startswith(modulation)],
@@ -278,7 +278,18 @@ def texture_model(opt: TrainOptions, state: dict | None):
     model = load_checkpoint(path, opt.scale)
     if read_metadata(path).get("stage") == "trunk":
         return fresh_texture_branch(model, opt)
-    return model
+    return with_noise_gate(model)
+
+
+def with_noise_gate(model):
+    """A texture checkpoint of a design without the noise gate, continued with one: the gate starts at 1
+    everywhere, so the model computes what it did and training can take the grain off flat areas."""
+    if not model.config.texture_noise or model.config.noise_gate:
+        return model
+    extended = build_model(replace(model.config, noise_gate=True))
+    missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("noise_gate.") for k in missing), (missing, unexpected)
+    return extended
 
 
 def fresh_texture_branch(trunk_checkpoint, opt: TrainOptions):

@@ -296,7 +296,7 @@ def test_walk_between_two_seeds_and_two_references(tmp_path, checkpoint):
     assert run("sample", lr, "--n", 1, "--seed", 7, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "s",
                "-q").exit_code == 0
     last, sample = (np.asarray(Image.open(p)) for p in (tmp_path / "w" / frames[-1], tmp_path / "s" / "photo_x2_s7.png"))
-    assert np.array_equal(last, sample)
+    assert np.abs(last.astype(int) - sample).max() <= 1  # within a grey level: the frames are decoded as a batch
     first, second = (np.asarray(Image.open(tmp_path / "w" / f), dtype=int) for f in frames[:2])
     assert np.abs(first - second).mean() > 0
     with Image.open(tmp_path / "w" / "photo_x2_walk.gif") as gif:

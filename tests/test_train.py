@@ -132,10 +132,11 @@ def test_train_cli(data, tmp_path):
                                        "--steps", "2", "--batch", "2", "--lr-patch", "16", "--imle-samples", "2",
                                        "--perceptual-crop", "32", "-q", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    # Without --init, the texture stage continues the shipped weights of --scale.
+    # Without --init, the texture stage continues the shipped weights of --scale (with today's noise gate).
+    from dataclasses import replace
+    from refsr_cli.checkpoint import resolve_weights
     model = load_checkpoint(tmp_path / "run" / "last.safetensors", scale=2)
-    assert model.config == load_checkpoint(None or __import__("refsr_cli.checkpoint").checkpoint.resolve_weights(
-        None, 2)).config
+    assert model.config == replace(load_checkpoint(resolve_weights(None, 2)).config, noise_gate=True)
 
 
 def test_train_out_under_a_file_is_one_line(data, tmp_path):
@@ -334,10 +335,26 @@ def test_modulation_parameters_learn_at_their_own_rate(data, tmp_path):
     optimizer = torch.optim.Adam(stage.parameter_groups(), lr=opt.learning_rate)
     names = {id(p): n for n, p in stage.model.named_parameters()}
     base, modulation = optimizer.param_groups
-    assert {names[id(p)].split(".")[0] for p in modulation["params"]} == {"noise_strength", "z_to_style"}
-    assert not any(names[id(p)].startswith(("noise_strength", "z_to_style", "trunk.", "vgg."))
+    assert {names[id(p)].split(".")[0] for p in modulation["params"]} == {"noise_strength", "noise_gate", "z_to_style"}
+    assert not any(names[id(p)].startswith(("noise_strength", "noise_gate", "z_to_style", "trunk.", "vgg."))
                    for p in base["params"])
     for step in (0, 5):
         set_learning_rate([optimizer], opt, step)
         assert modulation["lr"] == pytest.approx(10 * base["lr"])
     assert base["lr"] < opt.learning_rate
+
+
+def test_a_checkpoint_without_the_noise_gate_continues_with_one_computing_the_same():
+    from dataclasses import replace
+    from conftest import tiny_model
+    from refsr_cli.engine import Upscaler
+    from refsr_cli.train import with_noise_gate
+    old = tiny_model(2, noise_gate=False)
+    extended = with_noise_gate(old)
+    assert extended.config == replace(old.config, noise_gate=True)
+    lr = np.random.default_rng(0).random((10, 12, 3)).astype(np.float32)
+    a, b = Upscaler(old, "cpu"), Upscaler(extended.eval(), "cpu")
+    assert np.array_equal(a.upscale(lr, [a.prior_z(3)])[0], b.upscale(lr, [b.prior_z(3)])[0])
+    # the gate then scales the grain pixel by pixel
+    torch.nn.init.normal_(extended.noise_gate[0].weight, std=1.0)
+    assert not np.array_equal(a.upscale(lr, [a.prior_z(3)])[0], b.upscale(lr, [b.prior_z(3)])[0])
