@@ -279,8 +279,7 @@ def walk(inputs, refs, seeds, steps, animate, **options):
 def info(outputs, as_json):
     """How refsr made IMAGE...: version, weights and their sha256, scale, seed, temperature, reference and input
     (with sha256), and the command that makes it again."""
-    from .images import read_provenance
-    from .provenance import DamagedRecord, redo_command
+    from .provenance import DamagedRecord, read_provenance, redo_command
     code = 0
     for path in outputs:
         try:

@@ -13,12 +13,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import RefsrError
 from .files import atomic_path
 from .options import DEFAULT_MAX_PIXELS
+from .provenance import PROVENANCE_KEY, SOFTWARE, embedded_text, software_tag
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP"}
 MIN_SIDE = 4  # below this, bicubic resampling and back-projection have nothing to work with
-SOFTWARE = "refsr"  # the Software tag of every output: how a folder's earlier outputs are told from its inputs
-PROVENANCE_KEY = "refsr"  # the PNG text chunk that holds an output's provenance
 
 # We check the pixel count ourselves, before decoding and with our own limit (--max-pixels).
 Image.MAX_IMAGE_PIXELS = None
@@ -31,26 +30,11 @@ def list_images(folder) -> list:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _embedded_text(im: Image.Image, png_key: str, exif_tag: int):
-    """A text refsr embeds in its outputs: a PNG text chunk, an EXIF tag (JPEG, WebP, TIFF), or for a GIF, whose
-    only place for text is its comment, the comment (which holds the provenance JSON)."""
-    text = im.info.get(png_key) or im.getexif().get(exif_tag)
-    if text is None and isinstance(im.info.get("comment"), bytes):
-        comment = im.info["comment"].decode("latin-1")
-        try:
-            record = json.loads(comment)
-        except ValueError:
-            return None
-        if isinstance(record, dict) and isinstance(record.get("refsr"), str):
-            text = record["refsr"] if png_key == "Software" else comment
-    return text
-
-
 def is_refsr_output(path) -> bool:
     """Whether an image file was written by refsr (its Software tag), read from the header alone."""
     try:
         with Image.open(path) as im:
-            software = _embedded_text(im, "Software", 0x0131) or ""
+            software = embedded_text(im, "Software", 0x0131) or ""
     except Exception:  # unreadable files are reported when they are read as inputs
         return False
     return isinstance(software, str) and software.split(" ")[0] == SOFTWARE
@@ -262,25 +246,6 @@ def _write_png16(f, array: np.ndarray, icc: bytes | None, text: dict) -> None:
     extra += [(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1")) for key, value in text.items()]
     # Big-endian bytes, one row at a time: pypng's packed 16-bit rows, without a second copy of the image.
     writer.write_packed(_AfterHeader(f, extra), (array[y].astype(">u2").tobytes() for y in range(height)))
-
-
-def software_tag() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return f"{SOFTWARE} {version('refsr')}"
-    except PackageNotFoundError:
-        return SOFTWARE
-
-
-def read_provenance(path) -> dict | None:
-    """The provenance refsr wrote into an output (see write_picture and write_animation), or None."""
-    with Image.open(path) as im:
-        text = _embedded_text(im, PROVENANCE_KEY, 0x010E)  # PNG text chunk, EXIF ImageDescription, GIF comment
-    try:
-        data = json.loads(text) if isinstance(text, str) else None
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) and "refsr" in data else None
 
 
 def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None, provenance: dict | None = None) -> None:

@@ -1,11 +1,52 @@
 """Provenance: what every file refsr writes records of how it was made, and the command that makes it again.
 
 Torch-free: `refsr info` reads records and prints redo commands without loading a network. A record is a flat JSON
-object (see RECORD_TYPES); images.write_picture stores it in the file, images.read_provenance reads it back.
+object (see RECORD_TYPES); images.write_picture and write_animation store it in the file, read_provenance reads it
+back (with Pillow alone: no numpy either).
 """
+import json
 import shlex
 
 from .options import BatchOptions
+
+SOFTWARE = "refsr"  # the Software tag of every output: how a folder's earlier outputs are told from its inputs
+PROVENANCE_KEY = "refsr"  # the PNG text chunk that holds an output's provenance
+
+
+def software_tag() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"{SOFTWARE} {version('refsr')}"
+    except PackageNotFoundError:
+        return SOFTWARE
+
+
+def read_provenance(path) -> dict | None:
+    """The provenance refsr wrote into an output (see images.write_picture and write_animation), or None."""
+    from PIL import Image
+    with Image.open(path) as im:
+        text = embedded_text(im, PROVENANCE_KEY, 0x010E)  # PNG text chunk, EXIF ImageDescription, GIF comment
+    try:
+        data = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and "refsr" in data else None
+
+
+def embedded_text(im, png_key: str, exif_tag: int):
+    """A text refsr embeds in its outputs: a PNG text chunk, an EXIF tag (JPEG, WebP, TIFF), or for a GIF, whose
+    only place for text is its comment, the comment (which holds the provenance JSON)."""
+    text = im.info.get(png_key) or im.getexif().get(exif_tag)
+    if text is None and isinstance(im.info.get("comment"), bytes):
+        comment = im.info["comment"].decode("latin-1")
+        try:
+            record = json.loads(comment)
+        except ValueError:
+            return None
+        if isinstance(record, dict) and isinstance(record.get("refsr"), str):
+            text = record["refsr"] if png_key == "Software" else comment
+    return text
+
 
 # The keys a record may hold and their JSON types. "command" says which refsr command wrote the file; the run's keys
 # are in every record, the others where they apply.

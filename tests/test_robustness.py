@@ -16,7 +16,8 @@ from PIL import Image
 
 from conftest import smooth_image, write_png
 from refsr_cli.cli import main
-from refsr_cli.images import exif_transpose, read_picture, read_provenance, write_picture
+from refsr_cli.images import exif_transpose, read_picture, write_picture
+from refsr_cli.provenance import read_provenance
 
 
 def run(*args):
