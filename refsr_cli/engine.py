@@ -86,7 +86,8 @@ class Upscaler:
         self.warn = warn or (lambda message: print(f"refsr: warning: {message}", file=sys.stderr))
         self.device = torch.device(device)
         self.dtype = torch.float16 if half else torch.float32
-        # Channels-last: oneDNN's (and cuDNN's) preferred layout; a quarter off the decoder on this CPU.
+        # Channels-last: oneDNN's (and cuDNN's) preferred layout; a quarter off the decoder on a 2-core x86 CPU
+        # (docs/benchmarks.md).
         self.model = model.to(self.device, self.dtype).to(memory_format=torch.channels_last).eval()
         self.scale = model.config.scale
         self.tile, self.tile_pad, self.consistency_steps = tile, tile_pad, consistency_steps
