@@ -30,6 +30,15 @@ def tiny_model(scale=2, seed=0, **overrides):
     return model.eval()
 
 
+def one_error_line(result, *fragments):
+    """The command said one line, `refsr: error: ...`, holding each of `fragments`, and no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("refsr: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in result.output
+
+
 def decode_reference(model, lr, ref, noise_seed=0):
     """The model's output for each LR image with the mean z of its reference, as `upscale --ref` decodes it
     (untiled, without back-projection)."""

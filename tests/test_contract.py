@@ -8,21 +8,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import write_png
+from conftest import one_error_line, write_png
 from refsr_cli.cli import main
 from refsr_cli.images import is_refsr_output, write_picture
 
 
 def run(*args, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
-
-
-def one_error_line(result, *fragments):
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("refsr: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import smooth_image, write_png
+from conftest import one_error_line, smooth_image, write_png
 from refsr_cli.cli import main
 from refsr_cli.images import exif_transpose, read_picture, write_picture
 from refsr_cli.provenance import read_provenance
@@ -31,14 +31,6 @@ def upscale(tmp_path, checkpoint, *inputs, extra=()):
 
 def leftovers(folder):
     return [p.name for p in folder.iterdir()] if folder.exists() else []
-
-
-def one_error_line(result, *fragments):
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("refsr: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    assert "Traceback" not in result.output
 
 
 def png_bytes(h=12, w=16):
