@@ -97,7 +97,7 @@ def main():
                 if compiled:
                     stage.model.texture_residual = torch.compile(stage.model.texture_residual)
                     stage.model.vgg.forward = torch.compile(stage.model.vgg.forward)
-            seconds, warm = time_steps(stage, args.steps, warmup=3)
+            seconds, warm = time_steps(stage, args.steps, warmup=3 if args.stage == "trunk" else variant.crop_uses)
             samples = variant.batch / seconds
             print(f"{name:<44} {seconds:.3f} s per step ({samples:.2f} samples/s); warm-up {warm:.1f} s", flush=True)
             result["variants"][name] = {"seconds_per_step": seconds, "samples_per_s": samples, "warmup_seconds": warm}

@@ -204,6 +204,8 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
                          "(no --temperature)")
     if opt.animate and opt.sheet:
         raise RefsrError("--animate animates the frames, which --sheet does not write: choose one")
+    if opt.match_map and opt.sheet:
+        raise RefsrError("--match-map writes the map beside the images, which --sheet does not write: choose one")
     if opt.walk is not None and seeds is not None and opt.temperature == 0:
         raise RefsrError("a walk between seeds needs a --temperature above 0 (at 0 every seed gives the same image)")
     folder, single, ext = plan_outputs(opt.out, opt.fmt)
@@ -288,7 +290,7 @@ def outputs_of(plan: Plan, stem: str) -> list:
     else:
         outputs = [Output(plan.single or Path(f"{base}{'_' + v.suffix if v.suffix else ''}{plan.ext}"), "image", v)
                    for v in plan.variants]
-    if opt.match_map and not opt.sheet:
+    if opt.match_map:
         outputs.append(Output(Path(f"{base}_match_map.png"), "map"))
     if opt.animate:
         outputs.append(Output(Path(f"{base}_walk.{opt.animate}"), "animation"))
@@ -389,8 +391,6 @@ def walk_variants(ends, frames: int, from_prior: bool) -> list:
     means of two references; the texture noise turns from the first end's into the second's the same way, so that
     the grain changes as smoothly as the look."""
     first, last = (end.latent for end in ends)
-    if first is None or last is None:
-        raise RefsrError("a walk needs a temperature above 0 between seeds")
     walk = {"from": ends[0].fields, "to": ends[1].fields, "frames": frames}
     steps = []
     for i in range(frames):

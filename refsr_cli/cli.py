@@ -54,7 +54,7 @@ BATCH = BatchOptions()  # the defaults of upscale's, sample's and walk's flags
 def common_inference_options(f):
     options = [
         click.option("--scale", type=SCALES, default=str(BATCH.scale), show_default=True, help="Upscaling factor."),
-        click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+        click.option("-o", "--out", type=click.Path(path_type=Path), default=BATCH.out, show_default=True,
                      help="Output folder (created if missing), or a file name (its extension sets the format) "
                           "when the run writes one image."),
         click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp", "tiff"]), default=None,
@@ -101,7 +101,7 @@ def common_inference_options(f):
 @click.option("--ref", "refs", multiple=True, metavar="IMAGE|FOLDER",
               help="Reference image or folder of them (repeatable): its texture is added. [default: none, the "
                    "faithful output]")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=BATCH.seed, show_default=True,
               help="Seed of the draw when --temperature is above 0, and of the grain of --ref outputs (weights "
                    "with texture noise).")
 @click.option("--match", is_flag=True,
@@ -128,7 +128,7 @@ def upscale(inputs, refs, seed, match, match_map, **options):
 @click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
 @click.option("-n", "--n", "count", type=click.IntRange(1, 10_000), default=10, show_default=True,
               help="Number of samples per image.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=BATCH.seed, show_default=True,
               help="Sample i uses seed SEED+i, so --n 1 --seed 3 reproduces the fourth of --n 10 --seed 0.")
 @common_inference_options
 def sample(inputs, count, seed, **options):
@@ -172,8 +172,8 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=TRAIN.learning_rate,
               show_default=True)
 @click.option("--modulation-lr-scale", type=click.FloatRange(min=0, min_open=True), default=TRAIN.modulation_lr_scale,
-              show_default=True, help="Learning-rate factor of the noise strengths and the z modulation, which start "
-                                      "at zero and must grow for samples to differ.")
+              show_default=True, help="Learning-rate factor of the noise strengths, noise gates and z modulation, "
+                                      "which start at zero and must grow for samples to differ.")
 @click.option("--l1-weight", type=click.FloatRange(min=0), default=TRAIN.l1_weight, show_default=True,
               help="Pixel L1 to the HR crop.")
 @click.option("--lr-consistency-weight", type=click.FloatRange(min=0), default=TRAIN.lr_consistency_weight,
@@ -211,21 +211,20 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
 @click.option("--init", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Start from these weights (a fresh optimizer). The texture stage takes one checkpoint (default: "
                    "the shipped weights of --scale); the trunk stage one per scale (repeat --init).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=TRAIN.device, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def train(quiet, device, **options):
+def train(quiet, **options):
     """Train refsr's networks on a folder of HR photos; checkpoints load directly with --weights."""
     import torch
 
     from .errors import RefsrError
-    from .device import pick_device
     from .train import train as run_training
     options["scale"] = int(options["scale"])
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
     options["init"] = list(options["init"]) or None
     quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
     try:
-        opt = TrainOptions(device=str(pick_device(device)), **options)
+        opt = TrainOptions(**options)
         if quiet:
             last = run_training(opt)
         else:
@@ -337,12 +336,12 @@ def push(files, repo, revision, private, message, no_card, license_id):
 
 @main.command(name="eval")
 @click.argument("hr_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--scale", type=SCALES, default="8", show_default=True)
+@click.option("--scale", type=SCALES, default=str(BATCH.scale), show_default=True)
 @click.option("--weights", metavar="FILE|OWNER/REPO[@REV][:FILE]", default=None,
               help="Checkpoint to measure. [default: the shipped weights for --scale]")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="z of the main refsr rows: the prior's mean (0) or a sample at this temperature.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=BATCH.seed, show_default=True)
 @click.option("--samples", type=click.IntRange(min=0, max=100), default=0, show_default=True,
               help="Also decode N prior samples per image (seeds --seed..): their mean measures, their lowest "
                    "LR-PSNR and the NTIRE 2021 diversity score.")
@@ -400,6 +399,8 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
                 raise RefsrError(f"--json {json_path} is an input of this run; refsr never overwrites its inputs")
         upscaler = load_upscaler(weights, scale, EngineOptions(tile=tile, consistency_steps=consistency_steps,
                                                                device=device))
+        if json_path is not None and json_path.resolve() == upscaler.weights_path.resolve():
+            raise RefsrError(f"--json {json_path} is the weights of this run; refsr never overwrites its inputs")
         references = []
         for path in ref_paths:
             try:

@@ -26,8 +26,12 @@ def bounded_requests():
     downloads, pass no timeout), so a push to a Hub that does not answer never ended. For the push, its clients are
     made by the factory in use with timeouts added (through huggingface_hub's public set_client_factory), and that
     factory is put back after. Left alone where this huggingface_hub has no such knob."""
-    from huggingface_hub import set_client_factory
-    from huggingface_hub.utils import _http
+    try:
+        from huggingface_hub import set_client_factory
+        from huggingface_hub.utils import _http
+    except ImportError:  # huggingface_hub before 1.0
+        yield
+        return
     previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
     if previous is None:
         yield

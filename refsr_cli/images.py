@@ -294,7 +294,7 @@ def write_animation(frames, path, provenance: dict) -> None:
     path = Path(path)
     images = []
     for frame in frames:
-        rgb = read_picture(frame).rgb
+        rgb = read_picture(frame, max_pixels=0).rgb  # refsr's own frames: no decompression-bomb limit
         images.append(Image.fromarray((rgb * 255).round().astype(np.uint8)))
     fmt = path.suffix.lstrip(".").upper()
     record = json.dumps(provenance | {"refsr": software_tag()}, sort_keys=True)

@@ -13,8 +13,9 @@ from .model import VGG16Features, downscale
 def feature_distance(vgg: VGG16Features, x, target: list):
     """Per-sample distance of images x (B, 3, H, W) to images whose VGG16 features are `target` (what
     `vgg(y, all_layers=True)` returns, computed once for every x compared with y): L1 between the features relu1_2,
-    relu2_2, relu3_3 and relu4_1, each layer's L1 divided by the mean magnitude of the target's features there, so
-    that the four layers weigh alike. The IMLE selection and the loss of the chosen sample use it; it is not LPIPS
+    relu2_2, relu3_3 and relu4_1, each layer's L1 divided by the mean magnitude of the target's features there (over
+    all the targets of the call: callers compare the samples of a crop within one call), so that the four layers
+    weigh alike. The IMLE selection and the loss of the chosen sample use it; it is not LPIPS
     (the metric refsr reports), which a loss would stop measuring."""
     distance = 0
     for a, b in zip(vgg(x, all_layers=True), target):
@@ -40,15 +41,6 @@ def lr_consistency(sr, lr, scale: int):
 def kl_divergence(mu, logvar):
     """KL(N(mu, sigma^2) || N(0, I)), summed over z and averaged over the batch."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
-
-
-def same_crop(size: int, *images, generator=None):
-    """One random size x size window, the same in each of `images` (B, C, H, W)."""
-    h, w = images[0].shape[-2:]
-    if size >= min(h, w):
-        return images
-    y, x = (int(torch.randint(0, n - size + 1, (1,), generator=generator)) for n in (h, w))
-    return tuple(im[..., y:y + size, x:x + size] for im in images)
 
 
 class PatchDiscriminator(nn.Module):
@@ -79,5 +71,6 @@ def generator_adversarial(disc: PatchDiscriminator, fake):
 def discriminator_loss(disc, real, fake):
     """The discriminator's loss on real and (detached) fake windows, in one call: instance norm keeps the samples
     apart. In float32 even on CUDA: it is small, and needs no loss scaler then."""
-    real_logits, fake_logits = disc(torch.cat([real, fake.detach()]).float()).chunk(2)
+    logits = disc(torch.cat([real, fake.detach()]).float())
+    real_logits, fake_logits = logits[:len(real)], logits[len(real):]  # there may be more fakes than reals
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()

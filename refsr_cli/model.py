@@ -109,8 +109,8 @@ class RefVAEConfig:
 # as: the one exception to never filling a stored config in.
 ADDED_KEYS = {"texture_noise": False, "texture_upsample": "shuffle", "noise_gate": False}
 # Architectures of earlier releases, which this refsr no longer builds, and the release that reads them.
-RETIRED = {"lean": "release 0.1's one-network architecture (\"lean\"), which refsr no longer reads; git commit "
-                   "bf55e9d of refsr does",
+RETIRED = {"lean": "release 0.1's one-network architecture (\"lean\"), which refsr no longer reads; refsr at git "
+                   "commit 83cac99 does",
            "paper": "the published RefVAE graph (\"paper\"), which refsr no longer loads (bench/paper_graph.py "
                     "builds it to time it)"}
 

@@ -1,5 +1,6 @@
-"""Every command's options and their defaults, written once: the CLI reads its flags' defaults from here, the
-engine and the scripts take them from here. Torch-free, so that `refsr --help` and `refsr info` stay fast."""
+"""The options that travel through the engine, the batch and training, with their defaults, written once: the CLI
+reads its flags' defaults from here, the engine and the scripts take them from here. Torch-free, so that
+`refsr --help` and `refsr info` stay fast."""
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class TrainOptions:
     lr_patch: int = 24  # LR crop side: 24 px is a 192-pixel HR crop at x8
     learning_rate: float = 1e-4
     # Learning-rate factor of the zero-initialised parameters that let z and the noise reach the image (noise
-    # strengths, z modulation): at the base rate they stayed near zero.
+    # strengths, noise gates, z modulation): at the base rate they stayed near zero.
     modulation_lr_scale: float = 1.0
     # Pixel terms (both stages): L1 to the HR crop, L1 of the bicubic downscale to the LR crop.
     l1_weight: float = 1.0
@@ -85,5 +86,5 @@ class TrainOptions:
     # Weights to start from: the texture stage takes one checkpoint (default: the shipped weights of `scale`); the
     # trunk stage one per scale.
     init: list | None = None
-    device: str = "cpu"
+    device: str = "auto"  # auto picks CUDA, then MPS, then the CPU
     config: object = None  # a RefVAEConfig for a freshly initialised model (None: the default architecture)

@@ -24,6 +24,7 @@ def software_tag() -> str:
 def read_provenance(path) -> dict | None:
     """The provenance refsr wrote into an output (see images.write_picture and write_animation), or None."""
     from PIL import Image
+    Image.MAX_IMAGE_PIXELS = None  # refsr's own 8x outputs are large; only the header and text chunks are read
     with Image.open(path) as im:
         text = embedded_text(im, PROVENANCE_KEY, 0x010E)  # PNG text chunk, EXIF ImageDescription, GIF comment
     try:

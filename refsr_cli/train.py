@@ -29,8 +29,9 @@ from PIL import Image
 
 from .checkpoint import (build_model, load_checkpoint, load_training_state, read_metadata, resolve_weights,
                          save_model, save_training_state)
-from .device import environment_int
+from .device import environment_int, pick_device
 from .errors import RefsrError
+from .files import atomic_path
 from .losses import (PatchDiscriminator, discriminator_loss, feature_distance, feature_stats_loss,
                      generator_adversarial, kl_divergence, lr_consistency)
 from .model import FidelityTrunk, RefVAEConfig
@@ -48,7 +49,7 @@ class TrunkStage:
         if state is not None:
             self.config = RefVAEConfig.from_json(state["meta"]["config"])
         else:
-            self.config = replace(opt.config or RefVAEConfig(), arch="trunk")
+            self.config = opt.config or RefVAEConfig()
         c = self.config
         torch.manual_seed(opt.seed)
         self.module = FidelityTrunk(c.channels, c.lr_blocks, c.up_channels, opt.scales).to(device).train()
@@ -73,7 +74,7 @@ class TrunkStage:
 
     def losses(self, step: int):
         scale = self.opt.scales[step % len(self.opt.scales)]
-        rng = seeded(self.opt.seed, step, self.rank)
+        rng = seeded("step", self.opt.seed, step, self.rank)
         hr, lr = (t.to(self.device) for t in pixel_batch(self.images, self.opt.batch, self.opt.lr_patch, scale, rng))
         sr = self.module(lr, scale).float()
         return {"scale": scale, "l1": F.l1_loss(sr, hr), "lr_cons": lr_consistency(sr, lr, scale)}, None
@@ -121,6 +122,8 @@ class TextureStage:
         self.model.trunk.requires_grad_(False)
         self.model.trunk.eval()  # frozen: its outputs are computed once per crop
         self.module = self.model
+        if opt.pool_size < opt.batch:
+            raise RefsrError(f"--pool-size {opt.pool_size} is smaller than --batch {opt.batch}")
         images = load_training_images(opt.data, opt.lr_patch * opt.scale)
         self.gallery = load_training_images(opt.refs, 1) if opt.refs else None
         trunk = self.model.trunk
@@ -137,8 +140,8 @@ class TextureStage:
             self.val_crops = validation_crops(opt.val, 384, opt.scale)
 
     def parameter_groups(self):
-        """Everything but the frozen VGG16 and trunk; the zero-initialised noise strengths and z modulation in a
-        group of their own, at modulation_lr_scale times the rate."""
+        """Everything but the frozen VGG16 and trunk; the zero-initialised noise strengths, noise gates and z
+        modulation in a group of their own, at modulation_lr_scale times the rate."""
         named = [(n, p) for n, p in self.model.named_parameters() if not n.startswith(("vgg.", "trunk."))]
         modulation = ("noise_strength.", "noise_gate.", "z_to_style.")
         groups = [{"params": [p for n, p in named if not n.startswith(modulation)], "lr_scale": 1.0}]
@@ -155,7 +158,7 @@ class TextureStage:
 
     def losses(self, step: int):
         opt, model, vgg = self.opt, self.model, self.model.vgg
-        rng = seeded(opt.seed, step, self.rank)
+        rng = seeded("step", opt.seed, step, self.rank)
         gen = torch.Generator().manual_seed(rng.randrange(1 << 62))
         self.pool.advance(step, opt.batch)
         slots, hr, lr, features, fidelity = map(self.layout, self.pool.draw(opt.batch, rng))
@@ -199,10 +202,10 @@ class TextureStage:
     def nearest(self, m: int, lr, fidelity, f_mu, f_sigma, z, grain, window, target) -> torch.Tensor:
         """Of the m latents (z and grain) of each crop, in order, the index of the one whose output is nearest the
         HR crop (whose windows' features are `target`)."""
-        b = len(lr)
+        b, chunk = len(lr), max(1, 32 // m) * m  # whole crops a chunk (bounded memory): one normaliser a crop
         distances = []
-        for i in range(0, b * m, 32):  # bounded memory
-            part = slice(i, i + 32)
+        for i in range(0, b * m, chunk):
+            part = slice(i, i + chunk)
             crop = torch.arange(b * m)[part] // m
             sr = self.decode(lr[crop], fidelity[crop], f_mu[crop], f_sigma[crop], z[part],
                              None if grain is None else [g[part] for g in grain])
@@ -252,9 +255,12 @@ class TextureStage:
 
 def validation_crops(folder: Path, side: int, multiple: int) -> list:
     """Centre crops of (at most) `side` pixels, a multiple of `multiple`, of the images of `folder`, as PIL images:
-    a validation costs seconds, not the minutes of whole 2k photos."""
+    a validation costs seconds, not the minutes of whole 2k photos. Read when the run starts, so that a folder with
+    no usable image stops it then, not at its first validation: images under 32 pixels a side (LPIPS's least) or
+    4 LR pixels at `multiple` are left out."""
+    from .evaluate import LPIPS_MIN_SIDE
     crops = []
-    for image in load_training_images([folder], multiple):
+    for image in load_training_images([folder], max(LPIPS_MIN_SIDE, 4 * multiple)):
         h, w = image.shape[:2]
         n = min(side, h, w) // multiple * multiple
         y, x = (h - n) // 2, (w - n) // 2
@@ -345,8 +351,12 @@ def fit(opt: TrainOptions, progress=None):
 
     `progress(step, steps, losses, steps_per_second)` is called after every step, on rank 0; after a validation,
     `losses` also holds its val_* measures."""
-    rank, world, device = start_distributed(torch.device(opt.device))
+    rank, world, device = start_distributed(pick_device(opt.device))
     state_path = opt.out / "last.state.safetensors"
+    written = {state_path, opt.out / "last.safetensors", *(opt.out / f"x{s}.safetensors" for s in opt.scales)}
+    clash = [p for p in opt.init or [] if Path(p).resolve() in {w.resolve() for w in written}]
+    if clash:
+        raise RefsrError(f"--init {clash[0]}: this run would write over it; copy it out of {opt.out} first")
     if opt.resume and not state_path.is_file():
         raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
     if not opt.resume and state_path.exists():
@@ -366,7 +376,8 @@ def fit(opt: TrainOptions, progress=None):
     if state is not None:
         step = state["step"]
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # a state saved without CUDA has an empty scaler: a CUDA run starts its own
+            scaler.load_state_dict(state["scaler"])
         if disc is not None and "disc" in state:
             disc.load_state_dict(state["disc"])
             disc_optimizer.load_state_dict(state["disc_optimizer"])
@@ -489,8 +500,15 @@ def set_learning_rate(optimizers, opt: TrainOptions, step: int) -> None:
 
 
 def open_log(path: Path, step: int, resumed: bool):
-    """log.jsonl for appending; on resume, the rows after the checkpoint's step are dropped (they are redone)."""
+    """log.jsonl for appending; on resume, the rows after the checkpoint's step are dropped (they are redone), and so
+    is a row cut short by a kill or a full disk."""
     if resumed and path.exists():
-        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+        def kept(row: str) -> bool:
+            try:
+                return json.loads(row)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                return False
+        rows = [r for r in path.read_text(errors="replace").splitlines() if r.strip() and kept(r)]
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text("".join(r + "\n" for r in rows))
     return open(path, "a")

@@ -1,8 +1,8 @@
 """Training data: HR photos in memory, random crops with their PIL-bicubic LR, and for the texture stage a pool of
 crops with what the frozen trunk makes of them.
 
-Every random choice is drawn from a generator seeded by (seed, what is drawn, rank), never from a global one, so a
-resumed run sees exactly the data the uninterrupted run would have seen.
+Every random choice is drawn from a generator seeded by (what is drawn, seed, its index, rank), never from a global
+one, so a resumed run sees exactly the data the uninterrupted run would have seen.
 """
 import math
 import random
@@ -30,9 +30,9 @@ def load_training_images(folders, min_side: int) -> list:
     return images
 
 
-def seeded(seed: int, index: int, rank: int = 0) -> random.Random:
-    """The generator of draw `index` (a step, a pool fill) of a run of `seed` on `rank`."""
-    return random.Random(seed * 1_000_003 + index + rank * 10 ** 12)
+def seeded(stream: str, seed: int, index: int, rank: int = 0) -> random.Random:
+    """The generator of draw `index` of `stream` ("step", "fill": a pool's crop) of a run of `seed` on `rank`."""
+    return random.Random(f"{stream} {seed} {index} {rank}")
 
 
 def random_crop(img: np.ndarray, size: int, rng: random.Random) -> np.ndarray:
@@ -71,7 +71,8 @@ class CropPool:
     about `uses` batches: the trunk's forward pass then costs a step 1/uses of what it did.
 
     The pool holds fills F - size .. F - 1, where F = size + step * refill and fill f sits in slot f % size and is
-    drawn from seeded(seed, f, rank): the pool at any step is a function of the step, so a resumed run rebuilds it.
+    drawn from seeded("fill", seed, f, rank): the pool at any step is a function of the step, so a resumed run
+    rebuilds it.
     Each crop also remembers its photo, which gives its reference (another crop of the same photo).
     """
 
@@ -79,36 +80,47 @@ class CropPool:
                  rank: int, device):
         self.images, self.trunk_outputs = images, trunk_outputs
         self.lr_patch, self.scale, self.size, self.seed, self.rank = lr_patch, scale, size, seed, rank
-        self.refill, self.device = 0, torch.device(device)
+        self.device = torch.device(device)
         self.uses, self.fills = uses, None
         self.hr = self.lr = self.features = self.fidelity = None
         self.photo = [0] * size
 
-    def fills_at(self, step: int, batch: int) -> range:
-        refill = math.ceil(batch / self.uses)
-        end = self.size + step * refill
-        return range(end - self.size, end)
+    FIRST_FILL_CHUNK = 16  # crops a trunk pass of the first fill (bounded memory)
 
     def advance(self, step: int, batch: int) -> None:
         """Bring the pool to `step`: fill what is missing (all of it at the first call), about batch/uses crops
-        a step after that."""
-        wanted = self.fills_at(step, batch)
+        a step after that. The trunk runs on the crops in the groups the uninterrupted run gave it (the first fill
+        in chunks, then each step's refill), so that a resumed run computes the same features to the last bit."""
+        refill = math.ceil(batch / self.uses)
+        end = self.size + step * refill
+        wanted = range(end - self.size, end)
         new = [f for f in wanted if self.fills is None or f not in self.fills]
-        if not new:
-            return
-        crops = []
+        groups = {}  # the whole group each new fill came in, first fill chunk or step, by its first fill
         for f in new:
-            rng = seeded(self.seed, f, self.rank)
+            if f < self.size:
+                start = f // self.FIRST_FILL_CHUNK * self.FIRST_FILL_CHUNK
+                group = range(start, min(start + self.FIRST_FILL_CHUNK, self.size))
+            else:
+                start = self.size + (f - self.size) // refill * refill
+                group = range(start, start + refill)
+            groups[start] = group
+        for group in groups.values():
+            self._fill(group, keep=set(new))
+        self.fills = wanted
+
+    def _fill(self, group, keep: set) -> None:
+        """Crops of the fills of `group` through the trunk together; those in `keep` stored in their slots."""
+        crops = []
+        for f in group:
+            rng = seeded("fill", self.seed, f, self.rank)
             photo = rng.randrange(len(self.images))
             crops.append((f % self.size, photo, *crop_and_lr(self.images[photo], self.lr_patch, self.scale, rng)))
         hr = to_tensor([c[2] for c in crops]).to(self.device)
         lr = to_tensor([c[3] for c in crops]).to(self.device)
-        features, fidelity = [], []
-        for i in range(0, len(lr), 16):  # bounded memory for the first fill
-            f, out = self.trunk_outputs(lr[i:i + 16])
-            features.append(f)
-            fidelity.append(out)
-        features, fidelity = torch.cat(features), torch.cat(fidelity)
+        features, fidelity = self.trunk_outputs(lr)
+        kept = [i for i, f in enumerate(group) if f in keep]
+        crops = [crops[i] for i in kept]
+        hr, lr, features, fidelity = (t[kept] for t in (hr, lr, features, fidelity))
         if self.hr is None:
             self.hr = torch.empty(self.size, *hr.shape[1:], device=self.device)
             self.lr = torch.empty(self.size, *lr.shape[1:], device=self.device)
@@ -118,11 +130,10 @@ class CropPool:
         self.hr[slots], self.lr[slots], self.features[slots], self.fidelity[slots] = hr, lr, features, fidelity
         for slot, photo, *_ in crops:
             self.photo[slot] = photo
-        self.fills = wanted
 
     def draw(self, batch: int, rng: random.Random):
         """`batch` distinct slots: (slots, hr, lr, features, fidelity)."""
-        slots = rng.sample(range(self.size), min(batch, self.size))
+        slots = rng.sample(range(self.size), batch)
         index = torch.tensor(slots, device=self.device)
         return slots, self.hr[index], self.lr[index], self.features[index], self.fidelity[index]
 

@@ -171,3 +171,39 @@ def test_bad_launcher_environments_stop_the_run_naming_the_variable(tmp_path, ch
     assert result.exit_code == 2
     one_error_line(result, name)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_eval_json_never_writes_over_the_weights(tmp_path, checkpoint):
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    write_png(hr / "a.png", 64, 64)
+    before = checkpoint.read_bytes()
+    result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--json", checkpoint, "--device", "cpu")
+    assert result.exit_code == 2
+    one_error_line(result, "weights")
+    assert checkpoint.read_bytes() == before
+
+
+def test_a_sheet_with_a_match_map_is_one_line(tmp_path, checkpoint, photo):
+    ref = write_png(tmp_path / "ref.png", 40, 40, seed=5)
+    result = run("upscale", photo, "--ref", ref, "--match", "--match-map", "--sheet", *common(checkpoint, tmp_path / "o"))
+    assert result.exit_code == 2
+    one_error_line(result, "--match-map", "--sheet")
+
+
+def test_info_reads_the_header_of_an_output_of_any_size(tmp_path):
+    """An 8x output of a 2000x1500 photo is 192 Mpx, above Pillow's decompression-bomb warning: info reads only its
+    header and text, and must not refuse it."""
+    import struct
+    import subprocess
+    import sys
+    import zlib
+    write_picture(np.zeros((1, 1, 3), np.uint8), tmp_path / "big.png", provenance={"refsr": "refsr 0", "x": 1})
+    data = (tmp_path / "big.png").read_bytes()
+    ihdr = struct.pack(">II", 16000, 12000) + data[24:29]  # the same header, another size
+    data = data[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + data[33:]
+    (tmp_path / "big.png").write_bytes(data)
+    # In a fresh process, as `refsr info` runs: nothing else has lifted Pillow's limit there.
+    code = f"from refsr_cli.provenance import read_provenance; print(read_provenance({str(tmp_path / 'big.png')!r}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "'x': 1" in result.stdout, result.stderr

@@ -99,7 +99,7 @@ def test_pickle_and_foreign_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "foreign.safetensors")
 
 
-@pytest.mark.parametrize("arch, release", [("lean", "bf55e9d"), ("paper", "bench/paper_graph.py")])
+@pytest.mark.parametrize("arch, release", [("lean", "83cac99"), ("paper", "bench/paper_graph.py")])
 def test_checkpoints_of_retired_architectures_say_what_reads_them(arch, release, tmp_path):
     from safetensors.torch import save_file
     config = tiny_config(2).to_json().replace('"trunk"', f'"{arch}"')

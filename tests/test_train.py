@@ -358,3 +358,37 @@ def test_a_checkpoint_without_the_noise_gate_continues_with_one_computing_the_sa
     # the gate then scales the grain pixel by pixel
     torch.nn.init.normal_(extended.noise_gate[0].weight, std=1.0)
     assert not np.array_equal(a.upscale(lr, [a.prior_z(3)])[0], b.upscale(lr, [b.prior_z(3)])[0])
+
+
+def test_the_discriminator_tells_every_real_window_from_every_fake_one():
+    """More fakes than reals (the reference outputs are fakes too): the split follows the counts, not halves."""
+    from refsr_cli.losses import discriminator_loss
+    seen = []
+
+    def disc(x):
+        seen.append(x)
+        return x.mean((1, 2, 3), keepdim=True)  # one logit an image: its mean
+
+    real, fake = torch.ones(2, 3, 8, 8), torch.zeros(4, 3, 8, 8)
+    loss = discriminator_loss(disc, real, fake)
+    expected = torch.nn.functional.softplus(-torch.ones(1)) + torch.nn.functional.softplus(torch.zeros(1))
+    assert torch.allclose(loss, expected) and len(seen[0]) == 6
+
+
+def test_a_run_never_writes_over_its_init(data, tmp_path):
+    run = tmp_path / "run"
+    train(options(data, run, steps=1, save_every=1))
+    (run / "last.state.safetensors").unlink()  # a finished run's folder, its state gone
+    with pytest.raises(RefsrError, match="would write over it"):
+        train(options(data, run, steps=1, init=[run / "last.safetensors"]))
+
+
+def test_resume_drops_a_log_row_cut_short(data, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(options(data, run), progress=interrupt_at(4))
+    with open(run / "log.jsonl", "a") as log:
+        log.write('{"step": 4, "lo')  # killed in the middle of a row
+    train(options(data, run, resume=True))
+    steps = [json.loads(r)["step"] for r in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
