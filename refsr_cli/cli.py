@@ -443,9 +443,12 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
         table.add_row(r["image"], r["method"], *(format(r[k], f) if k in r else "" for _, k, f in columns))
     Console(width=None if sys.stdout.isatty() else 160).print(table)  # a file or pipe gets whole columns
     if match_protocol is not None:
-        fidelity, matched = result["means"]["refsr"], result["means"]["match"]
-        click.echo(f"--match ({match_protocol}) against the output without a reference: "
-                   f"PSNR-Y {matched['psnr'] - fidelity['psnr']:+.2f} dB, LPIPS {matched['lpips'] - fidelity['lpips']:+.4f}")
+        fidelity = result["means"]["refsr"]
+        for method, how in (("match", "--match"), ("protocol reference", "--ref without --match")):
+            got = result["means"][method]
+            click.echo(f"{how} ({match_protocol}) against the output without a reference: PSNR-Y "
+                       f"{got['psnr'] - fidelity['psnr']:+.2f} dB, LPIPS {got['lpips'] - fidelity['lpips']:+.4f} "
+                       f"({100 * (got['lpips'] / fidelity['lpips'] - 1):+.1f} %)")
     if len(ref_paths) >= 2:
         click.echo(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}")
     if json_path is not None:

@@ -117,7 +117,7 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
     z: the z of the "refsr" rows; sample_zs: the N zs of the "samples" rows (diversity when N >= 2); references:
     (z, HxWx3 image) pairs of the "references" rows (influence when K >= 2); match_protocol: "match" rows, the
     `upscale --match` output with the reference of that protocol (protocol_pair), its mean confidence and the
-    seconds its matching took."""
+    seconds its matching took, and "protocol reference" rows, `upscale --ref` with that reference (no matching)."""
     paths = list_images(hr_dir)
     check_hr_folder(hr_dir, paths, match_protocol)
     lpips = LPIPSAlex()
@@ -158,6 +158,9 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
             transfer = correspond(as_tensor(lr_array), [prepare_reference(to_float(match_ref), scale, name)], scale)
             extra = {"confidence": float(transfer.confidence.mean()), "seconds": time.perf_counter() - started}
             groups.append(("match", upscale([None], transfer), extra))
+            # The same reference as RefVAE takes one (its mean z: the look, not the place): with the photo's other
+            # half (protocol half) it should lower LPIPS against T = 0 where no placement could raise PSNR.
+            groups.append(("protocol reference", upscale([upscaler.reference_z(to_float(match_ref))]), {}))
         for method, outputs, extra in groups:
             each = [measure(o, hr, lr, scale, lpips) for o in outputs]
             mean = {k: float(np.mean([m[k] for m in each])) for k in MEASURES}

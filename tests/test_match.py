@@ -175,7 +175,8 @@ def test_eval_measures_match_under_a_protocol(tmp_path):
         assert result.exit_code == 0, result.output
         assert f"--match ({protocol}) against the output without a reference: PSNR-Y" in result.stdout
         means = json.loads(out.read_text())["means"]
-        assert set(means) == {"refsr", "match"} and "confidence" in means["match"]
+        assert set(means) == {"refsr", "match", "protocol reference"} and "confidence" in means["match"]
+        assert f"--ref without --match ({protocol}) against the output without a reference" in result.stdout
         gain = means["match"]["psnr"] - means["refsr"]["psnr"]
         if protocol == "warp":
             assert gain > 1 and means["match"]["confidence"] > 0.3
