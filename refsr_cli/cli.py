@@ -433,6 +433,7 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
     table = Table(title=f"x{scale} on {hr_dir}")
     columns = [("PSNR-Y", "psnr", ".2f"), ("SSIM-Y", "ssim", ".4f"), ("LPIPS", "lpips", ".4f"),
                ("LR-PSNR", "lr_psnr", ".2f"), ("diversity", "diversity", ".2f"), ("influence", "influence", ".2f"),
+               ("infl. AlexNet", "influence_alex", ".2f"),
                ("confidence", "confidence", ".2f"), ("match s", "seconds", ".1f")]
     rows = result["rows"] + [{"image": "mean", "method": m, **v} for m, v in result["means"].items()]
     rows += published_rows(hr_dir, scale)
@@ -450,7 +451,8 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
                        f"{got['psnr'] - fidelity['psnr']:+.2f} dB, LPIPS {got['lpips'] - fidelity['lpips']:+.4f} "
                        f"({100 * (got['lpips'] / fidelity['lpips'] - 1):+.1f} %)")
     if len(ref_paths) >= 2:
-        click.echo(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}")
+        click.echo(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}; by VGG16 "
+                   "feature statistics (what training's style term matches) and by AlexNet's (which no loss sees)")
     if json_path is not None:
         from .files import atomic_path
         text = json.dumps({"scale": scale, "weights": weights, "temperature": temperature, "seed": seed,

@@ -22,8 +22,9 @@ from .metrics import LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, t
 from .model import VGG16Features
 
 MEASURES = ("psnr", "ssim", "lpips", "lr_psnr")
-STATS_SIDE = 512  # images are compared by VGG feature statistics at (at most) the size of the reference gallery
+STATS_SIDE = 512  # images are compared by feature statistics at (at most) the size of the reference gallery
 STATS_MIN_SIDE = 16  # VGG16's three max-pools before relu4_1 leave 2x2 of this: a standard deviation to take
+ALEX_STATS_SIDE = 48  # AlexNet's stride 4 and two 3x3 max-pools of stride 2 leave 2x2 of 47 pixels
 LPIPS_MIN_SIDE = 32  # LPIPS's AlexNet (stride 4, then two 3x3 max-pools of stride 2) needs 31 pixels a side
 
 
@@ -78,15 +79,19 @@ def diversity_score(samples, hr: Image.Image, lpips: LPIPSAlex) -> float:
 
 
 @torch.inference_mode()
-def feature_stats(vgg: VGG16Features, image: np.ndarray) -> torch.Tensor:
-    """Channel means and standard deviations of VGG16 relu1_2, relu2_2, relu3_3, relu4_1, with the image resized
-    to at most STATS_SIDE pixels on its long side."""
+def feature_stats(features, image: np.ndarray) -> torch.Tensor:
+    """Channel means and standard deviations of the feature maps `features(x)` returns (VGG16 relu1_2 .. relu4_1,
+    or LPIPS's AlexNet conv1 .. conv5), with the image resized to at most STATS_SIDE pixels on its long side, and
+    one under ALEX_STATS_SIDE pixels on its short side enlarged to it (AlexNet's conv5 is 2x2 there: a standard
+    deviation to take)."""
     x = as_tensor(image)
-    long_side = max(x.shape[-2:])
-    if long_side > STATS_SIDE:
-        size = [max(1, round(n * STATS_SIDE / long_side)) for n in x.shape[-2:]]
-        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    return torch.cat([torch.cat([f.mean((2, 3)), f.std((2, 3))], 1) for f in vgg(x, all_layers=True)], 1)[0]
+    long_side, short_side = max(x.shape[-2:]), min(x.shape[-2:])
+    factor = min(1.0, STATS_SIDE / long_side)
+    factor = max(factor, ALEX_STATS_SIDE / short_side)
+    if factor != 1:
+        size = [max(1, round(n * factor)) for n in x.shape[-2:]]
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=factor < 1, align_corners=False).clamp(0, 1)
+    return torch.cat([torch.cat([f.mean((2, 3)), f.std((2, 3))], 1) for f in features(x)], 1)[0]
 
 
 def reference_influence(output_stats, reference_stats) -> float:
@@ -126,7 +131,10 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
     if len(references) >= 2:
         vgg = VGG16Features()
         load_backbone(vgg, "vgg16_relu4_1")
-        reference_stats = [feature_stats(vgg, image) for _, image in references]
+        # Two views of "looks like its reference": VGG16's statistics are what the texture stage's style term
+        # matches, so a second network's (AlexNet, which no loss sees) tells whether the look moved or only them.
+        views = {"influence": lambda x: vgg(x, all_layers=True), "influence_alex": lpips.features}
+        reference_stats = {k: [feature_stats(f, image) for _, image in references] for k, f in views.items()}
 
     def image_rows(index, path) -> list:
         """All the rows of one image (an error: none of them, so that every mean is over the same images)."""
@@ -148,8 +156,8 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
             outputs = upscale([rz for rz, _ in references])
             extra = {}
             if vgg is not None:
-                stats = [feature_stats(vgg, to_float(o)) for o in outputs]
-                extra = {"influence": reference_influence(stats, reference_stats)}
+                extra = {k: reference_influence([feature_stats(f, to_float(o)) for o in outputs], reference_stats[k])
+                         for k, f in views.items()}
             groups.append(("references", outputs, extra))
         if match_protocol is not None:
             started = time.perf_counter()

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from conftest import smooth_image, write_png
 from refsr_cli.checkpoint import load_backbone, weights_dir
 from refsr_cli.cli import main
-from refsr_cli.evaluate import diversity_score, reference_influence
+from refsr_cli.evaluate import diversity_score, feature_stats, reference_influence
 from refsr_cli.metrics import LPIPSAlex
+from refsr_cli.model import VGG16Features
 
 
 def plain_y(rgb_uint8):
@@ -110,6 +111,16 @@ def test_reference_influence():
     assert reference_influence(leaning, refs) == 1.0
 
 
+def test_feature_stats_of_small_and_thin_images_are_finite():
+    """AlexNet's conv5 is 1x1 under 47 pixels (a standard deviation of one value is NaN): such images are enlarged,
+    a long thin one too."""
+    lpips, vgg = LPIPSAlex(), VGG16Features()
+    for h, w in ((16, 20), (40, 40), (20, 700)):
+        image = np.random.default_rng(h).random((h, w, 3), dtype=np.float32)
+        for features in (lpips.features, lambda x: vgg(x, all_layers=True)):
+            assert torch.isfinite(feature_stats(features, image)).all()
+
+
 def test_eval_cli_with_samples_and_references(tmp_path, checkpoint):
     hr_dir = tmp_path / "hr"
     hr_dir.mkdir()
@@ -129,6 +140,7 @@ def test_eval_cli_with_samples_and_references(tmp_path, checkpoint):
     assert len(data["references"]) == 3 and len(data["rows"]) == 2 * 4
     assert 0 <= data["means"]["samples"]["diversity"] <= 100
     assert 0 <= data["means"]["references"]["influence"] <= 1
+    assert 0 <= data["means"]["references"]["influence_alex"] <= 1
     assert "diversity" in result.output and "influence" in result.output
     samples = [r for r in data["rows"] if r["method"] == "samples"]
     assert data["means"]["samples"]["lr_psnr"] == min(r["lr_psnr"] for r in samples)
