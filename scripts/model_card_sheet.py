@@ -2,6 +2,7 @@
 (T = 0), three prior samples, three gallery references and the HR original, labelled.
 
     python scripts/model_card_sheet.py HR_IMAGE... --scale 8 --refs ../shared/data/refs -o docs/sheet-x8.png
+    python scripts/model_card_sheet.py HR_IMAGE... --refs painting.jpg --refs wallpaper.jpg --refs photo.jpg -o ...
 """
 import argparse
 import sys
@@ -12,7 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from refsr_cli.images import list_images, read_rgb  # noqa: E402
+from refsr_cli.images import expand_inputs, read_rgb  # noqa: E402
 from refsr_cli.options import EngineOptions  # noqa: E402
 from refsr_cli.engine import load_upscaler  # noqa: E402
 from refsr_cli.metrics import bicubic_resize, modcrop  # noqa: E402
@@ -24,12 +25,13 @@ def main():
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--scale", type=int, default=8)
     parser.add_argument("--weights", default=None)
-    parser.add_argument("--refs", type=Path, required=True, help="gallery folder; three evenly spaced are used")
+    parser.add_argument("--refs", action="append", required=True,
+                        help="references (files, folders, globs; repeatable): three evenly spaced are used")
     parser.add_argument("--crop", type=int, default=192, help="window side in output pixels")
     parser.add_argument("-o", "--out", type=Path, required=True)
     args = parser.parse_args()
     up = load_upscaler(args.weights, args.scale, EngineOptions(device="cpu"))
-    gallery = list_images(args.refs)
+    gallery = expand_inputs(args.refs)
     refs = [gallery[i * len(gallery) // 3] for i in range(3)]
     ref_zs = [up.reference_z(read_rgb(p)) for p in refs]
     rows = []
