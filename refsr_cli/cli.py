@@ -191,6 +191,9 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
 @click.option("--style-weight", type=click.FloatRange(min=0), default=TRAIN.style_weight, show_default=True,
               help="Channel mean/std of VGG16 features of the reference outputs against their reference.")
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=TRAIN.kl_weight, show_default=True)
+@click.option("--flat-weight", type=click.FloatRange(min=0), default=TRAIN.flat_weight, show_default=True,
+              help="Texture stage: fine detail of a sample the IMLE did not pick, and of the reference outputs, where "
+                   "the HR crop is flat (0: off).")
 @click.option("--adv-weight", type=click.FloatRange(min=0), default=TRAIN.adv_weight, show_default=True,
               help="PatchGAN adversarial loss (0: no discriminator).")
 @click.option("--perceptual-crop", type=click.IntRange(min=32), default=TRAIN.perceptual_crop, show_default=True,

@@ -38,6 +38,25 @@ def lr_consistency(sr, lr, scale: int):
     return F.l1_loss(downscale(sr, scale), lr)
 
 
+def fine_detail(x, radius: int = 2):
+    """The image minus its box blur over (2 * radius + 1)² pixels: the detail a texture branch adds."""
+    return x - F.avg_pool2d(F.pad(x, [radius] * 4, mode="replicate"), 2 * radius + 1, stride=1)
+
+
+def flat_mask(hr, threshold: float = 0.01, radius: int = 4):
+    """1 where the HR image is flat: the mean absolute fine detail over a (2 * radius + 1)² neighbourhood, over the
+    channels, is under `threshold` (2.5 grey levels); (B, 1, H, W)."""
+    energy = F.avg_pool2d(F.pad(fine_detail(hr).abs().mean(1, keepdim=True), [radius] * 4, mode="replicate"),
+                          2 * radius + 1, stride=1)
+    return (energy < threshold).to(hr.dtype)
+
+
+def detail_on_flats(x, mask):
+    """Mean absolute fine detail of outputs x (B, 3, H, W) where `mask` (B, 1, H, W, of their HR crops) is 1:
+    grain drawn where the photo is flat, which back-projection cannot remove and no HR crop asks for."""
+    return (fine_detail(x).abs() * mask).sum() / (mask.sum() * x.shape[1]).clamp_min(1)
+
+
 def kl_divergence(mu, logvar):
     """KL(N(mu, sigma^2) || N(0, I)), summed over z and averaged over the batch."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()

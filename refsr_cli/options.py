@@ -72,6 +72,10 @@ class TrainOptions:
     content_weight: float = 1.0
     style_weight: float = 1.0
     kl_weight: float = 1e-3
+    # Texture stage: IMLE trains only the nearest of the m samples, so the others may spread grain where the photo is
+    # flat (where the LR leaves no room). This term takes one other sample a crop, and the reference outputs, and
+    # penalises their fine detail (the image minus its blur) where the HR crop has none (0: off).
+    flat_weight: float = 0.0
     adv_weight: float = 0.0  # a PatchGAN discriminator on the outputs (0: none)
     perceptual_crop: int = 96  # HR pixels a side seen by the feature distance and the discriminator
     pool_size: int = 256  # texture stage: crops held with the frozen trunk's outputs ...

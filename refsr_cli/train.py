@@ -32,8 +32,8 @@ from .checkpoint import (build_model, load_checkpoint, load_training_state, read
 from .device import environment_int, pick_device
 from .errors import RefsrError
 from .files import atomic_path
-from .losses import (PatchDiscriminator, discriminator_loss, feature_distance, feature_stats_loss,
-                     generator_adversarial, kl_divergence, lr_consistency)
+from .losses import (PatchDiscriminator, detail_on_flats, discriminator_loss, feature_distance, feature_stats_loss,
+                     flat_mask, generator_adversarial, kl_divergence, lr_consistency)
 from .model import FidelityTrunk, RefVAEConfig
 from .options import TrainOptions
 from .train_data import CropPool, load_training_images, pixel_batch, resized, seeded, to_tensor
@@ -179,7 +179,12 @@ class TextureStage:
         sr = self.decode(lr, fidelity, f_mu, f_sigma, z[chosen], None if grain is None else [g[chosen] for g in grain])
         losses = {"imle": feature_distance(vgg, window(sr), target).mean(), "l1": F.l1_loss(sr, hr),
                   "lr_cons": lr_consistency(sr, lr, opt.scale)}
-        fakes = [sr]
+        fakes, detailed = [sr], []
+        if opt.flat_weight > 0:
+            # One of the samples the IMLE did not pick, per crop: nothing else trains them.
+            other = torch.arange(b) * m + (chosen % m + torch.randint(1, max(m, 2), (b,), generator=gen)) % m
+            detailed.append(self.decode(lr, fidelity, f_mu, f_sigma, z[other],
+                                        None if grain is None else [g[other] for g in grain]))
 
         # Reference outputs: the mean z of a reference (what `upscale --ref` decodes), with fresh grain.
         k = round(b * opt.ref_share)
@@ -195,6 +200,10 @@ class TextureStage:
             losses["kl"] = kl_divergence(mu, logvar)
             losses["lr_cons"] = (losses["lr_cons"] * b + lr_consistency(sr_ref, lr[:k], opt.scale) * k) / (b + k)
             fakes.append(sr_ref)
+            detailed.append(sr_ref)
+        if detailed and opt.flat_weight > 0:
+            masks = flat_mask(hr)
+            losses["flat"] = torch.stack([detail_on_flats(x, masks[:len(x)]) for x in detailed]).mean()
         real, fake = window(hr), window(torch.cat(fakes))
         return losses, (real, fake)
 
@@ -382,7 +391,8 @@ def fit(opt: TrainOptions, progress=None):
             disc.load_state_dict(state["disc"])
             disc_optimizer.load_state_dict(state["disc_optimizer"])
     weights = {"l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight, "imle": opt.imle_weight,
-               "content": opt.content_weight, "style": opt.style_weight, "kl": opt.kl_weight, "adv": opt.adv_weight}
+               "content": opt.content_weight, "style": opt.style_weight, "kl": opt.kl_weight, "adv": opt.adv_weight,
+               "flat": opt.flat_weight}
     log = open_log(opt.out / "log.jsonl", step, opt.resume) if rank == 0 else None
 
     def save(step):

@@ -8,6 +8,7 @@ from PIL import Image
 from conftest import tiny_config, write_png
 from refsr_cli.checkpoint import load_checkpoint
 from refsr_cli.errors import RefsrError
+from refsr_cli.losses import detail_on_flats, flat_mask
 from refsr_cli.options import TrainOptions
 from refsr_cli.train import train
 
@@ -181,10 +182,10 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(data, tmp
 
 
 def test_every_term_is_logged_and_the_discriminator_resumes(data, tmp_path):
-    full = dict(adv_weight=0.1, ref_share=0.5, ref_mix=0.5, steps=4, save_every=2)
+    full = dict(adv_weight=0.1, ref_share=0.5, ref_mix=0.5, flat_weight=1.0, steps=4, save_every=2)
     straight = train(options(data, tmp_path / "straight", **full))
     row = json.loads((tmp_path / "straight" / "log.jsonl").read_text().splitlines()[-1])
-    for term in ("imle", "l1", "lr_cons", "content", "style", "kl", "adv", "disc"):
+    for term in ("imle", "l1", "lr_cons", "content", "style", "kl", "adv", "disc", "flat"):
         assert term in row and np.isfinite(row[term]), term
     with pytest.raises(KeyboardInterrupt):
         train(options(data, tmp_path / "cut", **full), progress=interrupt_at(3))
@@ -392,3 +393,18 @@ def test_resume_drops_a_log_row_cut_short(data, tmp_path):
     train(options(data, run, resume=True))
     steps = [json.loads(r)["step"] for r in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_detail_on_flats_counts_grain_where_the_photo_is_flat_and_nowhere_else():
+    gen = torch.Generator().manual_seed(0)
+    hr = torch.full((1, 3, 64, 64), 0.5)
+    hr[..., 32:] = torch.rand(1, 3, 64, 32, generator=gen)  # flat left half, textured right half
+    mask = flat_mask(hr)
+    assert mask[..., :24].min() == 1 and mask[..., 36:].max() == 0
+    assert detail_on_flats(hr, mask) < 1e-6
+    other_texture = hr.clone()
+    other_texture[..., 32:] = torch.rand(1, 3, 64, 32, generator=gen)
+    assert detail_on_flats(other_texture, mask) < 1e-6  # texture is free where the photo has texture
+    grainy = hr.clone()
+    grainy[..., :32] += 0.05 * torch.randn(1, 3, 64, 32, generator=gen)
+    assert detail_on_flats(grainy, mask) > 0.02
