@@ -200,8 +200,9 @@ class TextureStage:
             losses["kl"] = kl_divergence(mu, logvar)
             losses["lr_cons"] = (losses["lr_cons"] * b + lr_consistency(sr_ref, lr[:k], opt.scale) * k) / (b + k)
             fakes.append(sr_ref)
-            detailed.append(sr_ref)
-        if detailed and opt.flat_weight > 0:
+            if opt.flat_weight > 0:
+                detailed.append(sr_ref)
+        if detailed:
             masks = flat_mask(hr)
             losses["flat"] = torch.stack([detail_on_flats(x, masks[:len(x)]) for x in detailed]).mean()
         real, fake = window(hr), window(torch.cat(fakes))
