@@ -190,6 +190,9 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
               help="VGG16 feature distance of the reference outputs to the HR crop.")
 @click.option("--style-weight", type=click.FloatRange(min=0), default=TRAIN.style_weight, show_default=True,
               help="Channel mean/std of VGG16 features of the reference outputs against their reference.")
+@click.option("--style-where", type=click.Choice(["everywhere", "textured"]), default=TRAIN.style_where,
+              show_default=True, help="Style statistics of the whole output and reference, or of their textured "
+                                      "parts alone (where the HR crop, and the reference, are not flat).")
 @click.option("--kl-weight", type=click.FloatRange(min=0), default=TRAIN.kl_weight, show_default=True)
 @click.option("--flat-weight", type=click.FloatRange(min=0), default=TRAIN.flat_weight, show_default=True,
               help="Texture stage: fine detail of a sample the IMLE did not pick, and of the reference outputs, where "

@@ -23,14 +23,37 @@ def feature_distance(vgg: VGG16Features, x, target: list):
     return distance
 
 
-def feature_stats_loss(vgg: VGG16Features, x, ref):
+def feature_stats_loss(vgg: VGG16Features, x, ref, x_mask=None, ref_mask=None):
     """Style: L1 between channel means and standard deviations of VGG16 features (relu1_2 .. relu4_1), with `x`
-    resized to the reference's size (the size the reference encoder sees)."""
+    resized to the reference's size (the size the reference encoder sees).
+
+    With masks ((B, 1, H, W) of x and of ref, 1 where a pixel counts), the statistics are taken over each image's
+    masked pixels alone, each mask resized to every layer: the textured parts of the output against the textured
+    parts of the reference. An output or reference with under a twentieth of its pixels masked in adds nothing
+    (a flat crop has no texture to take a look from)."""
     x = F.interpolate(x, size=ref.shape[-2:], mode="bicubic", antialias=True, align_corners=False)
-    loss = 0
+    if x_mask is None:
+        loss = 0
+        for a, b in zip(vgg(x, all_layers=True), vgg(ref, all_layers=True)):
+            loss = loss + F.l1_loss(a.mean((2, 3)), b.mean((2, 3))) + F.l1_loss(a.std((2, 3)), b.std((2, 3)))
+        return loss
+    x_mask = F.interpolate(x_mask, size=ref.shape[-2:], mode="area")
+    counted = ((x_mask.mean((1, 2, 3)) >= 0.05) & (ref_mask.mean((1, 2, 3)) >= 0.05)).to(x.dtype)
+    per_image = 0
     for a, b in zip(vgg(x, all_layers=True), vgg(ref, all_layers=True)):
-        loss = loss + F.l1_loss(a.mean((2, 3)), b.mean((2, 3))) + F.l1_loss(a.std((2, 3)), b.std((2, 3)))
-    return loss
+        (a_mean, a_std), (b_mean, b_std) = masked_stats(a, x_mask), masked_stats(b, ref_mask)
+        per_image = per_image + (a_mean - b_mean).abs().mean(1) + (a_std - b_std).abs().mean(1)
+    return (per_image * counted).sum() / counted.sum().clamp_min(1)
+
+
+def masked_stats(features, mask):
+    """Channel means and standard deviations (B, C) of `features` over the pixels where `mask` (B, 1, H, W, at any
+    size: area-resized to the features') is 1, weighted by it."""
+    weight = F.interpolate(mask, size=features.shape[-2:], mode="area")
+    weight = weight / weight.sum((2, 3), keepdim=True).clamp_min(1e-6)
+    mean = (features * weight).sum((2, 3))
+    variance = ((features - mean[..., None, None]).pow(2) * weight).sum((2, 3))
+    return mean, (variance + 1e-8).sqrt()
 
 
 def lr_consistency(sr, lr, scale: int):

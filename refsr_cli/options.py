@@ -71,6 +71,10 @@ class TrainOptions:
     ref_mix: float = 0.5
     content_weight: float = 1.0
     style_weight: float = 1.0
+    # Where the style term takes its statistics: "everywhere" (the whole output against the whole reference), or
+    # "textured" (the output where its HR crop has detail, against the reference where it has): with "everywhere",
+    # a flat crop asked for a painting's contrast could only draw it along the crop's few edges (dark fringes).
+    style_where: str = "everywhere"
     kl_weight: float = 1e-3
     # Texture stage: IMLE trains only the nearest of the m samples, so the others may spread grain where the photo is
     # flat (where the LR leaves no room). This term takes one other sample a crop, and the reference outputs, and

@@ -196,7 +196,10 @@ class TextureStage:
             mu, logvar = model.encode_reference(ref)
             sr_ref = self.decode(lr[:k], fidelity[:k], f_mu[:k], f_sigma[:k], mu, noise(k))
             losses["content"] = feature_distance(vgg, window(sr_ref), [t[:k] for t in target]).mean()
-            losses["style"] = feature_stats_loss(vgg, sr_ref, ref)
+            if opt.style_where == "textured":
+                losses["style"] = feature_stats_loss(vgg, sr_ref, ref, 1 - flat_mask(hr[:k]), 1 - flat_mask(ref))
+            else:
+                losses["style"] = feature_stats_loss(vgg, sr_ref, ref)
             losses["kl"] = kl_divergence(mu, logvar)
             losses["lr_cons"] = (losses["lr_cons"] * b + lr_consistency(sr_ref, lr[:k], opt.scale) * k) / (b + k)
             fakes.append(sr_ref)

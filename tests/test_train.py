@@ -8,7 +8,8 @@ from PIL import Image
 from conftest import tiny_config, write_png
 from refsr_cli.checkpoint import load_checkpoint
 from refsr_cli.errors import RefsrError
-from refsr_cli.losses import detail_on_flats, flat_mask
+from refsr_cli.losses import detail_on_flats, feature_stats_loss, flat_mask, masked_stats
+from refsr_cli.model import VGG16Features
 from refsr_cli.options import TrainOptions
 from refsr_cli.train import train
 
@@ -408,3 +409,34 @@ def test_detail_on_flats_counts_grain_where_the_photo_is_flat_and_nowhere_else()
     grainy = hr.clone()
     grainy[..., :32] += 0.05 * torch.randn(1, 3, 64, 32, generator=gen)
     assert detail_on_flats(grainy, mask) > 0.02
+
+
+def test_masked_stats_of_a_full_mask_are_the_plain_channel_stats():
+    features = torch.rand(2, 5, 9, 7, generator=torch.Generator().manual_seed(0))
+    mean, std = masked_stats(features, torch.ones(2, 1, 18, 14))
+    assert torch.allclose(mean, features.mean((2, 3)), atol=1e-6)
+    assert torch.allclose(std, features.std((2, 3), correction=0), atol=1e-4)
+
+
+def test_a_textured_style_term_compares_texture_with_texture_and_leaves_flat_crops_out():
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    vgg = VGG16Features()  # random weights: equal textures still give equal statistics
+    texture = torch.rand(1, 3, 64, 64, generator=gen)
+    ref = torch.rand(1, 3, 64, 64, generator=gen)  # the same kind of texture, all over
+    out = torch.full((1, 3, 64, 64), 0.5)
+    out[..., 32:] = texture[..., 32:]  # a crop half flat, half that texture
+    textured, ref_textured = 1 - flat_mask(out), 1 - flat_mask(ref)
+    everywhere = feature_stats_loss(vgg, out, ref)
+    masked = feature_stats_loss(vgg, out, ref, textured, ref_textured)
+    assert masked < everywhere / 3  # the flat half no longer asks for the reference's texture
+    flat = torch.full((1, 3, 64, 64), 0.5, requires_grad=True)
+    loss = feature_stats_loss(vgg, flat, ref, 1 - flat_mask(flat.detach()), ref_textured)
+    loss.backward()
+    assert loss == 0 and torch.isfinite(flat.grad).all()  # nothing to take a look from, and no NaN
+
+
+def test_training_with_the_textured_style_term(data, tmp_path):
+    train(options(data, tmp_path / "run", steps=2, ref_share=1.0, style_where="textured"))
+    row = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(row["style"]) and row["style"] > 0
