@@ -46,6 +46,13 @@ def feature_stats_loss(vgg: VGG16Features, x, ref, x_mask=None, ref_mask=None):
     return (per_image * counted).sum() / counted.sum().clamp_min(1)
 
 
+def away_from_border(mask, margin: int):
+    """`mask` (B, 1, H, W) with its outer `margin` pixels set to 0."""
+    inner = torch.zeros_like(mask)
+    inner[..., margin:-margin, margin:-margin] = 1
+    return mask * inner
+
+
 def masked_stats(features, mask):
     """Channel means and standard deviations (B, C) of `features` over the pixels where `mask` (B, 1, H, W, at any
     size: area-resized to the features') is 1, weighted by it."""

@@ -32,8 +32,8 @@ from .checkpoint import (build_model, load_checkpoint, load_training_state, read
 from .device import environment_int, pick_device
 from .errors import RefsrError
 from .files import atomic_path
-from .losses import (PatchDiscriminator, detail_on_flats, discriminator_loss, feature_distance, feature_stats_loss,
-                     flat_mask, generator_adversarial, kl_divergence, lr_consistency)
+from .losses import (PatchDiscriminator, away_from_border, detail_on_flats, discriminator_loss, feature_distance,
+                     feature_stats_loss, flat_mask, generator_adversarial, kl_divergence, lr_consistency)
 from .model import FidelityTrunk, RefVAEConfig
 from .options import TrainOptions
 from .train_data import CropPool, load_training_images, pixel_batch, resized, seeded, to_tensor
@@ -197,7 +197,11 @@ class TextureStage:
             sr_ref = self.decode(lr[:k], fidelity[:k], f_mu[:k], f_sigma[:k], mu, noise(k))
             losses["content"] = feature_distance(vgg, window(sr_ref), [t[:k] for t in target]).mean()
             if opt.style_where == "textured":
-                losses["style"] = feature_stats_loss(vgg, sr_ref, ref, 1 - flat_mask(hr[:k]), 1 - flat_mask(ref))
+                # Not the crop's border either: a painting's contrast drawn there (where the convolutions' zero
+                # padding lets the branch tell it is at an edge) would pass for texture, and `upscale --ref` then
+                # framed whole images with dark strokes (docs/sheets/x8-imle-textured-step450.png).
+                textured = away_from_border(1 - flat_mask(hr[:k]), 2 * opt.scale)
+                losses["style"] = feature_stats_loss(vgg, sr_ref, ref, textured, 1 - flat_mask(ref))
             else:
                 losses["style"] = feature_stats_loss(vgg, sr_ref, ref)
             losses["kl"] = kl_divergence(mu, logvar)

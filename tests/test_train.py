@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import tiny_config, write_png
 from refsr_cli.checkpoint import load_checkpoint
 from refsr_cli.errors import RefsrError
-from refsr_cli.losses import detail_on_flats, feature_stats_loss, flat_mask, masked_stats
+from refsr_cli.losses import away_from_border, detail_on_flats, feature_stats_loss, flat_mask, masked_stats
 from refsr_cli.model import VGG16Features
 from refsr_cli.options import TrainOptions
 from refsr_cli.train import train
@@ -440,3 +440,9 @@ def test_training_with_the_textured_style_term(data, tmp_path):
     train(options(data, tmp_path / "run", steps=2, ref_share=1.0, style_where="textured"))
     row = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(row["style"]) and row["style"] > 0
+
+
+def test_away_from_border_clears_the_margin_and_keeps_the_inside():
+    mask = away_from_border(torch.ones(2, 1, 20, 24), 4)
+    assert mask[..., 4:16, 4:20].min() == 1
+    assert mask.sum() == 2 * 12 * 16  # everything else, the 4-pixel frame, is 0
