@@ -27,17 +27,13 @@ def feature_stats_loss(vgg: VGG16Features, x, ref, x_mask=None, ref_mask=None):
     """Style: L1 between channel means and standard deviations of VGG16 features (relu1_2 .. relu4_1), with `x`
     resized to the reference's size (the size the reference encoder sees).
 
-    With masks ((B, 1, H, W) of x and of ref, 1 where a pixel counts), the statistics are taken over each image's
-    masked pixels alone, each mask resized to every layer: the textured parts of the output against the textured
-    parts of the reference. An output or reference with under a twentieth of its pixels masked in adds nothing
-    (a flat crop has no texture to take a look from)."""
+    With masks ((B, 1, H, W) of x and of ref, 1 where a pixel counts; None: every pixel), the statistics are taken
+    over each image's masked pixels alone, each mask resized to every layer: e.g. the textured parts of the output
+    against the textured parts of the reference. An output or reference with under a twentieth of its pixels masked
+    in adds nothing (a flat crop has no texture to take a look from)."""
     x = F.interpolate(x, size=ref.shape[-2:], mode="bicubic", antialias=True, align_corners=False)
-    if x_mask is None:
-        loss = 0
-        for a, b in zip(vgg(x, all_layers=True), vgg(ref, all_layers=True)):
-            loss = loss + F.l1_loss(a.mean((2, 3)), b.mean((2, 3))) + F.l1_loss(a.std((2, 3)), b.std((2, 3)))
-        return loss
-    x_mask = F.interpolate(x_mask, size=ref.shape[-2:], mode="area")
+    x_mask = torch.ones_like(x[:, :1]) if x_mask is None else F.interpolate(x_mask, size=ref.shape[-2:], mode="area")
+    ref_mask = torch.ones_like(ref[:, :1]) if ref_mask is None else ref_mask
     counted = ((x_mask.mean((1, 2, 3)) >= 0.05) & (ref_mask.mean((1, 2, 3)) >= 0.05)).to(x.dtype)
     per_image = 0
     for a, b in zip(vgg(x, all_layers=True), vgg(ref, all_layers=True)):

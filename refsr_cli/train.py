@@ -196,14 +196,13 @@ class TextureStage:
             mu, logvar = model.encode_reference(ref)
             sr_ref = self.decode(lr[:k], fidelity[:k], f_mu[:k], f_sigma[:k], mu, noise(k))
             losses["content"] = feature_distance(vgg, window(sr_ref), [t[:k] for t in target]).mean()
+            style_masks = (None, None)
             if opt.style_where == "textured":
                 # Not the crop's border either: a painting's contrast drawn there (where the convolutions' zero
                 # padding lets the branch tell it is at an edge) would pass for texture, and `upscale --ref` then
-                # framed whole images with dark strokes (docs/sheets/x8-imle-textured-step450.png).
-                textured = away_from_border(1 - flat_mask(hr[:k]), 2 * opt.scale)
-                losses["style"] = feature_stats_loss(vgg, sr_ref, ref, textured, 1 - flat_mask(ref))
-            else:
-                losses["style"] = feature_stats_loss(vgg, sr_ref, ref)
+                # framed whole images with dark strokes (docs/sheets/x8-imle-textured-step450-style-in2-whole.png).
+                style_masks = away_from_border(1 - flat_mask(hr[:k]), 2 * opt.scale), 1 - flat_mask(ref)
+            losses["style"] = feature_stats_loss(vgg, sr_ref, ref, *style_masks)
             losses["kl"] = kl_divergence(mu, logvar)
             losses["lr_cons"] = (losses["lr_cons"] * b + lr_consistency(sr_ref, lr[:k], opt.scale) * k) / (b + k)
             fakes.append(sr_ref)
