@@ -28,7 +28,20 @@ PANELS = [
         ("+800, lr 1e-4", "texture2-x4-log.jsonl", "val_lpips", 1000)]),
     ("x2 texture: val LPIPS, one prior sample", [
         ("1000 steps", "texture-x2-log.jsonl", "val_lpips", 0)]),
-]
+] + [
+    (f"x8 texture by IMLE: val {title}, mean of 4 samples", [
+        ("IMLE", "imle-x8-log.jsonl", metric, 0),
+        ("IMLE", "imle2-x8-log.jsonl", metric, 500),
+        ("style 3", "imle3-x8-style3-log.jsonl", metric, 900),
+        ("flat 20", "imle-flat20-x8-log.jsonl", metric, 1250),
+        ("flat 100", "imle-flat100-x8-log.jsonl", metric, 1400),
+        ("textured style 3", "imle-textured-x8-log.jsonl", metric, 1550),
+        ("textured style 3", "imle-textured2-x8-log.jsonl", metric, 2000)])
+    for title, metric in (("LPIPS", "val_lpips"), ("diversity", "val_diversity"))
+] + [
+    (f"x4 texture by IMLE: val {title}, mean of 4 samples (shipped x4: {shipped})", [
+        ("IMLE + flat 100", "imle-x4-log.jsonl", metric, 0)])
+    for title, metric, shipped in (("LPIPS", "val_lpips", 0.132), ("diversity", "val_diversity", 6.7))]
 
 
 def points(log: Path, metric, offset: int) -> list[tuple[float, float]]:
