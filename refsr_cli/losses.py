@@ -45,7 +45,7 @@ def feature_stats_loss(vgg: VGG16Features, x, ref, x_mask=None, ref_mask=None):
 def away_from_border(mask, margin: int):
     """`mask` (B, 1, H, W) with its outer `margin` pixels set to 0."""
     inner = torch.zeros_like(mask)
-    inner[..., margin:-margin, margin:-margin] = 1
+    inner[..., margin:mask.shape[-2] - margin, margin:mask.shape[-1] - margin] = 1  # margin 0: all of it
     return mask * inner
 
 

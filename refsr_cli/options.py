@@ -73,7 +73,7 @@ class TrainOptions:
     style_weight: float = 1.0
     # Where the style term takes its statistics: "everywhere" (the whole output against the whole reference), or
     # "textured" (the output where its HR crop has detail, against the reference where it has): with "everywhere",
-    # a flat crop asked for a painting's contrast could only draw it along the crop's few edges (dark fringes).
+    # a flat crop asked for a painting's contrast could only draw it on its few edges and its border.
     style_where: str = "everywhere"
     kl_weight: float = 1e-3
     # Texture stage: IMLE trains only the nearest of the m samples, so the others may spread grain where the photo is

@@ -186,6 +186,8 @@ class TextureStage:
             detailed.append(self.decode(lr, fidelity, f_mu, f_sigma, z[other],
                                         None if grain is None else [g[other] for g in grain]))
 
+        # Where the HR crops are flat: for the flat term and the textured style term (computed once for both).
+        flats = flat_mask(hr) if opt.flat_weight > 0 or opt.style_where == "textured" else None
         # Reference outputs: the mean z of a reference (what `upscale --ref` decodes), with fresh grain.
         k = round(b * opt.ref_share)
         if k:
@@ -201,7 +203,7 @@ class TextureStage:
                 # Not the crop's border either: a painting's contrast drawn there (where the convolutions' zero
                 # padding lets the branch tell it is at an edge) would pass for texture, and `upscale --ref` then
                 # framed whole images with dark strokes (docs/sheets/x8-imle-textured-step450-style-in2-whole.png).
-                style_masks = away_from_border(1 - flat_mask(hr[:k]), 2 * opt.scale), 1 - flat_mask(ref)
+                style_masks = away_from_border(1 - flats[:k], 2 * opt.scale), 1 - flat_mask(ref)
             losses["style"] = feature_stats_loss(vgg, sr_ref, ref, *style_masks)
             losses["kl"] = kl_divergence(mu, logvar)
             losses["lr_cons"] = (losses["lr_cons"] * b + lr_consistency(sr_ref, lr[:k], opt.scale) * k) / (b + k)
@@ -209,8 +211,7 @@ class TextureStage:
             if opt.flat_weight > 0:
                 detailed.append(sr_ref)
         if detailed:
-            masks = flat_mask(hr)
-            losses["flat"] = torch.stack([detail_on_flats(x, masks[:len(x)]) for x in detailed]).mean()
+            losses["flat"] = torch.stack([detail_on_flats(x, flats[:len(x)]) for x in detailed]).mean()
         real, fake = window(hr), window(torch.cat(fakes))
         return losses, (real, fake)
 
