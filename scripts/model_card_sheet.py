@@ -28,6 +28,7 @@ def main():
     parser.add_argument("--refs", action="append", required=True,
                         help="references (files, folders, globs; repeatable): three evenly spaced are used")
     parser.add_argument("--crop", type=int, default=192, help="window side in output pixels")
+    parser.add_argument("--temperature", type=float, default=1.0, help="the prior samples' temperature")
     parser.add_argument("-o", "--out", type=Path, required=True)
     args = parser.parse_args()
     up = load_upscaler(args.weights, args.scale, EngineOptions(device="cpu"))
@@ -40,9 +41,10 @@ def main():
         lr = bicubic_resize(hr, (hr.width // args.scale, hr.height // args.scale))
         lr_f = np.asarray(lr, dtype=np.float32) / 255
         window = sheet_window(lr_f, args.scale, args.crop)
-        outputs = up.upscale(lr_f, [None] + [up.prior_z(seed, 1.0) for seed in range(3)] + ref_zs)
+        outputs = up.upscale(lr_f, [None] + [up.prior_z(seed, args.temperature) for seed in range(3)] + ref_zs)
         tiles = [np.asarray(bicubic_resize(lr, hr.size))] + outputs + [np.asarray(hr)]
-        labels = (["bicubic", "T=0"] + [f"--seed {s}" for s in range(3)] + [f"--ref {p.stem[:18]}" for p in refs]
+        at_t = f" T={args.temperature:g}" if args.temperature != 1 else ""
+        labels = (["bicubic", "T=0"] + [f"--seed {s}{at_t}" for s in range(3)] + [f"--ref {p.stem[:18]}" for p in refs]
                   + [f"HR {path.stem}"])
         rows.append(contact_sheet([t[window] for t in tiles], labels, columns=len(tiles)))
     sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
