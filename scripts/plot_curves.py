@@ -11,7 +11,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 RUNS = Path(__file__).resolve().parent.parent / "docs" / "runs"
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+EVALS = RUNS.parent / "eval" / "x8-imle"
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 # (title, [(label, log file, metric, steps before the run started)]); a run continued from another starts at its
 # parent's last step.
@@ -36,12 +37,21 @@ PANELS = [
         ("flat 20", "imle-flat20-x8-log.jsonl", metric, 1250),
         ("flat 100", "imle-flat100-x8-log.jsonl", metric, 1400),
         ("textured style 3", "imle-textured-x8-log.jsonl", metric, 1550),
-        ("textured style 3", "imle-textured2-x8-log.jsonl", metric, 2000)])
+        ("textured style 3", "imle-textured2-x8-log.jsonl", metric, 2000),
+        ("textured style 1", "imle-textured1-x8-log.jsonl", metric, 2000),
+        ("textured style 1", "imle-textured1b-x8-log.jsonl", metric, 2125)])
     for title, metric in (("LPIPS", "val_lpips"), ("diversity", "val_diversity"))
 ] + [
     (f"x4 texture by IMLE: val {title}, mean of 4 samples (shipped x4: {shipped})", [
         ("IMLE + flat 100", "imle-x4-log.jsonl", metric, 0)])
     for title, metric, shipped in (("LPIPS", "val_lpips", 0.132), ("diversity", "val_diversity", 6.7))]
+
+# The x8 samples' LPIPS against their diversity as the sample temperature goes 0, 1, 1.5, 2, 3 (`refsr eval` of the
+# six val crops, 10 samples; JSON in docs/eval/x8-imle/): temperature moves a checkpoint along its own front,
+# training moves the front. T = 0 is the point at diversity 0 (every sample the same).
+FRONT = ("x8 samples on 6 val crops: LPIPS (y) against diversity (x), T = 0..3", [
+    ("shipped x8", "valcrops-shipped*.json"),
+    ("textured style 1, +125", "valcrops-textured1-step125*.json")])
 
 
 def points(log: Path, metric, offset: int) -> list[tuple[float, float]]:
@@ -56,10 +66,21 @@ def points(log: Path, metric, offset: int) -> list[tuple[float, float]]:
     return out
 
 
-def draw_panel(title: str, series: list[tuple[str, list[tuple[float, float]]]], size=(520, 340)) -> Image.Image:
+def front_points(pattern: str) -> list[tuple[float, float]]:
+    """(diversity, LPIPS) of the samples in each eval JSON matching pattern, and the T = 0 point (0, its LPIPS)."""
+    pts = set()
+    for path in EVALS.glob(pattern):
+        means = json.loads(path.read_text())["means"]
+        pts.add((0.0, means["refsr"]["lpips"]))
+        pts.add((means["samples"]["diversity"], means["samples"]["lpips"]))
+    return sorted(pts)
+
+
+def draw_panel(title: str, series: list[tuple[str, list[tuple[float, float]]]], xlabel="step",
+               size=(520, 360)) -> Image.Image:
     panel = Image.new("RGB", size, "white")
     draw, font = ImageDraw.Draw(panel), ImageFont.load_default()
-    left, top, right, bottom = 56, 24, size[0] - 16, size[1] - 48
+    left, top, right, bottom = 56, 24, size[0] - 16, size[1] - 62
     xs = [x for _, pts in series for x, _ in pts] + [0]
     ys = [y for _, pts in series for _, y in pts]
     x0, x1 = 0, max(xs)
@@ -78,7 +99,7 @@ def draw_panel(title: str, series: list[tuple[str, list[tuple[float, float]]]], 
         draw.text((4, at(0, y)[1] - 5), f"{y:.{digits}f}", fill="black", font=font)
         x = x0 + (x1 - x0) * i / 4
         draw.text((at(x, y0)[0] - 10, bottom + 4), f"{x:.0f}", fill="black", font=font)
-    draw.text((right - 30, bottom + 16), "step", fill="black", font=font)
+    draw.text((right - draw.textlength(xlabel, font=font), bottom + 16), xlabel, fill="black", font=font)
     labels = list(dict.fromkeys(label for label, _ in series))
     for label, pts in series:
         colour = COLOURS[labels.index(label) % len(COLOURS)]
@@ -87,9 +108,10 @@ def draw_panel(title: str, series: list[tuple[str, list[tuple[float, float]]]], 
             draw.line(coords, fill=colour, width=2)
         for cx, cy in coords:
             draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
-    x = left
-    for i, label in enumerate(labels):  # legend, one row under the axis
-        y = size[1] - 16
+    x, y = left, size[1] - 30
+    for i, label in enumerate(labels):  # legend under the axis, two rows where one is not wide enough
+        if x + 36 + draw.textlength(label, font=font) > size[0]:
+            x, y = left, y + 14
         draw.line((x, y + 6, x + 16, y + 6), fill=COLOURS[i % len(COLOURS)], width=2)
         draw.text((x + 20, y), label, fill="black", font=font)
         x += 20 + draw.textlength(label, font=font) + 16
@@ -106,6 +128,8 @@ def main():
         for label, log, metric, offset in runs:  # one line per label: a trunk and its continuation join up
             series.setdefault(label, []).extend(points(RUNS / log, metric, offset))
         panels.append(draw_panel(title, [(label, sorted(pts)) for label, pts in series.items()]))
+    title, fronts = FRONT
+    panels.append(draw_panel(title, [(label, front_points(pattern)) for label, pattern in fronts], "diversity"))
     w, h = panels[0].size
     sheet = Image.new("RGB", (2 * w, h * ((len(panels) + 1) // 2)), "white")
     for i, panel in enumerate(panels):
