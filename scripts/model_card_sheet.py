@@ -31,6 +31,8 @@ def main():
     parser.add_argument("--temperature", type=float, default=1.0, help="the prior samples' temperature")
     parser.add_argument("-o", "--out", type=Path, required=True)
     args = parser.parse_args()
+    if not args.temperature >= 0:  # also refuses nan
+        parser.error(f"--temperature {args.temperature}: must be 0 or more")
     up = load_upscaler(args.weights, args.scale, EngineOptions(device="cpu"))
     gallery = expand_inputs(args.refs)
     refs = [gallery[i * len(gallery) // 3] for i in range(3)]
