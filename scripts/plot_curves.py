@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 RUNS = Path(__file__).resolve().parent.parent / "docs" / "runs"
 EVALS = RUNS.parent / "eval" / "x8-imle"
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
 
 # (title, [(label, log file, metric, steps before the run started)]); a run continued from another starts at its
 # parent's last step.
@@ -39,7 +39,8 @@ PANELS = [
         ("textured style 3", "imle-textured-x8-log.jsonl", metric, 1550),
         ("textured style 3", "imle-textured2-x8-log.jsonl", metric, 2000),
         ("textured style 1", "imle-textured1-x8-log.jsonl", metric, 2000),
-        ("textured style 1", "imle-textured1b-x8-log.jsonl", metric, 2125)])
+        ("textured style 1", "imle-textured1b-x8-log.jsonl", metric, 2125),
+        ("16 latents", "imle-m16-x8-log.jsonl", metric, 2725)])
     for title, metric in (("LPIPS", "val_lpips"), ("diversity", "val_diversity"))
 ] + [
     (f"x4 texture by IMLE: val {title}, mean of 4 samples (shipped x4: {shipped})", [
@@ -48,10 +49,13 @@ PANELS = [
 
 # The x8 samples' LPIPS against their diversity as the sample temperature goes 0, 1, 1.5, 2, 3 (`refsr eval` of the
 # six val crops, 10 samples; JSON in docs/eval/x8-imle/): temperature moves a checkpoint along its own front,
-# training moves the front. T = 0 is the point at diversity 0 (every sample the same).
+# training moves the front. T = 0 is the point at diversity 0 (every sample the same); the later checkpoints were
+# measured at T = 1 only.
 FRONT = ("x8 samples on 6 val crops: LPIPS (y) against diversity (x), T = 0..3", [
     ("shipped x8", "valcrops-shipped*.json"),
-    ("textured style 1, +125", "valcrops-textured1-step125*.json")])
+    ("textured style 1, +125", "valcrops-textured1-step125*.json"),
+    ("+600 more (T = 1)", "valcrops-textured1b-step600*.json"),
+    ("16 latents, +200 (T = 1)", "valcrops-m16-step200*.json")])
 
 
 def points(log: Path, metric, offset: int) -> list[tuple[float, float]]:
