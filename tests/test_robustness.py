@@ -328,9 +328,12 @@ def test_signal_mid_batch_keeps_finished_outputs(tmp_path, checkpoint, sig, code
     for i in range(40):
         write_png(photos / f"p{i:02d}.png", 48, 48, seed=i)
     out = tmp_path / "out"
+    # SIGINT at its default in the child: a shell that starts this suite in the background ignores it, and an
+    # ignored signal stays ignored across exec (refsr rightly leaves it so).
     proc = subprocess.Popen([sys.executable, "-m", "refsr_cli", "sample", str(photos), "--n", "4", "--scale", "2",
                              "--weights", str(checkpoint), "-o", str(out), "--device", "cpu", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.png"))) < 3:
         time.sleep(0.05)
@@ -407,6 +410,7 @@ def test_32_bit_and_float_tiffs_are_read_or_refused_clearly(tmp_path, checkpoint
 def test_a_signal_while_a_file_is_written_waits_until_it_is_reported():
     from refsr_cli.batch import Terminated, on_sigterm, signals_held
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, even when started ignored
     done = []
     try:
         with pytest.raises(Terminated):
@@ -419,7 +423,8 @@ def test_a_signal_while_a_file_is_written_waits_until_it_is_reported():
                 signal.raise_signal(signal.SIGINT)
                 time.sleep(0.05)
                 done.append("again")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored by signals_held
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert done == ["written and reported", "again"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
