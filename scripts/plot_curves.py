@@ -38,8 +38,7 @@ PANELS = [
         ("flat 100", "imle-flat100-x8-log.jsonl", metric, 1400),
         ("textured style 3", "imle-textured-x8-log.jsonl", metric, 1550),
         ("textured style 3", "imle-textured2-x8-log.jsonl", metric, 2000),
-        ("textured style 1", "imle-textured1-x8-log.jsonl", metric, 2000),
-        ("textured style 1", "imle-textured1b-x8-log.jsonl", metric, 2125),
+        ("textured style 1", "imle-textured1b-x8-log.jsonl", metric, 2125),  # its parent logged no val point
         ("16 latents", "imle-m16-x8-log.jsonl", metric, 2725)])
     for title, metric in (("LPIPS", "val_lpips"), ("diversity", "val_diversity"))
 ] + [
