@@ -13,6 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from refsr_cli.files import atomic_path  # noqa: E402
 from refsr_cli.images import expand_inputs, read_rgb  # noqa: E402
 from refsr_cli.options import EngineOptions  # noqa: E402
 from refsr_cli.engine import load_upscaler  # noqa: E402
@@ -33,9 +34,14 @@ def main():
     args = parser.parse_args()
     if not args.temperature >= 0:  # also refuses nan
         parser.error(f"--temperature {args.temperature}: must be 0 or more")
-    up = load_upscaler(args.weights, args.scale, EngineOptions(device="cpu"))
     gallery = expand_inputs(args.refs)
     refs = [gallery[i * len(gallery) // 3] for i in range(3)]
+    out_format = Image.registered_extensions().get(args.out.suffix.lower())
+    if out_format is None:
+        parser.error(f"-o {args.out}: give an image file name (.png, .jpg, ...)")
+    if args.out.resolve() in {p.resolve() for p in [*args.images, *gallery]}:
+        parser.error(f"-o {args.out} is an input of this run; it is never overwritten")
+    up = load_upscaler(args.weights, args.scale, EngineOptions(device="cpu"))
     ref_zs = [up.reference_z(read_rgb(p)) for p in refs]
     rows = []
     for path in args.images:
@@ -55,7 +61,8 @@ def main():
         sheet.paste(r, (0, y))
         y += r.height
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.out)
+    with atomic_path(args.out) as tmp:  # never a half-written sheet
+        sheet.save(tmp, format=out_format)
     print(f"wrote {args.out} ({sheet.width}x{sheet.height})")
 
 
