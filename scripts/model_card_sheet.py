@@ -13,6 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from refsr_cli.errors import RefsrError  # noqa: E402
 from refsr_cli.files import atomic_path  # noqa: E402
 from refsr_cli.images import expand_inputs, read_rgb  # noqa: E402
 from refsr_cli.options import EngineOptions  # noqa: E402
@@ -67,4 +68,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RefsrError as e:  # an unreadable image or reference, bad weights: one line, not a traceback
+        sys.exit(f"model_card_sheet.py: error: {e}")
