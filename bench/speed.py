@@ -185,18 +185,59 @@ def cli_times(weights, repeats: int = 3):
     with tempfile.TemporaryDirectory() as tmp:
         lr = Path(tmp) / "lr.png"
         Image.fromarray((synthetic(128) * 255).round().astype(np.uint8)).save(lr)
+        ref = painting(Path(tmp) / "ref1024.png", 1024)
         out = ["-o", tmp, "-q", "--overwrite", *use]
         result = {"import_torch_seconds": best([sys.executable, "-c", "import torch"]),
                   "upscale_seconds": best(refsr + ["upscale", str(lr), *out]),
+                  "upscale_ref1024_seconds": best(refsr + ["upscale", str(lr), "--ref", str(ref), *out]),
                   "sample_n1_seconds": best(refsr + ["sample", str(lr), "--n", "1", *out]),
                   "sample_n10_seconds": best(refsr + ["sample", str(lr), "--n", "10", *out]),
                   "info_seconds": best(refsr + ["info", str(Path(tmp) / "lr_x8.png")]),
                   "help_seconds": best(refsr + ["--help"])}
     result["extra_sample_seconds"] = (result["sample_n10_seconds"] - result["sample_n1_seconds"]) / 9
+    result["reference_adds_seconds"] = result["upscale_ref1024_seconds"] - result["upscale_seconds"]
     torch_s = result["import_torch_seconds"]
     for k, v in result.items():
         over = f"  (import torch {v - torch_s:+.2f} s)" if k in ("upscale_seconds", "sample_n1_seconds") else ""
         print(f"  {k:<24} {v:>7.2f} s{over}")
+    return result
+
+
+def painting(path: Path, size: int) -> Path:
+    """The shipped example painting (examples/painting.jpg) resized to size x size, as a PNG reference."""
+    Image.open(ROOT / "examples" / "painting.jpg").convert("RGB").resize((size, size), Image.BICUBIC).save(path)
+    return path
+
+
+def analogy_costs(weights, repeats: int = 5):
+    """The texture analogy's own costs: loading the shipped bank's part of one scale (in this process, median of
+    `repeats`), and the peak memory (RSS) of a whole `upscale` of a 256² LR at 8x with a 4096² reference, in a
+    fresh process."""
+    from refsr_cli.analogy import TEXTURE_BANK, load_bank
+    from refsr_cli.checkpoint import weights_dir
+    load_bank(weights_dir() / TEXTURE_BANK, 8)  # the file in the page cache, as on any run after the first
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        load_bank(weights_dir() / TEXTURE_BANK, 8)
+        times.append(time.perf_counter() - start)
+    use = ["--weights", str(weights)] if weights else []
+    with tempfile.TemporaryDirectory() as tmp:
+        lr = Path(tmp) / "lr.png"
+        Image.fromarray((synthetic(256) * 255).round().astype(np.uint8)).save(lr)
+        ref = painting(Path(tmp) / "ref4096.png", 4096)
+        # The command in a fresh process that reports its own peak RSS (VmHWM) as it exits.
+        script = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_module('refsr_cli', "
+                  "run_name='__main__')\nfinally:\n    print([l for l in open('/proc/self/status') "
+                  "if l.startswith('VmHWM')][0].split()[1], file=sys.stderr)")
+        done = subprocess.run([sys.executable, "-c", script, "refsr", "upscale", str(lr), "--ref", str(ref),
+                               "-o", tmp, "-q", *use], capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            sys.exit(f"speed.py: the 4096² reference run failed: {done.stderr.strip()}")
+        peak = int(done.stderr.split()[-1]) / 1024
+    result = {"bank_load_seconds": statistics.median(times), "upscale_ref4096_lr256_peak_mib": peak}
+    for k, v in result.items():
+        print(f"  {k:<32} {v:>8.2f}")
     return result
 
 
@@ -230,7 +271,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--weights", default=None, help="checkpoint [default: the shipped x8]")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--parts", nargs="+", default=["graphs", "breakdown", "samples", "arithmetic", "cli"],
+    parser.add_argument("--parts", nargs="+",
+                        default=["graphs", "breakdown", "samples", "arithmetic", "cli", "analogy"],
                         help="which parts to run (default: all)")
     parser.add_argument("--memory-case", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,7 +289,9 @@ def main():
              ("breakdown", "where one upscale of a 128x128 LR with a new reference goes", lambda: breakdown(device, ours)),
              ("samples", "sample --n 10 against --n 1 (128x128 LR)", lambda: samples_cost(device, ours)),
              ("arithmetic", "arithmetic rate of the decoder (128x128 LR)", lambda: arithmetic_rate(device, ours)),
-             ("cli", "whole CLI processes (wall, best of 3)", lambda: cli_times(args.weights))]
+             ("cli", "whole CLI processes (wall, best of 3)", lambda: cli_times(args.weights)),
+             ("analogy", "the texture analogy: loading the bank, memory with a 4096² reference",
+              lambda: analogy_costs(args.weights))]
     for name, title, run in parts:
         if name in args.parts and not (name == "cli" and device.type != "cpu"):
             print(f"\n{title}")

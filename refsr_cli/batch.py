@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .device import launcher_shard
-from .engine import Latent, load_upscaler
+from .analogy import Texture
+from .engine import Latent, Latents, load_upscaler
 from .errors import RefsrError
 from .files import sha256_of
 from .images import (IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb, software_tag, unique_stems,
@@ -222,11 +223,13 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
         raise RefsrError(f"{opt.out}: cannot create the output folder ({e.strerror or e})") from None
     record = {"refsr": software_tag(), "command": command, "scale": opt.scale, "temperature": opt.temperature,
               "weights": opt.weights or "shipped", "weights_sha256": sha256_of(upscaler.weights_path),
-              "tile": opt.tile, "tile_pad": opt.tile_pad, "consistency_steps": opt.consistency_steps}
+              "tile": opt.tile, "tile_pad": opt.tile_pad, "consistency_steps": opt.consistency_steps,
+              "texture": opt.texture, "strength": opt.strength}
     plan = Plan(opt, command, upscaler, folder, single, ext, [], record=record,
                 passed_in={p.resolve() for p in lr_paths + ref_paths + [upscaler.weights_path]})
-    if seeds is not None:
-        plan.variants = [Variant(f"s{seed}", {"seed": seed}, upscaler.prior_z(seed, opt.temperature))
+    latents = Latents(upscaler, opt.texture, opt.strength)
+    if seeds is not None and not ref_paths:
+        plan.variants = [Variant(f"s{seed}", {"seed": seed}, latents.prior(seed, opt.temperature))
                          for seed in seeds]
     matched = []
     for path, stem in zip(ref_paths, unique_stems(ref_paths)):  # each reference read and encoded once
@@ -237,14 +240,17 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
                 matched.append(path)
                 del image  # its float copy, before the next reference is read
                 continue
-            z = upscaler.reference_z(image, opt.temperature, opt.seed)
+            source = latents.reference(image, str(path))
         except RefsrError as e:
             report.failed(f"reference {e}")
             continue
-        # Another --seed is another grain (and draw): another name.
-        plan.variants.append(Variant(f"{stem}_s{opt.seed}" if opt.seed else stem,
-                                     {"reference": str(path), "reference_sha256": sha256_of(path), "seed": opt.seed},
-                                     z))
+        fields = {"reference": str(path), "reference_sha256": sha256_of(path)}
+        if seeds is not None:  # sample --ref: --n draws from each reference
+            plan.variants += [Variant(f"{stem}_s{seed}", fields | {"seed": seed},
+                                      latents.draw(source, seed, opt.temperature)) for seed in seeds]
+        else:  # another --seed is another grain (and draw): another name
+            plan.variants.append(Variant(f"{stem}_s{opt.seed}" if opt.seed else stem, fields | {"seed": opt.seed},
+                                         latents.draw(source, opt.seed, opt.temperature)))
     if matched:  # one output per input from all the references together
         plan.variants.append(Variant("match", {"references": [str(p) for p in matched],
                                                "references_sha256": [sha256_of(p) for p in matched],
@@ -252,13 +258,14 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     if ref_paths and not plan.variants:
         raise RefsrError("no usable reference")
     if not plan.variants:  # no reference: the fidelity output (temperature 0), or a prior sample of --seed
-        plan.variants = [Variant(f"s{opt.seed}", {"seed": opt.seed}, upscaler.prior_z(opt.seed, opt.temperature))
+        plan.variants = [Variant(f"s{opt.seed}", {"seed": opt.seed}, latents.prior(opt.seed, opt.temperature))
                          if opt.temperature > 0 else Variant("", {}, None)]
     if opt.walk is not None:
         if len(plan.variants) != 2:
             raise RefsrError(f"a walk goes between two seeds or two references, not {len(plan.variants)}")
         plan.variants = walk_variants(plan.variants, opt.walk, from_prior=seeds is not None)
-    if not upscaler.texture_trained and (any(v.latent is not None for v in plan.variants) or opt.temperature > 0):
+    if (opt.texture == "learned" and not upscaler.texture_trained
+            and (any(v.latent is not None for v in plan.variants) or opt.temperature > 0)):
         report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "
                     "and reference gives the fidelity output")
     return plan
@@ -368,10 +375,10 @@ def sheet_fields(plan: Plan) -> dict:
     """What a contact sheet's provenance records of its tiles: enough to redo the sheet."""
     fields = {k: v for k, v in plan.variants[0].fields.items() if k not in ("frame", "reference",
                                                                            "reference_sha256")}
-    if plan.command == "sample":
-        fields["seeds"] = [v.fields["seed"] for v in plan.variants]
-    elif plan.command == "upscale" and "reference" in plan.variants[0].fields:
-        fields["reference_list"] = [v.fields["reference"] for v in plan.variants]
+    if plan.command == "sample":  # (with --ref, --n seeds for each reference)
+        fields["seeds"] = list(dict.fromkeys(v.fields["seed"] for v in plan.variants))
+    if plan.command in ("upscale", "sample") and "reference" in plan.variants[0].fields:
+        fields["reference_list"] = list(dict.fromkeys(v.fields["reference"] for v in plan.variants))
     fields["sheet"] = [sheet_label(v.fields, plan.opt.temperature) for v in plan.variants]
     return fields
 
@@ -387,17 +394,22 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def walk_variants(ends, frames: int, from_prior: bool) -> list:
-    """`frames` variants from the first end to the second: slerp between prior draws, a straight line between the
-    means of two references; the texture noise turns from the first end's into the second's the same way, so that
-    the grain changes as smoothly as the look."""
+    """`frames` variants from the first end to the second. By analogy, each frame's texture turns from the first
+    end's into the second's (refsr_cli.analogy.Texture). Learned: slerp between prior draws, a straight line between
+    the means of two references; the texture noise turns from the first end's into the second's the same way, so
+    that the grain changes as smoothly as the look."""
     first, last = (end.latent for end in ends)
     walk = {"from": ends[0].fields, "to": ends[1].fields, "frames": frames}
     steps = []
     for i in range(frames):
         t = i / max(frames - 1, 1)
-        z = slerp(first.z, last.z, t) if from_prior else first.z + t * (last.z - first.z)
-        noise_to = last.noise_seed if last.noise_seed != first.noise_seed else None
-        steps.append(Variant(f"walk{i:03d}", walk | {"frame": i}, Latent(z, first.noise_seed, noise_to, t)))
+        if isinstance(first, Texture):
+            latent = Texture(first.bank, first.seed, first.temperature, first.strength, to=last, t=t)
+        else:
+            z = slerp(first.z, last.z, t) if from_prior else first.z + t * (last.z - first.z)
+            noise_to = last.noise_seed if last.noise_seed != first.noise_seed else None
+            latent = Latent(z, first.noise_seed, noise_to, t)
+        steps.append(Variant(f"walk{i:03d}", walk | {"frame": i}, latent))
     return steps
 
 

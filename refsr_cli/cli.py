@@ -1,14 +1,50 @@
 """The `refsr` command. Only click is imported at the top: `refsr --help` must not pay for importing torch."""
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from .options import BatchOptions, EngineOptions, TrainOptions
+from .options import MAX_STRENGTH, MAX_TEMPERATURE, TEXTURES, BatchOptions, EngineOptions, TrainOptions
 
 SCALES = click.Choice(["2", "4", "8"])
+
+
+class Finite(click.ParamType):
+    """A float in [low, high] ((low, high] with `low_open`): nan, inf, and numbers past the bounds (1e308 as a
+    temperature) are bad input, refused in one line before anything runs."""
+    name = "float"
+
+    def __init__(self, low: float, high: float, low_open: bool = False):
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        below = number <= self.low if self.low_open else number < self.low
+        if not math.isfinite(number) or below or number > self.high:
+            self.fail(f"{value} is not in the range {self.low:g}{'<' if self.low_open else '<='}x<={self.high:g}",
+                      param, ctx)
+        return number
+
+
+class Commands(click.Group):
+    """refsr's command group: a usage error (a bad flag or value) is one line and exit 2, as every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            message = " ".join(e.format_message().split())
+            click.echo(f"refsr: error: {message}", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("refsr: error: interrupted", err=True)
+            sys.exit(130)
 
 
 def parse_scales(value: str) -> tuple:
@@ -35,7 +71,7 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="refsr", prog_name="refsr")
 def main():
     """Reference-based super-resolution (RefVAE): upscale photos 2x, 4x or 8x, with the look of a reference image
@@ -64,8 +100,17 @@ def common_inference_options(f):
         click.option("--weights", metavar="FILE|OWNER/REPO[@REV][:FILE]", default=None,
                      help="Checkpoint: a local .safetensors file or a Hugging Face Hub reference. "
                           "[default: the shipped weights for --scale]"),
-        click.option("--temperature", type=click.FloatRange(min=0), default=None,
-                     help="Spread of z around its mean: 0 gives the mean, 1 the learned spread."),
+        click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=None,
+                     help="How far a sample may stray: with --texture analogy, how far down each patch's list of "
+                          "matching candidates the seed may pick (0: the nearest; 1: among the 8 nearest); with "
+                          "--texture learned, the spread of z around its mean. [default: sample 1, upscale 0]"),
+        click.option("--strength", type=Finite(0, MAX_STRENGTH), default=BATCH.strength, show_default=True,
+                     help="How much of the matched detail is pasted onto the faithful output (0: none, the "
+                          "faithful output)."),
+        click.option("--texture", type=click.Choice(TEXTURES), default=BATCH.texture, show_default=True,
+                     help="Where the invented detail comes from: analogy, the reference's own detail (or, for "
+                          "samples, that of the shipped bank of photos) matched to the input; learned, the "
+                          "network's texture branch, decoded from z."),
         click.option("--tile", type=click.IntRange(min=16), default=BATCH.tile, show_default=True,
                      help="Tile size in LR pixels; bounds memory on large images."),
         click.option("--tile-pad", type=click.IntRange(min=0), default=BATCH.tile_pad, show_default=True,
@@ -130,14 +175,18 @@ def upscale(inputs, refs, seed, match, match_map, **options):
               help="Number of samples per image.")
 @click.option("--seed", type=click.IntRange(min=0), default=BATCH.seed, show_default=True,
               help="Sample i uses seed SEED+i, so --n 1 --seed 3 reproduces the fourth of --n 10 --seed 0.")
+@click.option("--ref", "refs", multiple=True, metavar="IMAGE|FOLDER",
+              help="Draw the detail from this reference instead of the shipped bank of photos (repeatable: --n "
+                   "samples per reference).")
 @common_inference_options
-def sample(inputs, count, seed, **options):
-    """Draw --n different upscalings of each LR_IMAGE from the latent prior.
+def sample(inputs, count, seed, refs, **options):
+    """Draw --n different upscalings of each LR_IMAGE: the faithful output with detail that differs where the input
+    leaves room (fine texture), from the shipped bank of photos or from --ref.
 
-    Outputs are named STEM_xSCALE_sSEED.png.
+    Outputs are named STEM_xSCALE_sSEED.png (STEM_xSCALE_REFSTEM_sSEED.png with --ref).
     """
     options["temperature"] = 1.0 if options["temperature"] is None else options["temperature"]
-    sys.exit(run_inference("sample", inputs, None, range(seed, seed + count), **options))
+    sys.exit(run_inference("sample", inputs, refs or None, range(seed, seed + count), **options))
 
 
 def run_inference(command, inputs, refs, seeds, no_consistency, scale, **options) -> int:
@@ -169,35 +218,35 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
 @click.option("--batch", type=click.IntRange(min=1), default=TRAIN.batch, show_default=True, help="Crops per step.")
 @click.option("--lr-patch", type=click.IntRange(min=8), default=TRAIN.lr_patch, show_default=True,
               help="LR crop side in pixels.")
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=TRAIN.learning_rate,
+@click.option("--learning-rate", type=Finite(0, 1, low_open=True), default=TRAIN.learning_rate,
               show_default=True)
-@click.option("--modulation-lr-scale", type=click.FloatRange(min=0, min_open=True), default=TRAIN.modulation_lr_scale,
+@click.option("--modulation-lr-scale", type=Finite(0, 1e3, low_open=True), default=TRAIN.modulation_lr_scale,
               show_default=True, help="Learning-rate factor of the noise strengths, noise gates and z modulation, "
                                       "which start at zero and must grow for samples to differ.")
-@click.option("--l1-weight", type=click.FloatRange(min=0), default=TRAIN.l1_weight, show_default=True,
+@click.option("--l1-weight", type=Finite(0, 1e6), default=TRAIN.l1_weight, show_default=True,
               help="Pixel L1 to the HR crop.")
-@click.option("--lr-consistency-weight", type=click.FloatRange(min=0), default=TRAIN.lr_consistency_weight,
+@click.option("--lr-consistency-weight", type=Finite(0, 1e6), default=TRAIN.lr_consistency_weight,
               show_default=True, help="L1 between the output's bicubic downscale and the LR crop.")
 @click.option("--imle-samples", type=click.IntRange(min=1), default=TRAIN.imle_samples, show_default=True,
               help="Texture stage: latents decoded per crop; the one nearest the HR crop is trained (IMLE).")
-@click.option("--imle-weight", type=click.FloatRange(min=0), default=TRAIN.imle_weight, show_default=True,
+@click.option("--imle-weight", type=Finite(0, 1e6), default=TRAIN.imle_weight, show_default=True,
               help="VGG16 feature distance of the chosen sample to the HR crop.")
-@click.option("--ref-share", type=click.FloatRange(0, 1), default=TRAIN.ref_share, show_default=True,
+@click.option("--ref-share", type=Finite(0, 1), default=TRAIN.ref_share, show_default=True,
               help="Share of each batch also decoded from a reference (another crop of the same photo, or --refs).")
-@click.option("--ref-mix", type=click.FloatRange(0, 1), default=TRAIN.ref_mix, show_default=True,
+@click.option("--ref-mix", type=Finite(0, 1), default=TRAIN.ref_mix, show_default=True,
               help="Share of those references taken from --refs (ignored without --refs).")
-@click.option("--content-weight", type=click.FloatRange(min=0), default=TRAIN.content_weight, show_default=True,
+@click.option("--content-weight", type=Finite(0, 1e6), default=TRAIN.content_weight, show_default=True,
               help="VGG16 feature distance of the reference outputs to the HR crop.")
-@click.option("--style-weight", type=click.FloatRange(min=0), default=TRAIN.style_weight, show_default=True,
+@click.option("--style-weight", type=Finite(0, 1e6), default=TRAIN.style_weight, show_default=True,
               help="Channel mean/std of VGG16 features of the reference outputs against their reference.")
 @click.option("--style-where", type=click.Choice(["everywhere", "textured"]), default=TRAIN.style_where,
               show_default=True, help="Style statistics of the whole output and reference, or of their textured "
                                       "parts alone (where the HR crop, and the reference, are not flat).")
-@click.option("--kl-weight", type=click.FloatRange(min=0), default=TRAIN.kl_weight, show_default=True)
-@click.option("--flat-weight", type=click.FloatRange(min=0), default=TRAIN.flat_weight, show_default=True,
+@click.option("--kl-weight", type=Finite(0, 1e6), default=TRAIN.kl_weight, show_default=True)
+@click.option("--flat-weight", type=Finite(0, 1e6), default=TRAIN.flat_weight, show_default=True,
               help="Texture stage: fine detail of a sample the IMLE did not pick, and of the reference outputs, where "
                    "the HR crop is flat (0: off).")
-@click.option("--adv-weight", type=click.FloatRange(min=0), default=TRAIN.adv_weight, show_default=True,
+@click.option("--adv-weight", type=Finite(0, 1e6), default=TRAIN.adv_weight, show_default=True,
               help="PatchGAN adversarial loss (0: no discriminator).")
 @click.option("--perceptual-crop", type=click.IntRange(min=32), default=TRAIN.perceptual_crop, show_default=True,
               help="HR pixels a side seen by the feature distance and the discriminator (cost control).")
@@ -345,13 +394,13 @@ def push(files, repo, revision, private, message, no_card, license_id):
 @click.option("--scale", type=SCALES, default=str(BATCH.scale), show_default=True)
 @click.option("--weights", metavar="FILE|OWNER/REPO[@REV][:FILE]", default=None,
               help="Checkpoint to measure. [default: the shipped weights for --scale]")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=0.0, show_default=True,
               help="z of the main refsr rows: the prior's mean (0) or a sample at this temperature.")
 @click.option("--seed", type=click.IntRange(min=0), default=BATCH.seed, show_default=True)
 @click.option("--samples", type=click.IntRange(min=0, max=100), default=0, show_default=True,
               help="Also decode N prior samples per image (seeds --seed..): their mean measures, their lowest "
                    "LR-PSNR and the NTIRE 2021 diversity score.")
-@click.option("--sample-temperature", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--sample-temperature", type=Finite(0, MAX_TEMPERATURE), default=1.0, show_default=True)
 @click.option("--ref", "refs", multiple=True, metavar="FILE|DIR|GLOB",
               help="Also decode each LR with the mean z of these references (repeatable): their mean measures and, "
                    "with two or more, the reference influence score.")
@@ -361,6 +410,10 @@ def push(files, repo, revision, private, message, no_card, license_id):
               help="Also measure `upscale --match`, with as reference: the HR image under a seeded random "
                    "similarity transform (warp); the photo's other half, the image being one half (half); the next "
                    "photo of HR_DIR (unrelated).")
+@click.option("--texture", type=click.Choice(TEXTURES), default=BATCH.texture, show_default=True,
+              help="Where the samples' and reference outputs' detail comes from (as upscale's --texture).")
+@click.option("--strength", type=Finite(0, MAX_STRENGTH), default=BATCH.strength, show_default=True,
+              help="--texture analogy: how much of the matched detail is pasted.")
 @click.option("--baseline", type=click.Choice(["bicubic", "none"]), default="bicubic", show_default=True)
 @click.option("--consistency-steps", type=click.IntRange(min=0), default=BATCH.consistency_steps, show_default=True)
 @click.option("--tile", type=click.IntRange(min=16), default=BATCH.tile, show_default=True)
@@ -368,7 +421,7 @@ def push(files, repo, revision, private, message, no_card, license_id):
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the rows and means (and the images that failed) to this JSON file.")
 def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperature, refs, num_refs,
-             match_protocol, baseline, consistency_steps, tile, device, json_path):
+             match_protocol, texture, strength, baseline, consistency_steps, tile, device, json_path):
     """Measure a checkpoint on the HR images of HR_DIR against bicubic (PSNR/SSIM on Y, LPIPS, LR-PSNR;
     diversity with --samples, reference influence with --ref, content-similar references with
     --match-protocol).
@@ -383,7 +436,7 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
     from .errors import RefsrError
     from .evaluate import STATS_MIN_SIDE, check_hr_folder, evaluate as run_eval, published_rows
     from .images import expand_inputs, list_images, read_rgb
-    from .engine import load_upscaler
+    from .engine import Latents, load_upscaler
     scale = int(scale)
     try:
         # Everything that can be refused is refused before the weights are loaded and any image measured.
@@ -407,6 +460,7 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
                                                                device=device))
         if json_path is not None and json_path.resolve() == upscaler.weights_path.resolve():
             raise RefsrError(f"--json {json_path} is the weights of this run; refsr never overwrites its inputs")
+        latents = Latents(upscaler, texture, strength)
         references = []
         for path in ref_paths:
             try:
@@ -416,9 +470,9 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
             if len(ref_paths) >= 2 and min(image.shape[:2]) < STATS_MIN_SIDE:
                 raise RefsrError(f"reference {path}: too small for the reference influence (at least "
                                  f"{STATS_MIN_SIDE} pixels on each side)")
-            references.append((upscaler.reference_z(image), image))
-        z = upscaler.prior_z(seed, temperature)
-        sample_zs = [upscaler.prior_z(seed + i, sample_temperature) for i in range(samples)]
+            references.append((latents.draw(latents.reference(image, str(path)), seed, 0.0), image))
+        z = latents.prior(seed, temperature)
+        sample_zs = [latents.prior(seed + i, sample_temperature) for i in range(samples)]
         err = Console(stderr=True)
         # No bar into a file or pipe (it left a blank line there).
         with Progress(TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -429,7 +483,9 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
                                                        highlight=False, soft_wrap=True)
             result = run_eval(hr_dir, upscaler, scale, z, sample_zs, references, baseline == "bicubic",
                               on_image=lambda name: bar.advance(task), match_protocol=match_protocol,
-                              on_error=report)
+                              on_error=report,
+                              reference_latent=lambda image: latents.draw(latents.reference(image, "its reference"),
+                                                                          seed, 0.0))
     except RefsrError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -437,7 +493,7 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
     if not result["rows"]:
         fail(f"no image of {hr_dir} could be measured")
     table = Table(title=f"x{scale} on {hr_dir}")
-    columns = [("PSNR-Y", "psnr", ".2f"), ("SSIM-Y", "ssim", ".4f"), ("LPIPS", "lpips", ".4f"),
+    columns = [("PSNR-Y", "psnr", ".2f"), ("SSIM-Y", "ssim", ".4f"), ("LPIPS", "lpips", ".4f"), ("LPIPS-vgg", "lpips_vgg", ".4f"),
                ("LR-PSNR", "lr_psnr", ".2f"), ("diversity", "diversity", ".2f"), ("influence", "influence", ".2f"),
                ("infl. AlexNet", "influence_alex", ".2f"),
                ("confidence", "confidence", ".2f"), ("match s", "seconds", ".1f")]
@@ -461,7 +517,8 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
                    "feature statistics (what training's style term matches) and by AlexNet's (which no loss sees)")
     if json_path is not None:
         from .files import atomic_path
-        text = json.dumps({"scale": scale, "weights": weights, "temperature": temperature, "seed": seed,
+        text = json.dumps({"scale": scale, "weights": weights, "texture": texture, "strength": strength,
+                           "temperature": temperature, "seed": seed,
                            "samples": samples, "sample_temperature": sample_temperature,
                            "references": [str(p) for p in ref_paths], "match_protocol": match_protocol, **result,
                            "published": published_rows(hr_dir, scale)}, indent=1)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .analogy import TEXTURE_BANK, Matcher, Texture, TexturePlan, load_bank
 from .checkpoint import load_checkpoint, read_metadata, resolve_weights
 from .errors import RefsrError
 from .match import Transfer
@@ -108,6 +109,14 @@ class Upscaler:
         eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed)).to(mu)
         return Latent(mu + temperature * torch.exp(0.5 * logvar) * eps, seed)
 
+    def reference_bank(self, image: np.ndarray, name: str = "reference"):
+        """The texture bank of a reference (HxWx3 float): the reference at several scales, each paired with this
+        network's fidelity output of its LR (refsr_cli.analogy)."""
+        from .analogy import bank_part, check_reference, make_bank, reference_pairs
+        check_reference(image, name)
+        pairs = reference_pairs(image, self.scale, self.faithful, name)
+        return make_bank([bank_part(sharp, faithful) for sharp, faithful in pairs], name)
+
     def prior_z(self, seed: int, temperature: float = 1.0) -> Latent:
         """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device, and the
         texture noise of the same seed; at temperature 0, the fidelity output."""
@@ -157,14 +166,29 @@ class Upscaler:
                     torch.cuda.empty_cache()
                 self.warn(f"out of GPU memory; retrying with --tile {self.tile}")
 
+    def faithful(self, lr: np.ndarray) -> torch.Tensor:
+        """The fidelity output of `lr` (HxWx3 float), back-projected, as a (1, 3, H*s, W*s) float32 CPU tensor: what
+        the texture analogy matches and pastes onto (refsr_cli.analogy)."""
+        image = self._upscale(lr, [None], None, None, False, None, None)[0]
+        return torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
+
     @torch.inference_mode()
     def _upscale(self, lr, latents, transfer, alpha, grayscale, bits, on_tile) -> list:
         h, w = lr.shape[:2]
         s, pad = self.scale, self.tile_pad
-        peak = 65535.0 if bits == 16 else 255.0
+        # bits None: float32 values in [0, 1], unquantised (the base textures are pasted onto).
+        peak = {None: 1.0, 16: 65535.0}.get(bits, 255.0)
         channels = (1 if grayscale else 3) + (alpha is not None)
-        outputs = [np.empty((h * s, w * s, channels), dtype=np.uint16 if bits == 16 else np.uint8) for _ in latents]
-        conditions = [self.condition(latent, (h, w)) for latent in latents]
+        dtype = {None: np.float32, 16: np.uint16}.get(bits, np.uint8)
+        outputs = [np.empty((h * s, w * s, channels), dtype=dtype) for _ in latents]
+        # Textures by analogy are pasted onto the fidelity output of the whole image, matched once over all of it.
+        textured = [i for i, latent in enumerate(latents) if isinstance(latent, Texture)]
+        faithful = textures = None
+        if textured:
+            faithful = self.faithful(lr)
+            textures = TexturePlan(Matcher(faithful), [latents[i] for i in textured])
+        decoded = [i for i in range(len(latents)) if i not in textured]
+        conditions = {i: self.condition(latents[i], (h, w)) for i in decoded}
         lr_t = self._tensor(lr)
         alpha_t = None if alpha is None else self._tensor(alpha[..., None])
         for (y0, y1), (x0, x1) in self.tiles(h, w):
@@ -172,23 +196,37 @@ class Upscaler:
             keep = (slice(None), slice(None), slice((y0 - py0) * s, (y1 - py0) * s),
                     slice((x0 - px0) * s, (x1 - px0) * s))
             patch = lr_t[..., py0:py1, px0:px1]
-            code = self.model.encode_lr(patch)
+            code = self.model.encode_lr(patch) if decoded else None
             extra = None
             if alpha_t is not None:
                 extra = F.interpolate(alpha_t[..., py0:py1, px0:px1].float(), scale_factor=s, mode="bicubic",
                                       align_corners=False)[keep].clamp_(0, 1)
             group = max(1, DECODE_PIXELS // (patch.shape[-2] * patch.shape[-1] * s * s))
-            for start in range(0, len(latents), group):
-                members = range(start, min(start + group, len(latents)))
-                sr = self.decode_together(patch, code, [conditions[i] for i in members], (py0, px0))
-                if transfer is not None:
-                    sr = transfer.blend(sr, py0, px0)
-                sr = back_project(sr, patch, s, self.consistency_steps)[keep].float()
+            batches = [decoded[i:i + group] for i in range(0, len(decoded), group)]
+            batches += [textured[i:i + group] for i in range(0, len(textured), group)]
+            for members in batches:
+                if code is not None and members[0] in conditions:
+                    sr = self.decode_together(patch, code, [conditions[i] for i in members], (py0, px0))
+                    if transfer is not None:
+                        sr = transfer.blend(sr, py0, px0)
+                    sr = back_project(sr, patch, s, self.consistency_steps)
+                else:  # textures: the fidelity output of the padded tile, each with its texture pasted on
+                    region = (py0 * s, py1 * s, px0 * s, px1 * s)
+                    base = faithful[..., region[0]:region[1], region[2]:region[3]]
+                    pasted = [textures.texture(textured.index(i), *region) for i in members]
+                    sr = torch.cat([base + texture for texture in pasted]).to(self.device, self.dtype)
+                    # Where nothing was pasted (a flat tile, strength 0) the output is the fidelity output as it is,
+                    # to the bit; elsewhere it is made consistent with the input again.
+                    moved = [k for k, texture in enumerate(pasted) if texture.any()]
+                    if moved:
+                        sr[moved] = back_project(sr[moved], patch, s, self.consistency_steps)
+                sr = sr[keep].float()
                 if grayscale:
                     sr = (sr * self.LUMA.to(sr.device)).sum(1, keepdim=True)
                 if extra is not None:
                     sr = torch.cat([sr, extra.expand(len(sr), -1, -1, -1)], 1)
-                values = sr.mul_(peak).round_().permute(0, 2, 3, 1).cpu().numpy()
+                values = sr.mul_(peak) if bits is None else sr.mul_(peak).round_()
+                values = values.permute(0, 2, 3, 1).cpu().numpy()
                 for i, value in zip(members, values):
                     outputs[i][y0 * s:y1 * s, x0 * s:x1 * s] = value
                     if on_tile is not None:
@@ -209,6 +247,39 @@ class Upscaler:
             return decoded
         decoded, fidelity = iter(decoded), code[2][0]
         return torch.stack([next(decoded) if c is not None else fidelity for c in conditions])
+
+
+class Latents:
+    """What each output is decoded from, by --texture: a Texture by analogy (refsr_cli.analogy), or a z of the
+    learned texture branch (Latent); None is the faithful output. Used alike by the batch and by `refsr eval`."""
+
+    def __init__(self, upscaler: Upscaler, texture: str, strength: float):
+        self.upscaler, self.texture, self.strength = upscaler, texture, strength
+        self.bank = None
+
+    def shipped_bank(self):
+        """The shipped texture bank's part for this scale, loaded once and only when a sample asks for it."""
+        if self.bank is None:
+            from .checkpoint import weights_dir
+            scale = self.upscaler.scale
+            self.bank = load_bank(weights_dir() / TEXTURE_BANK.format(scale=scale), scale)
+        return self.bank
+
+    def prior(self, seed: int, temperature: float):
+        """A sample of `seed` without a reference (at temperature 0: the faithful output)."""
+        if self.texture == "learned":
+            return self.upscaler.prior_z(seed, temperature)
+        return Texture(self.shipped_bank(), seed, temperature, self.strength) if temperature > 0 else None
+
+    def reference(self, image: np.ndarray, name: str):
+        """What a reference gives every output drawn from it: its bank (analogy), or the image (learned)."""
+        return image if self.texture == "learned" else self.upscaler.reference_bank(image, name)
+
+    def draw(self, source, seed: int, temperature: float):
+        """The output of `seed` from what `reference` gave."""
+        if self.texture == "learned":
+            return self.upscaler.reference_z(source, temperature, seed)
+        return Texture(source, seed, temperature, self.strength)
 
 
 def load_upscaler(weights: str | None, scale: int, options: EngineOptions, warn=None) -> Upscaler:

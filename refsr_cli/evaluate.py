@@ -18,10 +18,10 @@ from .checkpoint import load_backbone
 from .errors import RefsrError
 from .images import IMAGE_SUFFIXES, MIN_SIDE, list_images, read_rgb
 from .match import correspond, prepare_reference
-from .metrics import LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
+from .metrics import LPIPSVGG, LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
 from .model import VGG16Features
 
-MEASURES = ("psnr", "ssim", "lpips", "lr_psnr")
+MEASURES = ("psnr", "ssim", "lpips", "lpips_vgg", "lr_psnr")
 STATS_SIDE = 512  # images are compared by feature statistics at (at most) the size of the reference gallery
 STATS_MIN_SIDE = 16  # VGG16's three max-pools before relu4_1 leave 2x2 of this: a standard deviation to take
 ALEX_STATS_SIDE = 48  # AlexNet's stride 4 and two 3x3 max-pools of stride 2 leave 2x2 of 47 pixels
@@ -55,14 +55,17 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()
 
 
-def measure(sr: Image.Image, hr: Image.Image, lr: Image.Image, scale: int, lpips: LPIPSAlex) -> dict:
+def measure(sr: Image.Image, hr: Image.Image, lr: Image.Image, scale: int, lpips: LPIPSAlex,
+            lpips_vgg: LPIPSVGG) -> dict:
     sr_f, hr_f = to_float(sr), to_float(hr)
     with torch.inference_mode():
         lpips_value = lpips(as_tensor(sr_f), as_tensor(hr_f)).item()
+        lpips_vgg_value = lpips_vgg(as_tensor(sr_f), as_tensor(hr_f)).item()
     return {
         "psnr": psnr_y(sr_f, hr_f, scale),
         "ssim": ssim_y(sr_f, hr_f, scale),
         "lpips": lpips_value,
+        "lpips_vgg": lpips_vgg_value,
         "lr_psnr": psnr(to_float(bicubic_resize(sr, lr.size)), to_float(lr)),
     }
 
@@ -114,7 +117,7 @@ def check_hr_folder(hr_dir, paths: list, match_protocol: str | None = None) -> N
 
 
 def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), baseline: bool = True,
-             on_image=None, match_protocol: str | None = None, on_error=None) -> dict:
+             on_image=None, match_protocol: str | None = None, on_error=None, reference_latent=None) -> dict:
     """Rows of {image, method, psnr, ssim, lpips, lr_psnr[, diversity | influence | confidence]}, their means
     per method, and the images that could not be measured ("failed": {image, error}, each error also passed to
     `on_error` as it happens; the others are measured all the same).
@@ -122,11 +125,14 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
     z: the z of the "refsr" rows; sample_zs: the N zs of the "samples" rows (diversity when N >= 2); references:
     (z, HxWx3 image) pairs of the "references" rows (influence when K >= 2); match_protocol: "match" rows, the
     `upscale --match` output with the reference of that protocol (protocol_pair), its mean confidence and the
-    seconds its matching took, and "protocol reference" rows, `upscale --ref` with that reference (no matching)."""
+    seconds its matching took, and "protocol reference" rows, `upscale --ref` with that reference (no matching), as
+    `reference_latent(image)` makes its latent (default: the learned branch's mean z)."""
     paths = list_images(hr_dir)
     check_hr_folder(hr_dir, paths, match_protocol)
-    lpips = LPIPSAlex()
+    reference_latent = reference_latent or upscaler.reference_z  # what the protocol's reference decodes to
+    lpips, lpips_vgg = LPIPSAlex(), LPIPSVGG()
     load_backbone(lpips, "lpips_alex")
+    load_backbone(lpips_vgg, "vgg16_relu4_1", "lpips_vgg_conv4", "lpips_vgg_conv5")
     vgg = None
     if len(references) >= 2:
         vgg = VGG16Features()
@@ -145,8 +151,9 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
                                                                                           transfer=transfer)]
         if baseline:
             rows.append({"image": path.name, "method": "bicubic",
-                         **measure(bicubic_resize(lr, hr.size), hr, lr, scale, lpips)})
-        rows.append({"image": path.name, "method": "refsr", **measure(upscale([z])[0], hr, lr, scale, lpips)})
+                         **measure(bicubic_resize(lr, hr.size), hr, lr, scale, lpips, lpips_vgg)})
+        rows.append({"image": path.name, "method": "refsr",
+                     **measure(upscale([z])[0], hr, lr, scale, lpips, lpips_vgg)})
         groups = []
         if sample_zs:
             samples = upscale(list(sample_zs))
@@ -168,9 +175,10 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
             groups.append(("match", upscale([None], transfer), extra))
             # The same reference as RefVAE takes one (its mean z: the look, not the place): with the photo's other
             # half (protocol half) it should lower LPIPS against T = 0 where no placement could raise PSNR.
-            groups.append(("protocol reference", upscale([upscaler.reference_z(to_float(match_ref))]), {}))
+            groups.append(("protocol reference", upscale([reference_latent(to_float(match_ref).astype(np.float32))]),
+                           {}))
         for method, outputs, extra in groups:
-            each = [measure(o, hr, lr, scale, lpips) for o in outputs]
+            each = [measure(o, hr, lr, scale, lpips, lpips_vgg) for o in outputs]
             mean = {k: float(np.mean([m[k] for m in each])) for k in MEASURES}
             mean["lr_psnr"] = min(m["lr_psnr"] for m in each)  # "LR-PSNR of every sample": the worst one
             rows.append({"image": path.name, "method": method, **mean, **extra})

@@ -107,14 +107,38 @@ def reference_pixels(reference: torch.Tensor) -> torch.Tensor:
     return reference.float()
 
 
-def patch_descriptors(image: torch.Tensor):
-    """(1, 3, H, W) -> (H*W, 3*PATCH^2) patches with each channel's mean removed, scaled to unit length, and the
-    patches' standard deviations (H*W,)."""
-    patches = F.unfold(F.pad(image, (PATCH // 2,) * 4, mode="replicate"), PATCH)[0]  # (3*PATCH^2, H*W)
-    patches = patches.view(3, PATCH * PATCH, -1)
+def patch_descriptors(image: torch.Tensor, patch: int = PATCH, stride: int = 1, pad: bool = True):
+    """(1, C, H, W) -> (N, C*patch^2) patches with each channel's mean removed, scaled to unit length, and the
+    patches' standard deviations (N,). With `pad`, one patch centred on each pixel (edges replicated); without, one
+    patch at each top-left position `stride` apart that fits inside the image.
+
+    One descriptor for both uses of correspondence: `--match` (5x5 colour patches at LR resolution) and the texture
+    analogy (refsr_cli.analogy: 4x4 luminance cells of a fidelity output)."""
+    c = image.shape[1]
+    if pad:
+        image = F.pad(image, (patch // 2,) * 4, mode="replicate")
+    patches = F.unfold(image, patch, stride=stride)[0]  # (C*patch^2, N)
+    patches = patches.view(c, patch * patch, -1)
     patches = (patches - patches.mean(1, keepdim=True)).flatten(0, 1)
     norm = patches.norm(dim=0)
     return (patches / (norm + 1e-6)).T.contiguous(), norm / patches.shape[0] ** 0.5
+
+
+def top_matches(q: torch.Tensor, k: torch.Tensor, score, top: int = 1) -> tuple:
+    """The `top` best keys of each query by exhaustive search, in chunks of BRUTE_PAIRS query x key pairs:
+    `score(rows, k)` gives the (len(rows), len(k)) scores (higher is better) of query rows `rows` of `q`.
+    Returns their key indices and scores, (len(q), top) each, best first."""
+    index = torch.empty(len(q), top, dtype=torch.int64)
+    best = torch.empty(len(q), top)
+    chunk = max(1, BRUTE_PAIRS // max(len(k), 1))
+    for start in range(0, len(q), chunk):
+        rows = slice(start, start + chunk)
+        values = score(rows, k)
+        if top == 1:
+            best[rows, 0], index[rows, 0] = values.max(1)
+        else:
+            best[rows], index[rows] = values.topk(top, dim=1)
+    return index, best
 
 
 def match_score(q, q_std, k, k_std):
@@ -132,18 +156,18 @@ def pyramid(image: torch.Tensor, levels: int) -> list:
 
 
 def brute_force(query: torch.Tensor, reference: torch.Tensor) -> tuple:
-    """(h, w, 2) integer (y, x) positions in `reference` of each query pixel's best patch, by exhaustive search in
-    chunks of BRUTE_PAIRS pairs, and their scores (h, w)."""
+    """(h, w, 2) integer (y, x) positions in `reference` of each query pixel's best patch, by exhaustive search,
+    and their scores (h, w)."""
     q, q_std = patch_descriptors(query)
     k, k_std = patch_descriptors(reference)
-    best = torch.empty(len(q), dtype=torch.int64)
-    best_score = torch.empty(len(q))
-    chunk = max(1, BRUTE_PAIRS // len(k))
-    for start in range(0, len(q), chunk):
-        rows = slice(start, start + chunk)
+
+    def score(rows, k):  # match_score, with the dot products as one matrix product
         contrast = ((2 * q_std[rows, None] * k_std[None] + CONTRAST_C)
                     / (q_std[rows, None] ** 2 + k_std[None] ** 2 + CONTRAST_C))
-        best_score[rows], best[rows] = ((q[rows] @ k.T) * contrast).max(1)
+        return (q[rows] @ k.T) * contrast
+
+    best, best_score = top_matches(q, k, score)
+    best, best_score = best[:, 0], best_score[:, 0]
     width, shape = reference.shape[-1], query.shape[-2:]
     return torch.stack([best // width, best % width], -1).view(*shape, 2), best_score.view(shape)
 

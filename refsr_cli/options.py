@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MAX_PIXELS = 64_000_000  # an LR image this large is already a 4 Gpx output at 8x
+TEXTURES = ("analogy", "learned")  # where a sample's or a reference output's detail comes from (BatchOptions.texture)
+MAX_STRENGTH = 4.0  # --strength: beyond it the pasted detail is all that is seen
+MAX_TEMPERATURE = 10.0  # --temperature: far past where the texture stops changing (analogy: 4; the learned z: ~3)
 
 
 @dataclass
@@ -26,6 +29,10 @@ class BatchOptions(EngineOptions):
     weights: str | None = None
     temperature: float = 0.0
     seed: int = 0  # upscale: the draw at temperature > 0, and the grain of reference outputs
+    # "analogy": the detail of the reference (or of the shipped texture bank, for samples) matched to the input and
+    # pasted onto the faithful output (refsr_cli.analogy); "learned": the network's texture branch, decoded from z.
+    texture: str = "analogy"
+    strength: float = 1.0  # analogy: how much of the matched detail is pasted (0: the faithful output)
     overwrite: bool = False
     skip_existing: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -56,6 +56,7 @@ RUN_KEYS = {"refsr": str, "command": str, "scale": int, "temperature": (int, flo
             "input": str, "input_sha256": str}
 RECORD_TYPES = RUN_KEYS | {
     "seed": int,  # the draw (temperature > 0) and the grain
+    "texture": str, "strength": (int, float),  # where the detail came from (absent: the learned branch), how much
     "reference": str, "reference_sha256": str,  # upscale --ref: one output per reference
     "references": list, "references_sha256": list, "match_map": bool,  # upscale --match [--match-map]
     "map": bool,  # the --match-map image itself
@@ -104,9 +105,9 @@ def redo_command(record: dict) -> str:
     elif command == "sample":
         seeds = record.get("seeds") or [record.get("seed", 0)]
         words += ["--n", str(len(seeds)), "--seed", str(seeds[0]), "--temperature", number(temperature)]
+        words += [w for r in references_of(record) for w in ("--ref", r)]
     elif command == "upscale":
-        references = record.get("references") or record.get("reference_list") or (
-            [record["reference"]] if "reference" in record else [])
+        references = record.get("references") or references_of(record)
         words += [w for r in references for w in ("--ref", r)]
         if "references" in record:
             words += ["--match"] + (["--match-map"] if record.get("match_map") else [])
@@ -116,6 +117,12 @@ def redo_command(record: dict) -> str:
             words += ["--seed", str(record.get("seed", 0))]
     else:
         raise DamagedRecord(f"its refsr record's 'command' is {command!r}")
+    textured = command != "upscale" or temperature > 0 or bool(references_of(record))
+    if textured:  # records older than the analogy's have no "texture": theirs was the learned branch
+        if record.get("texture", "learned") != BatchOptions.texture:
+            words += ["--texture", record.get("texture", "learned")]
+        if record.get("texture") == "analogy" and record.get("strength", BatchOptions.strength) != BatchOptions.strength:
+            words += ["--strength", number(record["strength"])]
     if "sheet" in record:
         words += ["--sheet"]
     words += ["--scale", str(record["scale"])]
@@ -125,6 +132,11 @@ def redo_command(record: dict) -> str:
         if record[key] != getattr(BatchOptions, key):  # only what differs from the flag's default is written
             words += [flag, str(record[key])]
     return shlex.join(words)
+
+
+def references_of(record: dict) -> list:
+    """The --ref files of a record of one output per reference (or of their contact sheet): not --match's."""
+    return record.get("reference_list") or ([record["reference"]] if "reference" in record else [])
 
 
 def sheet_label(fields: dict, temperature: float) -> str:

@@ -178,8 +178,10 @@ def test_trunk_stage_weights_warn_that_samples_add_nothing(tmp_path, checkpoint)
     trunk_only = tmp_path / "trunk-x2.safetensors"
     save_model(load_checkpoint(checkpoint), trunk_only, stage="trunk")
     lr = write_png(tmp_path / "photo.png")
-    for weights, warned in ((trunk_only, True), (checkpoint, False)):
-        result = run("sample", lr, "--n", 1, "--scale", 2, "--weights", weights, "-o", tmp_path / weights.stem)
+    for weights, texture, warned in ((trunk_only, "learned", True), (checkpoint, "learned", False),
+                                     (trunk_only, "analogy", False)):  # the analogy uses no texture branch
+        result = run("sample", lr, "--n", 1, "--scale", 2, "--weights", weights, "--texture", texture,
+                     "-o", tmp_path / f"{weights.stem}-{texture}")
         assert result.exit_code == 0
         assert ("texture branch is untrained" in result.stderr) == warned
     result = run("upscale", lr, "--scale", 2, "--weights", trunk_only, "-o", tmp_path / "t0")

@@ -41,7 +41,7 @@ def test_a_reference_named_like_the_walk_animation_is_never_overwritten(tmp_path
     out = tmp_path / "out"
     out.mkdir()
     gif = out / "in_x2_walk.gif"
-    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(gif)
+    Image.open(write_png(tmp_path / "detail.png", 20, 20, seed=4)).save(gif)  # a reference with detail to give
     other = write_png(tmp_path / "other.png", 20, 20, seed=3)
     before = gif.read_bytes()
     result = run("walk", photo, "--ref", gif, "--ref", other, "--steps", 2, "--animate", "gif",

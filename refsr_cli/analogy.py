@@ -1,0 +1,290 @@
+"""Texture by analogy (`upscale --ref ANY`, `sample`): the invented detail of an output taken from a reference's
+own detail, where the reference's structure is like the input's. Nothing here is trained (DESIGN.md section 10;
+Hertzmann et al. 2001, "Image Analogies"; Freeman et al. 2002, example-based super-resolution).
+
+A bank is a pair A : A'. A' is a sharp image (a user's reference, or the CC-licensed photos of the shipped bank);
+A is the fidelity network's own output of A''s LR (A' downscaled as an LR image is made). A and the input's
+fidelity output B are renderings of the same kind (equally soft, the same network's edges), so their patches
+compare like with like, and the residual A' - A at a matched patch is exactly the detail the network could not
+know there, in the reference's style.
+
+1. Descriptors (`keys`, `queries`): luminance averaged over 4x4-pixel cells, 4x4 cells a patch (16 output pixels),
+   mean removed: the patch's structure and contrast, not its brightness or colour (the input pins those).
+   The descriptor of refsr_cli.match, `patch_descriptors`, on cells instead of LR pixels.
+2. Search (`Matcher`): every 16-pixel patch of B, 8 pixels apart, finds the bank's patches nearest it, by
+   exhaustive search (`match.top_matches`: the search of --match's coarsest level), once per image and bank; each
+   output then picks one of each patch's candidates with its seed, the temperature setting how far down the list.
+3. Paste (`paste`): the chosen residual patches, weighted by how much room B leaves there (none on flat areas, where
+   a face's skin or a sky is; in full on textured ones) and by the strength, are overlap-added under a Hann window,
+   whose copies half a patch apart sum to one: no seams at the patch grid. The engine adds this to B and
+   back-projects (refsr_cli.engine.back_project), so every output stays consistent with its input.
+
+The search runs once on the whole image (its cost grows with the output's area over 64 and the bank's size); each
+tile then pastes its own part, so tiled outputs equal untiled ones.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import RefsrError
+from .match import patch_descriptors, top_matches
+
+CELL = 4  # output pixels a side of a descriptor cell
+WINDOW = 4  # cells a side of a patch
+PATCH = CELL * WINDOW  # output pixels a side of a pasted patch
+STRIDE = PATCH // 2  # between patches: the Hann windows of neighbours sum to one
+CANDIDATES = 8  # nearest candidates a seed picks among at temperature 1 (DESIGN.md's probe)
+MAX_CANDIDATES = 32  # temperature 4 and above
+REFERENCE_SIDE = 512  # a reference's long side in its bank (a reference's scale is arbitrary; this bounds the search)
+REFERENCE_SCALES = (1.0, 0.5)  # the reference at several scales: texture at the scale that fits the input
+CHROMA = 0.5  # share of a reference's colour residual pasted with its luminance residual (the LR pins colour hardest)
+FLAT, TEXTURED = 0.01, 0.04  # a patch's cell standard deviation with no pasted texture, and with all of it
+LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+
+@dataclass
+class Bank:
+    """Patches to paste: their keys (descriptors of A, augmented so that one matrix product gives the squared
+    distance's ranking) and, for each, where its 16-pixel residual patch lies in the flattened residual images."""
+    keys: torch.Tensor  # (K, WINDOW^2 + 1): [descriptor, |descriptor|^2]
+    starts: torch.Tensor  # (K,) int64: flat index of each patch's top-left pixel in `residual`
+    widths: torch.Tensor  # (K,) int64: the row length of the image it lies in
+    residual: torch.Tensor  # (3, N): A' - A of every image, flattened and concatenated (float32 or int8)
+    step: float  # the residual's value of one unit (1.0 for float32, BANK_STEP for the shipped bank's int8)
+    name: str  # what a message calls it (a reference's file, "the texture bank")
+
+
+def luminance_cells(image: torch.Tensor) -> torch.Tensor:
+    """(1, 3, H, W) -> (1, 1, H / CELL, W / CELL): luminance averaged over each cell (H, W multiples of CELL)."""
+    return F.avg_pool2d((image * LUMA.to(image)).sum(1, keepdim=True), CELL)
+
+
+def descriptors(cells: torch.Tensor, stride: int) -> torch.Tensor:
+    """(N, WINDOW^2) mean-removed patches of WINDOW x WINDOW cells, `stride` cells apart, top-left first."""
+    unit, std = patch_descriptors(cells, WINDOW, stride, pad=False)
+    return unit * (std * WINDOW)[:, None]  # back to their contrast: the distance compares it too
+
+
+def bank_part(sharp: torch.Tensor, faithful: torch.Tensor, stride: int = 1):
+    """Keys, patch top-lefts (y, x) and residual of one pair A' (`sharp`) : A (`faithful`), (1, 3, H, W) each with
+    H, W multiples of CELL: a patch every `stride` cells."""
+    residual = sharp - faithful
+    luma = (residual * LUMA).sum(1, keepdim=True)
+    residual = luma + CHROMA * (residual - luma)
+    cells = luminance_cells(faithful)
+    keys = descriptors(cells, stride)
+    rows = (cells.shape[-2] - WINDOW) // stride + 1
+    cols = (cells.shape[-1] - WINDOW) // stride + 1
+    ys, xs = torch.meshgrid(torch.arange(rows) * stride * CELL, torch.arange(cols) * stride * CELL, indexing="ij")
+    return keys, ys.flatten(), xs.flatten(), residual[0]
+
+
+def make_bank(parts, name: str, step: float = 1.0) -> Bank:
+    """One Bank from bank_part results (residuals as float32, or as integers of `step` a unit)."""
+    keys, starts, widths, residuals, offset = [], [], [], [], 0
+    for part_keys, ys, xs, residual in parts:
+        width = residual.shape[-1]
+        keys.append(part_keys)
+        starts.append(offset + ys * width + xs)
+        widths.append(torch.full_like(ys, width))
+        residuals.append(residual.flatten(1))
+        offset += residual[0].numel()
+    if not keys:
+        raise RefsrError(f"{name}: holds no patch")
+    keys = torch.cat(keys)
+    residual = torch.cat(residuals, 1)
+    return Bank(torch.cat([keys, (keys ** 2).sum(1, keepdim=True)], 1), torch.cat(starts), torch.cat(widths),
+                residual, step, name)
+
+
+def reference_pairs(image: np.ndarray, scale: int, faithful, name: str) -> list:
+    """(A', A) pairs of a user's reference at each of REFERENCE_SCALES: the reference resized to at most
+    REFERENCE_SIDE on its long side, then by the factor, cropped to a multiple of the scale and of CELL; A from
+    `faithful`, which gives the fidelity network's output of an LR image (HxWx3 float -> (1, 3, H*s, W*s))."""
+    from .model import downscale
+    h, w = image.shape[:2]
+    pixels = Image.fromarray((image * 255).round().astype(np.uint8))
+    pairs = []
+    for factor in REFERENCE_SCALES:
+        size = factor * min(1.0, REFERENCE_SIDE / max(h, w))
+        multiple = scale * CELL // math.gcd(scale, CELL)
+        rh, rw = (int(round(n * size)) // multiple * multiple for n in (h, w))
+        if min(rh, rw) < PATCH or min(rh, rw) < multiple:
+            if not pairs and factor == REFERENCE_SCALES[0]:
+                raise RefsrError(f"{name}: too small to give texture at x{scale} (at least {max(PATCH, multiple)} "
+                                 "pixels on each side)")
+            continue
+        resized = pixels.resize((rw, rh), Image.BICUBIC) if (rh, rw) != (h, w) else pixels
+        sharp = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1)[None].contiguous()
+        lr = downscale(sharp, scale).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+        pairs.append((sharp, faithful(lr)))
+    return pairs
+
+
+def check_reference(image: np.ndarray, name: str) -> None:
+    """A reference with no detail to give (one colour, or flat to within a grey level) is refused: its outputs
+    would be the faithful output under another name."""
+    if float(image.std(axis=(0, 1)).max()) < 1 / 255:
+        raise RefsrError(f"{name}: a flat, one-colour image gives no texture; use a reference with detail")
+
+
+# --- the input's side: queries, candidates, the choice of each output, the paste -----------------------------------
+
+class Matcher:
+    """The input's patches and their candidates in each bank: built once per image from its fidelity output B
+    (1, 3, H, W) float32, then asked for the choice of each output."""
+
+    def __init__(self, faithful: torch.Tensor):
+        h, w = faithful.shape[-2:]
+        self.size = (h, w)
+        self.grid = (math.ceil(h / STRIDE) + 1, math.ceil(w / STRIDE) + 1)  # patch (i, j) has its top-left at
+        # (STRIDE i - STRIDE, STRIDE j - STRIDE): half a patch of context beyond each border, edges replicated
+        rows, cols = self.grid
+        padded = F.pad(faithful, (STRIDE, STRIDE * cols - w, STRIDE, STRIDE * rows - h), mode="replicate")
+        cells = luminance_cells(padded)
+        self.queries = descriptors(cells, STRIDE // CELL)
+        spread = self.queries.norm(dim=1) / WINDOW  # the cells' standard deviation
+        # How much room B leaves for invented detail: none on flat areas (skin, sky), all of it on textured ones.
+        self.room = ((spread - FLAT) / (TEXTURED - FLAT)).clamp(0, 1)
+        self.candidates = {}  # id(bank) -> (index (nq, n), of which bank)
+
+    def candidate_list(self, bank: Bank, count: int) -> torch.Tensor:
+        """(nq, count) key indices of each patch's nearest bank patches, best first (searched once per bank)."""
+        known = self.candidates.get(id(bank))
+        if known is not None and known[0].shape[1] >= count:
+            return known[0]
+        count = max(count, CANDIDATES)
+        live = (self.room > 0).nonzero()[:, 0]  # flat patches take no texture: they need no search
+        index = torch.zeros(len(self.queries), min(count, len(bank.keys)), dtype=torch.int64)
+        if len(live):
+            q = torch.cat([2 * self.queries[live], -torch.ones(len(live), 1)], 1)  # q . [k, |k|^2] = 2 q.k - |k|^2
+            index[live] = top_matches(q, bank.keys, lambda rows, k: q[rows] @ k.T, index.shape[1])[0]
+        self.candidates[id(bank)] = (index, bank)
+        return index
+
+    def choose(self, bank: Bank, seed: int, temperature: float) -> torch.Tensor:
+        """(nq,) the key each patch takes for an output of `seed`: at temperature T one of the round(CANDIDATES T)
+        nearest (at least the nearest, at most MAX_CANDIDATES), uniformly by a draw of the seed on the CPU: the
+        same choice on every device, and for one seed the same draw at every temperature."""
+        count = min(MAX_CANDIDATES, max(1, round(CANDIDATES * temperature)))
+        index = self.candidate_list(bank, count)
+        count = min(count, index.shape[1])
+        draw = torch.rand(len(index), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        rank = (draw * count).long().clamp_max(count - 1)
+        return index.gather(1, rank[:, None])[:, 0]
+
+
+def hann() -> torch.Tensor:
+    """(PATCH, PATCH) window whose copies STRIDE apart sum to one: sin^2 over the patch, separable."""
+    n = torch.sin(math.pi * (torch.arange(PATCH, dtype=torch.float32) + 0.5) / PATCH) ** 2
+    return n[:, None] * n[None, :]
+
+
+def paste(matcher: Matcher, bank: Bank, choice: torch.Tensor, weight: torch.Tensor, y0: int, y1: int, x0: int,
+          x1: int) -> torch.Tensor:
+    """The texture of one output over its pixels [y0, y1) x [x0, x1): the chosen residual patches, each times its
+    `weight` (nq,), overlap-added under the Hann window. (1, 3, y1 - y0, x1 - x0) float32."""
+    rows, cols = matcher.grid
+    i0, i1 = y0 // STRIDE, min(rows, -(-y1 // STRIDE) + 1)
+    j0, j1 = x0 // STRIDE, min(cols, -(-x1 // STRIDE) + 1)
+    keys = choice.view(rows, cols)[i0:i1, j0:j1].flatten()
+    scale = weight.view(rows, cols)[i0:i1, j0:j1].flatten()
+    offsets = torch.arange(PATCH)
+    index = (bank.starts[keys, None, None] + offsets[None, :, None] * bank.widths[keys, None, None]
+             + offsets[None, None, :]).view(len(keys), -1)
+    patches = bank.residual[:, index].float() * bank.step  # (3, n, PATCH^2)
+    patches = patches * (hann().flatten()[None, None] * scale[None, :, None])
+    height, width = STRIDE * (i1 - i0) + STRIDE, STRIDE * (j1 - j0) + STRIDE
+    folded = F.fold(patches.permute(0, 2, 1).reshape(1, 3 * PATCH * PATCH, -1), (height, width), PATCH,
+                    stride=STRIDE)
+    top, left = y0 - (STRIDE * i0 - STRIDE), x0 - (STRIDE * j0 - STRIDE)
+    return folded[..., top:top + y1 - y0, left:left + x1 - x0]
+
+
+@dataclass
+class Texture:
+    """One output's texture by analogy: from `bank`, the choice of `seed` at `temperature`, pasted at `strength`;
+    on a walk, it turns into `to`'s texture as `t` goes from 0 to 1 (along a quarter circle: two unrelated
+    textures half mixed keep their contrast)."""
+    bank: Bank
+    seed: int = 0
+    temperature: float = 0.0
+    strength: float = 1.0
+    to: "Texture | None" = None
+    t: float = 0.0
+
+
+class TexturePlan:
+    """Every Texture of one image resolved against its Matcher: what each tile's paste needs."""
+
+    def __init__(self, matcher: Matcher, textures):
+        self.matcher = matcher
+        self.parts = []  # per texture: [(bank, choice, weight), ...] (two on a walk)
+        for texture in textures:
+            ends = [(texture, 1.0)]
+            if texture.to is not None:
+                angle = texture.t * math.pi / 2
+                ends = [(texture, math.cos(angle)), (texture.to, math.sin(angle))]
+            self.parts.append([(end.bank, matcher.choose(end.bank, end.seed, end.temperature),
+                                matcher.room * (end.strength * factor)) for end, factor in ends])
+
+    def texture(self, k: int, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        """Texture k over output pixels [y0, y1) x [x0, x1)."""
+        return sum(paste(self.matcher, bank, choice, weight, y0, y1, x0, x1)
+                   for bank, choice, weight in self.parts[k])
+
+
+# --- the shipped bank: natural-photo texture for `sample` -----------------------------------------------------------
+
+TEXTURE_BANK = "texture-bank-x{scale}.safetensors"  # the shipped bank of each scale, in weights/
+# (scripts/make_texture_bank.py)
+BANK_STEP = 1 / 254  # the shipped residual's int8 unit: residuals within +-0.5, to half a grey level
+BANK_STRIDE = 2  # cells between the shipped bank's patches (8 pixels: half a patch)
+
+
+def bank_tensors(pairs, scale: int) -> dict:
+    """What the shipped bank file holds for one scale: per image, its fidelity output's luminance cells (float32,
+    the keys are computed from them on loading) and its residual (int8, BANK_STEP a unit)."""
+    tensors = {}
+    for i, (sharp, faithful) in enumerate(pairs):
+        _, _, _, residual = bank_part(sharp, faithful)
+        tensors[f"x{scale}.{i}.cells"] = luminance_cells(faithful)[0, 0].contiguous()
+        tensors[f"x{scale}.{i}.residual"] = (residual / BANK_STEP).round().clamp(-127, 127).to(torch.int8).contiguous()
+    return tensors
+
+
+def load_bank(path, scale: int) -> Bank:
+    """The shipped bank's patches of `scale` from its safetensors file; RefsrError (naming the file) when the file
+    is missing, damaged, or holds no usable part of that scale."""
+    from safetensors import SafetensorError, safe_open
+    name = f"texture bank {path}"
+    parts = []
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = sorted({k.rsplit(".", 1)[0] for k in f.keys() if k.startswith(f"x{scale}.")},
+                           key=lambda k: int(k.split(".")[1]) if k.split(".")[1].isdigit() else -1)
+            for prefix in names:
+                cells, residual = f.get_tensor(f"{prefix}.cells"), f.get_tensor(f"{prefix}.residual")
+                ok = (cells.dtype == torch.float32 and residual.dtype == torch.int8 and cells.dim() == 2
+                      and residual.dim() == 3 and residual.shape[0] == 3
+                      and tuple(residual.shape[1:]) == (cells.shape[0] * CELL, cells.shape[1] * CELL)
+                      and min(cells.shape) >= WINDOW and bool(torch.isfinite(cells).all()))
+                if not ok:
+                    raise RefsrError(f"{name}: damaged ({prefix} is not a bank part)")
+                keys = descriptors(cells[None, None], BANK_STRIDE)
+                rows = (cells.shape[0] - WINDOW) // BANK_STRIDE + 1
+                cols = (cells.shape[1] - WINDOW) // BANK_STRIDE + 1
+                ys, xs = torch.meshgrid(torch.arange(rows) * BANK_STRIDE * CELL,
+                                        torch.arange(cols) * BANK_STRIDE * CELL, indexing="ij")
+                parts.append((keys, ys.flatten(), xs.flatten(), residual))
+    except FileNotFoundError:
+        raise RefsrError(f"{name}: missing (reinstall refsr)") from None
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise RefsrError(f"{name}: damaged ({(str(e).splitlines() or [''])[0]})") from None
+    if not parts:
+        raise RefsrError(f"{name}: holds no texture for x{scale}")
+    return make_bank(parts, "the texture bank", BANK_STEP)
