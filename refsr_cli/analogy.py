@@ -32,6 +32,7 @@ from PIL import Image
 
 from .errors import RefsrError
 from .match import patch_descriptors, top_matches
+from .options import BatchOptions
 
 CELL = 4  # output pixels a side of a descriptor cell
 WINDOW = 4  # cells a side of a patch
@@ -170,12 +171,17 @@ class Matcher:
         """(nq,) the key each patch takes for an output of `seed`: at temperature T one of the round(CANDIDATES T)
         nearest (at least the nearest, at most MAX_CANDIDATES), uniformly by a draw of the seed on the CPU: the
         same choice on every device, and for one seed the same draw at every temperature."""
-        count = min(MAX_CANDIDATES, max(1, round(CANDIDATES * temperature)))
+        count = candidate_count(temperature)
         index = self.candidate_list(bank, count)
         count = min(count, index.shape[1])
         draw = torch.rand(len(index), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         rank = (draw * count).long().clamp_max(count - 1)
         return index.gather(1, rank[:, None])[:, 0]
+
+
+def candidate_count(temperature: float) -> int:
+    """How many of each patch's nearest candidates a seed picks among at `temperature`."""
+    return min(MAX_CANDIDATES, max(1, round(CANDIDATES * temperature)))
 
 
 def hann() -> torch.Tensor:
@@ -213,13 +219,15 @@ class Texture:
     bank: Bank
     seed: int = 0
     temperature: float = 0.0
-    strength: float = 1.0
+    strength: float = BatchOptions.strength
     to: "Texture | None" = None
     t: float = 0.0
 
 
 class TexturePlan:
-    """Every Texture of one image resolved against its Matcher: what each tile's paste needs."""
+    """Every Texture of one image resolved against its Matcher: what each tile's paste needs. (Pasting a share of
+    the candidates' mean with the seed's pick was tried, and moved samples along the same front of LPIPS against
+    diversity as the strength does: weights/README.md.)"""
 
     def __init__(self, matcher: Matcher, textures):
         self.matcher = matcher

@@ -24,7 +24,7 @@ from .device import launcher_shard
 from .analogy import Texture
 from .engine import Latent, Latents, load_upscaler
 from .errors import RefsrError
-from .files import sha256_of
+from .files import AppearedMeanwhile, sha256_of
 from .images import (IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb, software_tag, unique_stems,
                      write_animation, write_picture)
 from .match import Transfer, correspond, prepare_reference
@@ -181,12 +181,17 @@ def run(report: Reporter, command: str, inputs, refs, seeds, opt: BatchOptions) 
         return 2
     # Names come from the whole list, so that a sharded run writes exactly the files an unsharded one would.
     named = list(zip(lr_paths, unique_stems(lr_paths)))
+    try:
+        check_names(plan, named)
+    except RefsrError as e:
+        report.error(str(e))
+        return 2
     if shard is not None:
         named = named[shard[0]::shard[1]]
     for lr_path, stem in named:
         try:
             upscale_one(report, plan, lr_path, stem)
-        except RefsrError as e:
+        except (RefsrError, AppearedMeanwhile) as e:
             report.failed(str(e))
         except OSError as e:
             report.failed(f"{lr_path}: cannot write the output ({e.strerror or e})")
@@ -288,8 +293,20 @@ class Output:
     todo: bool = True
 
 
-def outputs_of(plan: Plan, stem: str) -> list:
-    """Every file the input of `stem` gives, under the output rules (see the module's docstring)."""
+def check_names(plan: Plan, named) -> None:
+    """Refuse a run two of whose outputs would take one name (`a.png` with `--ref x2_b.png` and `a_x2.png` with
+    `--ref b.png` both give a_x2_x2_b.png): found before anything is written, so that no output replaces another."""
+    seen = {}
+    for lr_path, stem in named:
+        for output in output_names(plan, stem):
+            if output.path in seen:
+                raise RefsrError(f"{output.path} would be written twice, for {seen[output.path]} and for {lr_path}: "
+                                 "rename an input or a reference, or run them apart")
+            seen[output.path] = lr_path
+
+
+def output_names(plan: Plan, stem: str) -> list:
+    """Every file the input of `stem` gives, by the naming rules alone."""
     opt = plan.opt
     base = plan.folder / f"{stem}_x{opt.scale}"
     if opt.sheet:
@@ -301,6 +318,13 @@ def outputs_of(plan: Plan, stem: str) -> list:
         outputs.append(Output(Path(f"{base}_match_map.png"), "map"))
     if opt.animate:
         outputs.append(Output(Path(f"{base}_walk.{opt.animate}"), "animation"))
+    return outputs
+
+
+def outputs_of(plan: Plan, stem: str) -> list:
+    """Every file the input of `stem` gives, under the output rules (see the module's docstring)."""
+    opt = plan.opt
+    outputs = output_names(plan, stem)
     for output in outputs:
         if output.path.resolve() in plan.passed_in:
             raise RefsrError(f"{output.path} is an input of this run; refsr never overwrites its inputs")
@@ -353,22 +377,24 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
             crops += [image[window].copy() for image in decoded]
             continue
         for output, image in zip(images[start:start + chunk], decoded):
-            publish(output, lambda provenance: write_picture(image, output.path, picture.icc_profile, provenance),
-                    output.variant.fields)
+            publish(output, lambda provenance: write_picture(image, output.path, picture.icc_profile, provenance,
+                                                             opt.overwrite), output.variant.fields)
     if sheet:
         labels = [sheet_label(v.fields, opt.temperature) for v in variants]
         publish(sheet, lambda provenance: write_picture(np.asarray(contact_sheet(crops, labels)), sheet.path,
-                                                         None, provenance), sheet_fields(plan), sheet=labels)
+                                                         None, provenance, opt.overwrite), sheet_fields(plan),
+                sheet=labels)
     for output in outputs:
         if output.kind == "map" and output.todo:
             fields = plan.variants[-1].fields | {"map": True}
             publish(output, lambda provenance: write_picture(confidence_image(transfer, scale), output.path, None,
-                                                             provenance),
+                                                             provenance, opt.overwrite),
                     fields, confidence=float(transfer.confidence.mean()))
         if output.kind == "animation" and output.todo:
             frames = [o.path for o in outputs if o.kind == "image"]
             fields = {k: v for k, v in plan.variants[0].fields.items() if k != "frame"} | {"animate": opt.animate}
-            publish(output, lambda provenance: write_animation(frames, output.path, provenance), fields)
+            publish(output, lambda provenance: write_animation(frames, output.path, provenance, opt.overwrite),
+                    fields)
 
 
 def sheet_fields(plan: Plan) -> dict:

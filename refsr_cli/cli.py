@@ -263,6 +263,8 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
 @click.option("--log-every", type=click.IntRange(min=1), default=TRAIN.log_every, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=TRAIN.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, default=TRAIN.overwrite,
+              help="Start afresh in an --out that holds checkpoints; they are replaced as the run saves.")
 @click.option("--init", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Start from these weights (a fresh optimizer). The texture stage takes one checkpoint (default: "
                    "the shipped weights of --scale); the trunk stage one per scale (repeat --init).")
@@ -278,6 +280,10 @@ def train(quiet, **options):
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
     options["init"] = list(options["init"]) or None
     quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
+    import signal
+
+    from .batch import Terminated, on_sigterm
+    signal.signal(signal.SIGTERM, on_sigterm)  # as Ctrl-C: the save in progress finishes or leaves no temporary file
     try:
         opt = TrainOptions(**options)
         if quiet:
@@ -299,6 +305,8 @@ def train(quiet, **options):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; the last checkpoint is kept, continue with --resume", 130)
+    except Terminated:
+        fail("terminated; the last checkpoint is kept, continue with --resume", 143)
     except torch.cuda.OutOfMemoryError:
         fail("out of GPU memory; lower --batch or --lr-patch (the last checkpoint is kept)")
     if not quiet:

@@ -94,6 +94,20 @@ class Upscaler:
         self.tile, self.tile_pad, self.consistency_steps = tile, tile_pad, consistency_steps
         self.texture_trained = True
         self.weights_path = None  # the checkpoint file, when loaded from one (for the outputs' provenance)
+        self._bank = None  # texture_bank()
+
+    @classmethod
+    def from_pretrained(cls, weights: str | None = None, scale: int = 8, **options) -> "Upscaler":
+        """The Python API's way in: the engine for `weights` (a .safetensors file, a Hub reference
+        OWNER/REPO[@REV][:FILE], or None: the shipped weights of `scale`), EngineOptions fields as keywords.
+
+            up = Upscaler.from_pretrained(scale=8)
+            lr = np.asarray(Image.open("photo.png").convert("RGB"), np.float32) / 255
+            bank = up.reference_bank(np.asarray(Image.open("painting.jpg").convert("RGB"), np.float32) / 255)
+            faithful, painted, sample = up.upscale(lr, [None, Texture(bank, strength=0.5),
+                                                        Texture(up.texture_bank(), seed=3, temperature=1.0)])
+        """
+        return load_upscaler(weights, scale, EngineOptions(**options))
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         """HxWxC array -> (1, C, H, W) tensor, channels-last (the HWC memory as it is)."""
@@ -116,6 +130,13 @@ class Upscaler:
         check_reference(image, name)
         pairs = reference_pairs(image, self.scale, self.faithful, name)
         return make_bank([bank_part(sharp, faithful) for sharp, faithful in pairs], name)
+
+    def texture_bank(self):
+        """The shipped texture bank of this scale (weights/texture-bank-xS.safetensors), loaded on first use."""
+        if self._bank is None:
+            from .checkpoint import weights_dir
+            self._bank = load_bank(weights_dir() / TEXTURE_BANK.format(scale=self.scale), self.scale)
+        return self._bank
 
     def prior_z(self, seed: int, temperature: float = 1.0) -> Latent:
         """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device, and the
@@ -255,21 +276,12 @@ class Latents:
 
     def __init__(self, upscaler: Upscaler, texture: str, strength: float):
         self.upscaler, self.texture, self.strength = upscaler, texture, strength
-        self.bank = None
-
-    def shipped_bank(self):
-        """The shipped texture bank's part for this scale, loaded once and only when a sample asks for it."""
-        if self.bank is None:
-            from .checkpoint import weights_dir
-            scale = self.upscaler.scale
-            self.bank = load_bank(weights_dir() / TEXTURE_BANK.format(scale=scale), scale)
-        return self.bank
 
     def prior(self, seed: int, temperature: float):
         """A sample of `seed` without a reference (at temperature 0: the faithful output)."""
         if self.texture == "learned":
             return self.upscaler.prior_z(seed, temperature)
-        return Texture(self.shipped_bank(), seed, temperature, self.strength) if temperature > 0 else None
+        return Texture(self.upscaler.texture_bank(), seed, temperature, self.strength) if temperature > 0 else None
 
     def reference(self, image: np.ndarray, name: str):
         """What a reference gives every output drawn from it: its bank (analogy), or the image (learned)."""

@@ -21,7 +21,6 @@ from .match import correspond, prepare_reference
 from .metrics import LPIPSVGG, LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
 from .model import VGG16Features
 
-MEASURES = ("psnr", "ssim", "lpips", "lpips_vgg", "lr_psnr")
 STATS_SIDE = 512  # images are compared by feature statistics at (at most) the size of the reference gallery
 STATS_MIN_SIDE = 16  # VGG16's three max-pools before relu4_1 leave 2x2 of this: a standard deviation to take
 ALEX_STATS_SIDE = 48  # AlexNet's stride 4 and two 3x3 max-pools of stride 2 leave 2x2 of 47 pixels
@@ -56,18 +55,16 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def measure(sr: Image.Image, hr: Image.Image, lr: Image.Image, scale: int, lpips: LPIPSAlex,
-            lpips_vgg: LPIPSVGG) -> dict:
+            lpips_vgg: LPIPSVGG | None = None) -> dict:
+    """The protocol's measures of one output; LPIPS-vgg where `lpips_vgg` is given (training's validation leaves
+    it out: on a CPU it costs more than the rest together)."""
     sr_f, hr_f = to_float(sr), to_float(hr)
     with torch.inference_mode():
-        lpips_value = lpips(as_tensor(sr_f), as_tensor(hr_f)).item()
-        lpips_vgg_value = lpips_vgg(as_tensor(sr_f), as_tensor(hr_f)).item()
-    return {
-        "psnr": psnr_y(sr_f, hr_f, scale),
-        "ssim": ssim_y(sr_f, hr_f, scale),
-        "lpips": lpips_value,
-        "lpips_vgg": lpips_vgg_value,
-        "lr_psnr": psnr(to_float(bicubic_resize(sr, lr.size)), to_float(lr)),
-    }
+        values = {"psnr": psnr_y(sr_f, hr_f, scale), "ssim": ssim_y(sr_f, hr_f, scale),
+                  "lpips": lpips(as_tensor(sr_f), as_tensor(hr_f)).item()}
+        if lpips_vgg is not None:
+            values["lpips_vgg"] = lpips_vgg(as_tensor(sr_f), as_tensor(hr_f)).item()
+    return values | {"lr_psnr": psnr(to_float(bicubic_resize(sr, lr.size)), to_float(lr))}
 
 
 @torch.inference_mode()
@@ -179,7 +176,7 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
                            {}))
         for method, outputs, extra in groups:
             each = [measure(o, hr, lr, scale, lpips, lpips_vgg) for o in outputs]
-            mean = {k: float(np.mean([m[k] for m in each])) for k in MEASURES}
+            mean = {k: float(np.mean([m[k] for m in each])) for k in each[0]}
             mean["lr_psnr"] = min(m["lr_psnr"] for m in each)  # "LR-PSNR of every sample": the worst one
             rows.append({"image": path.name, "method": method, **mean, **extra})
         return rows

@@ -15,10 +15,16 @@ def _read_umask() -> int:
 UMASK = _read_umask()  # once, at import: os.umask can only be read by setting it
 
 
+class AppearedMeanwhile(FileExistsError):
+    """The target of an exclusive write (replace=False) was created by someone else while it was being written."""
+
+
 @contextmanager
-def atomic_path(path):
-    """Yields a temporary path in the target's folder; on success it is renamed to `path` (an atomic replace on
-    the same file system), on any error or interruption it is removed."""
+def atomic_path(path, replace: bool = True):
+    """Yields a temporary path in the target's folder; on success it becomes `path`, on any error or interruption it
+    is removed. `replace`: an atomic rename over whatever is there; else an exclusive hard link, which fails
+    (AppearedMeanwhile) when a file of that name appeared meanwhile (another process writing into the same folder):
+    a check made before the work began cannot see it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
     os.close(fd)
@@ -27,10 +33,30 @@ def atomic_path(path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # the data is on disk before the name is: no empty file after a power cut
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; give the permissions a plain open() would
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            publish_exclusively(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish_exclusively(tmp: str, path: Path) -> None:
+    """`tmp` under the name `path` only if no file has that name: a hard link (atomic, and refused when the name
+    exists), then the temporary name removed. A file system without hard links gets a rename after a last check."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise AppearedMeanwhile(f"{path} appeared while it was being written (another process?); it is kept") \
+            from None
+    except OSError:  # no hard links here (some network and FAT file systems)
+        if path.exists():
+            raise AppearedMeanwhile(f"{path} appeared while it was being written (another process?); it is kept") \
+                from None
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def sha256_of(path) -> str | None:

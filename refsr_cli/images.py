@@ -248,9 +248,11 @@ def _write_png16(f, array: np.ndarray, icc: bytes | None, text: dict) -> None:
     writer.write_packed(_AfterHeader(f, extra), (array[y].astype(">u2").tobytes() for y in range(height)))
 
 
-def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None, provenance: dict | None = None) -> None:
+def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None, provenance: dict | None = None,
+                  replace: bool = True) -> None:
     """Save HxWxC (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA; uint8, or uint16 for PNG) through a temporary file in the
-    target folder, renamed into place when complete. Every file carries the Software tag and, when given, the
+    target folder, renamed into place when complete (with `replace` False, only if no file took the name meanwhile:
+    files.atomic_path). Every file carries the Software tag and, when given, the
     provenance as JSON: a PNG text chunk `refsr`, or the EXIF ImageDescription of JPEG, WebP and TIFF."""
     text = {"Software": software_tag()}
     if provenance is not None:
@@ -262,7 +264,7 @@ def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None, pro
         raise RefsrError(f"{path}: JPEG has no alpha channel; write PNG, WebP or TIFF to keep transparency")
     if array.dtype == np.uint16 and fmt != "PNG":
         array = (array // 257).astype(np.uint8)  # only PNG stores 16 bits here
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace) as tmp:
         if array.dtype == np.uint16:
             with open(tmp, "wb") as f:
                 _write_png16(f, array, icc_profile, text)
@@ -287,7 +289,7 @@ def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None, pro
             image.save(tmp, format=fmt, **options)
 
 
-def write_animation(frames, path, provenance: dict) -> None:
+def write_animation(frames, path, provenance: dict, replace: bool = True) -> None:
     """The image files `frames`, in order, as one looping animated WebP or GIF (10 frames a second), written
     atomically. 8-bit RGB, whatever the frames' depth (a 16-bit grey frame is scaled, not clipped), with the Software
     tag and the provenance: in EXIF for WebP, in the comment for GIF."""
@@ -304,5 +306,5 @@ def write_animation(frames, path, provenance: dict) -> None:
         options = {"lossless": False, "quality": 90, "exif": exif.tobytes()}
     else:
         options = {"comment": record.encode("latin-1")}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace) as tmp:
         images[0].save(tmp, format=fmt, save_all=True, append_images=images[1:], duration=100, loop=0, **options)

@@ -18,6 +18,7 @@ before each step (gloo on the CPU, NCCL on CUDA); rank 0 alone writes files and 
 """
 import json
 import math
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -376,10 +377,17 @@ def fit(opt: TrainOptions, progress=None):
         raise RefsrError(f"--init {clash[0]}: this run would write over it; copy it out of {opt.out} first")
     if opt.resume and not state_path.is_file():
         raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
-    if not opt.resume and state_path.exists():
-        raise RefsrError(f"{opt.out} holds a run already: --resume it, or give another --out")
+    if not opt.resume and not opt.overwrite:
+        # Any checkpoint already in --out is the user's, with or without a training state beside it.
+        held = [p for p in sorted(written) if p.exists()]
+        if held:
+            raise RefsrError(f"{opt.out} holds a run already ({held[0].name}): --resume it, --overwrite it, or give "
+                             "another --out")
     if rank == 0:
         make_run_folder(opt.out)
+        if opt.overwrite and not opt.resume:  # a fresh run: the old one's state and log would mislead a --resume
+            state_path.unlink(missing_ok=True)
+            (opt.out / "log.jsonl").unlink(missing_ok=True)
     state = load_training_state(state_path, recipe(opt)) if opt.resume else None
     stage = (TrunkStage if opt.stage == "trunk" else TextureStage)(opt, device, rank, state)
     optimizer = torch.optim.Adam(stage.parameter_groups(), lr=opt.learning_rate, betas=(0.9, 0.99))
@@ -442,8 +450,10 @@ def make_run_folder(out: Path) -> None:
         raise RefsrError(f"--out {out}: a file stands where the run folder or one of its parents would be") from None
     except OSError as e:
         raise RefsrError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
-    for stale in out.glob(".*.tmp"):  # left by a run killed (SIGKILL) in the middle of a save
-        stale.unlink()
+    # Left by a run killed (SIGKILL) in the middle of a save: atomic_path's temporary names, and safetensors' own
+    # (".tmp" and six characters), which it writes before renaming onto ours.
+    for stale in [*out.glob(".*.tmp"), *(p for p in out.glob(".tmp*") if re.fullmatch(r"\.tmp\w{6}", p.name))]:
+        stale.unlink(missing_ok=True)
 
 
 def start_distributed(device: torch.device):

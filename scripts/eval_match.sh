@@ -11,13 +11,19 @@ SCALES=${SCALES:-4 8}
 SETS=${SETS:-val_hr bench/Set5 bench/Set14}
 PROTOCOLS=${PROTOCOLS:-warp half unrelated}
 mkdir -p docs/eval/match
+# Each table is written to a temporary file and moved over the committed one only when `refsr eval` succeeded: a
+# failing or interrupted run leaves the docs as they were.
+tmp=""
+trap 'rm -f "$tmp"' EXIT
 for scale in $SCALES; do
     for set in $SETS; do
         name=$(basename "$set")
         for protocol in $PROTOCOLS; do
             out="docs/eval/match/x$scale-$name-$protocol"
+            tmp=$(mktemp "docs/eval/match/.x$scale-$name-$protocol.XXXXXX")
             refsr eval "$DATA/$set" --scale "$scale" --match-protocol "$protocol" --baseline none \
-                --json "$out.json" > "$out.txt"
+                --json "$out.json" > "$tmp"
+            mv "$tmp" "$out.txt"
             echo "x$scale $name $protocol: $(tail -1 "$out.txt")"
         done
     done

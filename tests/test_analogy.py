@@ -138,7 +138,7 @@ def test_upscale_ref_and_sample_by_analogy(tmp_path, checkpoint):
     ref = write_reference(tmp_path / "paint.png", textured_image(96, 96, seed=9))
     common = ("--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o")
     assert run("upscale", lr, *common).exit_code == 0
-    result = run("upscale", lr, "--ref", ref, "--strength", 0.5, *common, "--json")
+    result = run("upscale", lr, "--ref", ref, "--strength", 0.7, *common, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["output"].endswith("photo_x2_paint.png")
     result = run("sample", lr, "--n", 2, *common)
@@ -153,7 +153,7 @@ def test_upscale_ref_and_sample_by_analogy(tmp_path, checkpoint):
     # The redo command of each says --strength when it is not the default, and --ref for sample --ref.
     info = run("info", tmp_path / "o" / "photo_x2_paint.png", tmp_path / "o" / "photo_x2_paint_s1.png", "--json")
     commands = [json.loads(line)["command"] for line in info.stdout.splitlines()]
-    assert "--strength 0.5" in commands[0] and "--ref" in commands[0]
+    assert "--strength 0.7" in commands[0] and "--ref" in commands[0]
     assert commands[1].startswith("refsr sample photo.png --n 1 --seed 1") and "--ref" in commands[1]
 
 
@@ -237,3 +237,18 @@ def test_the_shipped_bank_holds_every_scale_within_its_budget():
         bank = analogy.load_bank(path, scale)
         assert len(bank.keys) > 10_000 and bank.residual.dtype == torch.int8
         assert torch.isfinite(bank.keys).all()
+
+
+def test_the_python_api_gives_what_the_commands_give(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "photo.png", 24, 20)
+    ref = write_reference(tmp_path / "paint.png", textured_image(96, 96, seed=11))
+    up = Upscaler.from_pretrained(str(checkpoint), scale=2, device="cpu")
+    image = np.asarray(Image.open(lr).convert("RGB"), np.float32) / 255
+    bank = up.reference_bank(np.asarray(Image.open(ref).convert("RGB"), np.float32) / 255)
+    painted, sample = up.upscale(image, [Texture(bank, strength=0.5), Texture(up.texture_bank(), seed=3,
+                                                                               temperature=1.0)])
+    common = ("--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o")
+    assert run("upscale", lr, "--ref", ref, "--strength", 0.5, *common).exit_code == 0
+    assert run("sample", lr, "--n", 1, "--seed", 3, *common).exit_code == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "photo_x2_paint.png")), painted)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "photo_x2_s3.png")), sample)

@@ -1,0 +1,140 @@
+"""Issue 29's data-loss classes: nothing a user has is replaced, emptied or left half-written, whoever else writes."""
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import one_error_line, write_png
+from test_cli import pngs, run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def photos(folder: Path, count: int = 2) -> Path:
+    folder.mkdir()
+    for i in range(count):
+        blocks = np.random.default_rng(i).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        Image.fromarray(blocks).resize((64, 48), Image.NEAREST).save(folder / f"p{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("name, stage", [("last.safetensors", "texture"), ("x2.safetensors", "trunk")])
+def test_train_keeps_a_checkpoint_it_did_not_write(tmp_path, checkpoint, name, stage):
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = out / name
+    mine.write_bytes(checkpoint.read_bytes())  # a checkpoint with no training state beside it
+    before = mine.read_bytes()
+    args = ["train", "--data", photos(tmp_path / "photos"), "--out", out, "--stage", stage, "--scale", 2,
+            "--scales", 2, "--steps", 1, "--device", "cpu", "-q"]
+    result = run(*args)
+    assert result.exit_code == 2
+    one_error_line(result, name, "--overwrite")
+    assert mine.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_train_overwrite_starts_afresh(tmp_path):
+    from refsr_cli.train import fit
+    from test_train import trunk_options
+    data = (photos(tmp_path / "photos"), None)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "x2.safetensors").write_bytes(b"an old checkpoint")
+    (out / "log.jsonl").write_text('{"step": 99}\n')
+    fit(trunk_options(data, out, scales=(2,), steps=2, save_every=2, overwrite=True))
+    assert (out / "x2.safetensors").read_bytes() != b"an old checkpoint"
+    assert '"step": 99' not in (out / "log.jsonl").read_text()
+
+
+def test_outputs_that_would_take_one_name_are_refused_before_anything_is_written(tmp_path, checkpoint):
+    a, a_x2 = write_png(tmp_path / "a.png", 16, 16, seed=1), write_png(tmp_path / "a_x2.png", 16, 16, seed=2)
+    refs = [write_png(tmp_path / "x2_b.png", 40, 40, seed=3), write_png(tmp_path / "b.png", 40, 40, seed=4)]
+    out = tmp_path / "out"
+    for extra in ((), ("--overwrite",)):
+        result = run("upscale", a, a_x2, "--ref", refs[0], "--ref", refs[1], "--scale", 2, "--weights", checkpoint,
+                     "-o", out, *extra)
+        assert result.exit_code == 2
+        one_error_line(result, "a_x2_x2_b.png", "twice")
+        assert pngs(out) == []
+
+
+def test_a_file_another_process_writes_meanwhile_is_never_replaced(tmp_path, checkpoint, monkeypatch):
+    from refsr_cli import batch
+    real = batch.write_picture
+
+    def racing(array, path, *args, **kwargs):
+        Path(path).write_bytes(b"the other process's file")  # appears after the start-of-run check
+        return real(array, path, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "write_picture", racing)
+    lr = write_png(tmp_path / "photo.png")
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "photo_x2.png", "appeared")
+    assert (tmp_path / "out" / "photo_x2.png").read_bytes() == b"the other process's file"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["photo_x2.png"]  # no temporary file left
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "--overwrite")
+    assert result.exit_code == 0  # asked for: replaced
+    Image.open(tmp_path / "out" / "photo_x2.png").load()
+
+
+@pytest.mark.parametrize("script, table", [("eval_match.sh", "docs/eval/match/x4-val_hr-warp.txt"),
+                                           ("eval_release.sh", "docs/eval/x4-val_hr.txt")])
+def test_the_eval_scripts_keep_committed_tables_when_refsr_eval_fails(tmp_path, script, table):
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "scripts" / script).write_text((ROOT / "scripts" / script).read_text())
+    (repo / table).parent.mkdir(parents=True)
+    (repo / table).write_text("the committed table\n")
+    fake = tmp_path / "bin" / "refsr"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'partial output'\nexit 2\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = os.environ | {"PATH": f"{fake.parent}:{os.environ['PATH']}", "SETS": "val_hr", "SCALES": "4",
+                        "PROTOCOLS": "warp"}
+    done = subprocess.run(["bash", str(repo / "scripts" / script)], env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert (repo / table).read_text() == "the committed table\n"
+    assert [p.name for p in (repo / table).parent.iterdir() if p.is_file()] == [Path(table).name]
+
+
+def test_sigterm_during_train_keeps_the_last_checkpoint_and_no_temporary_file(tmp_path, checkpoint):
+    out = tmp_path / "run"
+    # A run long enough to be stopped mid-way, saving every step.
+    proc = subprocess.Popen([sys.executable, "-m", "refsr_cli", "train", "--data", str(photos(tmp_path / "photos")),
+                             "--out", str(out), "--scale", "2", "--init", str(checkpoint), "--steps", "100000",
+                             "--batch", "2", "--lr-patch", "8", "--imle-samples", "2", "--perceptual-crop", "32",
+                             "--pool-size", "4", "--save-every", "1", "--device", "cpu", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "last.state.safetensors").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("refsr: error: terminated"), stderr
+    assert all(not p.name.startswith(".") for p in out.iterdir()), sorted(p.name for p in out.iterdir())
+    result = run("train", "--data", tmp_path / "photos", "--out", out, "--scale", 2, "--steps", 100000, "--resume",
+                 "--device", "cpu", "-q", "--save-every", 100000, "--steps", 1)
+    assert "Traceback" not in result.output
+
+
+def test_a_killed_save_leaves_nothing_the_next_run_keeps(tmp_path):
+    from refsr_cli.train import make_run_folder
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".last.k2j3.safetensors.tmp", out / ".tmpAb12_z"]  # ours, and safetensors' own
+    for path in stale:
+        path.write_bytes(b"half")
+    (out / ".tmpnotes").write_text("a user's file")  # not a temporary name: kept
+    make_run_folder(out)
+    assert sorted(p.name for p in out.iterdir()) == [".tmpnotes"]
