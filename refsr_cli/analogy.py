@@ -43,7 +43,7 @@ MAX_CANDIDATES = 32  # temperature 4 and above
 REFERENCE_SIDE = 512  # a reference's long side in its bank (a reference's scale is arbitrary; this bounds the search)
 REFERENCE_SCALES = (1.0, 0.5)  # the reference at several scales: texture at the scale that fits the input
 CHROMA = 0.5  # share of a reference's colour residual pasted with its luminance residual (the LR pins colour hardest)
-FLAT, TEXTURED = 0.01, 0.04  # a patch's cell standard deviation with no pasted texture, and with all of it
+FLAT, TEXTURED = 0.005, 0.03  # a patch's detail (cell standard deviation less a plane): no pasted texture, all of it
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 
 
@@ -135,6 +135,16 @@ def check_reference(image: np.ndarray, name: str) -> None:
 
 # --- the input's side: queries, candidates, the choice of each output, the paste -----------------------------------
 
+def detail(patches: torch.Tensor) -> torch.Tensor:
+    """(N,) the standard deviation of each mean-removed WINDOW x WINDOW patch (N, WINDOW^2) of cells, less the part
+    a plane (a slope in y and in x) explains."""
+    ramp = torch.arange(WINDOW, dtype=torch.float32) - (WINDOW - 1) / 2
+    slopes = torch.stack([ramp[:, None].expand(WINDOW, WINDOW).flatten(), ramp[None, :].expand(WINDOW, WINDOW).flatten()])
+    slopes = slopes / slopes.norm(dim=1, keepdim=True)  # orthonormal, and orthogonal to a constant
+    rest = patches - (patches @ slopes.T) @ slopes
+    return rest.norm(dim=1) / WINDOW
+
+
 class Matcher:
     """The input's patches and their candidates in each bank: built once per image from its fidelity output B
     (1, 3, H, W) float32, then asked for the choice of each output."""
@@ -148,9 +158,10 @@ class Matcher:
         padded = F.pad(faithful, (STRIDE, STRIDE * cols - w, STRIDE, STRIDE * rows - h), mode="replicate")
         cells = luminance_cells(padded)
         self.queries = descriptors(cells, STRIDE // CELL)
-        spread = self.queries.norm(dim=1) / WINDOW  # the cells' standard deviation
-        # How much room B leaves for invented detail: none on flat areas (skin, sky), all of it on textured ones.
-        self.room = ((spread - FLAT) / (TEXTURED - FLAT)).clamp(0, 1)
+        # How much room B leaves for invented detail: none on flat or smoothly shaded areas (skin, sky), all of it on
+        # textured ones. The cells' standard deviation once their best plane is taken off: a cheek's shading is a
+        # slope, grass and fur are not.
+        self.room = ((detail(self.queries) - FLAT) / (TEXTURED - FLAT)).clamp(0, 1)
         self.candidates = {}  # id(bank) -> (index (nq, n), of which bank)
 
     def candidate_list(self, bank: Bank, count: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ import click
 from .options import MAX_STRENGTH, MAX_TEMPERATURE, TEXTURES, BatchOptions, EngineOptions, TrainOptions
 
 SCALES = click.Choice(["2", "4", "8"])
+MAX_SEED = 2 ** 63 - 1  # torch's generators take a 64-bit seed; refsr's seeds are the non-negative int64s
+SEEDS = click.IntRange(0, MAX_SEED)
 
 
 class Finite(click.ParamType):
@@ -146,7 +148,7 @@ def common_inference_options(f):
 @click.option("--ref", "refs", multiple=True, metavar="IMAGE|FOLDER",
               help="Reference image or folder of them (repeatable): its texture is added. [default: none, the "
                    "faithful output]")
-@click.option("--seed", type=click.IntRange(min=0), default=BATCH.seed, show_default=True,
+@click.option("--seed", type=SEEDS, default=BATCH.seed, show_default=True,
               help="Seed of the draw when --temperature is above 0, and of the grain of --ref outputs (weights "
                    "with texture noise).")
 @click.option("--match", is_flag=True,
@@ -173,7 +175,7 @@ def upscale(inputs, refs, seed, match, match_map, **options):
 @click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
 @click.option("-n", "--n", "count", type=click.IntRange(1, 10_000), default=10, show_default=True,
               help="Number of samples per image.")
-@click.option("--seed", type=click.IntRange(min=0), default=BATCH.seed, show_default=True,
+@click.option("--seed", type=SEEDS, default=BATCH.seed, show_default=True,
               help="Sample i uses seed SEED+i, so --n 1 --seed 3 reproduces the fourth of --n 10 --seed 0.")
 @click.option("--ref", "refs", multiple=True, metavar="IMAGE|FOLDER",
               help="Draw the detail from this reference instead of the shipped bank of photos (repeatable: --n "
@@ -186,6 +188,8 @@ def sample(inputs, count, seed, refs, **options):
     Outputs are named STEM_xSCALE_sSEED.png (STEM_xSCALE_REFSTEM_sSEED.png with --ref).
     """
     options["temperature"] = 1.0 if options["temperature"] is None else options["temperature"]
+    if seed + count - 1 > MAX_SEED:
+        fail(f"--seed {seed} --n {count}: sample i uses seed SEED+i, and seeds go up to {MAX_SEED}")
     sys.exit(run_inference("sample", inputs, refs or None, range(seed, seed + count), **options))
 
 
@@ -261,7 +265,7 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
               help="Texture stage: prior samples per validation image (mean measures; diversity from 2).")
 @click.option("--save-every", type=click.IntRange(min=1), default=TRAIN.save_every, show_default=True)
 @click.option("--log-every", type=click.IntRange(min=1), default=TRAIN.log_every, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=TRAIN.seed, show_default=True)
+@click.option("--seed", type=SEEDS, default=TRAIN.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, default=TRAIN.overwrite,
               help="Start afresh in an --out that holds checkpoints; they are replaced as the run saves.")
@@ -316,7 +320,7 @@ def train(quiet, **options):
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
 @click.option("--ref", "refs", multiple=True, metavar="IMAGE", help="The two references to walk between.")
-@click.option("--seed", "seeds", multiple=True, type=click.IntRange(min=0), help="The two prior seeds to walk between.")
+@click.option("--seed", "seeds", multiple=True, type=SEEDS, help="The two prior seeds to walk between.")
 @click.option("--steps", type=click.IntRange(2, 1000), default=8, show_default=True, help="Frames, both ends included.")
 @click.option("--animate", type=click.Choice(["webp", "gif"]), default=None,
               help="Also write the frames as one looping animation.")
@@ -404,7 +408,7 @@ def push(files, repo, revision, private, message, no_card, license_id):
               help="Checkpoint to measure. [default: the shipped weights for --scale]")
 @click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=0.0, show_default=True,
               help="z of the main refsr rows: the prior's mean (0) or a sample at this temperature.")
-@click.option("--seed", type=click.IntRange(min=0), default=BATCH.seed, show_default=True)
+@click.option("--seed", type=SEEDS, default=BATCH.seed, show_default=True)
 @click.option("--samples", type=click.IntRange(min=0, max=100), default=0, show_default=True,
               help="Also decode N prior samples per image (seeds --seed..): their mean measures, their lowest "
                    "LR-PSNR and the NTIRE 2021 diversity score.")

@@ -57,6 +57,33 @@ FRONT = ("x8 samples on 6 val crops: LPIPS (y) against diversity (x), T = 0..3",
     ("16 latents, +200 (T = 1)", "valcrops-m16-step200*.json")])
 
 
+# The texture analogy's front (scripts/eval_front.sh: the six val crops, 10 samples): the samples' LPIPS of each
+# backbone against their diversity, over --strength (T = 1) and over --temperature (strength 0.5); bicubic's LPIPS
+# and the issue's line, 0.9 x bicubic's LPIPS-vgg, for scale. Strength 0 is the faithful output, at diversity 0.
+ANALOGY = RUNS.parent / "eval" / "analogy"
+
+
+def analogy_front(metric: str) -> list:
+    """The series of one panel of the analogy's front, for `metric` ("lpips_vgg" or "lpips")."""
+    series, faithful, bicubic, top = {"over --strength (T = 1)": [], "over --temperature (S = 0.5)": []}, None, None, 0
+    for path in sorted(ANALOGY.glob("front-valcrops-x8-s*-t*.json")):
+        strength, temperature = (float(v) for v in path.stem.split("-s")[1].split("-t"))
+        means = json.loads(path.read_text())["means"]
+        faithful, bicubic = means["refsr"][metric], means["bicubic"][metric]
+        point = (means["samples"]["diversity"], means["samples"][metric])
+        top = max(top, point[0])
+        if temperature == 1:
+            series["over --strength (T = 1)"].append(point)
+        if strength == 0.5:
+            series["over --temperature (S = 0.5)"].append(point)
+    out = [(label, sorted(pts + [(0.0, faithful)])) for label, pts in series.items() if pts]
+    if bicubic is not None:
+        out.append(("bicubic", [(0.0, bicubic), (top, bicubic)]))
+        if metric == "lpips_vgg":
+            out.append(("0.9 x bicubic (target)", [(0.0, 0.9 * bicubic), (top, 0.9 * bicubic)]))
+    return out
+
+
 def points(log: Path, metric, offset: int) -> list[tuple[float, float]]:
     """(step, value) of every validation line; metric is a key, or (key, baseline key) for a difference."""
     out = []
@@ -133,6 +160,11 @@ def main():
         panels.append(draw_panel(title, [(label, sorted(pts)) for label, pts in series.items()]))
     title, fronts = FRONT
     panels.append(draw_panel(title, [(label, front_points(pattern)) for label, pattern in fronts], "diversity"))
+    for metric, name in (("lpips_vgg", "LPIPS-vgg"), ("lpips", "LPIPS-alex")):
+        series = analogy_front(metric)
+        if series:
+            panels.append(draw_panel(f"x8 samples by analogy on 6 val crops: {name} (y) against diversity (x)",
+                                     series, "diversity"))
     w, h = panels[0].size
     sheet = Image.new("RGB", (2 * w, h * ((len(panels) + 1) // 2)), "white")
     for i, panel in enumerate(panels):

@@ -252,3 +252,19 @@ def test_the_python_api_gives_what_the_commands_give(tmp_path, checkpoint):
     assert run("sample", lr, "--n", 1, "--seed", 3, *common).exit_code == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "photo_x2_paint.png")), painted)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "photo_x2_s3.png")), sample)
+
+
+@pytest.mark.parametrize("command, flags, fragment", [
+    ("sample", ("--seed", "18446744073709551615"), "--seed"),
+    ("sample", ("--seed", str(2 ** 63 - 1), "--n", "2"), "seeds go up to"),
+    ("sample", ("--temperature", "inf"), "--temperature"),
+    ("sample", ("--temperature", "1e308"), "--temperature"),
+    ("upscale", ("--temperature", "nan"), "--temperature"),
+    ("walk", ("--seed", "1", "--seed", "2", "--temperature", "nan"), "--temperature"),
+])
+def test_numbers_that_are_not_numbers_are_one_line(tmp_path, checkpoint, command, flags, fragment):
+    lr = write_png(tmp_path / "photo.png")
+    result = run(command, lr, *flags, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o")
+    assert result.exit_code == 2
+    one_error_line(result, fragment)
+    assert not (tmp_path / "o").exists()
