@@ -141,13 +141,9 @@ class LPIPSVGG(nn.Module):
 
     def __init__(self):
         super().__init__()
-        convs, cin = [], 3
-        for w in self.WIDTHS:
-            if w != "M":
-                convs.append(nn.Conv2d(cin, w, 3, padding=1))
-                cin = w
-        self.convs = nn.ModuleList(convs)
-        self.lins = nn.ModuleList(nn.Conv2d(convs[i].out_channels, 1, 1, bias=False) for i in self.TAPS)
+        from .model import vgg_convs
+        self.convs = vgg_convs(self.WIDTHS)
+        self.lins = nn.ModuleList(nn.Conv2d(self.convs[i].out_channels, 1, 1, bias=False) for i in self.TAPS)
         self.register_buffer("shift", torch.tensor(LPIPSAlex.SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(LPIPSAlex.SCALE).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)

