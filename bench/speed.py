@@ -171,7 +171,8 @@ def samples_cost(device, ours: Upscaler, size: int = 128):
 def cli_times(weights, repeats: int = 3):
     """Whole CLI processes as a user (or a shell loop) pays them, best of `repeats`, each next to a bare
     `python -c "import torch"` measured in the same run (these machines' absolute times drift from day to day):
-    8x of a 128x128 LR with `upscale` and `sample --n 1`, the cost of each extra sample of `sample --n 10`, `info`
+    8x of a 128x128 LR (a crop of examples/seeding-lr.png) with `upscale`, `upscale --ref` a 1024² painting, and
+    `sample --n 1`, the cost of each extra sample of `sample --n 10`, `info`
     and `--help`."""
     def best(command):
         times = []
@@ -183,8 +184,10 @@ def cli_times(weights, repeats: int = 3):
     refsr = [sys.executable, "-m", "refsr_cli"]
     use = ["--weights", str(weights)] if weights else []
     with tempfile.TemporaryDirectory() as tmp:
+        # A photo, not synthetic(): the analogy searches only where the input has detail, so a smooth synthetic
+        # image would time it doing nothing. The network's cost does not depend on the content.
         lr = Path(tmp) / "lr.png"
-        Image.fromarray((synthetic(128) * 255).round().astype(np.uint8)).save(lr)
+        Image.open(ROOT / "examples" / "seeding-lr.png").convert("RGB").crop((0, 0, 128, 128)).save(lr)
         ref = painting(Path(tmp) / "ref1024.png", 1024)
         out = ["-o", tmp, "-q", "--overwrite", *use]
         result = {"import_torch_seconds": best([sys.executable, "-c", "import torch"]),
@@ -211,20 +214,20 @@ def painting(path: Path, size: int) -> Path:
 
 def analogy_costs(weights, repeats: int = 5):
     """The texture analogy's own costs: loading the shipped bank's part of one scale (in this process, median of
-    `repeats`), and the peak memory (RSS) of a whole `upscale` of a 256² LR at 8x with a 4096² reference, in a
-    fresh process."""
+    `repeats`), and the peak memory (RSS) of a whole `upscale` at 8x of examples/seeding-lr.png (256x144) with a
+    4096² reference, in a fresh process."""
     from refsr_cli.analogy import TEXTURE_BANK, load_bank
     from refsr_cli.checkpoint import weights_dir
-    load_bank(weights_dir() / TEXTURE_BANK, 8)  # the file in the page cache, as on any run after the first
+    load_bank(weights_dir() / TEXTURE_BANK.format(scale=8), 8)  # in the page cache, as on any run after the first
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        load_bank(weights_dir() / TEXTURE_BANK, 8)
+        load_bank(weights_dir() / TEXTURE_BANK.format(scale=8), 8)
         times.append(time.perf_counter() - start)
     use = ["--weights", str(weights)] if weights else []
     with tempfile.TemporaryDirectory() as tmp:
         lr = Path(tmp) / "lr.png"
-        Image.fromarray((synthetic(256) * 255).round().astype(np.uint8)).save(lr)
+        Image.open(ROOT / "examples" / "seeding-lr.png").convert("RGB").save(lr)  # 256x144
         ref = painting(Path(tmp) / "ref4096.png", 4096)
         # The command in a fresh process that reports its own peak RSS (VmHWM) as it exits.
         script = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_module('refsr_cli', "
@@ -235,7 +238,7 @@ def analogy_costs(weights, repeats: int = 5):
         if done.returncode != 0:
             sys.exit(f"speed.py: the 4096² reference run failed: {done.stderr.strip()}")
         peak = int(done.stderr.split()[-1]) / 1024
-    result = {"bank_load_seconds": statistics.median(times), "upscale_ref4096_lr256_peak_mib": peak}
+    result = {"bank_load_seconds": statistics.median(times), "upscale_ref4096_peak_mib": peak}
     for k, v in result.items():
         print(f"  {k:<32} {v:>8.2f}")
     return result
