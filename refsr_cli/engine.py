@@ -208,7 +208,8 @@ class Upscaler:
         if textured:
             faithful = self.faithful(lr)
             textures = TexturePlan(Matcher(faithful), [latents[i] for i in textured])
-        decoded = [i for i in range(len(latents)) if i not in textured]
+        place = {i: k for k, i in enumerate(textured)}  # each textured latent's index in `textures`
+        decoded = [i for i in range(len(latents)) if i not in place]
         conditions = {i: self.condition(latents[i], (h, w)) for i in decoded}
         lr_t = self._tensor(lr)
         alpha_t = None if alpha is None else self._tensor(alpha[..., None])
@@ -234,7 +235,7 @@ class Upscaler:
                 else:  # textures: the fidelity output of the padded tile, each with its texture pasted on
                     region = (py0 * s, py1 * s, px0 * s, px1 * s)
                     base = faithful[..., region[0]:region[1], region[2]:region[3]]
-                    pasted = [textures.texture(textured.index(i), *region) for i in members]
+                    pasted = [textures.texture(place[i], *region) for i in members]
                     sr = torch.cat([base + texture for texture in pasted]).to(self.device, self.dtype)
                     # Where nothing was pasted (a flat tile, strength 0) the output is the fidelity output as it is,
                     # to the bit; elsewhere it is made consistent with the input again.
