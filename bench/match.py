@@ -1,6 +1,7 @@
 """Time and peak memory of `refsr upscale --match` (content-similar references).
 
-    python bench/match.py [--photo ../shared/data/val_hr/wp-onestandsout.jpg] [--json docs/match-cpu.json]
+    python bench/match.py [--photo PHOTO] [--json docs/match-cpu.json]   (default: ../shared/data/val_hr/
+    wp-onestandsout.jpg beside the repository, else examples/dandelions-ref.jpg)
 
 time: a 128² LR (a 1024² crop of the photo, downscaled 8x) with a 1024² reference (that crop under the warp
 protocol's transform), 8x: the matching alone and the whole output (matching + network + blend), median of 3,
@@ -68,10 +69,17 @@ def memory(photo: Image.Image, scale: int, references: int = 1) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photo", type=Path, default=Path("../shared/data/val_hr/wp-onestandsout.jpg"))
+    # The photo of docs/match-cpu.json, found beside the repository wherever the command is run from; without
+    # ../shared, the example photo that ships (timings then differ a little: another photo).
+    measured = Path(__file__).resolve().parents[2] / "shared/data/val_hr/wp-onestandsout.jpg"
+    shipped = Path(__file__).resolve().parents[1] / "examples/dandelions-ref.jpg"
+    parser.add_argument("--photo", type=Path, default=measured if measured.is_file() else shipped)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    photo = Image.open(args.photo).convert("RGB")
+    try:
+        photo = Image.open(args.photo).convert("RGB")
+    except OSError as e:
+        raise SystemExit(f"bench/match.py: --photo {args.photo}: not a readable image ({e})")
     if min(photo.size) < 2048:
         photo = photo.resize((max(2048, photo.width), max(2048, photo.height)), Image.BICUBIC)
     result = {"machine": os.uname().machine, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
