@@ -70,22 +70,30 @@ def descriptors(cells: torch.Tensor, stride: int) -> torch.Tensor:
     return unit * (std * WINDOW)[:, None]  # back to their contrast: the distance compares it too
 
 
-def bank_part(sharp: torch.Tensor, faithful: torch.Tensor, stride: int = 1):
-    """Keys, patch top-lefts (y, x) and residual of one pair A' (`sharp`) : A (`faithful`), (1, 3, H, W) each with
-    H, W multiples of CELL: a patch every `stride` cells."""
+def residual_of(sharp: torch.Tensor, faithful: torch.Tensor) -> torch.Tensor:
+    """A' - A of one pair, (3, H, W): the luminance residual in full, the colour residual at CHROMA."""
     residual = sharp - faithful
     luma = (residual * LUMA).sum(1, keepdim=True)
-    residual = luma + CHROMA * (residual - luma)
-    cells = luminance_cells(faithful)
+    return (luma + CHROMA * (residual - luma))[0]
+
+
+def keyed_part(cells: torch.Tensor, residual: torch.Tensor, stride: int):
+    """A bank part from the fidelity output's luminance cells (1, 1, h, w) and the residual (3, h CELL, w CELL): the
+    keys of a patch every `stride` cells, their top-left pixels (y, x), and the residual."""
     keys = descriptors(cells, stride)
     rows = (cells.shape[-2] - WINDOW) // stride + 1
     cols = (cells.shape[-1] - WINDOW) // stride + 1
     ys, xs = torch.meshgrid(torch.arange(rows) * stride * CELL, torch.arange(cols) * stride * CELL, indexing="ij")
-    return keys, ys.flatten(), xs.flatten(), residual[0]
+    return keys, ys.flatten(), xs.flatten(), residual
+
+
+def bank_part(sharp: torch.Tensor, faithful: torch.Tensor, stride: int = 1):
+    """The bank part of one pair A' (`sharp`) : A (`faithful`), (1, 3, H, W) each with H, W multiples of CELL."""
+    return keyed_part(luminance_cells(faithful), residual_of(sharp, faithful), stride)
 
 
 def make_bank(parts, name: str, step: float = 1.0) -> Bank:
-    """One Bank from bank_part results (residuals as float32, or as integers of `step` a unit)."""
+    """One Bank from keyed_part results (residuals as float32, or as integers of `step` a unit)."""
     keys, starts, widths, residuals, offset = [], [], [], [], 0
     for part_keys, ys, xs, residual in parts:
         width = residual.shape[-1]
@@ -106,24 +114,29 @@ def reference_pairs(image: np.ndarray, scale: int, faithful, name: str) -> list:
     """(A', A) pairs of a user's reference at each of REFERENCE_SCALES: the reference resized to at most
     REFERENCE_SIDE on its long side, then by the factor, cropped to a multiple of the scale and of CELL; A from
     `faithful`, which gives the fidelity network's output of an LR image (HxWx3 float -> (1, 3, H*s, W*s))."""
-    from .model import downscale
     h, w = image.shape[:2]
     pixels = Image.fromarray((image * 255).round().astype(np.uint8))
     pairs = []
+    multiple = scale * CELL // math.gcd(scale, CELL)  # a reference's sides: whole LR pixels and whole cells
     for factor in REFERENCE_SCALES:
         size = factor * min(1.0, REFERENCE_SIDE / max(h, w))
-        multiple = scale * CELL // math.gcd(scale, CELL)
         rh, rw = (int(round(n * size)) // multiple * multiple for n in (h, w))
         if min(rh, rw) < PATCH or min(rh, rw) < multiple:
-            if not pairs and factor == REFERENCE_SCALES[0]:
+            if factor == REFERENCE_SCALES[0]:  # too small at full size: no smaller scale can do better
                 raise RefsrError(f"{name}: too small to give texture at x{scale} (at least {max(PATCH, multiple)} "
                                  "pixels on each side)")
             continue
         resized = pixels.resize((rw, rh), Image.BICUBIC) if (rh, rw) != (h, w) else pixels
-        sharp = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1)[None].contiguous()
-        lr = downscale(sharp, scale).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-        pairs.append((sharp, faithful(lr)))
+        pairs.append(sharp_pair(np.asarray(resized, dtype=np.float32) / 255, scale, faithful))
     return pairs
+
+
+def sharp_pair(sharp: np.ndarray, scale: int, faithful) -> tuple:
+    """(A', A) of a sharp HxWx3 image (sides multiples of the scale and of CELL): A is `faithful` (the fidelity
+    network's output of an LR image) of the image downscaled as an LR image is made."""
+    from .model import downscale
+    a = torch.from_numpy(np.ascontiguousarray(sharp)).permute(2, 0, 1)[None].contiguous()
+    return a, faithful(downscale(a, scale).clamp(0, 1)[0].permute(1, 2, 0).numpy())
 
 
 def check_reference(image: np.ndarray, name: str) -> None:
@@ -270,7 +283,7 @@ def bank_tensors(pairs, scale: int) -> dict:
     the keys are computed from them on loading) and its residual (int8, BANK_STEP a unit)."""
     tensors = {}
     for i, (sharp, faithful) in enumerate(pairs):
-        _, _, _, residual = bank_part(sharp, faithful)
+        residual = residual_of(sharp, faithful)
         tensors[f"x{scale}.{i}.cells"] = luminance_cells(faithful)[0, 0].contiguous()
         tensors[f"x{scale}.{i}.residual"] = (residual / BANK_STEP).round().clamp(-127, 127).to(torch.int8).contiguous()
     return tensors
@@ -294,12 +307,7 @@ def load_bank(path, scale: int) -> Bank:
                       and min(cells.shape) >= WINDOW and bool(torch.isfinite(cells).all()))
                 if not ok:
                     raise RefsrError(f"{name}: damaged ({prefix} is not a bank part)")
-                keys = descriptors(cells[None, None], BANK_STRIDE)
-                rows = (cells.shape[0] - WINDOW) // BANK_STRIDE + 1
-                cols = (cells.shape[1] - WINDOW) // BANK_STRIDE + 1
-                ys, xs = torch.meshgrid(torch.arange(rows) * BANK_STRIDE * CELL,
-                                        torch.arange(cols) * BANK_STRIDE * CELL, indexing="ij")
-                parts.append((keys, ys.flatten(), xs.flatten(), residual))
+                parts.append(keyed_part(cells[None, None], residual, BANK_STRIDE))
     except FileNotFoundError:
         raise RefsrError(f"{name}: missing (reinstall refsr)") from None
     except (SafetensorError, OSError, ValueError, KeyError) as e:

@@ -31,7 +31,7 @@ class Finite(click.ParamType):
         if not math.isfinite(number) or below or number > self.high:
             self.fail(f"{value} is not in the range {self.low:g}{'<' if self.low_open else '<='}x<={self.high:g}",
                       param, ctx)
-        return number
+        return number + 0.0  # -0.0 is 0 (and is recorded as 0)
 
 
 class Commands(click.Group):

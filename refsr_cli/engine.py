@@ -227,7 +227,7 @@ class Upscaler:
             batches = [decoded[i:i + group] for i in range(0, len(decoded), group)]
             batches += [textured[i:i + group] for i in range(0, len(textured), group)]
             for members in batches:
-                if code is not None and members[0] in conditions:
+                if members[0] in conditions:  # decoded by the network
                     sr = self.decode_together(patch, code, [conditions[i] for i in members], (py0, px0))
                     if transfer is not None:
                         sr = transfer.blend(sr, py0, px0)

@@ -45,15 +45,14 @@ def atomic_path(path, replace: bool = True):
 def publish_exclusively(tmp: str, path: Path) -> None:
     """`tmp` under the name `path` only if no file has that name: a hard link (atomic, and refused when the name
     exists), then the temporary name removed. A file system without hard links gets a rename after a last check."""
+    appeared = AppearedMeanwhile(f"{path} appeared while it was being written (another process?); it is kept")
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise AppearedMeanwhile(f"{path} appeared while it was being written (another process?); it is kept") \
-            from None
+        raise appeared from None
     except OSError:  # no hard links here (some network and FAT file systems)
         if path.exists():
-            raise AppearedMeanwhile(f"{path} appeared while it was being written (another process?); it is kept") \
-                from None
+            raise appeared from None
         os.rename(tmp, path)
         return
     os.unlink(tmp)

@@ -11,15 +11,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from refsr_cli.analogy import TEXTURE_BANK, bank_tensors  # noqa: E402
+from refsr_cli.analogy import TEXTURE_BANK, bank_tensors, sharp_pair  # noqa: E402
 from refsr_cli.engine import load_upscaler  # noqa: E402
 from refsr_cli.files import atomic_path  # noqa: E402
-from refsr_cli.model import downscale  # noqa: E402
 from refsr_cli.options import EngineOptions  # noqa: E402
 from refsr_cli.sheet import busiest_window  # noqa: E402
 
@@ -51,14 +49,10 @@ def main():
                 "licence": "crops of the wp-* photos of refsr's training data: Debian packages mate-backgrounds "
                            "(GPL-2+ / CC-BY-SA-4.0), plasma-workspace-wallpapers (GPL-2+), lomiri-wallpapers "
                            "(CC-BY-4.0, CC-BY-SA-3.0/4.0, CC0-1.0); authors in each package's copyright file"}
+    args.out.mkdir(parents=True, exist_ok=True)
     for scale in (2, 4, 8):
         upscaler = load_upscaler(None, scale, EngineOptions(device="cpu"))
-        pairs = []
-        for _, crop in sources:
-            sharp = torch.from_numpy(crop).permute(2, 0, 1)[None].contiguous()
-            lr = downscale(sharp, scale).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-            pairs.append((sharp, upscaler.faithful(lr)))
-        tensors = bank_tensors(pairs, scale)
+        tensors = bank_tensors([sharp_pair(crop, scale, upscaler.faithful) for _, crop in sources], scale)
         path = args.out / TEXTURE_BANK.format(scale=scale)
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata | {"scale": str(scale)})
