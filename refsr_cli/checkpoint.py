@@ -31,8 +31,22 @@ def default_filename(scale: int) -> str:
     return f"refsr-x{scale}.safetensors"
 
 
+def not_finite(tensors: dict) -> str | None:
+    """The name of the first floating-point tensor holding a nan or an inf, or None: weights that give black images."""
+    return next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+
+
+def check_finite(tensors: dict, path) -> None:
+    bad = not_finite(tensors)
+    if bad is not None:
+        raise RefsrError(f"{path}: its weights are not all finite numbers ({bad} holds nan or inf); it would give "
+                         "black images")
+
+
 def atomic_save(tensors: dict, path, metadata: dict) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a checkpoint."""
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a checkpoint. Non-finite
+    weights are refused before anything is written."""
+    check_finite(tensors, path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
@@ -50,6 +64,16 @@ def read_metadata(path) -> dict:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise RefsrError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+
+
+def read_weights(path) -> dict:
+    """Every tensor of a safetensors file, refused in one line when unreadable or not all finite."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise RefsrError(f"{path}: cannot read the weights ({e})") from None
+    check_finite(tensors, path)
+    return tensors
 
 
 def read_config(path, fmt: str = FORMAT) -> RefVAEConfig:
@@ -71,6 +95,7 @@ def load_backbone(module: torch.nn.Module, *names: str) -> None:
         if not path.is_file():
             raise RefsrError(f"backbone weights {path} are missing (see weights/README.md to rebuild them)")
         state.update({k: v.float() for k, v in load_file(str(path)).items()})
+    check_finite(state, weights_dir() / f"{names[0]}.safetensors")
     module.load_state_dict(state)
 
 
@@ -88,10 +113,7 @@ def load_checkpoint(path, scale: int | None = None, fmt: str = FORMAT, prefix: s
     if scale is not None and config.scale != scale:
         raise RefsrError(f"{path}: a x{config.scale} checkpoint, but --scale {scale} was asked for")
     model = build_model(config)
-    try:
-        state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
-    except (SafetensorError, OSError) as e:
-        raise RefsrError(f"{path}: cannot read the weights ({e})") from None
+    state = {k[len(prefix):]: v for k, v in read_weights(path).items() if k.startswith(prefix)}
     expected = model.trainable_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -264,10 +286,7 @@ def load_training_state(path, recipe: dict) -> dict:
         changed = sorted(k for k in recipe if json.loads(meta["recipe"]).get(k) != recipe[k])
         raise RefsrError(f"--resume: {path} was trained with {json.loads(meta['recipe'])}; resume with the same "
                          f"options ({', '.join(changed)} differ)")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise RefsrError(f"{path}: cannot read the training state ({e})") from None
+    tensors = read_weights(path)
     part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     state = {"meta": meta, "step": int(meta["step"]), "module": part("module."), "scaler": json.loads(meta["scaler"]),
              "optimizer": _optimizer_state(tensors, "optimizer", json.loads(meta["param_groups"]))}

@@ -7,8 +7,8 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import (HUB_REF, HUB_TIMEOUT, default_filename, http_client_errors, import_hub, read_config,
-                         read_metadata)
+from .checkpoint import (HUB_REF, HUB_TIMEOUT, check_finite, default_filename, http_client_errors, import_hub,
+                         read_config, read_metadata, read_weights)
 from .errors import RefsrError
 from .files import sha256_of
 
@@ -108,6 +108,7 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
         if not path.is_file():
             raise RefsrError(f"{path}: no such file")
         config = read_config(path)  # refuses anything that is not a refsr checkpoint
+        check_finite(read_weights(path), path)  # weights that give black images are not published
         name = default_filename(config.scale)
         if name in names:
             raise RefsrError(f"{path} and {names[name]} are both x{config.scale} checkpoints; push one per scale")

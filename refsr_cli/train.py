@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import (build_model, load_checkpoint, load_training_state, read_metadata, resolve_weights,
-                         save_model, save_training_state)
+from .checkpoint import (build_model, load_checkpoint, load_training_state, not_finite, read_metadata,
+                         resolve_weights, save_model, save_training_state)
 from .device import environment_int, pick_device
 from .errors import RefsrError
 from .files import atomic_path
@@ -412,6 +412,10 @@ def fit(opt: TrainOptions, progress=None):
     log = open_log(opt.out / "log.jsonl", step, opt.resume) if rank == 0 else None
 
     def save(step):
+        bad = not_finite(stage.trained_state())
+        if bad is not None:  # a step that diverged: the last checkpoint saved stays the run's
+            raise RefsrError(f"step {step}: the weights are no longer finite numbers ({bad}); nothing was saved and "
+                             "the last checkpoint is kept: lower --learning-rate")
         # The training state first: --resume reads only it, so a kill between the writes loses nothing.
         save_training_state(state_path, stage, step, optimizer, scaler, recipe(opt), disc, disc_optimizer)
         stage.export(step)
@@ -473,7 +477,8 @@ def descend(loss, optimizer, module, world: int, step: int, scaler=None) -> None
     """One optimizer step of `module` on `loss`, with the gradients averaged over the ranks (through the AMP loss
     scaler, when given: a no-op off CUDA); a non-finite loss stops the run."""
     if not torch.isfinite(loss):
-        raise RefsrError(f"step {step}: the loss is {loss.item()}; lower --learning-rate or check the data")
+        raise RefsrError(f"step {step}: the loss is {loss.item()}; the last checkpoint is kept: lower "
+                         "--learning-rate or check the data")
     optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler else loss).backward()
     average_gradients(module, world)

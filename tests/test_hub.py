@@ -402,12 +402,15 @@ def test_push_refuses_what_it_cannot_push_before_any_request(hub, tmp_path, monk
     twice.write_bytes(checkpoints[1])
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 40)
     (tmp_path / "folder.safetensors").mkdir()
+    from test_bad_input import poisoned
+    nan = poisoned(x2, tmp_path / "nan.safetensors")
     # Nothing could start, as the README's contract says: exit 2 (1 is for a push the Hub refused or that failed).
     for args, message in [((other, "me/upscaler"), "not a refsr checkpoint"),
                           ((x2, twice, "me/upscaler"), "push one per scale"),
                           ((tmp_path / "missing.safetensors", "me/upscaler"), "no such file"),
                           ((tmp_path / "corrupt.safetensors", "me/upscaler"), "not a readable safetensors"),
                           ((tmp_path / "folder.safetensors", "me/upscaler"), "folder.safetensors"),
+                          ((nan, "me/upscaler"), "nan.safetensors: its weights are not all finite"),
                           ((x2, "me/upscaler@v2"), "not a Hub repository name"),
                           ((x2, "me"), "not a Hub repository name"),
                           ((x2, "owner/re..po"), "not a Hub repository name"),  # the Hub's own rules
