@@ -29,7 +29,7 @@ from .images import (IMAGE_SUFFIXES, expand_inputs, output_format, read_picture,
                      write_animation, write_picture)
 from .match import Transfer, correspond, prepare_reference
 from .options import BatchOptions
-from .provenance import sheet_label
+from .provenance import read_provenance, sheet_label
 from .sheet import contact_sheet, sheet_window
 
 OUTPUTS_BUDGET = 1 << 30  # bytes of finished outputs held at once; more latents are decoded in several passes
@@ -343,10 +343,14 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     report.counts["skipped"] += sum(not o.todo for o in outputs)
     if not any(o.todo for o in outputs):
         return
+    # The input as the command line named it (a file of a folder: folder/name), like the references and weights: the
+    # redo command of `refsr info` runs from where this one ran.
+    record = plan.record | {"input": str(lr_path), "input_sha256": sha256_of(lr_path)}
+    if any(o.kind == "animation" and o.todo for o in outputs):
+        check_kept_frames(outputs, record)
     picture = read_picture(lr_path, opt.max_pixels)
     for message in picture.warnings:
         report.warn(message)
-    record = plan.record | {"input": lr_path.name, "input_sha256": sha256_of(lr_path)}
 
     def publish(output: Output, write, fields: dict, **extra) -> None:
         """One file written and reported, with SIGINT and SIGTERM held between the two."""
@@ -395,6 +399,24 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
             fields = {k: v for k, v in plan.variants[0].fields.items() if k != "frame"} | {"animate": opt.animate}
             publish(output, lambda provenance: write_animation(frames, output.path, provenance, opt.overwrite),
                     fields)
+
+
+def check_kept_frames(outputs: list, record: dict) -> None:
+    """An animation is made only of frames this run writes or has verified: a frame --skip-existing keeps must be
+    this very frame (its provenance is what this run would record), not another walk's (other seeds or references,
+    other weights) nor a file of the user's that took a frame's name."""
+    for output in outputs:
+        if output.kind != "image" or output.todo:
+            continue
+        expected = json.loads(json.dumps(record | output.variant.fields))  # as it reads back: lists, not tuples
+        try:
+            kept = read_provenance(output.path)
+        except (OSError, ValueError, SyntaxError):
+            kept = None
+        if kept != expected:
+            raise RefsrError(f"{output.path}: kept by --skip-existing, but not frame {output.variant.fields['frame']} "
+                             "of this walk (another run's, or not refsr's); the animation is made only of this "
+                             "walk's frames: move it away, or --overwrite")
 
 
 def sheet_fields(plan: Plan) -> dict:

@@ -344,7 +344,7 @@ def walk(inputs, refs, seeds, steps, animate, **options):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 def info(outputs, as_json):
     """How refsr made IMAGE...: version, weights and their sha256, scale, seed, temperature, reference and input
-    (with sha256), and the command that makes it again."""
+    (with sha256), and the command that makes it again when run from the folder the original command ran in."""
     from .provenance import DamagedRecord, read_provenance, redo_command
     code = 0
     for path in outputs:

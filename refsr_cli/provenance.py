@@ -89,26 +89,27 @@ def number(value) -> str:
 
 
 def redo_command(record: dict) -> str:
-    """The refsr command that makes the file a record describes again (with the same input, reference and weights
-    files, run from the folder the input was named in). DamagedRecord if the record cannot say."""
+    """The refsr command that makes the file a record describes again, run from the folder the original command
+    ran in (the input, reference and weights files are named as it named them). DamagedRecord if the record cannot
+    say."""
     check(record)
     command, temperature = record["command"], record["temperature"]
-    words = ["refsr", command, record["input"]]
+    words = ["refsr", command, path_word(record["input"])]
     if command == "walk":
         if not all(key in record for key in ("from", "to", "frames")):
             raise DamagedRecord("its refsr record of a walk lacks its ends or its number of frames")
         for end in (record["from"], record["to"]):
-            words += ["--ref", end["reference"]] if "reference" in end else ["--seed", str(end["seed"])]
+            words += ["--ref", path_word(end["reference"])] if "reference" in end else ["--seed", str(end["seed"])]
         words += ["--steps", str(record["frames"]), "--temperature", number(temperature)]
         if "animate" in record:
             words += ["--animate", record["animate"]]
     elif command == "sample":
         seeds = record.get("seeds") or [record.get("seed", 0)]
         words += ["--n", str(len(seeds)), "--seed", str(seeds[0]), "--temperature", number(temperature)]
-        words += [w for r in references_of(record) for w in ("--ref", r)]
+        words += [w for r in references_of(record) for w in ("--ref", path_word(r))]
     elif command == "upscale":
         references = record.get("references") or references_of(record)
-        words += [w for r in references for w in ("--ref", r)]
+        words += [w for r in references for w in ("--ref", path_word(r))]
         if "references" in record:
             words += ["--match"] + (["--match-map"] if record.get("match_map") else [])
         if temperature > 0:
@@ -127,11 +128,17 @@ def redo_command(record: dict) -> str:
         words += ["--sheet"]
     words += ["--scale", str(record["scale"])]
     if record["weights"] != "shipped":
-        words += ["--weights", record["weights"]]
+        words += ["--weights", path_word(record["weights"])]
     for flag, key in (("--tile", "tile"), ("--tile-pad", "tile_pad"), ("--consistency-steps", "consistency_steps")):
         if record[key] != getattr(BatchOptions, key):  # only what differs from the flag's default is written
             words += [flag, str(record[key])]
     return shlex.join(words)
+
+
+def path_word(path: str) -> str:
+    """A file's name as a word of a command line: one that starts with a dash (-weird.png) would be read as an option,
+    ./-weird.png is the same file. (A Hub reference never starts with one.)"""
+    return f"./{path}" if path.startswith("-") else path
 
 
 def references_of(record: dict) -> list:

@@ -154,7 +154,7 @@ def test_upscale_ref_and_sample_by_analogy(tmp_path, checkpoint):
     info = run("info", tmp_path / "o" / "photo_x2_paint.png", tmp_path / "o" / "photo_x2_paint_s1.png", "--json")
     commands = [json.loads(line)["command"] for line in info.stdout.splitlines()]
     assert "--strength 0.7" in commands[0] and "--ref" in commands[0]
-    assert commands[1].startswith("refsr sample photo.png --n 1 --seed 1") and "--ref" in commands[1]
+    assert commands[1].startswith(f"refsr sample {lr} --n 1 --seed 1") and "--ref" in commands[1]
 
 
 def test_sample_at_temperature_zero_is_the_faithful_output(tmp_path, checkpoint):

@@ -71,3 +71,54 @@ def test_a_non_finite_training_state_is_refused_on_resume(tmp_path, checkpoint):
     poisoned(state, state)
     with pytest.raises(RefsrError, match="last.state.safetensors: .*not all finite"):
         fit(trunk_options(data, out, scales=(2,), steps=2, save_every=1, resume=True))
+
+
+def walk(lr, checkpoint, out, *args):
+    return run("walk", lr, "--scale", 2, "--weights", checkpoint, "-o", out, "--steps", 3, "-q", *args)
+
+
+def test_an_animation_is_made_only_of_this_walks_frames(tmp_path, checkpoint):
+    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
+    assert walk(lr, checkpoint, out, "--seed", 1, "--seed", 2).exit_code == 0
+    frames = {p.name: p.read_bytes() for p in out.iterdir()}
+    # Other seeds: the frames kept would be another walk's; nothing is written over them, and no animation lies.
+    result = walk(lr, checkpoint, out, "--seed", 3, "--seed", 4, "--animate", "gif", "--skip-existing")
+    assert result.exit_code == 1
+    one_error_line(result, "in_x2_walk000.png", "not frame 0 of this walk")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == frames
+    # A user's file at a frame's name is not a frame either.
+    (out / "in_x2_walk001.png").write_bytes(write_png(tmp_path / "mine.png", 32, 32, seed=7).read_bytes())
+    result = walk(lr, checkpoint, out, "--seed", 1, "--seed", 2, "--animate", "gif", "--skip-existing")
+    assert result.exit_code == 1
+    one_error_line(result, "in_x2_walk001.png", "not frame 1 of this walk")
+    assert not (out / "in_x2_walk.gif").exists()
+
+
+def test_an_animation_of_verified_frames_kept_by_skip_existing(tmp_path, checkpoint):
+    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
+    assert walk(lr, checkpoint, out, "--seed", 1, "--seed", 2).exit_code == 0
+    frames = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = walk(lr, checkpoint, out, "--seed", 1, "--seed", 2, "--animate", "gif", "--skip-existing")
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in frames} == frames
+    assert (out / "in_x2_walk.gif").exists()
+
+
+def test_redo_commands_run_where_they_say_for_folder_inputs_and_dashed_names(tmp_path, checkpoint, monkeypatch):
+    import shlex
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "refs").mkdir()
+    write_png(tmp_path / "in" / "-weird.png", 16, 16, seed=1)
+    write_png(tmp_path / "-dashed.png", 16, 16, seed=2)
+    write_png(tmp_path / "refs" / "-paint.png", 40, 40, seed=3)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "-tiny.safetensors").write_bytes(checkpoint.read_bytes())
+    for inputs, name in ((["in"], "-weird_x2_-paint.png"), (["./-dashed.png"], "-dashed_x2_-paint.png")):
+        result = run("upscale", *inputs, "--ref", "refs/-paint.png", "--scale", 2, "--weights",
+                     "w/-tiny.safetensors", "-o", "a", "-q")
+        assert result.exit_code == 0, result.output
+        command = json.loads(run("info", f"a/{name}", "--json").stdout)["command"]
+        words = shlex.split(command)
+        assert run(*words[1:], "-o", "b", "-q").exit_code == 0, command
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()

@@ -138,7 +138,7 @@ def test_a_damaged_record_is_one_line_and_the_next_file_is_still_read(tmp_path, 
     errors = result.stderr.splitlines()
     assert len(errors) == 3 and all(line.startswith("refsr: error: ") for line in errors)
     assert "'scale'" in errors[0] and "'scale'" in errors[1] and "Traceback" not in result.output
-    assert "refsr upscale in.png" in result.stdout  # the valid file after them is printed
+    assert f"refsr upscale {photo}" in result.stdout  # the valid file after them is printed
 
 
 def test_a_walk_between_seeds_at_temperature_zero_is_one_line(tmp_path, checkpoint, photo):
