@@ -31,6 +31,8 @@ def read_provenance(path) -> dict | None:
         data = json.loads(text) if isinstance(text, str) else None
     except ValueError:
         return None
+    except RecursionError:  # JSON nested thousands deep: not a record refsr wrote
+        raise DamagedRecord("its refsr record is nested too deep to be one refsr wrote") from None
     return data if isinstance(data, dict) and "refsr" in data else None
 
 
@@ -63,6 +65,7 @@ RECORD_TYPES = RUN_KEYS | {
     "frame": int, "frames": int, "from": dict, "to": dict, "animate": str,  # walk: frame i of n between two ends
     "sheet": list, "seeds": list, "reference_list": list,  # a contact sheet: its labels, and what its tiles are
 }
+LIST_ITEMS = {"references": str, "references_sha256": str, "sheet": str, "seeds": int, "reference_list": str}
 
 
 class DamagedRecord(ValueError):
@@ -76,12 +79,26 @@ def check(record: dict) -> dict:
             raise DamagedRecord(f"its refsr record lacks {key!r}")
     for key, value in record.items():
         kind = RECORD_TYPES.get(key)
-        if kind is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is int):
-            raise DamagedRecord(f"its refsr record's {key!r} is {value!r}")
+        if kind is not None and not of_type(value, kind):
+            raise DamagedRecord(f"its refsr record's {key!r} is {short(value)}")
+        if key in LIST_ITEMS and not all(of_type(item, LIST_ITEMS[key]) for item in value):
+            raise DamagedRecord(f"its refsr record's {key!r} holds {short(value)}")
     for end in (record.get("from"), record.get("to")):
-        if end is not None and not (isinstance(end.get("seed"), int) or isinstance(end.get("reference"), str)):
-            raise DamagedRecord(f"its refsr record's walk end {end!r} is neither a seed nor a reference")
+        # A walk end is a reference (named as `walk --ref` named it), or else a seed.
+        if end is not None and not (of_type(end["reference"], str) if "reference" in end
+                                    else of_type(end.get("seed"), int)):
+            raise DamagedRecord(f"its refsr record's walk end {short(end)} is neither a seed nor a reference")
     return record
+
+
+def of_type(value, kind) -> bool:
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is int)  # JSON's true is no number
+
+
+def short(value) -> str:
+    """A value of a damaged record, cut to fit an error line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def number(value) -> str:

@@ -122,3 +122,39 @@ def test_redo_commands_run_where_they_say_for_folder_inputs_and_dashed_names(tmp
         words = shlex.split(command)
         assert run(*words[1:], "-o", "b", "-q").exit_code == 0, command
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+
+
+def test_info_on_records_that_hold_the_wrong_things_is_one_line_each(tmp_path, checkpoint):
+    from PIL import Image, PngImagePlugin
+    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
+    assert run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out, "-q").exit_code == 0
+    good = out / "in_x2.png"
+    record = json.loads(Image.open(good).info["refsr"])
+    walk = record | {"command": "walk", "frames": 2, "from": {"seed": 1}, "to": {"seed": 2}}
+    damaged = {"null-input": record | {"input": None}, "list-weights": record | {"weights": ["a", "b"]},
+               "null-reference": record | {"reference": None}, "list-reference": record | {"reference": ["a"]},
+               "null-in-references": record | {"references": [None], "references_sha256": ["0"]},
+               "dict-in-reference-list": record | {"command": "sample", "reference_list": [{"a": 1}]},
+               "null-seeds": record | {"command": "sample", "seeds": [None]},
+               "bool-seeds": record | {"command": "sample", "seeds": [True]},
+               "list-end": walk | {"from": {"reference": ["a"], "seed": 1}},
+               "null-end": walk | {"to": {"seed": None}}, "empty-end": walk | {"to": {}}}
+    paths = []
+    for name, bad in damaged.items():
+        info = PngImagePlugin.PngInfo()
+        info.add_text("refsr", json.dumps(bad))
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{name}.png", pnginfo=info)
+        paths.append(tmp_path / f"{name}.png")
+    deep = PngImagePlugin.PngInfo()
+    deep.add_text("refsr", "[" * 100_000 + "]" * 100_000)
+    Image.new("RGB", (4, 4)).save(tmp_path / "deep.png", pnginfo=deep)
+    paths.append(tmp_path / "deep.png")
+    for path in paths:
+        result = run("info", path)
+        assert result.exit_code == 1, (path.name, result.output)
+        one_error_line(result, path.name)
+        result = run("info", path, "--json")
+        assert result.exit_code == 1 and "Traceback" not in result.output, path.name
+    result = run("info", *paths, good)  # and the good file after them is still read
+    assert result.exit_code == 1 and len(result.stderr.splitlines()) == len(paths)
+    assert f"refsr upscale {lr}" in result.stdout
