@@ -38,10 +38,11 @@ def environment_int(name: str, minimum: int = 0) -> int | None:
     return number
 
 
-def launcher_shard() -> tuple | None:
-    """(K, N) when a launcher started N copies of refsr (torchrun's RANK/WORLD_SIZE, SLURM's SLURM_PROCID/
-    SLURM_NTASKS), else None. Values that cannot describe a share (not integers, a size below 1, a rank outside
-    0..N-1, a rank without a size) stop the run: a wrong share would silently write the wrong files."""
+def launcher() -> tuple | None:
+    """(rank, size, the rank's variable) when a launcher started copies of refsr (torchrun's RANK/WORLD_SIZE, SLURM's
+    SLURM_PROCID/SLURM_NTASKS, torchrun's first), else None. Values that cannot describe a share (not integers, a
+    size below 1, a rank outside 0..N-1, a rank without a size) stop the run: a wrong share would silently write
+    the wrong files."""
     for rank_name, world_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
         rank, world = environment_int(rank_name), environment_int(world_name, minimum=1)
         if world is None and rank is None:
@@ -54,5 +55,11 @@ def launcher_shard() -> tuple | None:
             raise RefsrError(f"{world_name}={world} is set but {rank_name} is not: set both, or neither")
         if rank >= world:
             raise RefsrError(f"{rank_name}={rank} is not below {world_name}={world}")
-        return (rank, world) if world > 1 else None
+        return rank, world, rank_name
     return None
+
+
+def launcher_shard() -> tuple | None:
+    """(K, N): this copy's share of the inputs when a launcher started N > 1 copies of refsr, else None."""
+    found = launcher()
+    return found[:2] if found is not None and found[1] > 1 else None

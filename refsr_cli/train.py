@@ -30,7 +30,7 @@ from PIL import Image
 
 from .checkpoint import (build_model, load_checkpoint, load_training_state, not_finite, read_metadata,
                          resolve_weights, save_model, save_training_state)
-from .device import environment_int, pick_device
+from .device import environment_int, launcher, pick_device
 from .errors import RefsrError
 from .files import atomic_path
 from .losses import (PatchDiscriminator, away_from_border, detail_on_flats, discriminator_loss, feature_distance,
@@ -461,13 +461,21 @@ def make_run_folder(out: Path) -> None:
 
 
 def start_distributed(device: torch.device):
-    """(rank, world size, device) under torchrun (WORLD_SIZE set), else (0, 1, device)."""
-    world = environment_int("WORLD_SIZE", minimum=1) or 1
-    if world == 1:
+    """(rank, world size, device) under torchrun (WORLD_SIZE set), else (0, 1, device). The launcher's variables
+    are checked as upscale checks them (one line naming a bad one)."""
+    found = launcher()
+    if found is None or found[1] == 1:
         return 0, 1, device
+    rank, world, rank_name = found
+    if rank_name != "RANK":  # srun alone: copies that know nothing of each other, all writing one run folder
+        raise RefsrError(f"SLURM_NTASKS={world}: train's ranks are started by torchrun (srun torchrun "
+                         "--nproc_per_node=N refsr train ...), not by srun alone")
     import torch.distributed as dist
     if device.type == "cuda":
-        device = torch.device("cuda", environment_int("LOCAL_RANK") or 0)
+        local = environment_int("LOCAL_RANK") or 0
+        if local >= torch.cuda.device_count():
+            raise RefsrError(f"LOCAL_RANK={local} is not below the {torch.cuda.device_count()} CUDA devices here")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device

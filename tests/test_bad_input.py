@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from conftest import one_error_line, tiny_model, write_png
 from refsr_cli.checkpoint import load_checkpoint, read_metadata, save_model
+from refsr_cli.cli import main
 from test_cli import run
 from test_data_loss import photos
 
@@ -158,3 +160,20 @@ def test_info_on_records_that_hold_the_wrong_things_is_one_line_each(tmp_path, c
     result = run("info", *paths, good)  # and the good file after them is still read
     assert result.exit_code == 1 and len(result.stderr.splitlines()) == len(paths)
     assert f"refsr upscale {lr}" in result.stdout
+
+
+@pytest.mark.parametrize("env, name", [({"RANK": "x", "WORLD_SIZE": "2"}, "RANK"),
+                                       ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
+                                       ({"RANK": "1"}, "WORLD_SIZE"),
+                                       ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE"),
+                                       ({"SLURM_PROCID": "0", "SLURM_NTASKS": "0"}, "SLURM_NTASKS"),
+                                       ({"SLURM_PROCID": "3", "SLURM_NTASKS": "2"}, "SLURM_PROCID"),
+                                       ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, "torchrun")])
+def test_bad_launcher_environments_stop_train_naming_the_variable(tmp_path, env, name):
+    clean = {k: None for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")}
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--data", str(photos(tmp_path / "photos")), "--out", str(out),
+                                       "--steps", "1", "--device", "cpu", "-q"], env=clean | env)
+    assert result.exit_code == 2, result.output
+    one_error_line(result, name)
+    assert not out.exists()
