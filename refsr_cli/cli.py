@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .options import MAX_STRENGTH, MAX_TEMPERATURE, TEXTURES, BatchOptions, EngineOptions, TrainOptions
+from .options import (MAX_IMLE_SAMPLES, MAX_STRENGTH, MAX_TEMPERATURE, TEXTURES, BatchOptions, EngineOptions,
+                      TrainOptions)
 
 SCALES = click.Choice(["2", "4", "8"])
 MAX_SEED = 2 ** 63 - 1  # torch's generators take a 64-bit seed; refsr's seeds are the non-negative int64s
@@ -231,7 +232,8 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
               help="Pixel L1 to the HR crop.")
 @click.option("--lr-consistency-weight", type=Finite(0, 1e6), default=TRAIN.lr_consistency_weight,
               show_default=True, help="L1 between the output's bicubic downscale and the LR crop.")
-@click.option("--imle-samples", type=click.IntRange(min=1), default=TRAIN.imle_samples, show_default=True,
+@click.option("--imle-samples", type=click.IntRange(1, MAX_IMLE_SAMPLES), default=TRAIN.imle_samples,
+              show_default=True,
               help="Texture stage: latents decoded per crop; the one nearest the HR crop is trained (IMLE).")
 @click.option("--imle-weight", type=Finite(0, 1e6), default=TRAIN.imle_weight, show_default=True,
               help="VGG16 feature distance of the chosen sample to the HR crop.")
@@ -313,6 +315,10 @@ def train(quiet, **options):
         fail("terminated; the last checkpoint is kept, continue with --resume", 143)
     except torch.cuda.OutOfMemoryError:
         fail("out of GPU memory; lower --batch or --lr-patch (the last checkpoint is kept)")
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):  # the CPU allocator's words; anything else is a bug of ours
+            raise
+        fail("out of memory; lower --batch, --lr-patch or --pool-size (the last checkpoint is kept)")
     if not quiet:
         click.echo(f"wrote {last}")
 

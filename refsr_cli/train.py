@@ -18,6 +18,7 @@ before each step (gloo on the CPU, NCCL on CUDA); rank 0 alone writes files and 
 """
 import json
 import math
+import os
 import re
 import time
 from dataclasses import replace
@@ -125,6 +126,7 @@ class TextureStage:
         self.module = self.model
         if opt.pool_size < opt.batch:
             raise RefsrError(f"--pool-size {opt.pool_size} is smaller than --batch {opt.batch}")
+        check_pool_fits(opt, self.config, device)
         images = load_training_images(opt.data, opt.lr_patch * opt.scale)
         self.gallery = load_training_images(opt.refs, 1) if opt.refs else None
         trunk = self.model.trunk
@@ -269,6 +271,24 @@ class TextureStage:
             self.model.float().to(memory_format=torch.channels_last).train()
             self.model.trunk.eval()
         return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def check_pool_fits(opt: TrainOptions, config: RefVAEConfig, device) -> None:
+    """Refuse, before anything is allocated, a texture stage whose crop pool (each crop with the trunk's features
+    and output) and IMLE grain would take more than half the memory of the device they are held on: --pool-size
+    100000 asked for about 100 GB at the defaults, and failed (or was killed) after minutes."""
+    p = opt.lr_patch
+    per_crop = 4 * (6 * (p * opt.scale) ** 2 + (3 + config.channels) * p * p)  # HR and fidelity, LR and features
+    grain = 4 * opt.batch * opt.imle_samples * sum((p * 2 ** k) ** 2 for k in range(1, config.stages + 1))
+    needed = opt.pool_size * per_crop + grain * config.texture_noise
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > total / 2:
+        raise RefsrError(f"--pool-size {opt.pool_size} crops of --lr-patch {p} at x{opt.scale} (with --batch "
+                         f"{opt.batch} x --imle-samples {opt.imle_samples}) would take {needed / 2**30:.1f} GiB, more "
+                         f"than half the {total / 2**30:.0f} GiB of {device.type}: lower them")
 
 
 def validation_crops(folder: Path, side: int, multiple: int) -> list:

@@ -177,3 +177,35 @@ def test_bad_launcher_environments_stop_train_naming_the_variable(tmp_path, env,
     assert result.exit_code == 2, result.output
     one_error_line(result, name)
     assert not out.exists()
+
+
+def train_args(tmp_path, *extra):
+    return ["train", "--data", photos(tmp_path / "photos"), "--out", tmp_path / "run", "--scale", 2, "--steps", 1,
+            "--batch", 2, "--lr-patch", 8, "--perceptual-crop", 32, "--device", "cpu", "-q", *extra]
+
+
+@pytest.mark.parametrize("flags, fragment", [(("--imle-samples", 100000), "--imle-samples"),
+                                             (("--imle-samples", 0), "--imle-samples"),
+                                             (("--pool-size", 100000, "--lr-patch", 256), "--pool-size 100000"),
+                                             (("--pool-size", 10 ** 12), "--pool-size")])
+def test_train_sizes_that_cannot_fit_are_refused_up_front(tmp_path, checkpoint, flags, fragment):
+    import time
+    started = time.time()
+    result = run(*train_args(tmp_path, "--init", checkpoint, *flags))
+    assert result.exit_code == 2, result.output
+    one_error_line(result, fragment)
+    assert time.time() - started < 30  # before anything was allocated
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
+
+
+def test_running_out_of_memory_in_train_is_one_line(tmp_path, checkpoint, monkeypatch):
+    from refsr_cli import train
+
+    def exhausted(self, step):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 47244640256 bytes")
+
+    monkeypatch.setattr(train.TextureStage, "losses", exhausted)
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2))
+    assert result.exit_code == 2
+    one_error_line(result, "out of memory", "--batch")
