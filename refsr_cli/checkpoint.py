@@ -47,9 +47,13 @@ def atomic_save(tensors: dict, path, metadata: dict) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a checkpoint. Non-finite
     weights are refused before anything is written."""
     check_finite(tensors, path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    except (SafetensorError, OSError) as e:  # a full disk, a folder gone: safetensors says "I/O error: ..."
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("I/O error: ")[-1]
+        raise RefsrError(f"cannot write {path} ({reason}); what was there is kept") from None
 
 
 def save_model(model: RefVAE, path, **extra_metadata) -> None:

@@ -542,8 +542,11 @@ def record(opt: TrainOptions, log, progress, step: int, start_step: int, started
     if validate is not None and (step % opt.val_every == 0 or step == opt.steps):
         row = {"step": step, **row, **validate()}
     if row:
-        log.write(json.dumps(row) + "\n")
-        log.flush()
+        try:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        except OSError as e:  # a full disk: a row cut short is dropped by the next --resume (open_log)
+            raise RefsrError(f"cannot write {log.name} ({e.strerror or e}); the last checkpoint is kept") from None
     if step % opt.save_every == 0 or step == opt.steps:
         save()
     if progress is not None:

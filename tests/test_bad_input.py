@@ -1,6 +1,7 @@
 """Issue 29's classes beyond data loss: numbers that are not numbers (in options, losses and weight files), sidecars
 and redo commands that must tell the truth, and inputs that used to give a traceback or unbounded work."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +210,50 @@ def test_running_out_of_memory_in_train_is_one_line(tmp_path, checkpoint, monkey
     result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2))
     assert result.exit_code == 2
     one_error_line(result, "out of memory", "--batch")
+
+
+def test_a_full_disk_during_train_is_one_line_and_keeps_the_last_checkpoint(tmp_path, checkpoint, monkeypatch):
+    from safetensors import SafetensorError
+    from refsr_cli import checkpoint as checkpoints
+    real, saves = checkpoints.save_file, []
+
+    def filling(tensors, filename, metadata=None):
+        saves.append(filename)
+        if len(saves) <= 2:  # step 1's state and checkpoint fit; the disk is full at step 2's
+            return real(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"half a checkpoint")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoints, "save_file", filling)
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2, "--steps", 3,
+                             "--save-every", 1))
+    assert result.exit_code == 2
+    one_error_line(result, "No space left on device", "last.state.safetensors")
+    run_folder = tmp_path / "run"
+    assert sorted(p.name for p in run_folder.iterdir()) == ["last.safetensors", "last.state.safetensors",
+                                                            "log.jsonl"]
+    assert read_metadata(run_folder / "last.state.safetensors")["step"] == "1"
+    load_checkpoint(run_folder / "last.safetensors")
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, checkpoint, monkeypatch):
+    import errno
+    from refsr_cli import train
+
+    class FullLog:
+        name = str(tmp_path / "run" / "log.jsonl")
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train, "open_log", lambda *a: FullLog())
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2,
+                             "--log-every", 1))
+    assert result.exit_code == 2
+    one_error_line(result, "log.jsonl", "No space left on device")
