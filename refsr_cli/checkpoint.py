@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import RefsrError
 from .files import atomic_path
-from .model import RefVAE, RefVAEConfig
+from .model import RefVAE, RefVAEConfig, check_size
 
 FORMAT = "refsr-refvae"
 HUB_REF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?::(?P<filename>[\w./-]+))?$")
@@ -84,9 +84,17 @@ def read_config(path, fmt: str = FORMAT) -> RefVAEConfig:
     meta = read_metadata(path)
     if meta.get("format") != fmt or "config" not in meta:
         raise RefsrError(f"{path}: a safetensors file, but not a refsr checkpoint (no refsr config in its metadata)")
+    return stored_config(meta, path)
+
+
+def stored_config(meta: dict, path) -> RefVAEConfig:
+    """The model config in a file's metadata, refused in one line when damaged or absurdly large (checked on the
+    meta device, before anything is allocated)."""
     try:
-        return RefVAEConfig.from_json(meta["config"])
-    except (ValueError, TypeError) as e:
+        config = RefVAEConfig.from_json(meta["config"])
+        check_size(config)
+        return config
+    except (ValueError, TypeError, RecursionError) as e:
         raise RefsrError(f"{path}: unusable model config: {e}") from None
 
 
@@ -104,7 +112,12 @@ def load_backbone(module: torch.nn.Module, *names: str) -> None:
 
 
 def build_model(config: RefVAEConfig) -> RefVAE:
-    """A model of this config with the frozen VGG16 loaded and the rest freshly initialised."""
+    """A model of this config with the frozen VGG16 loaded and the rest freshly initialised; refused (RefsrError)
+    before anything is allocated when it would be absurdly large."""
+    try:
+        check_size(config)
+    except ValueError as e:
+        raise RefsrError(f"unusable model config: {e}") from None
     model = RefVAE(config)
     load_backbone(model.vgg, "vgg16_relu4_1")
     return model
@@ -286,15 +299,21 @@ def load_training_state(path, recipe: dict) -> dict:
     meta = read_metadata(path)
     if meta.get("format") != STATE_FORMAT:
         raise RefsrError(f"--resume: {path} is not a training state this refsr reads")
-    if json.loads(meta["recipe"]) != recipe:
-        changed = sorted(k for k in recipe if json.loads(meta["recipe"]).get(k) != recipe[k])
-        raise RefsrError(f"--resume: {path} was trained with {json.loads(meta['recipe'])}; resume with the same "
-                         f"options ({', '.join(changed)} differ)")
-    tensors = read_weights(path)
-    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    state = {"meta": meta, "step": int(meta["step"]), "module": part("module."), "scaler": json.loads(meta["scaler"]),
-             "optimizer": _optimizer_state(tensors, "optimizer", json.loads(meta["param_groups"]))}
-    if "disc_param_groups" in meta:
-        state["disc"] = part("disc.")
-        state["disc_optimizer"] = _optimizer_state(tensors, "disc_optimizer", json.loads(meta["disc_param_groups"]))
+    try:
+        trained_with = json.loads(meta["recipe"])
+        if trained_with != recipe:
+            changed = sorted(k for k in recipe if trained_with.get(k) != recipe[k])
+            raise RefsrError(f"--resume: {path} was trained with {trained_with}; resume with the same options "
+                             f"({', '.join(changed)} differ)")
+        tensors = read_weights(path)
+        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {"meta": meta, "config": stored_config(meta, path), "step": int(meta["step"]),
+                 "module": part("module."), "scaler": json.loads(meta["scaler"]),
+                 "optimizer": _optimizer_state(tensors, "optimizer", json.loads(meta["param_groups"]))}
+        if "disc_param_groups" in meta:
+            state["disc"] = part("disc.")
+            state["disc_optimizer"] = _optimizer_state(tensors, "disc_optimizer",
+                                                       json.loads(meta["disc_param_groups"]))
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise RefsrError(f"--resume: {path} is a damaged training state ({type(e).__name__}: {e})") from None
     return state

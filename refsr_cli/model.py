@@ -73,6 +73,11 @@ class RefVAEConfig:
                 ok = isinstance(value, kind)
             if not ok:
                 raise ValueError(f"config {f.name}={value!r} is not a valid {kind.__name__}")
+            largest = LARGEST.get(f.name)
+            if largest is not None and max(value if kind is tuple else [value]) > largest:
+                raise ValueError(f"config {f.name}={value!r} is past the largest refsr builds ({largest})")
+        if len(self.up_channels) > 8:
+            raise ValueError(f"config up_channels has {len(self.up_channels)} entries; scales to 8 use 3")
         if self.texture_upsample not in ("bilinear", "shuffle"):
             raise ValueError(f"unknown texture_upsample {self.texture_upsample!r}")
         if self.arch in RETIRED:
@@ -103,6 +108,22 @@ class RefVAEConfig:
         if missing:  # never fill a stored architecture in with today's defaults
             raise ValueError(f"config keys {missing} missing (a checkpoint from an older refsr?)")
         return cls(**data)
+
+
+# The largest value of each size refsr builds, far past any trained network (the shipped ones: 64 channels, 16
+# blocks): a file whose config asks for more is refused before anything is allocated, not after minutes and gigabytes.
+LARGEST = {"channels": 1024, "lr_blocks": 256, "fuse_blocks": 64, "up_channels": 1024, "z_dim": 4096,
+           "ref_size": 1024, "head_channels": 1024, "head_grid": 32, "cond_grid": 64, "cond_period": 1024}
+MAX_PARAMETERS = 200_000_000  # 800 MB of float32 weights; the shipped networks have 5.7 M, VGG16's part included
+
+
+def check_size(config: "RefVAEConfig") -> None:
+    """ValueError if a model of `config` would have more than MAX_PARAMETERS weights (counted on the meta device:
+    nothing allocated)."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in RefVAE(config).parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"a model of {count:,} weights, past the {MAX_PARAMETERS:,} refsr builds")
 
 
 # Config keys added after checkpoints were released, with the value that rebuilds what those checkpoints were trained

@@ -49,7 +49,7 @@ class TrunkStage:
     def __init__(self, opt: TrainOptions, device, rank: int, state: dict | None):
         self.opt, self.device, self.rank = opt, device, rank
         if state is not None:
-            self.config = RefVAEConfig.from_json(state["meta"]["config"])
+            self.config = state["config"]
         else:
             self.config = opt.config or RefVAEConfig()
         c = self.config
@@ -310,7 +310,7 @@ def texture_model(opt: TrainOptions, state: dict | None):
     """The texture stage's model: the resumed one; --init's (a trunk-stage checkpoint gets a fresh texture branch
     of today's design); a fresh one of opt.config; or the shipped weights of opt.scale, continued."""
     if state is not None:
-        model = build_model(RefVAEConfig.from_json(state["meta"]["config"]))
+        model = build_model(state["config"])
         model.load_state_dict(state["module"], strict=False)
         return model
     if opt.init is not None and len(opt.init) != 1:

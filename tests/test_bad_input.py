@@ -257,3 +257,42 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, checkpoint, monkeypatch
                              "--log-every", 1))
     assert result.exit_code == 2
     one_error_line(result, "log.jsonl", "No space left on device")
+
+
+def with_config(checkpoint, path, **changes):
+    """`checkpoint`'s weights under a config with `changes` (written as any safetensors writer would)."""
+    meta = read_metadata(checkpoint)
+    meta["config"] = json.dumps(json.loads(meta["config"]) | changes)
+    save_file(load_file(str(checkpoint)), str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("changes, fragment", [({"channels": 1_000_000}, "channels=1000000 is past"),
+                                               ({"lr_blocks": 10 ** 9}, "lr_blocks"),
+                                               ({"up_channels": [8] * 10 ** 6}, "up_channels"),
+                                               ({"ref_size": 10 ** 6}, "ref_size"),
+                                               ({"channels": 1024, "lr_blocks": 256}, "weights, past the")])
+def test_a_checkpoint_asking_for_absurd_sizes_is_refused_before_anything_is_allocated(tmp_path, checkpoint, changes,
+                                                                                      fragment):
+    import time
+    bad = with_config(checkpoint, tmp_path / "huge.safetensors", **changes)
+    started = time.time()
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", bad, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    one_error_line(result, "huge.safetensors", fragment)
+    assert time.time() - started < 20
+
+
+def test_a_damaged_training_state_is_one_line_on_resume(tmp_path):
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.train import fit
+    from test_train import trunk_options
+    data, out = (photos(tmp_path / "photos"), None), tmp_path / "run"
+    fit(trunk_options(data, out, scales=(2,), steps=1, save_every=1))
+    state = out / "last.state.safetensors"
+    tensors, meta = load_file(str(state)), read_metadata(state)
+    for damaged in ({k: v for k, v in meta.items() if k != "param_groups"}, meta | {"step": "one"},
+                    meta | {"scaler": "{"}, meta | {"config": json.dumps(json.loads(meta["config"]) | {"z_dim": 10 ** 7})}):
+        save_file(tensors, str(state), metadata=damaged)
+        with pytest.raises(RefsrError, match="last.state.safetensors"):
+            fit(trunk_options(data, out, scales=(2,), steps=2, save_every=1, resume=True))
