@@ -73,7 +73,8 @@ def main():
     # ../shared, the example photo that ships (timings then differ a little: another photo).
     measured = Path(__file__).resolve().parents[2] / "shared/data/val_hr/wp-onestandsout.jpg"
     shipped = Path(__file__).resolve().parents[1] / "examples/dandelions-ref.jpg"
-    parser.add_argument("--photo", type=Path, default=measured if measured.is_file() else shipped)
+    parser.add_argument("--photo", type=Path, default=measured if measured.is_file() else shipped,
+                        help="the photo the LR, the references and the crops come from (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     try:

@@ -296,3 +296,20 @@ def test_a_damaged_training_state_is_one_line_on_resume(tmp_path):
         save_file(tensors, str(state), metadata=damaged)
         with pytest.raises(RefsrError, match="last.state.safetensors"):
             fit(trunk_options(data, out, scales=(2,), steps=2, save_every=1, resume=True))
+
+
+def test_bench_match_finds_its_default_photo_from_any_folder_and_refuses_an_unreadable_one(tmp_path):
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parent.parent / "bench" / "match.py"
+    shown = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    import re
+    default = Path(re.findall(r"\(default:([^()]*)\)", "".join(shown.stdout.split()))[-1])  # a path wraps lines
+    assert default.is_absolute() and default.is_file()
+    (tmp_path / "not-a-photo.png").write_text("text")
+    for photo in ("missing.png", "not-a-photo.png"):
+        done = subprocess.run([sys.executable, str(script), "--photo", photo], cwd=tmp_path, capture_output=True,
+                              text=True)
+        assert done.returncode == 1 and photo in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
