@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from .options import (MAX_IMLE_SAMPLES, MAX_STRENGTH, MAX_TEMPERATURE, TEXTURES, BatchOptions, EngineOptions,
-                      TrainOptions)
+from .options import (MAX_CONSISTENCY_STEPS, MAX_IMLE_SAMPLES, MAX_STRENGTH, MAX_TEMPERATURE, TEXTURES,
+                      BatchOptions, EngineOptions, TrainOptions)
 
 SCALES = click.Choice(["2", "4", "8"])
 MAX_SEED = 2 ** 63 - 1  # torch's generators take a 64-bit seed; refsr's seeds are the non-negative int64s
@@ -119,8 +119,8 @@ def common_inference_options(f):
         click.option("--tile-pad", type=click.IntRange(min=0), default=BATCH.tile_pad, show_default=True,
                      help="Context around each tile in LR pixels; tiles agree with the untiled result when it "
                           "covers the network's receptive field."),
-        click.option("--consistency-steps", type=click.IntRange(min=0), default=BATCH.consistency_steps,
-                     show_default=True,
+        click.option("--consistency-steps", type=click.IntRange(0, MAX_CONSISTENCY_STEPS),
+                     default=BATCH.consistency_steps, show_default=True,
                      help="Back-projection rounds that make the output's bicubic downscale match the input "
                           "(each an exact projection, then a clamp to the displayable range)."),
         click.option("--no-consistency", is_flag=True, help="Skip the LR-consistency step (same as --consistency-steps 0)."),
@@ -337,8 +337,10 @@ def walk(inputs, refs, seeds, steps, animate, **options):
 
     Frames are named STEM_xSCALE_walk000.png ...; --animate adds STEM_xSCALE_walk.webp (or .gif).
     """
-    if bool(refs) == bool(seeds):
+    if refs and seeds:
         fail("give two --ref or two --seed, not both")
+    if not refs and not seeds:
+        fail("give the two ends of the walk: two --ref or two --seed")
     options["temperature"] = (1.0 if seeds else 0.0) if options["temperature"] is None else options["temperature"]
     sys.exit(run_inference("walk", inputs, refs or None, list(seeds) or None, walk=steps,
                            animate=animate, **options))
@@ -433,7 +435,8 @@ def push(files, repo, revision, private, message, no_card, license_id):
 @click.option("--strength", type=Finite(0, MAX_STRENGTH), default=BATCH.strength, show_default=True,
               help="--texture analogy: how much of the matched detail is pasted.")
 @click.option("--baseline", type=click.Choice(["bicubic", "none"]), default="bicubic", show_default=True)
-@click.option("--consistency-steps", type=click.IntRange(min=0), default=BATCH.consistency_steps, show_default=True)
+@click.option("--consistency-steps", type=click.IntRange(0, MAX_CONSISTENCY_STEPS), default=BATCH.consistency_steps,
+              show_default=True)
 @click.option("--tile", type=click.IntRange(min=16), default=BATCH.tile, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=BATCH.device, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
@@ -453,12 +456,12 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
 
     from .errors import RefsrError
     from .evaluate import STATS_MIN_SIDE, check_hr_folder, evaluate as run_eval, published_rows
-    from .images import expand_inputs, list_images, read_rgb
+    from .images import expand_inputs, read_rgb, source_images
     from .engine import Latents, load_upscaler
     scale = int(scale)
     try:
         # Everything that can be refused is refused before the weights are loaded and any image measured.
-        paths = list_images(hr_dir)
+        paths = source_images(hr_dir)
         check_hr_folder(hr_dir, paths, match_protocol)
         ref_paths = expand_inputs(refs) if refs else []
         if num_refs is not None:

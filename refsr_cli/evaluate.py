@@ -16,7 +16,7 @@ from PIL import Image
 
 from .checkpoint import load_backbone
 from .errors import RefsrError
-from .images import IMAGE_SUFFIXES, MIN_SIDE, list_images, read_rgb
+from .images import IMAGE_SUFFIXES, MIN_SIDE, read_rgb, source_images
 from .match import correspond, prepare_reference
 from .metrics import LPIPSVGG, LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
 from .model import VGG16Features
@@ -107,7 +107,8 @@ def check_hr_folder(hr_dir, paths: list, match_protocol: str | None = None) -> N
     """Refuse a folder that gives nothing to measure: no images; or, under the "unrelated" protocol (each image's
     reference is the next one), a single image, which would be its own reference."""
     if not paths:
-        raise RefsrError(f"{hr_dir}: no images to evaluate ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise RefsrError(f"{hr_dir}: no images to evaluate ({', '.join(sorted(IMAGE_SUFFIXES))}; refsr's own "
+                         "outputs are left out)")
     if match_protocol == "unrelated" and len(paths) < 2:
         raise RefsrError(f"--match-protocol unrelated takes the next image of {hr_dir} as each image's reference: "
                          f"it needs at least two images, and {hr_dir} has one")
@@ -124,7 +125,7 @@ def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), basel
     `upscale --match` output with the reference of that protocol (protocol_pair), its mean confidence and the
     seconds its matching took, and "protocol reference" rows, `upscale --ref` with that reference (no matching), as
     `reference_latent(image)` makes its latent (default: the learned branch's mean z)."""
-    paths = list_images(hr_dir)
+    paths = source_images(hr_dir)
     check_hr_folder(hr_dir, paths, match_protocol)
     reference_latent = reference_latent or upscaler.reference_z  # what the protocol's reference decodes to
     lpips, lpips_vgg = LPIPSAlex(), LPIPSVGG()

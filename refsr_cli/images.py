@@ -30,6 +30,12 @@ def list_images(folder) -> list:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def source_images(folder) -> list:
+    """The images of a folder that are not refsr's own outputs: the HR photos `eval` measures and `train` learns
+    from (an output written into the folder is no photo; upscale leaves them out of its inputs too)."""
+    return [p for p in list_images(folder) if not is_refsr_output(p)]
+
+
 def is_refsr_output(path) -> bool:
     """Whether an image file was written by refsr (its Software tag), read from the header alone."""
     try:
@@ -52,9 +58,12 @@ def expand_inputs(specs, skip_outputs: bool = False) -> list:
             if not matches:
                 raise RefsrError(f"{spec}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         elif path.exists():
+            if not path.is_file():  # a FIFO or a device: reading it would wait for a writer, forever
+                raise RefsrError(f"{spec}: not a regular file")
             matches = [path]
         elif glob.has_magic(spec):
-            matches = sorted(Path(p) for p in glob.glob(spec) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            matches = sorted(Path(p) for p in glob.glob(spec) if Path(p).suffix.lower() in IMAGE_SUFFIXES
+                             and Path(p).is_file())
             if not matches:
                 raise RefsrError(f"{spec}: no image matches this pattern")
         else:
@@ -145,12 +154,15 @@ def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     path = Path(path)
     if path.is_dir():
         raise RefsrError(f"{path}: is a folder, not an image")
+    if path.exists() and not path.is_file():
+        raise RefsrError(f"{path}: not a regular file")  # a FIFO would be waited on forever
     try:
         with Image.open(path) as im:  # reads the header only
             pixels = im.width * im.height
             if max_pixels and pixels > max_pixels:
                 raise RefsrError(f"{path}: {im.width}x{im.height} is {pixels / 1e6:.0f} Mpx, over the "
-                                 f"{max_pixels / 1e6:.0f} Mpx limit (raise it with --max-pixels)")
+                                 f"{max_pixels / 1e6:.0f} Mpx limit (upscale, sample and walk raise it with "
+                                 "--max-pixels)")
             if min(im.size) < MIN_SIDE:
                 raise RefsrError(f"{path}: {im.width}x{im.height} is too small (at least {MIN_SIDE}x{MIN_SIDE})")
             warnings = []

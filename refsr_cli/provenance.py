@@ -23,7 +23,11 @@ def software_tag() -> str:
 
 def read_provenance(path) -> dict | None:
     """The provenance refsr wrote into an output (see images.write_picture and write_animation), or None."""
+    from pathlib import Path
+
     from PIL import Image
+    if Path(path).exists() and not Path(path).is_file():
+        raise OSError("not a regular file")  # a FIFO would be waited on forever
     Image.MAX_IMAGE_PIXELS = None  # refsr's own 8x outputs are large; only the header and text chunks are read
     with Image.open(path) as im:
         text = embedded_text(im, PROVENANCE_KEY, 0x010E)  # PNG text chunk, EXIF ImageDescription, GIF comment

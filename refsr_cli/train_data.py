@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from .errors import RefsrError
-from .images import list_images, read_rgb
+from .images import read_rgb, source_images
 
 
 def load_training_images(folders, min_side: int) -> list:
     """uint8 HxWx3 arrays of the images in `folders` whose short side is at least `min_side`."""
-    paths = [p for folder in folders for p in list_images(folder)]
+    paths = [p for folder in folders for p in source_images(folder)]
     if not paths:
         raise RefsrError(f"no images found in {', '.join(map(str, folders))}")
     images = []

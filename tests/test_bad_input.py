@@ -313,3 +313,57 @@ def test_bench_match_finds_its_default_photo_from_any_folder_and_refuses_an_unre
                               text=True)
         assert done.returncode == 1 and photo in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_fifo_named_as_input_reference_or_record_is_refused_not_waited_on(tmp_path, checkpoint):
+    import os
+    import subprocess
+    import sys
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    photo = write_png(tmp_path / "in.png")
+    refsr = [sys.executable, "-m", "refsr_cli"]
+    for args, code in ((["upscale", fifo, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o"], 1),
+                       (["upscale", photo, "--ref", fifo, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o"], 2),
+                       (["info", fifo], 1)):
+        done = subprocess.run(refsr + [str(a) for a in args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == code, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.startswith("refsr: error: ")]
+        assert len(lines) == 1 and "fifo.png" in lines[0] and "not a regular file" in lines[0], done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_eval_measures_the_photos_of_a_folder_not_refsrs_outputs_in_it(tmp_path, checkpoint):
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    write_png(hr / "a.png", 64, 64)
+    assert run("upscale", hr / "a.png", "--scale", 2, "--weights", checkpoint, "-o", hr, "-q").exit_code == 0
+    assert (hr / "a_x2.png").exists()
+    result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--json", tmp_path / "m.json")
+    assert result.exit_code == 0, result.output
+    assert {r["image"] for r in json.loads((tmp_path / "m.json").read_text())["rows"]} == {"a.png"}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("walk", "in.png", "--scale", 2), "give the two ends of the walk"),
+    (("upscale", "in.png", "--consistency-steps", 1_000_000), "--consistency-steps"),
+    (("eval", ".", "--consistency-steps", 1_000_000), "--consistency-steps"),
+    (("train", "--data", ".", "--flat-weight", "nan"), "--flat-weight"),
+])
+def test_the_also_list_of_issue_29_is_one_line_each(tmp_path, monkeypatch, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    write_png(tmp_path / "in.png")
+    result = run(*args)
+    assert result.exit_code == 2
+    one_error_line(result, fragment)
+
+
+def test_the_pixel_limit_hint_names_the_commands_that_raise_it(tmp_path, checkpoint):
+    from PIL import Image
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    Image.new("RGB", (9000, 8000)).save(hr / "big.png")  # 72 Mpx, over the 64 Mpx limit
+    write_png(hr / "a.png", 64, 64)
+    result = run("eval", hr, "--scale", 2, "--weights", checkpoint)
+    assert result.exit_code == 1
+    one_error_line(result, "big.png", "upscale, sample and walk raise it with --max-pixels")
