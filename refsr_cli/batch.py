@@ -8,11 +8,7 @@ written; each carries a `Software: refsr` tag and its provenance; each is report
 A bad input is reported and skipped, the others are done. Exit code 0: all done; 1: some inputs failed; 2: nothing
 could start; 130/143: interrupted by SIGINT/SIGTERM.
 """
-import contextlib
-import json
-import os
 import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,103 +17,19 @@ import torch
 import torch.nn.functional as F
 
 from .device import launcher_shard
-from .analogy import Texture
-from .engine import Latent, Latents, load_upscaler
+from .engine import Latent, Latents, load_upscaler, walk_latent
 from .errors import RefsrError
 from .files import AppearedMeanwhile, sha256_of
-from .images import (IMAGE_SUFFIXES, expand_inputs, output_format, read_picture, read_rgb, software_tag, unique_stems,
-                     write_animation, write_picture)
+from .images import (expand_inputs, read_picture, read_rgb, software_tag, unique_stems, write_animation,
+                     write_picture)
 from .match import Transfer, correspond, prepare_reference
 from .options import BatchOptions
-from .provenance import read_provenance, sheet_label
+from .outputs import Output, check_kept_frames, check_names, outputs_of, plan_outputs
+from .provenance import sheet_label
+from .report import Reporter, Terminated, on_sigterm, signals_held
 from .sheet import contact_sheet, sheet_window
 
 OUTPUTS_BUDGET = 1 << 30  # bytes of finished outputs held at once; more latents are decoded in several passes
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the program is, so that the atomic writes clean up as they do for Ctrl-C."""
-
-
-def on_sigterm(signum, frame):
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def signals_held():
-    """SIGINT and SIGTERM wait until the block is done, then act as they would have: a file that is written is also
-    reported, never one without the other. (Handlers, not a signal mask: any of torch's threads may take a signal.)"""
-    caught = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:
-            handler = previous[caught[0]]
-            if callable(handler):
-                handler(caught[0], None)
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), caught[0])
-
-
-class Reporter:
-    """Messages on stderr (a rich progress bar when not quiet), JSON lines on stdout with --json, and the counts."""
-
-    def __init__(self, quiet: bool, as_json: bool):
-        self.quiet, self.as_json = quiet, as_json
-        self.counts = {"written": 0, "skipped": 0, "failed": 0}
-        self.progress = None
-        if not quiet and not as_json:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-
-    def __enter__(self):
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.stop()
-
-    def _print(self, line: str):
-        if self.progress is not None:
-            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
-        else:
-            print(line, file=sys.stderr)
-
-    def say(self, message: str):
-        if not self.quiet:
-            self._print(message)
-
-    def warn(self, message: str):
-        if not self.quiet:
-            self._print(f"refsr: warning: {message}")
-
-    def error(self, message: str):
-        self._print(f"refsr: error: {message}")
-
-    def failed(self, message: str):
-        self.error(message)
-        self.counts["failed"] += 1
-
-    def wrote(self, report: dict):
-        self.counts["written"] += 1
-        if self.as_json:
-            print(json.dumps(report), flush=True)
-        else:
-            self.say(f"wrote {report['output']}")
-
-    def task(self, description: str, total: int):
-        if self.progress is None:
-            return None
-        task = self.progress.add_task(description, total=total)
-        return lambda: self.progress.advance(task)
 
 
 @dataclass
@@ -203,17 +115,7 @@ def run(report: Reporter, command: str, inputs, refs, seeds, opt: BatchOptions) 
 def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchOptions) -> Plan:
     """Everything that does not depend on the input: the engine, each reference encoded once, the variants, the
     provenance they share. A RefsrError here means nothing could start."""
-    if opt.overwrite and opt.skip_existing:
-        raise RefsrError("--overwrite and --skip-existing contradict each other")
-    if opt.match and (not refs or opt.temperature > 0):
-        raise RefsrError("--match needs at least one --ref, and gives the fidelity output where nothing matches "
-                         "(no --temperature)")
-    if opt.animate and opt.sheet:
-        raise RefsrError("--animate animates the frames, which --sheet does not write: choose one")
-    if opt.match_map and opt.sheet:
-        raise RefsrError("--match-map writes the map beside the images, which --sheet does not write: choose one")
-    if opt.walk is not None and seeds is not None and opt.temperature == 0:
-        raise RefsrError("a walk between seeds needs a --temperature above 0 (at 0 every seed gives the same image)")
+    check_flags(opt, refs, seeds)
     folder, single, ext = plan_outputs(opt.out, opt.fmt)
     ref_paths = expand_inputs(refs) if refs else []
     images = (1 if opt.sheet else opt.walk if opt.walk is not None else len(seeds) if seeds is not None
@@ -236,6 +138,41 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     if seeds is not None and not ref_paths:
         plan.variants = [Variant(f"s{seed}", {"seed": seed}, latents.prior(seed, opt.temperature))
                          for seed in seeds]
+    add_reference_variants(report, plan, latents, ref_paths, seeds)
+    if not plan.variants:  # no reference: the fidelity output (temperature 0), or a prior sample of --seed
+        plan.variants = [Variant(f"s{opt.seed}", {"seed": opt.seed}, latents.prior(opt.seed, opt.temperature))
+                         if opt.temperature > 0 else Variant("", {}, None)]
+    if opt.walk is not None:
+        if len(plan.variants) != 2:
+            raise RefsrError(f"a walk goes between two seeds or two references, not {len(plan.variants)}")
+        plan.variants = walk_variants(plan.variants, opt.walk, from_prior=seeds is not None)
+    if (opt.texture == "learned" and not upscaler.texture_trained
+            and (any(v.latent is not None for v in plan.variants) or opt.temperature > 0)):
+        report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "
+                    "and reference gives the fidelity output")
+    return plan
+
+
+def check_flags(opt: BatchOptions, refs, seeds) -> None:
+    """Flags that contradict each other, refused before anything is loaded."""
+    if opt.overwrite and opt.skip_existing:
+        raise RefsrError("--overwrite and --skip-existing contradict each other")
+    if opt.match and (not refs or opt.temperature > 0):
+        raise RefsrError("--match needs at least one --ref, and gives the fidelity output where nothing matches "
+                         "(no --temperature)")
+    if opt.animate and opt.sheet:
+        raise RefsrError("--animate animates the frames, which --sheet does not write: choose one")
+    if opt.match_map and opt.sheet:
+        raise RefsrError("--match-map writes the map beside the images, which --sheet does not write: choose one")
+    if opt.walk is not None and seeds is not None and opt.temperature == 0:
+        raise RefsrError("a walk between seeds needs a --temperature above 0 (at 0 every seed gives the same image)")
+
+
+def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_paths: list, seeds) -> None:
+    """The variants of the references, each read and encoded once: one output a reference (sample --ref: --n
+    draws a reference), or with --match one output from all of them together. A reference that cannot be read is
+    reported and left out; none usable stops the run."""
+    opt = plan.opt
     matched = []
     for path, stem in zip(ref_paths, unique_stems(ref_paths)):  # each reference read and encoded once
         try:
@@ -262,83 +199,11 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
                                                "match_map": opt.match_map}, None))
     if ref_paths and not plan.variants:
         raise RefsrError("no usable reference")
-    if not plan.variants:  # no reference: the fidelity output (temperature 0), or a prior sample of --seed
-        plan.variants = [Variant(f"s{opt.seed}", {"seed": opt.seed}, latents.prior(opt.seed, opt.temperature))
-                         if opt.temperature > 0 else Variant("", {}, None)]
-    if opt.walk is not None:
-        if len(plan.variants) != 2:
-            raise RefsrError(f"a walk goes between two seeds or two references, not {len(plan.variants)}")
-        plan.variants = walk_variants(plan.variants, opt.walk, from_prior=seeds is not None)
-    if (opt.texture == "learned" and not upscaler.texture_trained
-            and (any(v.latent is not None for v in plan.variants) or opt.temperature > 0)):
-        report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "
-                    "and reference gives the fidelity output")
-    return plan
-
-
-def plan_outputs(out: Path, fmt: str | None):
-    """(folder, single output file or None, extension) from -o and --format."""
-    if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
-        output_format(out)
-        return out.parent, out, out.suffix
-    return out, None, "." + (fmt or "png")
-
-
-@dataclass
-class Output:
-    """One file an input gives, and whether it is to be written."""
-    path: Path
-    kind: str  # "image", "sheet", "map" or "animation"
-    variant: Variant | None = None
-    todo: bool = True
-
-
-def check_names(plan: Plan, named) -> None:
-    """Refuse a run two of whose outputs would take one name (`a.png` with `--ref x2_b.png` and `a_x2.png` with
-    `--ref b.png` both give a_x2_x2_b.png): found before anything is written, so that no output replaces another."""
-    seen = {}
-    for lr_path, stem in named:
-        for output in output_names(plan, stem):
-            if output.path in seen:
-                raise RefsrError(f"{output.path} would be written twice, for {seen[output.path]} and for {lr_path}: "
-                                 "rename an input or a reference, or run them apart")
-            seen[output.path] = lr_path
-
-
-def output_names(plan: Plan, stem: str) -> list:
-    """Every file the input of `stem` gives, by the naming rules alone."""
-    opt = plan.opt
-    base = plan.folder / f"{stem}_x{opt.scale}"
-    if opt.sheet:
-        outputs = [Output(plan.single or Path(f"{base}_sheet{plan.ext}"), "sheet")]
-    else:
-        outputs = [Output(plan.single or Path(f"{base}{'_' + v.suffix if v.suffix else ''}{plan.ext}"), "image", v)
-                   for v in plan.variants]
-    if opt.match_map:
-        outputs.append(Output(Path(f"{base}_match_map.png"), "map"))
-    if opt.animate:
-        outputs.append(Output(Path(f"{base}_walk.{opt.animate}"), "animation"))
-    return outputs
-
-
-def outputs_of(plan: Plan, stem: str) -> list:
-    """Every file the input of `stem` gives, under the output rules (see the module's docstring)."""
-    opt = plan.opt
-    outputs = output_names(plan, stem)
-    for output in outputs:
-        if output.path.resolve() in plan.passed_in:
-            raise RefsrError(f"{output.path} is an input of this run; refsr never overwrites its inputs")
-        if output.path.exists():
-            if opt.skip_existing:
-                output.todo = False
-            elif not opt.overwrite:
-                raise RefsrError(f"{output.path} exists (use --overwrite to replace, or --skip-existing)")
-    return outputs
 
 
 def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     """Every output of one input."""
-    opt, upscaler, scale = plan.opt, plan.upscaler, plan.opt.scale
+    opt = plan.opt
     outputs = outputs_of(plan, stem)
     report.counts["skipped"] += sum(not o.todo for o in outputs)
     if not any(o.todo for o in outputs):
@@ -357,66 +222,56 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
         provenance = record | fields
         with signals_held():
             write(provenance)
-            report.wrote({"input": str(lr_path), "output": str(output.path), "scale": scale, **fields, **extra})
+            report.wrote({"input": str(lr_path), "output": str(output.path), "scale": opt.scale, **fields, **extra})
 
     transfer = None
     if plan.match_refs and any(o.todo and o.kind in ("image", "map", "sheet") for o in outputs):
         report.say(f"{lr_path.name}: matching {len(plan.match_refs)} reference(s)")
         # On the CPU in float32 whatever the device: matching is done there (refsr_cli.match).
-        transfer = correspond(torch.from_numpy(picture.rgb).permute(2, 0, 1)[None], plan.match_refs, scale)
+        transfer = correspond(torch.from_numpy(picture.rgb).permute(2, 0, 1)[None], plan.match_refs, opt.scale)
     images = [o for o in outputs if o.kind == "image" and o.todo]
     sheet = next((o for o in outputs if o.kind == "sheet" and o.todo), None)
     variants = plan.variants if sheet else [o.variant for o in images]
     h, w = picture.rgb.shape[:2]
-    tick = report.task(lr_path.name, len(upscaler.tiles(h, w)) * len(variants))
-    window = sheet_window(picture.rgb, scale) if sheet else None
-    crops = []
-    # The outputs of one pass are held in memory until written: bound them (sample --n 100 on a photo).
-    chunk = max(1, OUTPUTS_BUDGET // (h * w * scale * scale * 4 * picture.bits // 8))
-    for start in range(0, len(variants), chunk):
-        part = variants[start:start + chunk]
-        decoded = upscaler.upscale(picture.rgb, [v.latent for v in part], transfer=transfer, alpha=picture.alpha,
-                                   grayscale=picture.grayscale, bits=picture.bits, on_tile=tick)
-        if sheet:  # only the window of each is kept
-            crops += [image[window].copy() for image in decoded]
-            continue
-        for output, image in zip(images[start:start + chunk], decoded):
-            publish(output, lambda provenance: write_picture(image, output.path, picture.icc_profile, provenance,
-                                                             opt.overwrite), output.variant.fields)
-    if sheet:
+    tick = report.task(lr_path.name, len(plan.upscaler.tiles(h, w)) * len(variants))
+    if sheet:  # only the same window of each output is kept
+        window = sheet_window(picture.rgb, opt.scale)
+        crops = [image[window].copy() for image in decoded(plan, picture, variants, transfer, tick)]
         labels = [sheet_label(v.fields, opt.temperature) for v in variants]
         publish(sheet, lambda provenance: write_picture(np.asarray(contact_sheet(crops, labels)), sheet.path,
                                                          None, provenance, opt.overwrite), sheet_fields(plan),
                 sheet=labels)
+    for output, image in zip(images, [] if sheet else decoded(plan, picture, variants, transfer, tick)):
+        publish(output, lambda provenance: write_picture(image, output.path, picture.icc_profile, provenance,
+                                                         opt.overwrite), output.variant.fields)
+    write_sidecars(plan, outputs, transfer, publish)
+
+
+def decoded(plan: Plan, picture, variants: list, transfer, tick):
+    """The outputs of `variants` for one input picture, one by one, decoded a chunk of them at a time: the outputs
+    of one pass are held in memory until written, so they are bounded (sample --n 100 on a photo)."""
+    h, w = picture.rgb.shape[:2]
+    chunk = max(1, OUTPUTS_BUDGET // (h * w * plan.opt.scale ** 2 * 4 * picture.bits // 8))
+    for start in range(0, len(variants), chunk):
+        yield from plan.upscaler.upscale(picture.rgb, [v.latent for v in variants[start:start + chunk]],
+                                         transfer=transfer, alpha=picture.alpha, grayscale=picture.grayscale,
+                                         bits=picture.bits, on_tile=tick)
+
+
+def write_sidecars(plan: Plan, outputs: list, transfer, publish) -> None:
+    """The --match-map map and the walk's animation of one input, once its images are written."""
+    opt = plan.opt
     for output in outputs:
         if output.kind == "map" and output.todo:
             fields = plan.variants[-1].fields | {"map": True}
-            publish(output, lambda provenance: write_picture(confidence_image(transfer, scale), output.path, None,
-                                                             provenance, opt.overwrite),
+            publish(output, lambda provenance: write_picture(confidence_image(transfer, opt.scale), output.path,
+                                                             None, provenance, opt.overwrite),
                     fields, confidence=float(transfer.confidence.mean()))
         if output.kind == "animation" and output.todo:
             frames = [o.path for o in outputs if o.kind == "image"]
             fields = {k: v for k, v in plan.variants[0].fields.items() if k != "frame"} | {"animate": opt.animate}
             publish(output, lambda provenance: write_animation(frames, output.path, provenance, opt.overwrite),
                     fields)
-
-
-def check_kept_frames(outputs: list, record: dict) -> None:
-    """An animation is made only of frames this run writes or has verified: a frame --skip-existing keeps must be
-    this very frame (its provenance is what this run would record), not another walk's (other seeds or references,
-    other weights) nor a file of the user's that took a frame's name."""
-    for output in outputs:
-        if output.kind != "image" or output.todo:
-            continue
-        expected = json.loads(json.dumps(record | output.variant.fields))  # as it reads back: lists, not tuples
-        try:
-            kept = read_provenance(output.path)
-        except (OSError, ValueError, SyntaxError):
-            kept = None
-        if kept != expected:
-            raise RefsrError(f"{output.path}: kept by --skip-existing, but not frame {output.variant.fields['frame']} "
-                             "of this walk (another run's, or not refsr's); the animation is made only of this "
-                             "walk's frames: move it away, or --overwrite")
 
 
 def sheet_fields(plan: Plan) -> dict:
@@ -431,34 +286,12 @@ def sheet_fields(plan: Plan) -> dict:
     return fields
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """Spherical interpolation: the in-between z of two prior draws keeps a prior draw's length (a straight line
-    through the middle would be a z of small norm, a blander image)."""
-    cos = F.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).clamp(-1, 1)
-    omega = torch.arccos(cos)
-    if omega.abs() < 1e-4:
-        return a + t * (b - a)
-    return ((torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)).to(a.dtype)
-
-
 def walk_variants(ends, frames: int, from_prior: bool) -> list:
-    """`frames` variants from the first end to the second. By analogy, each frame's texture turns from the first
-    end's into the second's (refsr_cli.analogy.Texture). Learned: slerp between prior draws, a straight line between
-    the means of two references; the texture noise turns from the first end's into the second's the same way, so
-    that the grain changes as smoothly as the look."""
-    first, last = (end.latent for end in ends)
+    """`frames` variants from the first end to the second (engine.walk_latent): frame i at i / (frames - 1)."""
     walk = {"from": ends[0].fields, "to": ends[1].fields, "frames": frames}
-    steps = []
-    for i in range(frames):
-        t = i / max(frames - 1, 1)
-        if isinstance(first, Texture):
-            latent = Texture(first.bank, first.seed, first.temperature, first.strength, to=last, t=t)
-        else:
-            z = slerp(first.z, last.z, t) if from_prior else first.z + t * (last.z - first.z)
-            noise_to = last.noise_seed if last.noise_seed != first.noise_seed else None
-            latent = Latent(z, first.noise_seed, noise_to, t)
-        steps.append(Variant(f"walk{i:03d}", walk | {"frame": i}, latent))
-    return steps
+    return [Variant(f"walk{i:03d}", walk | {"frame": i},
+                    walk_latent(ends[0].latent, ends[1].latent, i / max(frames - 1, 1), from_prior))
+            for i in range(frames)]
 
 
 def confidence_image(transfer: Transfer, scale: int) -> np.ndarray:

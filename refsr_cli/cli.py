@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
-from .options import (MAX_CONSISTENCY_STEPS, MAX_IMLE_SAMPLES, MAX_STRENGTH, MAX_TEMPERATURE, TEXTURES,
-                      BatchOptions, EngineOptions, TrainOptions)
+from .options import (DEVICES, MAX_CONSISTENCY_STEPS, MAX_IMLE_SAMPLES, MAX_STRENGTH, MAX_TEMPERATURE, MIN_TILE,
+                      SAMPLE_TEMPERATURE, SAMPLES, SCALES, TEXTURES, WALK_FRAMES, BatchOptions, EngineOptions,
+                      TrainOptions)
 
-SCALES = click.Choice(["2", "4", "8"])
+SCALE_CHOICE = click.Choice([str(s) for s in SCALES])
 MAX_SEED = 2 ** 63 - 1  # torch's generators take a 64-bit seed; refsr's seeds are the non-negative int64s
 SEEDS = click.IntRange(0, MAX_SEED)
 
@@ -52,7 +53,7 @@ class Commands(click.Group):
 
 def parse_scales(value: str) -> tuple:
     scales = tuple(sorted({s.strip() for s in value.split(",") if s.strip()}))
-    if not scales or any(s not in SCALES.choices for s in scales):
+    if not scales or any(s not in SCALE_CHOICE.choices for s in scales):
         raise click.BadParameter(f"{value!r}: give scales among 2, 4, 8, comma-separated")
     return tuple(int(s) for s in scales)
 
@@ -90,23 +91,21 @@ def main():
 BATCH = BatchOptions()  # the defaults of upscale's, sample's and walk's flags
 
 
-def common_inference_options(f):
-    options = [
-        click.option("--scale", type=SCALES, default=str(BATCH.scale), show_default=True, help="Upscaling factor."),
-        click.option("-o", "--out", type=click.Path(path_type=Path), default=BATCH.out, show_default=True,
-                     help="Output folder (created if missing), or a file name (its extension sets the format) "
-                          "when the run writes one image."),
-        click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp", "tiff"]), default=None,
-                     help="Format of files written into a folder. [default: png]"),
-        click.option("--max-pixels", type=click.IntRange(min=1), default=BATCH.max_pixels, show_default=True,
-                     help="Refuse input images with more pixels than this (decompression bombs), before decoding."),
+def decorated(f, options: list):
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def engine_options(f):
+    """The flags of every command that runs the network: which weights, and how the engine runs them (upscale,
+    sample, walk and eval alike)."""
+    return decorated(f, [
+        click.option("--scale", type=SCALE_CHOICE, default=str(BATCH.scale), show_default=True,
+                     help="Upscaling factor."),
         click.option("--weights", metavar="FILE|OWNER/REPO[@REV][:FILE]", default=None,
                      help="Checkpoint: a local .safetensors file or a Hugging Face Hub reference. "
                           "[default: the shipped weights for --scale]"),
-        click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=None,
-                     help="How far a sample may stray: with --texture analogy, how far down each patch's list of "
-                          "matching candidates the seed may pick (0: the nearest; 1: among the 8 nearest); with "
-                          "--texture learned, the spread of z around its mean. [default: sample 1, upscale 0]"),
         click.option("--strength", type=Finite(0, MAX_STRENGTH), default=BATCH.strength, show_default=True,
                      help="How much of the matched detail is pasted onto the faithful output (0: none, the "
                           "faithful output)."),
@@ -114,7 +113,7 @@ def common_inference_options(f):
                      help="Where the invented detail comes from: analogy, the reference's own detail (or, for "
                           "samples, that of the shipped bank of photos) matched to the input; learned, the "
                           "network's texture branch, decoded from z."),
-        click.option("--tile", type=click.IntRange(min=16), default=BATCH.tile, show_default=True,
+        click.option("--tile", type=click.IntRange(min=MIN_TILE), default=BATCH.tile, show_default=True,
                      help="Tile size in LR pixels; bounds memory on large images."),
         click.option("--tile-pad", type=click.IntRange(min=0), default=BATCH.tile_pad, show_default=True,
                      help="Context around each tile in LR pixels; tiles agree with the untiled result when it "
@@ -123,10 +122,29 @@ def common_inference_options(f):
                      default=BATCH.consistency_steps, show_default=True,
                      help="Back-projection rounds that make the output's bicubic downscale match the input "
                           "(each an exact projection, then a clamp to the displayable range)."),
-        click.option("--no-consistency", is_flag=True, help="Skip the LR-consistency step (same as --consistency-steps 0)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=BATCH.device,
-                     show_default=True, help="auto picks CUDA, then MPS, then CPU."),
+        click.option("--no-consistency", is_flag=True,
+                     help="Skip the LR-consistency step (same as --consistency-steps 0)."),
+        click.option("--device", type=click.Choice(DEVICES), default=BATCH.device, show_default=True,
+                     help="auto picks CUDA, then MPS, then CPU."),
         click.option("--half", is_flag=True, help="Half precision (GPU only)."),
+    ])
+
+
+def common_inference_options(f):
+    """engine_options, and the flags of the commands that write images (upscale, sample, walk)."""
+    return engine_options(decorated(f, [
+        click.option("-o", "--out", type=click.Path(path_type=Path), default=BATCH.out, show_default=True,
+                     help="Output folder (created if missing), or a file name (its extension sets the format) "
+                          "when the run writes one image."),
+        click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp", "tiff"]), default=None,
+                     help="Format of files written into a folder. [default: png]"),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=BATCH.max_pixels, show_default=True,
+                     help="Refuse input images with more pixels than this (decompression bombs), before decoding."),
+        click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=None,
+                     help="How far a sample may stray: with --texture analogy, how far down each patch's list of "
+                          "matching candidates the seed may pick (0: the nearest; 1: among the 8 nearest); with "
+                          "--texture learned, the spread of z around its mean. [default: sample "
+                          f"{SAMPLE_TEMPERATURE:g}, upscale {BATCH.temperature:g}]"),
         click.option("--overwrite", is_flag=True, help="Replace existing output files."),
         click.option("--skip-existing", is_flag=True, help="Skip outputs that already exist (resume a batch)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no messages, only errors."),
@@ -138,10 +156,14 @@ def common_inference_options(f):
         click.option("--sheet", is_flag=True,
                      help="Write one contact sheet per input instead of the images: the same 256-pixel window of "
                           "every output at 100 %, labelled with the flag that redoes it (--seed N, --ref NAME)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    ]))
+
+
+def engine_settings(options: dict) -> EngineOptions:
+    """The EngineOptions of engine_options' flags, taken out of a command's `options`."""
+    if options.pop("no_consistency"):
+        options["consistency_steps"] = 0
+    return EngineOptions(**{k: options.pop(k) for k in ("tile", "tile_pad", "consistency_steps", "device", "half")})
 
 
 @main.command()
@@ -166,7 +188,7 @@ def upscale(inputs, refs, seed, match, match_map, **options):
     Outputs are named STEM_xSCALE_REFSTEM.png, or STEM_xSCALE.png without a reference (STEM_xSCALE_sSEED.png for a
     prior sample, --temperature above 0).
     """
-    options["temperature"] = 0.0 if options["temperature"] is None else options["temperature"]
+    options["temperature"] = BATCH.temperature if options["temperature"] is None else options["temperature"]
     if match_map and not match:
         fail("--match-map needs --match")
     sys.exit(run_inference("upscale", inputs, refs, None, seed=seed, match=match, match_map=match_map, **options))
@@ -174,7 +196,7 @@ def upscale(inputs, refs, seed, match, match_map, **options):
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
-@click.option("-n", "--n", "count", type=click.IntRange(1, 10_000), default=10, show_default=True,
+@click.option("-n", "--n", "count", type=click.IntRange(1, 10_000), default=SAMPLES, show_default=True,
               help="Number of samples per image.")
 @click.option("--seed", type=SEEDS, default=BATCH.seed, show_default=True,
               help="Sample i uses seed SEED+i, so --n 1 --seed 3 reproduces the fourth of --n 10 --seed 0.")
@@ -188,17 +210,18 @@ def sample(inputs, count, seed, refs, **options):
 
     Outputs are named STEM_xSCALE_sSEED.png (STEM_xSCALE_REFSTEM_sSEED.png with --ref).
     """
-    options["temperature"] = 1.0 if options["temperature"] is None else options["temperature"]
+    options["temperature"] = SAMPLE_TEMPERATURE if options["temperature"] is None else options["temperature"]
     if seed + count - 1 > MAX_SEED:
         fail(f"--seed {seed} --n {count}: sample i uses seed SEED+i, and seeds go up to {MAX_SEED}")
     sys.exit(run_inference("sample", inputs, refs or None, range(seed, seed + count), **options))
 
 
-def run_inference(command, inputs, refs, seeds, no_consistency, scale, **options) -> int:
+def run_inference(command, inputs, refs, seeds, scale, **options) -> int:
+    from dataclasses import asdict
+
     from .batch import run_batch
-    if no_consistency:
-        options["consistency_steps"] = 0
-    return run_batch(command, inputs, refs, seeds, BatchOptions(scale=int(scale), **options))
+    engine = engine_settings(options)
+    return run_batch(command, inputs, refs, seeds, BatchOptions(scale=int(scale), **asdict(engine), **options))
 
 
 TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
@@ -214,7 +237,7 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
 @click.option("--stage", type=click.Choice(["trunk", "texture"]), default=TRAIN.stage, show_default=True,
               help="trunk: the fidelity trunk of every --scales at once, pixel losses only (writes x2/x4/x8"
                    ".safetensors); texture: the texture branch of --scale on a frozen trunk (writes last.safetensors).")
-@click.option("--scale", type=SCALES, default=str(TRAIN.scale), show_default=True)
+@click.option("--scale", type=SCALE_CHOICE, default=str(TRAIN.scale), show_default=True)
 @click.option("--scales", default=",".join(map(str, TRAIN.scales)), show_default=True,
               callback=lambda ctx, param, value: parse_scales(value),
               help="Scales the trunk stage trains together, comma-separated.")
@@ -274,7 +297,7 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
 @click.option("--init", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Start from these weights (a fresh optimizer). The texture stage takes one checkpoint (default: "
                    "the shipped weights of --scale); the trunk stage one per scale (repeat --init).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=TRAIN.device, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=TRAIN.device, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(quiet, **options):
     """Train refsr's networks on a folder of HR photos; checkpoints load directly with --weights."""
@@ -288,7 +311,7 @@ def train(quiet, **options):
     quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
     import signal
 
-    from .batch import Terminated, on_sigterm
+    from .report import Terminated, on_sigterm
     signal.signal(signal.SIGTERM, on_sigterm)  # as Ctrl-C: the save in progress finishes or leaves no temporary file
     try:
         opt = TrainOptions(**options)
@@ -327,7 +350,8 @@ def train(quiet, **options):
 @click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
 @click.option("--ref", "refs", multiple=True, metavar="IMAGE", help="The two references to walk between.")
 @click.option("--seed", "seeds", multiple=True, type=SEEDS, help="The two prior seeds to walk between.")
-@click.option("--steps", type=click.IntRange(2, 1000), default=8, show_default=True, help="Frames, both ends included.")
+@click.option("--steps", type=click.IntRange(2, 1000), default=WALK_FRAMES, show_default=True,
+              help="Frames, both ends included.")
 @click.option("--animate", type=click.Choice(["webp", "gif"]), default=None,
               help="Also write the frames as one looping animation.")
 @common_inference_options
@@ -341,7 +365,8 @@ def walk(inputs, refs, seeds, steps, animate, **options):
         fail("give two --ref or two --seed, not both")
     if not refs and not seeds:
         fail("give the two ends of the walk: two --ref or two --seed")
-    options["temperature"] = (1.0 if seeds else 0.0) if options["temperature"] is None else options["temperature"]
+    if options["temperature"] is None:
+        options["temperature"] = SAMPLE_TEMPERATURE if seeds else BATCH.temperature
     sys.exit(run_inference("walk", inputs, refs or None, list(seeds) or None, walk=steps,
                            animate=animate, **options))
 
@@ -411,16 +436,14 @@ def push(files, repo, revision, private, message, no_card, license_id):
 
 @main.command(name="eval")
 @click.argument("hr_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--scale", type=SCALES, default=str(BATCH.scale), show_default=True)
-@click.option("--weights", metavar="FILE|OWNER/REPO[@REV][:FILE]", default=None,
-              help="Checkpoint to measure. [default: the shipped weights for --scale]")
-@click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=0.0, show_default=True,
+@click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=BATCH.temperature, show_default=True,
               help="z of the main refsr rows: the prior's mean (0) or a sample at this temperature.")
 @click.option("--seed", type=SEEDS, default=BATCH.seed, show_default=True)
 @click.option("--samples", type=click.IntRange(min=0, max=100), default=0, show_default=True,
               help="Also decode N prior samples per image (seeds --seed..): their mean measures, their lowest "
                    "LR-PSNR and the NTIRE 2021 diversity score.")
-@click.option("--sample-temperature", type=Finite(0, MAX_TEMPERATURE), default=1.0, show_default=True)
+@click.option("--sample-temperature", type=Finite(0, MAX_TEMPERATURE), default=SAMPLE_TEMPERATURE,
+              show_default=True)
 @click.option("--ref", "refs", multiple=True, metavar="FILE|DIR|GLOB",
               help="Also decode each LR with the mean z of these references (repeatable): their mean measures and, "
                    "with two or more, the reference influence score.")
@@ -430,19 +453,12 @@ def push(files, repo, revision, private, message, no_card, license_id):
               help="Also measure `upscale --match`, with as reference: the HR image under a seeded random "
                    "similarity transform (warp); the photo's other half, the image being one half (half); the next "
                    "photo of HR_DIR (unrelated).")
-@click.option("--texture", type=click.Choice(TEXTURES), default=BATCH.texture, show_default=True,
-              help="Where the samples' and reference outputs' detail comes from (as upscale's --texture).")
-@click.option("--strength", type=Finite(0, MAX_STRENGTH), default=BATCH.strength, show_default=True,
-              help="--texture analogy: how much of the matched detail is pasted.")
 @click.option("--baseline", type=click.Choice(["bicubic", "none"]), default="bicubic", show_default=True)
-@click.option("--consistency-steps", type=click.IntRange(0, MAX_CONSISTENCY_STEPS), default=BATCH.consistency_steps,
-              show_default=True)
-@click.option("--tile", type=click.IntRange(min=16), default=BATCH.tile, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=BATCH.device, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the rows and means (and the images that failed) to this JSON file.")
+@engine_options
 def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperature, refs, num_refs,
-             match_protocol, texture, strength, baseline, consistency_steps, tile, device, json_path):
+             match_protocol, texture, strength, baseline, json_path, **engine):
     """Measure a checkpoint on the HR images of HR_DIR against bicubic (PSNR/SSIM on Y, LPIPS, LR-PSNR;
     diversity with --samples, reference influence with --ref, content-similar references with
     --match-protocol).
@@ -477,8 +493,7 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
                 raise RefsrError(f"--json {json_path}: {folder} is not a folder that can be written to")
             if json_path.resolve() in {p.resolve() for p in paths + ref_paths}:
                 raise RefsrError(f"--json {json_path} is an input of this run; refsr never overwrites its inputs")
-        upscaler = load_upscaler(weights, scale, EngineOptions(tile=tile, consistency_steps=consistency_steps,
-                                                               device=device))
+        upscaler = load_upscaler(weights, scale, engine_settings(engine))
         if json_path is not None and json_path.resolve() == upscaler.weights_path.resolve():
             raise RefsrError(f"--json {json_path} is the weights of this run; refsr never overwrites its inputs")
         latents = Latents(upscaler, texture, strength)

@@ -15,7 +15,7 @@ from .checkpoint import load_checkpoint, read_metadata, resolve_weights
 from .errors import RefsrError
 from .match import Transfer
 from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
-from .options import EngineOptions
+from .options import MIN_TILE, SAMPLE_TEMPERATURE, BatchOptions, EngineOptions
 
 
 @functools.lru_cache(maxsize=32)
@@ -59,7 +59,6 @@ class Latent(NamedTuple):
     noise_t: float = 0.0
 
 
-MIN_TILE = 16
 # Output pixels decoded in one batch: the latents of `sample --n N` go through the texture branch together, as many
 # as fit (4 for a 128-pixel LR image at 8x). On the 2-core CPU this saves only 3 % a sample (its convolutions are
 # already large); on a GPU, where a 1 Mpx decode leaves the device half idle, batches pay more.
@@ -115,7 +114,8 @@ class Upscaler:
             self.device, self.dtype, memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def reference_z(self, image: np.ndarray, temperature: float = 0.0, seed: int = 0) -> Latent:
+    def reference_z(self, image: np.ndarray, temperature: float = BatchOptions.temperature,
+                    seed: int = BatchOptions.seed) -> Latent:
         """z from a reference image, mu + temperature * sigma * eps (eps and the texture noise of `seed`)."""
         size = self.model.config.ref_size
         ref = Image.fromarray((image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
@@ -138,7 +138,7 @@ class Upscaler:
             self._bank = load_bank(weights_dir() / TEXTURE_BANK.format(scale=self.scale), self.scale)
         return self._bank
 
-    def prior_z(self, seed: int, temperature: float = 1.0) -> Latent:
+    def prior_z(self, seed: int, temperature: float = SAMPLE_TEMPERATURE) -> Latent:
         """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device, and the
         texture noise of the same seed; at temperature 0, the fidelity output."""
         if temperature == 0:
@@ -309,3 +309,24 @@ def load_upscaler(weights: str | None, scale: int, options: EngineOptions, warn=
     # A checkpoint of `refsr train --stage trunk` has a texture branch at its initial state.
     upscaler.texture_trained = read_metadata(path).get("stage") != "trunk"
     return upscaler
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation: the in-between z of two prior draws keeps a prior draw's length (a straight line
+    through the middle would be a z of small norm, a blander image)."""
+    cos = F.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).clamp(-1, 1)
+    omega = torch.arccos(cos)
+    if omega.abs() < 1e-4:
+        return a + t * (b - a)
+    return ((torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)).to(a.dtype)
+
+
+def walk_latent(first, last, t: float, from_prior: bool):
+    """What frame t (0..1) of a walk between two ends (Latents or Textures) decodes. By analogy, the texture turns
+    from the first end's into the second's (refsr_cli.analogy.Texture). Learned: slerp between prior draws, a
+    straight line between the means of two references; the texture noise turns from the first end's into the
+    second's the same way, so that the grain changes as smoothly as the look."""
+    if isinstance(first, Texture):
+        return Texture(first.bank, first.seed, first.temperature, first.strength, to=last, t=t)
+    z = slerp(first.z, last.z, t) if from_prior else first.z + t * (last.z - first.z)
+    return Latent(z, first.noise_seed, last.noise_seed if last.noise_seed != first.noise_seed else None, t)

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .options import SCALES
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -86,8 +88,8 @@ class RefVAEConfig:
             raise ValueError(f"unknown architecture {self.arch!r}")
         if self.cond_period % self.cond_grid:
             raise ValueError(f"cond_period ({self.cond_period}) must be a multiple of cond_grid ({self.cond_grid})")
-        if self.scale not in (2, 4, 8):
-            raise ValueError(f"scale must be 2, 4 or 8, not {self.scale}")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, not {self.scale}")
         if len(self.up_channels) < self.stages:
             raise ValueError(f"up_channels needs {self.stages} entries for scale {self.scale}")
 

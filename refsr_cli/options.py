@@ -4,6 +4,12 @@ reads its flags' defaults from here, the engine and the scripts take them from h
 from dataclasses import dataclass
 from pathlib import Path
 
+SCALES = (2, 4, 8)  # the upscaling factors refsr has networks for
+DEVICES = ("auto", "cpu", "cuda", "mps")  # --device: auto picks CUDA, then MPS, then the CPU
+MIN_TILE = 16  # --tile: LR pixels; smaller tiles are all context
+SAMPLE_TEMPERATURE = 1.0  # the temperature of `sample`, of walks between seeds and of eval's samples (upscale: 0)
+SAMPLES = 10  # sample --n
+WALK_FRAMES = 8  # walk --steps: frames, both ends included
 DEFAULT_MAX_PIXELS = 64_000_000  # an LR image this large is already a 4 Gpx output at 8x
 TEXTURES = ("analogy", "learned")  # where a sample's or a reference output's detail comes from (BatchOptions.texture)
 MAX_STRENGTH = 4.0  # --strength: beyond it the pasted detail is all that is seen
@@ -62,7 +68,7 @@ class TrainOptions:
     # `scale` on a frozen trunk (IMLE samples, reference outputs).
     stage: str = "texture"
     scale: int = 8
-    scales: tuple = (2, 4, 8)
+    scales: tuple = SCALES
     steps: int = 2000
     batch: int = 8
     lr_patch: int = 24  # LR crop side: 24 px is a 192-pixel HR crop at x8
@@ -108,5 +114,5 @@ class TrainOptions:
     # Weights to start from: the texture stage takes one checkpoint (default: the shipped weights of `scale`); the
     # trunk stage one per scale.
     init: list | None = None
-    device: str = "auto"  # auto picks CUDA, then MPS, then the CPU
+    device: str = "auto"
     config: object = None  # a RefVAEConfig for a freshly initialised model (None: the default architecture)

@@ -37,7 +37,7 @@ from .files import atomic_path
 from .losses import (PatchDiscriminator, away_from_border, detail_on_flats, discriminator_loss, feature_distance,
                      feature_stats_loss, flat_mask, generator_adversarial, kl_divergence, lr_consistency)
 from .model import FidelityTrunk, RefVAEConfig
-from .options import TrainOptions
+from .options import SAMPLE_TEMPERATURE, TrainOptions
 from .train_data import CropPool, load_training_images, pixel_batch, resized, seeded, to_tensor
 
 
@@ -246,7 +246,7 @@ class TextureStage:
         save_model(self.model, self.opt.out / "last.safetensors", step=step, stage="texture")
 
     def validate(self) -> dict:
-        """Prior samples (seeds 0 .. val_samples - 1, temperature 1) of the validation crops, as `refsr eval
+        """Prior samples (seeds 0 .. val_samples - 1, sample's temperature) of the validation crops, as `refsr eval
         --samples` measures them: mean PSNR-Y, SSIM, LPIPS, the lowest LR-PSNR and the diversity score."""
         from .checkpoint import load_backbone
         from .evaluate import diversity_score, measure
@@ -259,7 +259,7 @@ class TextureStage:
         try:
             for hr in self.val_crops:
                 lr = bicubic_resize(hr, (hr.width // self.opt.scale, hr.height // self.opt.scale))
-                zs = [upscaler.prior_z(seed, 1.0) for seed in range(self.opt.val_samples)]
+                zs = [upscaler.prior_z(seed, SAMPLE_TEMPERATURE) for seed in range(self.opt.val_samples)]
                 samples = [Image.fromarray(a) for a in upscaler.upscale(np.asarray(lr, np.float32) / 255, zs)]
                 each = [measure(s, hr, lr, self.opt.scale, lpips) for s in samples]
                 row = {k: float(np.mean([e[k] for e in each])) for k in each[0]}

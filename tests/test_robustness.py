@@ -70,7 +70,8 @@ def bad_inputs(tmp_path):
     (tmp_path / "bomb.png").write_bytes(
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
         + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
-    cases["decompression bomb"] = (tmp_path / "bomb.png", "over the 64 Mpx limit (raise it with --max-pixels)")
+    cases["decompression bomb"] = (tmp_path / "bomb.png", "over the 64 Mpx limit (upscale, sample and walk raise it "
+                                                          "with --max-pixels)")
     write_png(tmp_path / "tiny.png", 3, 3)
     cases["too small"] = (tmp_path / "tiny.png", "too small")
     return cases
@@ -408,7 +409,7 @@ def test_32_bit_and_float_tiffs_are_read_or_refused_clearly(tmp_path, checkpoint
 
 
 def test_a_signal_while_a_file_is_written_waits_until_it_is_reported():
-    from refsr_cli.batch import Terminated, on_sigterm, signals_held
+    from refsr_cli.report import Terminated, on_sigterm, signals_held
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, even when started ignored
     done = []

@@ -1,0 +1,89 @@
+"""The files a batch writes, by the naming rules: STEM_xSCALE[_SUFFIX].EXT for each variant of an input (the
+reference's stem, sSEED, walkNNN, match), _sheet, _match_map and _walk for the sidecars; and the rules that decide,
+before anything is written, which of them are written: never an input, never two outputs of one name, an existing
+file kept unless --overwrite (skipped with --skip-existing), an animation only of frames this run verified."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RefsrError
+from .images import IMAGE_SUFFIXES, output_format
+from .provenance import read_provenance
+
+
+def plan_outputs(out: Path, fmt: str | None):
+    """(folder, single output file or None, extension) from -o and --format."""
+    if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
+        output_format(out)
+        return out.parent, out, out.suffix
+    return out, None, "." + (fmt or "png")
+
+
+@dataclass
+class Output:
+    """One file an input gives, and whether it is to be written."""
+    path: Path
+    kind: str  # "image", "sheet", "map" or "animation"
+    variant: object = None  # the batch.Variant of an image
+    todo: bool = True
+
+
+def check_names(plan, named) -> None:
+    """Refuse a run two of whose outputs would take one name (`a.png` with `--ref x2_b.png` and `a_x2.png` with
+    `--ref b.png` both give a_x2_x2_b.png): found before anything is written, so that no output replaces another."""
+    seen = {}
+    for lr_path, stem in named:
+        for output in output_names(plan, stem):
+            if output.path in seen:
+                raise RefsrError(f"{output.path} would be written twice, for {seen[output.path]} and for {lr_path}: "
+                                 "rename an input or a reference, or run them apart")
+            seen[output.path] = lr_path
+
+
+def output_names(plan, stem: str) -> list:
+    """Every file the input of `stem` gives, by the naming rules alone."""
+    opt = plan.opt
+    base = plan.folder / f"{stem}_x{opt.scale}"
+    if opt.sheet:
+        outputs = [Output(plan.single or Path(f"{base}_sheet{plan.ext}"), "sheet")]
+    else:
+        outputs = [Output(plan.single or Path(f"{base}{'_' + v.suffix if v.suffix else ''}{plan.ext}"), "image", v)
+                   for v in plan.variants]
+    if opt.match_map:
+        outputs.append(Output(Path(f"{base}_match_map.png"), "map"))
+    if opt.animate:
+        outputs.append(Output(Path(f"{base}_walk.{opt.animate}"), "animation"))
+    return outputs
+
+
+def outputs_of(plan, stem: str) -> list:
+    """Every file the input of `stem` gives, under the output rules (see the module's docstring)."""
+    opt = plan.opt
+    outputs = output_names(plan, stem)
+    for output in outputs:
+        if output.path.resolve() in plan.passed_in:
+            raise RefsrError(f"{output.path} is an input of this run; refsr never overwrites its inputs")
+        if output.path.exists():
+            if opt.skip_existing:
+                output.todo = False
+            elif not opt.overwrite:
+                raise RefsrError(f"{output.path} exists (use --overwrite to replace, or --skip-existing)")
+    return outputs
+
+
+def check_kept_frames(outputs: list, record: dict) -> None:
+    """An animation is made only of frames this run writes or has verified: a frame --skip-existing keeps must be
+    this very frame (its provenance is what this run would record), not another walk's (other seeds or references,
+    other weights) nor a file of the user's that took a frame's name."""
+    for output in outputs:
+        if output.kind != "image" or output.todo:
+            continue
+        expected = json.loads(json.dumps(record | output.variant.fields))  # as it reads back: lists, not tuples
+        try:
+            kept = read_provenance(output.path)
+        except (OSError, ValueError, SyntaxError):
+            kept = None
+        if kept != expected:
+            raise RefsrError(f"{output.path}: kept by --skip-existing, but not frame {output.variant.fields['frame']} "
+                             "of this walk (another run's, or not refsr's); the animation is made only of this "
+                             "walk's frames: move it away, or --overwrite")
