@@ -26,7 +26,7 @@ from PIL import Image
 
 from memory import run_measured  # bench/memory.py, next to this script
 from refsr_cli.evaluate import protocol_pair
-from refsr_cli.engine import load_upscaler  # noqa: E402
+from refsr_cli.engine import Upscaler  # noqa: E402
 from refsr_cli.options import EngineOptions
 from refsr_cli.match import correspond, prepare_reference
 
@@ -36,7 +36,7 @@ def timing(photo: Image.Image, repeats: int = 3) -> dict:
     hr, ref = protocol_pair(crop, "warp", 0)
     lr = np.asarray(hr.resize((128, 128), Image.BICUBIC), dtype=np.float32) / 255
     reference = prepare_reference(np.asarray(ref, dtype=np.float32) / 255, 8)
-    upscaler = load_upscaler(None, 8, EngineOptions(device="cpu"))
+    upscaler = Upscaler.from_weights(None, 8, EngineOptions(device="cpu"))
     lr_t = torch.from_numpy(lr).permute(2, 0, 1)[None]
     match_s, total_s = [], []
     for _ in range(repeats):

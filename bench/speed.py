@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from refsr_cli.checkpoint import load_checkpoint, resolve_weights  # noqa: E402
+from refsr_cli.checkpoint import load_weights  # noqa: E402
 from refsr_cli.images import write_picture  # noqa: E402
 from refsr_cli.engine import Upscaler, back_project  # noqa: E402
 from paper_graph import PaperRefVAE  # noqa: E402
@@ -125,7 +125,7 @@ def graph_table(args, device, ours: Upscaler, paper: Upscaler):
 
 
 def load_graphs(weights, device):
-    ours = Upscaler(load_checkpoint(resolve_weights(weights, 8), 8), device)
+    ours = Upscaler(load_weights(weights, 8).model, device)
     paper = Upscaler(PaperRefVAE(), device)
     return ours, paper
 

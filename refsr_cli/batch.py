@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .device import launcher_shard
-from .engine import Latent, Latents, load_upscaler, walk_latent
+from .engine import Latent, Latents, Upscaler, walk_latent
 from .errors import RefsrError
 from .files import AppearedMeanwhile, sha256_of
 from .images import (expand_inputs, read_picture, read_rgb, software_tag, unique_stems, write_animation,
@@ -123,7 +123,7 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     planned = len(lr_paths) * (images + opt.match_map + bool(opt.animate))
     if single is not None and planned > 1:
         raise RefsrError(f"-o {opt.out} names one file, but this run writes {planned}; give a folder")
-    upscaler = load_upscaler(opt.weights, opt.scale, opt, report.warn)
+    upscaler = Upscaler.from_weights(opt.weights, opt.scale, opt, report.warn)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -473,7 +473,7 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
     from .errors import RefsrError
     from .evaluate import STATS_MIN_SIDE, check_hr_folder, evaluate as run_eval, published_rows
     from .images import expand_inputs, read_rgb, source_images
-    from .engine import Latents, load_upscaler
+    from .engine import Latents, Upscaler
     scale = int(scale)
     try:
         # Everything that can be refused is refused before the weights are loaded and any image measured.
@@ -493,7 +493,7 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
                 raise RefsrError(f"--json {json_path}: {folder} is not a folder that can be written to")
             if json_path.resolve() in {p.resolve() for p in paths + ref_paths}:
                 raise RefsrError(f"--json {json_path} is an input of this run; refsr never overwrites its inputs")
-        upscaler = load_upscaler(weights, scale, engine_settings(engine))
+        upscaler = Upscaler.from_weights(weights, scale, engine_settings(engine))
         if json_path is not None and json_path.resolve() == upscaler.weights_path.resolve():
             raise RefsrError(f"--json {json_path} is the weights of this run; refsr never overwrites its inputs")
         latents = Latents(upscaler, texture, strength)

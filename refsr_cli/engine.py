@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .analogy import TEXTURE_BANK, Matcher, Texture, TexturePlan, load_bank
-from .checkpoint import load_checkpoint, read_metadata, resolve_weights
+from .checkpoint import load_weights
 from .errors import RefsrError
 from .match import Transfer
 from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
@@ -82,7 +82,8 @@ class Upscaler:
     LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # grayscale in, grayscale out (ITU-R 601)
 
     def __init__(self, model: RefVAE, device, *, tile: int = EngineOptions.tile, tile_pad: int = EngineOptions.tile_pad,
-                 consistency_steps: int = EngineOptions.consistency_steps, half: bool = EngineOptions.half, warn=None):
+                 consistency_steps: int = EngineOptions.consistency_steps, half: bool = EngineOptions.half,
+                 weights_path=None, texture_trained: bool = True, warn=None):
         self.warn = warn or (lambda message: print(f"refsr: warning: {message}", file=sys.stderr))
         self.device = torch.device(device)
         self.dtype = torch.float16 if half else torch.float32
@@ -91,22 +92,32 @@ class Upscaler:
         self.model = model.to(self.device, self.dtype).to(memory_format=torch.channels_last).eval()
         self.scale = model.config.scale
         self.tile, self.tile_pad, self.consistency_steps = tile, tile_pad, consistency_steps
-        self.texture_trained = True
-        self.weights_path = None  # the checkpoint file, when loaded from one (for the outputs' provenance)
+        self.weights_path = weights_path  # the checkpoint file, when loaded from one (for the outputs' provenance)
+        self.texture_trained = texture_trained  # checkpoint.texture_trained: whether z and references matter
         self._bank = None  # texture_bank()
 
     @classmethod
-    def from_pretrained(cls, weights: str | None = None, scale: int = 8, **options) -> "Upscaler":
-        """The Python API's way in: the engine for `weights` (a .safetensors file, a Hub reference
-        OWNER/REPO[@REV][:FILE], or None: the shipped weights of `scale`), EngineOptions fields as keywords.
+    def from_weights(cls, weights=None, scale: int | None = 8, options: EngineOptions | None = None,
+                     warn=None) -> "Upscaler":
+        """The engine for `weights` (a .safetensors file, a Hub reference OWNER/REPO[@REV][:FILE], or None: the
+        shipped weights of `scale`) on the device and with the tiles, back-projection and precision of `options`:
+        what the commands use, and the Python API's way in.
 
-            up = Upscaler.from_pretrained(scale=8)
+            up = Upscaler.from_weights(scale=8)
             lr = np.asarray(Image.open("photo.png").convert("RGB"), np.float32) / 255
             bank = up.reference_bank(np.asarray(Image.open("painting.jpg").convert("RGB"), np.float32) / 255)
             faithful, painted, sample = up.upscale(lr, [None, Texture(bank, strength=0.5),
                                                         Texture(up.texture_bank(), seed=3, temperature=1.0)])
         """
-        return load_upscaler(weights, scale, EngineOptions(**options))
+        from .device import pick_device
+        options = options or EngineOptions()
+        device = pick_device(options.device)
+        if options.half and device.type == "cpu":
+            raise RefsrError("--half needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
+        loaded = load_weights(weights, scale)
+        return cls(loaded.model, device, tile=options.tile, tile_pad=options.tile_pad,
+                   consistency_steps=options.consistency_steps, half=options.half, weights_path=loaded.path,
+                   texture_trained=loaded.texture_trained, warn=warn)
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         """HxWxC array -> (1, C, H, W) tensor, channels-last (the HWC memory as it is)."""
@@ -293,22 +304,6 @@ class Latents:
         if self.texture == "learned":
             return self.upscaler.reference_z(source, temperature, seed)
         return Texture(source, seed, temperature, self.strength)
-
-
-def load_upscaler(weights: str | None, scale: int, options: EngineOptions, warn=None) -> Upscaler:
-    """The engine for --weights (a file, a Hub reference, or None: the shipped weights of `scale`) on the device
-    and with the tiles, back-projection and precision of `options`."""
-    from .device import pick_device
-    device = pick_device(options.device)
-    if options.half and device.type == "cpu":
-        raise RefsrError("--half needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
-    path = resolve_weights(weights, scale)
-    upscaler = Upscaler(load_checkpoint(path, scale), device, tile=options.tile, tile_pad=options.tile_pad,
-                        consistency_steps=options.consistency_steps, half=options.half, warn=warn)
-    upscaler.weights_path = path
-    # A checkpoint of `refsr train --stage trunk` has a texture branch at its initial state.
-    upscaler.texture_trained = read_metadata(path).get("stage") != "trunk"
-    return upscaler
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -1,16 +1,108 @@
-"""`refsr push`: checkpoints to a Hugging Face Hub model repository, with a model card, in one commit.
+"""Everything Hugging Face Hub: downloads of `--weights owner/repo[@revision][:filename]` into the Hub's cache
+(failing fast, in one line, when the Hub cannot be reached), and `refsr push`: checkpoints to a model repository,
+with a model card, in one commit.
 
 Each checkpoint goes up under the name `--weights owner/repo` looks for (refsr-x{scale}.safetensors), so what was
-pushed loads back with `refsr upscale photo.png --weights owner/repo --scale S`. Downloads are in checkpoint.py.
+pushed loads back with `refsr upscale photo.png --weights owner/repo --scale S`. huggingface_hub is imported only
+when a Hub reference is used: `refsr upscale` of a local file never pays for it.
 """
+import importlib
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import (HUB_REF, HUB_TIMEOUT, check_finite, default_filename, http_client_errors, import_hub,
-                         read_config, read_metadata, read_weights)
+from .checkpoint import default_filename, load_weights, texture_trained
 from .errors import RefsrError
 from .files import sha256_of
+
+HUB_REF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?::(?P<filename>[\w./-]+))?$")
+
+
+def http_client_errors() -> tuple:
+    """The base error class of the HTTP client under huggingface_hub, which is not an OSError: httpx2 for
+    huggingface_hub 2.x, httpx for 1.x (0.x used requests, whose errors are OSErrors). A connection dropped in the
+    middle of a download ends with one of these."""
+    errors = []
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+HUB_TIMEOUT = 5  # seconds the Hub has to answer where a file is (huggingface_hub's own: 10, then retries)
+
+
+@contextmanager
+def hub_fails_fast():
+    """hf_hub_download without its retries of a Hub that cannot be reached. When its request for a file's metadata
+    fails on the network (or with a 5xx) and the file is not cached, huggingface_hub 2.x asks again with a 60 s
+    timeout (file_download._ETAG_RETRY_TIMEOUT) and 5 retries backed off 1+2+4+8+8 s (utils/_http.py, http_backoff):
+    26 s before an error when the connection is refused, minutes when nobody answers. A command line is better
+    served by an error within HUB_TIMEOUT that says how to use the cache; a cached file is still returned (that
+    fallback never retried). These module globals of file_download are set for the duration of refsr's call only
+    (refsr downloads from one thread), and only those this version has: another keeps its own behaviour."""
+    from huggingface_hub import file_download
+    bounds = {"_DEFAULT_RETRY_ON_EXCEPTIONS": (), "_DEFAULT_RETRY_ON_STATUS_CODES": (),
+              "_ETAG_RETRY_TIMEOUT": HUB_TIMEOUT}
+    saved = {name: getattr(file_download, name) for name in bounds if hasattr(file_download, name)}
+    try:
+        for name in saved:
+            setattr(file_download, name, bounds[name])
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(file_download, name, value)
+
+
+def import_hub():
+    """huggingface_hub's constants, imported. It reads its HF_* environment variables on import, and a malformed one
+    (HF_ENDPOINT=http://[::1, HF_HUB_ETAG_TIMEOUT=abc) raises a ValueError there: a RefsrError instead."""
+    try:
+        from huggingface_hub import constants
+    except ValueError as e:
+        raise RefsrError(f"huggingface_hub cannot start: {e} (check the HF_* environment variables)") from None
+    return constants
+
+
+def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
+    """The file from the Hugging Face cache, downloaded there if needed; an error within seconds when the Hub
+    cannot be reached and the file is not cached (HUB_TIMEOUT; HF_HUB_ETAG_TIMEOUT, when set, takes precedence)."""
+    constants = import_hub()
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    where = f"{repo}{'@' + revision if revision else ''}:{filename}"
+    try:
+        with hub_fails_fast():
+            return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision, etag_timeout=HUB_TIMEOUT))
+    except RevisionNotFoundError:
+        raise RefsrError(f"{where}: no such revision on the Hub") from None
+    except LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base: "not cached", not "not on the Hub"
+        if constants.HF_HUB_OFFLINE:
+            raise RefsrError(f"{where}: offline mode (HF_HUB_OFFLINE=1) is on and the file is not in the local "
+                             "cache; download it once online first") from None
+        # The cause, when huggingface_hub kept it: "[Errno 111] Connection refused", "timed out", an HTTP status.
+        cause = (str(e.__cause__).strip().splitlines() or [type(e.__cause__).__name__])[0] if e.__cause__ else ""
+        if "Timeout" in type(e.__cause__).__name__:  # ConnectTimeout, ReadTimeout: a slow network may need longer
+            cause += f"; HF_HUB_ETAG_TIMEOUT=SECONDS waits longer than {HUB_TIMEOUT} s"
+        raise RefsrError(f"{where}: the Hub cannot be reached{f' ({cause})' if cause else ''} and the file is not in "
+                         "the local cache (once downloaded, it works offline with HF_HUB_OFFLINE=1)") from None
+    except EntryNotFoundError:
+        raise RefsrError(f"{where}: no such file in that Hub repository") from None
+    except RepositoryNotFoundError:
+        raise RefsrError(f"{where}: no such Hub repository (or it is private)") from None
+    except (OSError, *http_client_errors()) as e:
+        # The first line only: huggingface_hub's HTTP errors add lines of URL and request details.
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RefsrError(f"{where}: download failed ({reason}); set HF_HUB_OFFLINE=1 to use the cache only") from None
+    except ValueError as e:  # HFValidationError: a name the Hub forbids, e.g. owner/re..po or a ../ file
+        raise RefsrError(f"{where}: not a valid Hub reference ({e})") from None
+
+
+# --- push -----------------------------------------------------------------------------------------------------
 
 PUSH_TIMEOUT = 60  # seconds a push waits for the Hub to answer a request (connecting: HUB_TIMEOUT)
 
@@ -61,8 +153,8 @@ def model_card(repo: str, checkpoints: list, revision: str | None = None, licens
              "is a safetensors checkpoint whose metadata holds the model config that rebuilds it.", "",
              "| file | scale | what it holds | steps | sha256 |", "| --- | --- | --- | --- | --- |"]
     for path, name, config, meta in checkpoints:
-        texture = ("fidelity trunk (texture branch untrained)" if meta.get("stage") == "trunk"
-                   else "fidelity trunk and texture branch")
+        texture = ("fidelity trunk and texture branch" if texture_trained(meta)
+                   else "fidelity trunk (texture branch untrained)")
         lines.append(f"| `{name}` | x{config.scale} | {texture} | {meta.get('step', 'n/a')} | "
                      f"`{sha256_of(path)}` |")
     where = f"{repo}@{revision}" if revision else repo
@@ -70,8 +162,8 @@ def model_card(repo: str, checkpoints: list, revision: str | None = None, licens
     for _, name, config, _ in checkpoints:
         suffix = "" if name == default_filename(config.scale) else f":{name}"
         lines.append(f"refsr upscale photo.png --scale {config.scale} --weights {where}{suffix} -o out/")
-    lines += ["```", "", "or in Python:", "", "```python", "from refsr_cli.checkpoint import load_model",
-              f"model = load_model(\"{where}\", scale={checkpoints[0][2].scale})", "```", "",
+    lines += ["```", "", "or in Python:", "", "```python", "from refsr_cli.engine import Upscaler",
+              f"upscaler = Upscaler.from_weights(\"{where}\", scale={checkpoints[0][2].scale})", "```", "",
               "## Config", ""]
     for _, name, config, _ in checkpoints:
         lines += [f"`{name}`:", "", "```json", json.dumps(json.loads(config.to_json()), indent=1), "```", ""]
@@ -107,13 +199,14 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
             raise RefsrError(f"{path}: is a folder, not a checkpoint")
         if not path.is_file():
             raise RefsrError(f"{path}: no such file")
-        config = read_config(path)  # refuses anything that is not a refsr checkpoint
-        check_finite(read_weights(path), path)  # weights that give black images are not published
+        # Refuses what is not a refsr checkpoint, what does not load, and weights that give black images.
+        weights = load_weights(path)
+        config = weights.model.config
         name = default_filename(config.scale)
         if name in names:
             raise RefsrError(f"{path} and {names[name]} are both x{config.scale} checkpoints; push one per scale")
         names[name] = path
-        checkpoints.append((path, name, config, read_metadata(path)))
+        checkpoints.append((path, name, config, weights.metadata))
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for path, name, _, _ in checkpoints]
     if card:
         operations.append(CommitOperationAdd(path_in_repo="README.md",

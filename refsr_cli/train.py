@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import (build_model, load_checkpoint, load_training_state, not_finite, read_metadata,
-                         resolve_weights, save_model, save_training_state)
+from .checkpoint import (atomic_save, build_model, load_weights, not_finite, read_metadata, read_weights, save_model,
+                         stored_config)
 from .device import environment_int, launcher, pick_device
 from .errors import RefsrError
 from .files import atomic_path
@@ -318,11 +318,10 @@ def texture_model(opt: TrainOptions, state: dict | None):
     if opt.init is None and opt.config is not None:
         torch.manual_seed(opt.seed)
         return build_model(replace(opt.config, scale=opt.scale))
-    path = opt.init[0] if opt.init else resolve_weights(None, opt.scale)
-    model = load_checkpoint(path, opt.scale)
-    if read_metadata(path).get("stage") == "trunk":
-        return fresh_texture_branch(model, opt)
-    return with_noise_gate(model)
+    weights = load_weights(opt.init[0] if opt.init else None, opt.scale)
+    if not weights.texture_trained:
+        return fresh_texture_branch(weights.model, opt)
+    return with_noise_gate(weights.model)
 
 
 def with_noise_gate(model):
@@ -352,7 +351,7 @@ def init_trunk(trunk: FidelityTrunk, config: RefVAEConfig, paths) -> None:
     them (they must agree), each one's tail; a scale with no checkpoint starts its tail as bicubic."""
     body = None
     for path in paths:
-        model = load_checkpoint(path)
+        model = load_weights(path).model
         if trunk_architecture(model.config) != trunk_architecture(config):
             raise RefsrError(f"--init {path}: not a trunk checkpoint of this architecture "
                              f"({trunk_architecture(config)})")
@@ -576,3 +575,64 @@ def open_log(path: Path, step: int, resumed: bool):
         with atomic_path(path) as tmp:
             Path(tmp).write_text("".join(r + "\n" for r in rows))
     return open(path, "a")
+
+
+# --- training states: what `refsr train --resume` continues from ------------------------------------------------
+
+STATE_FORMAT = "refsr-training-state-2"
+
+
+def _optimizer_tensors(prefix: str, optimizer) -> dict:
+    return {f"{prefix}.{i}.{k}": v for i, st in optimizer.state_dict()["state"].items() for k, v in st.items()
+            if torch.is_tensor(v)}
+
+
+def _optimizer_state(tensors: dict, prefix: str, param_groups: list) -> dict:
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            i, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(i), {})[name] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def save_training_state(path, stage, step: int, optimizer, scaler, recipe: dict, disc=None,
+                        disc_optimizer=None) -> None:
+    """The trained module of a training stage, its optimizer, the loss scaler and the step (and the
+    discriminator) in one file, so that they can never be from different steps."""
+    tensors = {f"module.{k}": v for k, v in stage.trained_state().items()}
+    tensors.update(_optimizer_tensors("optimizer", optimizer))
+    meta = {"format": STATE_FORMAT, "stage": stage.name, "step": str(step), "config": stage.config.to_json(),
+            "param_groups": json.dumps(optimizer.state_dict()["param_groups"]),
+            "scaler": json.dumps(scaler.state_dict()), "recipe": json.dumps(recipe)}
+    if disc is not None:
+        tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
+        tensors.update(_optimizer_tensors("disc_optimizer", disc_optimizer))
+        meta["disc_param_groups"] = json.dumps(disc_optimizer.state_dict()["param_groups"])
+    atomic_save(tensors, path, meta)
+
+
+def load_training_state(path, recipe: dict) -> dict:
+    """What save_training_state wrote: {meta, config, step, module, optimizer, scaler[, disc, disc_optimizer]};
+    refused unless it was written by a run of the same `recipe`."""
+    meta = read_metadata(path)
+    if meta.get("format") != STATE_FORMAT:
+        raise RefsrError(f"--resume: {path} is not a training state this refsr reads")
+    try:
+        trained_with = json.loads(meta["recipe"])
+        if trained_with != recipe:
+            changed = sorted(k for k in recipe if trained_with.get(k) != recipe[k])
+            raise RefsrError(f"--resume: {path} was trained with {trained_with}; resume with the same options "
+                             f"({', '.join(changed)} differ)")
+        tensors = read_weights(path)
+        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {"meta": meta, "config": stored_config(meta, path), "step": int(meta["step"]),
+                 "module": part("module."), "scaler": json.loads(meta["scaler"]),
+                 "optimizer": _optimizer_state(tensors, "optimizer", json.loads(meta["param_groups"]))}
+        if "disc_param_groups" in meta:
+            state["disc"] = part("disc.")
+            state["disc_optimizer"] = _optimizer_state(tensors, "disc_optimizer",
+                                                       json.loads(meta["disc_param_groups"]))
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise RefsrError(f"--resume: {path} is a damaged training state ({type(e).__name__}: {e})") from None
+    return state

@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from refsr_cli.checkpoint import load_checkpoint, read_metadata, resolve_weights  # noqa: E402
+from refsr_cli.checkpoint import load_weights  # noqa: E402
 from refsr_cli.images import read_rgb  # noqa: E402
 from refsr_cli.engine import Upscaler  # noqa: E402
 from refsr_cli.metrics import psnr  # noqa: E402
@@ -35,8 +35,9 @@ from refsr_cli.train import fresh_texture_branch, train  # noqa: E402
 
 def load(path, scale: int):
     """The checkpoint's model; with an untrained texture branch, today's branch with fixed random weights."""
-    model = load_checkpoint(path, scale)
-    if read_metadata(path).get("stage") == "trunk":
+    weights = load_weights(path, scale)
+    model = weights.model
+    if not weights.texture_trained:
         model = fresh_texture_branch(model, TrainOptions(data=[], out=Path("."), scale=scale))
         generator = torch.Generator().manual_seed(0)
         for parameter in (model.to_rgb.weight, model.z_to_style.weight, *model.noise_strength):
@@ -76,7 +77,7 @@ def main() -> int:
 
     lr = read_rgb(ROOT / "examples" / "seeding-lr.png")[:args.size, :args.size]
     ref = read_rgb(ROOT / "examples" / "painting.jpg")
-    path = resolve_weights(None, args.scale)
+    path = None  # the shipped weights of --scale
     cpu = Upscaler(load(path, args.scale), "cpu", tile=1024)
     expected = run(cpu, lr, lambda u: u.reference_z(ref))
     results = []

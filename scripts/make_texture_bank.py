@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refsr_cli.analogy import TEXTURE_BANK, bank_tensors, sharp_pair  # noqa: E402
-from refsr_cli.engine import load_upscaler  # noqa: E402
+from refsr_cli.engine import Upscaler  # noqa: E402
 from refsr_cli.files import atomic_path  # noqa: E402
 from refsr_cli.options import EngineOptions  # noqa: E402
 from refsr_cli.sheet import busiest_window  # noqa: E402
@@ -51,7 +51,7 @@ def main():
                            "(CC-BY-4.0, CC-BY-SA-3.0/4.0, CC0-1.0); authors in each package's copyright file"}
     args.out.mkdir(parents=True, exist_ok=True)
     for scale in (2, 4, 8):
-        upscaler = load_upscaler(None, scale, EngineOptions(device="cpu"))
+        upscaler = Upscaler.from_weights(None, scale, EngineOptions(device="cpu"))
         tensors = bank_tensors([sharp_pair(crop, scale, upscaler.faithful) for _, crop in sources], scale)
         path = args.out / TEXTURE_BANK.format(scale=scale)
         with atomic_path(path) as tmp:

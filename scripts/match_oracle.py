@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from refsr_cli.evaluate import as_tensor, protocol_images  # noqa: E402
 from refsr_cli.images import list_images  # noqa: E402
 from refsr_cli.options import EngineOptions  # noqa: E402
-from refsr_cli.engine import back_project, load_upscaler  # noqa: E402
+from refsr_cli.engine import Upscaler, back_project  # noqa: E402
 from refsr_cli.match import correspond, prepare_reference  # noqa: E402
 from refsr_cli.metrics import psnr_y, to_float  # noqa: E402
 
@@ -55,7 +55,7 @@ def main():
     s = args.scale
     # The package's back-projection and tiles; docs/eval/match/oracle-*.json were measured with 2 rounds, the default
     # then, and 24 pixels of tile context.
-    up = load_upscaler(args.weights, s, EngineOptions(device="cpu"))
+    up = Upscaler.from_weights(args.weights, s, EngineOptions(device="cpu"))
     paths = list_images(args.hr_dir)
     rows = []
     for index, path in enumerate(paths):

@@ -18,7 +18,7 @@ from refsr_cli.errors import RefsrError  # noqa: E402
 from refsr_cli.files import atomic_path  # noqa: E402
 from refsr_cli.images import expand_inputs, read_rgb  # noqa: E402
 from refsr_cli.options import MAX_STRENGTH, MAX_TEMPERATURE, TEXTURES, BatchOptions, EngineOptions  # noqa: E402
-from refsr_cli.engine import Latents, load_upscaler  # noqa: E402
+from refsr_cli.engine import Latents, Upscaler  # noqa: E402
 from refsr_cli.metrics import bicubic_resize, modcrop  # noqa: E402
 from refsr_cli.sheet import contact_sheet, sheet_window  # noqa: E402
 
@@ -47,7 +47,7 @@ def main():
         parser.error(f"-o {args.out}: give an image file name (.png, .jpg, ...)")
     if args.out.resolve() in {p.resolve() for p in [*args.images, *gallery]}:
         parser.error(f"-o {args.out} is an input of this run; it is never overwritten")
-    up = load_upscaler(args.weights, args.scale, EngineOptions(device="cpu"))
+    up = Upscaler.from_weights(args.weights, args.scale, EngineOptions(device="cpu"))
     latents = Latents(up, args.texture, args.strength)
     ref_zs = [latents.draw(latents.reference(read_rgb(p), str(p)), 0, 0.0) for p in refs]
     rows = []

@@ -8,8 +8,9 @@ from PIL import Image
 
 from conftest import one_error_line, smooth_image, tiny_model, write_png
 from refsr_cli import analogy
-from refsr_cli.analogy import PATCH, STRIDE, Matcher, Texture, TexturePlan, bank_part, make_bank, paste
+from refsr_cli.analogy import STRIDE, Matcher, Texture, bank_part, make_bank, paste
 from refsr_cli.engine import Upscaler
+from refsr_cli.options import EngineOptions
 from test_cli import pngs, run
 
 
@@ -242,7 +243,7 @@ def test_the_shipped_bank_holds_every_scale_within_its_budget():
 def test_the_python_api_gives_what_the_commands_give(tmp_path, checkpoint):
     lr = write_png(tmp_path / "photo.png", 24, 20)
     ref = write_reference(tmp_path / "paint.png", textured_image(96, 96, seed=11))
-    up = Upscaler.from_pretrained(str(checkpoint), scale=2, device="cpu")
+    up = Upscaler.from_weights(str(checkpoint), 2, EngineOptions(device="cpu"))
     image = np.asarray(Image.open(lr).convert("RGB"), np.float32) / 255
     bank = up.reference_bank(np.asarray(Image.open(ref).convert("RGB"), np.float32) / 255)
     painted, sample = up.upscale(image, [Texture(bank, strength=0.5), Texture(up.texture_bank(), seed=3,

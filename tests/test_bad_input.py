@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from conftest import one_error_line, tiny_model, write_png
-from refsr_cli.checkpoint import load_checkpoint, read_metadata, save_model
+from refsr_cli.checkpoint import load_weights, read_metadata, save_model
 from refsr_cli.cli import main
 from test_cli import run
 from test_data_loss import photos
@@ -43,7 +43,7 @@ def test_a_step_that_diverges_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     with pytest.raises(RefsrError, match="^step 2: .*last checkpoint is kept"):
         train.fit(trunk_options((photos(tmp_path / "photos"), None), out, scales=(2,), steps=4, save_every=1))
     assert read_metadata(out / "x2.safetensors")["step"] == "1"
-    load_checkpoint(out / "x2.safetensors")  # finite, and loads
+    load_weights(out / "x2.safetensors").model  # finite, and loads
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
@@ -233,7 +233,7 @@ def test_a_full_disk_during_train_is_one_line_and_keeps_the_last_checkpoint(tmp_
     assert sorted(p.name for p in run_folder.iterdir()) == ["last.safetensors", "last.state.safetensors",
                                                             "log.jsonl"]
     assert read_metadata(run_folder / "last.state.safetensors")["step"] == "1"
-    load_checkpoint(run_folder / "last.safetensors")
+    load_weights(run_folder / "last.safetensors").model
 
 
 def test_a_full_disk_while_logging_is_one_line(tmp_path, checkpoint, monkeypatch):

@@ -174,9 +174,9 @@ def test_help_does_not_import_torch():
 
 
 def test_trunk_stage_weights_warn_that_samples_add_nothing(tmp_path, checkpoint):
-    from refsr_cli.checkpoint import load_checkpoint, save_model
+    from refsr_cli.checkpoint import load_weights, save_model
     trunk_only = tmp_path / "trunk-x2.safetensors"
-    save_model(load_checkpoint(checkpoint), trunk_only, stage="trunk")
+    save_model(load_weights(checkpoint).model, trunk_only, stage="trunk")
     lr = write_png(tmp_path / "photo.png")
     for weights, texture, warned in ((trunk_only, "learned", True), (checkpoint, "learned", False),
                                      (trunk_only, "analogy", False)):  # the analogy uses no texture branch

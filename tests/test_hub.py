@@ -19,7 +19,7 @@ from hub_server import FakeHub
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import file_download as hf_file_download
 from huggingface_hub.utils import _http as hf_http
-from refsr_cli.checkpoint import build_model, load_checkpoint, load_model, resolve_weights, save_model
+from refsr_cli.checkpoint import build_model, load_weights, resolve_weights, save_model
 from refsr_cli.cli import main
 from refsr_cli.errors import RefsrError
 from refsr_cli.model import RefVAEConfig
@@ -137,7 +137,7 @@ def closed_port_url():
 
 
 def assert_same_tensors(path, served_bytes):
-    loaded = load_checkpoint(path, 2).trainable_state_dict()
+    loaded = load_weights(path, 2).model.trainable_state_dict()
     served = load_safetensors_bytes(served_bytes)
     assert sorted(loaded) == sorted(served)
     for name, tensor in served.items():
@@ -348,15 +348,15 @@ def test_push_creates_the_repo_and_what_it_pushed_loads_back(hub, tmp_path, monk
     # One commit for all three files: the new head of main is the commit the command printed.
     assert result.stdout.strip().endswith(hub.commit("me/upscaler", "main"))
     assert_same_tensors(resolve_weights("me/upscaler", 2), checkpoints[0])
-    model = load_model("me/upscaler", scale=4)
-    reference = load_checkpoint(x4, 4)
+    model = load_weights("me/upscaler", scale=4).model
+    reference = load_weights(x4, 4).model
     for name, tensor in reference.trainable_state_dict().items():
         assert torch.equal(model.trainable_state_dict()[name], tensor)
 
 
 def test_a_hub_reference_without_a_file_needs_a_scale(hub):
     with pytest.raises(RefsrError, match="name the scale"):
-        load_model(REPO)
+        load_weights(REPO)
     assert hub.count() == 0
 
 

@@ -1,5 +1,4 @@
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -7,7 +6,7 @@ import pytest
 import torch
 
 from conftest import decode_reference, tiny_config, tiny_model
-from refsr_cli.checkpoint import build_model, load_checkpoint, read_config, save_model
+from refsr_cli.checkpoint import build_model, load_weights, read_config, save_model
 from refsr_cli.errors import RefsrError
 from refsr_cli.model import RefVAE, RefVAEConfig, tile_periodic
 
@@ -50,7 +49,7 @@ def test_condition_map_is_periodic_and_anchored():
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_model(4)
     save_model(model, tmp_path / "m.safetensors", step=7)
-    loaded = load_checkpoint(tmp_path / "m.safetensors", scale=4)
+    loaded = load_weights(tmp_path / "m.safetensors", scale=4).model
     assert loaded.config == model.config
     for key, value in model.trainable_state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -61,7 +60,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_other_scale_is_refused(checkpoint):
     assert read_config(checkpoint).scale == 2
     with pytest.raises(RefsrError, match="x2 checkpoint, but --scale 8"):
-        load_checkpoint(checkpoint, scale=8)
+        load_weights(checkpoint, scale=8).model
 
 
 def test_other_architecture_is_refused(tmp_path):
@@ -71,11 +70,11 @@ def test_other_architecture_is_refused(tmp_path):
     save_file(model.trainable_state_dict(), tmp_path / "wide.safetensors",
               metadata={"format": "refsr-refvae", "config": config})
     with pytest.raises(RefsrError, match="do not match its config"):
-        load_checkpoint(tmp_path / "wide.safetensors", scale=2)
+        load_weights(tmp_path / "wide.safetensors", scale=2).model
     save_file(model.trainable_state_dict(), tmp_path / "arch.safetensors",
               metadata={"format": "refsr-refvae", "config": config.replace('"trunk"', '"unet"')})
     with pytest.raises(RefsrError, match="unknown architecture"):
-        load_checkpoint(tmp_path / "arch.safetensors", scale=2)
+        load_weights(tmp_path / "arch.safetensors", scale=2).model
 
 
 def test_config_from_another_version_is_refused():
@@ -92,11 +91,11 @@ def test_pickle_and_foreign_files_are_refused(tmp_path):
     pickled = tmp_path / "model.safetensors"
     pickled.write_bytes(pickle.dumps({"weight": [1, 2, 3]}))
     with pytest.raises(RefsrError, match="not a readable safetensors"):
-        load_checkpoint(pickled)
+        load_weights(pickled).model
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, tmp_path / "foreign.safetensors")
     with pytest.raises(RefsrError, match="not a refsr checkpoint"):
-        load_checkpoint(tmp_path / "foreign.safetensors")
+        load_weights(tmp_path / "foreign.safetensors").model
 
 
 @pytest.mark.parametrize("arch, release", [("lean", "83cac99"), ("paper", "bench/paper_graph.py")])
@@ -105,7 +104,7 @@ def test_checkpoints_of_retired_architectures_say_what_reads_them(arch, release,
     config = tiny_config(2).to_json().replace('"trunk"', f'"{arch}"')
     save_file({"x": torch.zeros(2)}, tmp_path / "old.safetensors", metadata={"format": "refsr-refvae", "config": config})
     with pytest.raises(RefsrError, match=release) as error:
-        load_checkpoint(tmp_path / "old.safetensors")
+        load_weights(tmp_path / "old.safetensors").model
     assert "\n" not in str(error.value)
 
 

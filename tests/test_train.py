@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config, write_png
-from refsr_cli.checkpoint import load_checkpoint
+from refsr_cli.checkpoint import load_weights
 from refsr_cli.errors import RefsrError
 from refsr_cli.losses import away_from_border, detail_on_flats, feature_stats_loss, flat_mask, masked_stats
 from refsr_cli.model import VGG16Features
@@ -52,7 +52,7 @@ def interrupt_at(stop):
 
 
 def same_weights(a, b, atol=1e-6):
-    a, b = load_checkpoint(a).trainable_state_dict(), load_checkpoint(b).trainable_state_dict()
+    a, b = load_weights(a).model.trainable_state_dict(), load_weights(b).model.trainable_state_dict()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=atol), key
 
@@ -73,10 +73,11 @@ def test_texture_stage_keeps_the_trunk_frozen_and_makes_samples_differ(data, tmp
     train(trunk_options(data, tmp_path / "trunk", steps=4))
     trunk_ckpt = tmp_path / "trunk" / "x2.safetensors"
     texture = train(options(data, tmp_path / "texture", init=[trunk_ckpt], steps=8, modulation_lr_scale=10))
-    before, after = load_checkpoint(trunk_ckpt).trainable_state_dict(), load_checkpoint(texture).trainable_state_dict()
+    before = load_weights(trunk_ckpt).model.trainable_state_dict()
+    after = load_weights(texture).model.trainable_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("trunk."))
     assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("trunk."))
-    up = Upscaler(load_checkpoint(texture), "cpu")
+    up = Upscaler(load_weights(texture).model, "cpu")
     lr = np.random.default_rng(0).random((10, 12, 3)).astype(np.float32)
     fidelity, a, b = up.upscale(lr, [None, up.prior_z(0, 1.0), up.prior_z(1, 1.0)])
     assert np.abs(a.astype(int) - fidelity).mean() > 0 and np.abs(a.astype(int) - b).mean() > 0
@@ -136,9 +137,8 @@ def test_train_cli(data, tmp_path):
     assert result.exit_code == 0, result.output
     # Without --init, the texture stage continues the shipped weights of --scale (with today's noise gate).
     from dataclasses import replace
-    from refsr_cli.checkpoint import resolve_weights
-    model = load_checkpoint(tmp_path / "run" / "last.safetensors", scale=2)
-    assert model.config == replace(load_checkpoint(resolve_weights(None, 2)).config, noise_gate=True)
+    model = load_weights(tmp_path / "run" / "last.safetensors", scale=2).model
+    assert model.config == replace(load_weights(None, 2).model.config, noise_gate=True)
 
 
 def test_train_out_under_a_file_is_one_line(data, tmp_path):
@@ -234,7 +234,7 @@ def test_torchrun_two_cpu_processes_keep_identical_parameters(data, tmp_path):
     assert moved > 0
     rows = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert load_checkpoint(tmp_path / "run" / "last.safetensors", scale=2) is not None
+    assert load_weights(tmp_path / "run" / "last.safetensors", scale=2).model is not None
 
 
 @pytest.fixture
@@ -259,7 +259,7 @@ def test_trunk_stage_trains_every_scale_and_writes_a_checkpoint_per_scale(one_ph
     rows = [json.loads(r) for r in (tmp_path / "trunk" / "log.jsonl").read_text().splitlines()]
     assert [r["scale"] for r in rows[:4]] == [2, 4, 2, 4]  # the scales take turns (log_every=1: steps 1..4)
     for scale in (2, 4):
-        model = load_checkpoint(tmp_path / "trunk" / f"x{scale}.safetensors", scale)
+        model = load_weights(tmp_path / "trunk" / f"x{scale}.safetensors", scale).model
         assert list(model.trunk.tails) == [f"x{scale}"]
         hr, lr = pixel_batch(images, 4, opt.lr_patch, scale, random.Random(1))
         with torch.no_grad():
@@ -294,7 +294,7 @@ def test_texture_stage_on_an_older_trunk_checkpoint_starts_todays_texture_branch
     from refsr_cli.checkpoint import build_model, read_metadata, save_model
     from refsr_cli.train import texture_model
     train(trunk_options(data, tmp_path / "trunk", steps=2))
-    trunk = load_checkpoint(tmp_path / "trunk" / "x2.safetensors")
+    trunk = load_weights(tmp_path / "trunk" / "x2.safetensors").model
     old_model = build_model(replace(trunk.config, texture_noise=False, texture_upsample="shuffle"))
     old_model.trunk.load_state_dict(trunk.trunk.state_dict())
     old = tmp_path / "old-x2.safetensors"
@@ -302,7 +302,7 @@ def test_texture_stage_on_an_older_trunk_checkpoint_starts_todays_texture_branch
     config = json.loads(old_model.config.to_json())
     del config["texture_noise"], config["texture_upsample"]  # as written before the keys existed
     save_file(load_file(str(old)), str(old), metadata=read_metadata(old) | {"config": json.dumps(config)})
-    loaded = load_checkpoint(old)  # loads, as what it was
+    loaded = load_weights(old).model  # loads, as what it was
     assert loaded.config.texture_noise is False and loaded.config.texture_upsample == "shuffle"
     model = texture_model(options(data, tmp_path / "texture", init=[old]), None)
     assert model.config.texture_noise and model.config.texture_upsample == "bilinear"
@@ -320,7 +320,7 @@ def test_trunk_stage_continues_from_one_checkpoint_per_scale(data, tmp_path):
     fresh_x8 = {k: v.clone() for k, v in trunk.tails["x8"].state_dict().items()}
     init_trunk(trunk, config, files)
     for path in files:
-        saved = load_checkpoint(path).trunk.state_dict()
+        saved = load_weights(path).model.trunk.state_dict()
         assert all(torch.equal(v, trunk.state_dict()[k]) for k, v in saved.items())
     assert all(torch.equal(v, trunk.tails["x8"].state_dict()[k]) for k, v in fresh_x8.items())  # no x8 file
     train(trunk_options(data, tmp_path / "b", steps=4, seed=1))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from refsr_cli.checkpoint import load_backbone, load_checkpoint, resolve_weights
+from refsr_cli.checkpoint import load_backbone, load_weights
 from refsr_cli.engine import Upscaler
 from refsr_cli.metrics import LPIPSAlex, bicubic_resize, modcrop, psnr_y, to_float
 
@@ -15,7 +15,7 @@ HELD_IN = Path(__file__).resolve().parents[2] / "shared" / "data" / "train_hr" /
 
 @pytest.mark.parametrize("scale", [8, 4, 2])
 def test_shipped_weights_load_by_default(scale):
-    model = load_checkpoint(resolve_weights(None, scale), scale)
+    model = load_weights(None, scale).model
     assert model.config.scale == scale
 
 
@@ -25,7 +25,7 @@ def test_shipped_weights_beat_bicubic_on_a_held_in_image(scale):
     with Image.open(HELD_IN) as im:
         hr = modcrop(im.convert("RGB").crop((96, 32, 96 + 256, 32 + 256)), scale)
     lr = bicubic_resize(hr, (hr.width // scale, hr.height // scale))
-    up = Upscaler(load_checkpoint(resolve_weights(None, scale), scale), "cpu")
+    up = Upscaler(load_weights(None, scale).model, "cpu")
     # The fidelity output (T = 0) and one prior sample (T = 1).
     outputs = up.upscale(np.asarray(lr, dtype=np.float32) / 255, [None, up.prior_z(0, temperature=1.0)])
     bicubic, hr = to_float(bicubic_resize(lr, hr.size)), to_float(hr)
