@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from refsr_cli import train as training  # noqa: E402
+from refsr_cli import stages  # noqa: E402
 from refsr_cli.options import TrainOptions  # noqa: E402
 
 
@@ -42,8 +42,7 @@ def time_steps(stage, steps: int, warmup: int):
     optimizer = torch.optim.Adam(stage.parameter_groups(), lr=1e-5)
 
     def step(i):
-        losses, _ = stage.losses(i)
-        loss = sum(v for k, v in losses.items() if k != "scale")
+        loss = sum(stage.losses(i).terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -88,7 +87,7 @@ def main():
             variants = list(texture_variants(opt, args.compile))
         for name, variant, channels_last, compiled in variants:
             torch.manual_seed(0)
-            stage = (training.TrunkStage if args.stage == "trunk" else training.TextureStage)(
+            stage = (stages.TrunkStage if args.stage == "trunk" else stages.TextureStage)(
                 variant, torch.device("cpu"), 0, None)
             layout = torch.channels_last if channels_last else torch.contiguous_format
             if args.stage == "texture":

@@ -30,15 +30,15 @@ from refsr_cli.images import read_rgb  # noqa: E402
 from refsr_cli.engine import Upscaler  # noqa: E402
 from refsr_cli.metrics import psnr  # noqa: E402
 from refsr_cli.options import TrainOptions  # noqa: E402
-from refsr_cli.train import fresh_texture_branch, train  # noqa: E402
+from refsr_cli.stages import migrated  # noqa: E402
+from refsr_cli.train import train  # noqa: E402
 
 
-def load(path, scale: int):
-    """The checkpoint's model; with an untrained texture branch, today's branch with fixed random weights."""
-    weights = load_weights(path, scale)
-    model = weights.model
+def load(scale: int):
+    """The shipped model of `scale`; with an untrained texture branch, today's branch with fixed random weights."""
+    weights = load_weights(None, scale)
+    model = migrated(weights, TrainOptions(data=[], out=Path("."), scale=scale))
     if not weights.texture_trained:
-        model = fresh_texture_branch(model, TrainOptions(data=[], out=Path("."), scale=scale))
         generator = torch.Generator().manual_seed(0)
         for parameter in (model.to_rgb.weight, model.z_to_style.weight, *model.noise_strength):
             parameter.data.normal_(0, 0.05, generator=generator)
@@ -77,8 +77,7 @@ def main() -> int:
 
     lr = read_rgb(ROOT / "examples" / "seeding-lr.png")[:args.size, :args.size]
     ref = read_rgb(ROOT / "examples" / "painting.jpg")
-    path = None  # the shipped weights of --scale
-    cpu = Upscaler(load(path, args.scale), "cpu", tile=1024)
+    cpu = Upscaler(load(args.scale), "cpu", tile=1024)
     expected = run(cpu, lr, lambda u: u.reference_z(ref))
     results = []
     change = np.abs(expected[1].astype(int) - expected[0]).mean()
@@ -87,7 +86,7 @@ def main() -> int:
     for name in devices:
         device = torch.device(name)
         started = time.perf_counter()
-        whole = Upscaler(load(path, args.scale), device, tile=1024)
+        whole = Upscaler(load(args.scale), device, tile=1024)
         got = run(whole, lr, lambda u: u.reference_z(ref))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -96,13 +95,13 @@ def main() -> int:
             diff = int(np.abs(a.astype(int) - b).max())
             check(results, f"{name} {label} vs cpu", diff <= 3, f"max difference {diff} grey levels ({seconds:.2f} s "
                   "for all three, model load included)")
-        tiled = Upscaler(load(path, args.scale), device, tile=args.size // 2, tile_pad=8)
+        tiled = Upscaler(load(args.scale), device, tile=args.size // 2, tile_pad=8)
         for label, a, b in zip(("fidelity", "prior sample", "reference"), run(tiled, lr, lambda u: u.reference_z(ref)),
                                got):
             diff = int(np.abs(a.astype(int) - b).max())
             check(results, f"{name} {label} tiled vs untiled", diff <= 2, f"max difference {diff} grey levels")
         if device.type != "cpu":
-            half = Upscaler(load(path, args.scale), device, half=True, tile=1024)
+            half = Upscaler(load(args.scale), device, half=True, tile=1024)
             for label, a, b in zip(("fidelity", "prior sample", "reference"),
                                    run(half, lr, lambda u: u.reference_z(ref)), expected):
                 value = psnr(a / 255.0, b / 255.0)
@@ -117,7 +116,7 @@ def main() -> int:
                 losses = []
                 options = TrainOptions(data=[data], refs=[data], out=Path(tmp) / stage, stage=stage, scale=args.scale, scales=(args.scale,),
                                        steps=args.train_steps, batch=2, lr_patch=16, log_every=1, imle_samples=4,
-                                       pool_size=4, perceptual_crop=64, init=None if stage == "trunk" else [path],
+                                       pool_size=4, perceptual_crop=64, init=None,
                                        device=str(device))
                 try:
                     train(options, progress=lambda step, steps, l, rate: losses.append(float(l["l1"])))

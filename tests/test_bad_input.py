@@ -200,13 +200,13 @@ def test_train_sizes_that_cannot_fit_are_refused_up_front(tmp_path, checkpoint, 
 
 
 def test_running_out_of_memory_in_train_is_one_line(tmp_path, checkpoint, monkeypatch):
-    from refsr_cli import train
+    from refsr_cli.stages import TextureStage
 
     def exhausted(self, step):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
                            "tried to allocate 47244640256 bytes")
 
-    monkeypatch.setattr(train.TextureStage, "losses", exhausted)
+    monkeypatch.setattr(TextureStage, "losses", exhausted)
     result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2))
     assert result.exit_code == 2
     one_error_line(result, "out of memory", "--batch")

@@ -88,7 +88,7 @@ def test_imle_trains_the_sample_nearest_the_hr_crop(data, tmp_path):
     the feature distance, recomputed here one latent at a time."""
     import random
     from refsr_cli.losses import feature_distance
-    from refsr_cli.train import TextureStage
+    from refsr_cli.stages import TextureStage
     stage = TextureStage(options(data, tmp_path / "run"), torch.device("cpu"), 0, None)
     model = stage.model
     for strength in model.noise_strength:  # make the latents matter in this untrained branch
@@ -292,7 +292,7 @@ def test_texture_stage_on_an_older_trunk_checkpoint_starts_todays_texture_branch
     from dataclasses import replace
     from safetensors.torch import load_file, save_file
     from refsr_cli.checkpoint import build_model, read_metadata, save_model
-    from refsr_cli.train import texture_model
+    from refsr_cli.stages import texture_model
     train(trunk_options(data, tmp_path / "trunk", steps=2))
     trunk = load_weights(tmp_path / "trunk" / "x2.safetensors").model
     old_model = build_model(replace(trunk.config, texture_noise=False, texture_upsample="shuffle"))
@@ -311,7 +311,7 @@ def test_texture_stage_on_an_older_trunk_checkpoint_starts_todays_texture_branch
 
 def test_trunk_stage_continues_from_one_checkpoint_per_scale(data, tmp_path):
     from refsr_cli.model import FidelityTrunk
-    from refsr_cli.train import init_trunk
+    from refsr_cli.stages import init_trunk
     opt = trunk_options(data, tmp_path / "a", steps=4)
     train(opt)
     files = [tmp_path / "a" / f"x{s}.safetensors" for s in (2, 4)]
@@ -331,7 +331,8 @@ def test_trunk_stage_continues_from_one_checkpoint_per_scale(data, tmp_path):
 def test_modulation_parameters_learn_at_their_own_rate(data, tmp_path):
     """--modulation-lr-scale moves the noise strengths and z modulation (and only them) off the base rate, all the
     way down the cosine schedule."""
-    from refsr_cli.train import TextureStage, set_learning_rate
+    from refsr_cli.stages import TextureStage
+    from refsr_cli.train import set_learning_rate
     opt = options(data, tmp_path / "run", learning_rate=1e-3, modulation_lr_scale=10.0, steps=10)
     stage = TextureStage(opt, torch.device("cpu"), 0, None)
     optimizer = torch.optim.Adam(stage.parameter_groups(), lr=opt.learning_rate)
@@ -349,10 +350,12 @@ def test_modulation_parameters_learn_at_their_own_rate(data, tmp_path):
 def test_a_checkpoint_without_the_noise_gate_continues_with_one_computing_the_same():
     from dataclasses import replace
     from conftest import tiny_model
+    from refsr_cli.checkpoint import Weights
     from refsr_cli.engine import Upscaler
-    from refsr_cli.train import with_noise_gate
+    from refsr_cli.options import TrainOptions
+    from refsr_cli.stages import migrated
     old = tiny_model(2, noise_gate=False)
-    extended = with_noise_gate(old)
+    extended = migrated(Weights(old, None, {"stage": "texture"}), TrainOptions(data=[], scale=2))
     assert extended.config == replace(old.config, noise_gate=True)
     lr = np.random.default_rng(0).random((10, 12, 3)).astype(np.float32)
     a, b = Upscaler(old, "cpu"), Upscaler(extended.eval(), "cpu")
