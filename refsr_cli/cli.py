@@ -9,7 +9,7 @@ import click
 
 from .options import (DEVICES, MAX_CONSISTENCY_STEPS, MAX_IMLE_SAMPLES, MAX_STRENGTH, MAX_TEMPERATURE, MIN_TILE,
                       SAMPLE_TEMPERATURE, SAMPLES, SCALES, TEXTURES, WALK_FRAMES, BatchOptions, EngineOptions,
-                      TrainOptions)
+                      EvalOptions, TrainOptions)
 
 SCALE_CHOICE = click.Choice([str(s) for s in SCALES])
 MAX_SEED = 2 ** 63 - 1  # torch's generators take a 64-bit seed; refsr's seeds are the non-negative int64s
@@ -457,8 +457,7 @@ def push(files, repo, revision, private, message, no_card, license_id):
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the rows and means (and the images that failed) to this JSON file.")
 @engine_options
-def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperature, refs, num_refs,
-             match_protocol, texture, strength, baseline, json_path, **engine):
+def evaluate(baseline, json_path, scale, **options):
     """Measure a checkpoint on the HR images of HR_DIR against bicubic (PSNR/SSIM on Y, LPIPS, LR-PSNR;
     diversity with --samples, reference influence with --ref, content-similar references with
     --match-protocol).
@@ -466,101 +465,75 @@ def evaluate(hr_dir, scale, weights, temperature, seed, samples, sample_temperat
     An image that cannot be measured (unreadable, too small) is reported on stderr and left out; the table and
     --json hold the others. Exit code 0: all measured; 1: some images failed; 2: nothing could start (bad flag,
     weights, reference, an HR_DIR without images) or no image could be measured."""
+    from dataclasses import asdict
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from .errors import RefsrError
-    from .evaluate import STATS_MIN_SIDE, check_hr_folder, evaluate as run_eval, published_rows
-    from .images import expand_inputs, read_rgb, source_images
-    from .engine import Latents, Upscaler
-    scale = int(scale)
+    from .evaluate import plan_evaluation
+    engine = engine_settings(options)
+    opt = EvalOptions(scale=int(scale), baseline=baseline == "bicubic", json=json_path, **asdict(engine), **options)
     try:
-        # Everything that can be refused is refused before the weights are loaded and any image measured.
-        paths = source_images(hr_dir)
-        check_hr_folder(hr_dir, paths, match_protocol)
-        ref_paths = expand_inputs(refs) if refs else []
-        if num_refs is not None:
-            if num_refs > len(ref_paths):
-                raise RefsrError(f"--num-refs {num_refs}: --ref gives {len(ref_paths)} image(s)" if refs
-                                 else "--num-refs needs --ref")
-            ref_paths = [ref_paths[i * len(ref_paths) // num_refs] for i in range(num_refs)]
-        if json_path is not None:
-            if json_path.is_dir():
-                raise RefsrError(f"--json {json_path}: is a folder; give a file name")
-            folder = json_path.parent
-            if not folder.is_dir() or not os.access(folder, os.W_OK):
-                raise RefsrError(f"--json {json_path}: {folder} is not a folder that can be written to")
-            if json_path.resolve() in {p.resolve() for p in paths + ref_paths}:
-                raise RefsrError(f"--json {json_path} is an input of this run; refsr never overwrites its inputs")
-        upscaler = Upscaler.from_weights(weights, scale, engine_settings(engine))
-        if json_path is not None and json_path.resolve() == upscaler.weights_path.resolve():
-            raise RefsrError(f"--json {json_path} is the weights of this run; refsr never overwrites its inputs")
-        latents = Latents(upscaler, texture, strength)
-        references = []
-        for path in ref_paths:
-            try:
-                image = read_rgb(path)
-            except RefsrError as e:
-                raise RefsrError(f"reference {e}") from None
-            if len(ref_paths) >= 2 and min(image.shape[:2]) < STATS_MIN_SIDE:
-                raise RefsrError(f"reference {path}: too small for the reference influence (at least "
-                                 f"{STATS_MIN_SIDE} pixels on each side)")
-            references.append((latents.draw(latents.reference(image, str(path)), seed, 0.0), image))
-        z = latents.prior(seed, temperature)
-        sample_zs = [latents.prior(seed + i, sample_temperature) for i in range(samples)]
+        evaluation = plan_evaluation(opt)
         err = Console(stderr=True)
         # No bar into a file or pipe (it left a blank line there).
         with Progress(TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True, disable=not err.is_terminal) as bar:
-            task = bar.add_task("eval", total=len(paths))
+            task = bar.add_task("eval", total=len(evaluation.paths))
             # An image that fails is reported as it happens (above the bar, one line whatever the width).
             report = lambda message: bar.console.print(f"refsr: error: {message}", markup=False, emoji=False,
                                                        highlight=False, soft_wrap=True)
-            result = run_eval(hr_dir, upscaler, scale, z, sample_zs, references, baseline == "bicubic",
-                              on_image=lambda name: bar.advance(task), match_protocol=match_protocol,
-                              on_error=report,
-                              reference_latent=lambda image: latents.draw(latents.reference(image, "its reference"),
-                                                                          seed, 0.0))
+            result = evaluation.run(on_image=lambda name: bar.advance(task), on_error=report)
     except RefsrError as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
     if not result["rows"]:
-        fail(f"no image of {hr_dir} could be measured")
-    table = Table(title=f"x{scale} on {hr_dir}")
-    columns = [("PSNR-Y", "psnr", ".2f"), ("SSIM-Y", "ssim", ".4f"), ("LPIPS", "lpips", ".4f"), ("LPIPS-vgg", "lpips_vgg", ".4f"),
-               ("LR-PSNR", "lr_psnr", ".2f"), ("diversity", "diversity", ".2f"), ("influence", "influence", ".2f"),
-               ("infl. AlexNet", "influence_alex", ".2f"),
+        fail(f"no image of {opt.hr_dir} could be measured")
+    print_evaluation(opt, evaluation.ref_paths, result)
+    if opt.json is not None:
+        from .evaluate import published_rows
+        from .files import atomic_path
+        text = json.dumps({"scale": opt.scale, "weights": opt.weights, "texture": opt.texture,
+                           "strength": opt.strength, "temperature": opt.temperature, "seed": opt.seed,
+                           "samples": opt.samples, "sample_temperature": opt.sample_temperature,
+                           "references": [str(p) for p in evaluation.ref_paths], "match_protocol": opt.match_protocol,
+                           **result, "published": published_rows(opt.hr_dir, opt.scale)}, indent=1)
+        try:
+            with atomic_path(opt.json) as tmp:
+                Path(tmp).write_text(text)
+        except OSError as e:
+            fail(f"{opt.json}: cannot write ({e.strerror or e})", 1)
+    sys.exit(1 if result["failed"] else 0)
+
+
+def print_evaluation(opt, ref_paths: list, result: dict) -> None:
+    """eval's table of rows and means (and the published rows of the benchmark set), then what they say."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import published_rows
+    table = Table(title=f"x{opt.scale} on {opt.hr_dir}")
+    columns = [("PSNR-Y", "psnr", ".2f"), ("SSIM-Y", "ssim", ".4f"), ("LPIPS", "lpips", ".4f"),
+               ("LPIPS-vgg", "lpips_vgg", ".4f"), ("LR-PSNR", "lr_psnr", ".2f"), ("diversity", "diversity", ".2f"),
+               ("influence", "influence", ".2f"), ("infl. AlexNet", "influence_alex", ".2f"),
                ("confidence", "confidence", ".2f"), ("match s", "seconds", ".1f")]
     rows = result["rows"] + [{"image": "mean", "method": m, **v} for m, v in result["means"].items()]
-    rows += published_rows(hr_dir, scale)
+    rows += published_rows(opt.hr_dir, opt.scale)
     columns = [c for c in columns if any(c[1] in r for r in rows)]
     for title in ["image", "method"] + [c[0] for c in columns]:
         table.add_column(title, justify="left" if title in ("image", "method") else "right")
     for r in rows:
         table.add_row(r["image"], r["method"], *(format(r[k], f) if k in r else "" for _, k, f in columns))
     Console(width=None if sys.stdout.isatty() else 160).print(table)  # a file or pipe gets whole columns
-    if match_protocol is not None:
+    if opt.match_protocol is not None:
         fidelity = result["means"]["refsr"]
         for method, how in (("match", "--match"), ("protocol reference", "--ref without --match")):
             got = result["means"][method]
-            click.echo(f"{how} ({match_protocol}) against the output without a reference: PSNR-Y "
+            click.echo(f"{how} ({opt.match_protocol}) against the output without a reference: PSNR-Y "
                        f"{got['psnr'] - fidelity['psnr']:+.2f} dB, LPIPS {got['lpips'] - fidelity['lpips']:+.4f} "
                        f"({100 * (got['lpips'] / fidelity['lpips'] - 1):+.1f} %)")
     if len(ref_paths) >= 2:
         click.echo(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}; by VGG16 "
                    "feature statistics (what training's style term matches) and by AlexNet's (which no loss sees)")
-    if json_path is not None:
-        from .files import atomic_path
-        text = json.dumps({"scale": scale, "weights": weights, "texture": texture, "strength": strength,
-                           "temperature": temperature, "seed": seed,
-                           "samples": samples, "sample_temperature": sample_temperature,
-                           "references": [str(p) for p in ref_paths], "match_protocol": match_protocol, **result,
-                           "published": published_rows(hr_dir, scale)}, indent=1)
-        try:
-            with atomic_path(json_path) as tmp:
-                Path(tmp).write_text(text)
-        except OSError as e:
-            fail(f"{json_path}: cannot write ({e.strerror or e})", 1)
-    sys.exit(1 if result["failed"] else 0)

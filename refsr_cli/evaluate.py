@@ -7,7 +7,9 @@ Besides the one z of the main "refsr" rows, each LR image can be decoded
 - for N prior samples: their mean measures, the lowest LR-PSNR among them, and the NTIRE 2021 diversity score;
 - for K references: their mean measures, the lowest LR-PSNR, and the reference influence (below).
 """
+import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,11 +17,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import load_backbone
+from .engine import Latents, Upscaler
 from .errors import RefsrError
-from .images import IMAGE_SUFFIXES, MIN_SIDE, read_rgb, source_images
+from .images import IMAGE_SUFFIXES, MIN_SIDE, expand_inputs, read_rgb, source_images
 from .match import correspond, prepare_reference
 from .metrics import LPIPSVGG, LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
 from .model import VGG16Features
+from .options import EvalOptions
 
 STATS_SIDE = 512  # images are compared by feature statistics at (at most) the size of the reference gallery
 STATS_MIN_SIDE = 16  # VGG16's three max-pools before relu4_1 leave 2x2 of this: a standard deviation to take
@@ -114,97 +118,157 @@ def check_hr_folder(hr_dir, paths: list, match_protocol: str | None = None) -> N
                          f"it needs at least two images, and {hr_dir} has one")
 
 
-def evaluate(hr_dir, upscaler, scale: int, z, sample_zs=(), references=(), baseline: bool = True,
-             on_image=None, match_protocol: str | None = None, on_error=None, reference_latent=None) -> dict:
-    """Rows of {image, method, psnr, ssim, lpips, lr_psnr[, diversity | influence | confidence]}, their means
-    per method, and the images that could not be measured ("failed": {image, error}, each error also passed to
-    `on_error` as it happens; the others are measured all the same).
+def plan_evaluation(opt: EvalOptions) -> "Evaluation":
+    """Everything that does not depend on an image, with everything that can be refused refused before the weights
+    are loaded and any image measured (RefsrError: nothing could start)."""
+    paths = source_images(opt.hr_dir)
+    check_hr_folder(opt.hr_dir, paths, opt.match_protocol)
+    ref_paths = expand_inputs(opt.refs) if opt.refs else []
+    if opt.num_refs is not None:
+        if opt.num_refs > len(ref_paths):
+            raise RefsrError(f"--num-refs {opt.num_refs}: --ref gives {len(ref_paths)} image(s)" if opt.refs
+                             else "--num-refs needs --ref")
+        ref_paths = [ref_paths[i * len(ref_paths) // opt.num_refs] for i in range(opt.num_refs)]
+    if opt.json is not None:
+        if opt.json.is_dir():
+            raise RefsrError(f"--json {opt.json}: is a folder; give a file name")
+        if not opt.json.parent.is_dir() or not os.access(opt.json.parent, os.W_OK):
+            raise RefsrError(f"--json {opt.json}: {opt.json.parent} is not a folder that can be written to")
+        if opt.json.resolve() in {p.resolve() for p in paths + ref_paths}:
+            raise RefsrError(f"--json {opt.json} is an input of this run; refsr never overwrites its inputs")
+    upscaler = Upscaler.from_weights(opt.weights, opt.scale, opt)
+    if opt.json is not None and opt.json.resolve() == upscaler.weights_path.resolve():
+        raise RefsrError(f"--json {opt.json} is the weights of this run; refsr never overwrites its inputs")
+    latents = Latents(upscaler, opt.texture, opt.strength)
+    references = []
+    for path in ref_paths:
+        try:
+            image = read_rgb(path)
+        except RefsrError as e:
+            raise RefsrError(f"reference {e}") from None
+        if len(ref_paths) >= 2 and min(image.shape[:2]) < STATS_MIN_SIDE:
+            raise RefsrError(f"reference {path}: too small for the reference influence (at least "
+                             f"{STATS_MIN_SIDE} pixels on each side)")
+        references.append((latents.draw(latents.reference(image, str(path)), opt.seed, 0.0), image))
+    return Evaluation(opt, paths, ref_paths, upscaler, latents.prior(opt.seed, opt.temperature),
+                      [latents.prior(opt.seed + i, opt.sample_temperature) for i in range(opt.samples)], references,
+                      lambda image: latents.draw(latents.reference(image, "its reference"), opt.seed, 0.0))
+
+
+class Judges:
+    """The networks that measure: LPIPS (AlexNet and VGG16), and with two or more references the feature statistics
+    of the reference influence, by VGG16 and by AlexNet."""
+
+    def __init__(self, references: list):
+        self.lpips, self.lpips_vgg = LPIPSAlex(), LPIPSVGG()
+        load_backbone(self.lpips, "lpips_alex")
+        load_backbone(self.lpips_vgg, "vgg16_relu4_1", "lpips_vgg_conv4", "lpips_vgg_conv5")
+        self.views = {}
+        if len(references) >= 2:
+            vgg = VGG16Features()
+            load_backbone(vgg, "vgg16_relu4_1")
+            # Two views of "looks like its reference": VGG16's statistics are what the texture stage's style term
+            # matches, so a second network's (AlexNet, which no loss sees) tells whether the look moved or only them.
+            self.views = {"influence": lambda x: vgg(x, all_layers=True), "influence_alex": self.lpips.features}
+        self.reference_stats = {k: [feature_stats(f, image) for _, image in references] for k, f in self.views.items()}
+
+    def measure(self, sr, hr, lr, scale: int) -> dict:
+        return measure(sr, hr, lr, scale, self.lpips, self.lpips_vgg)
+
+    def influence(self, outputs) -> dict:
+        return {k: reference_influence([feature_stats(f, to_float(o)) for o in outputs], self.reference_stats[k])
+                for k, f in self.views.items()}
+
+
+@dataclass
+class Evaluation:
+    """One `refsr eval` run, planned: rows of {image, method, psnr, ssim, lpips, lpips_vgg, lr_psnr[, diversity |
+    influence | confidence]} for each image, their means per method, and the images that could not be measured.
 
     z: the z of the "refsr" rows; sample_zs: the N zs of the "samples" rows (diversity when N >= 2); references:
-    (z, HxWx3 image) pairs of the "references" rows (influence when K >= 2); match_protocol: "match" rows, the
-    `upscale --match` output with the reference of that protocol (protocol_pair), its mean confidence and the
+    (z, HxWx3 image) pairs of the "references" rows (influence when K >= 2); with a match protocol: "match" rows,
+    the `upscale --match` output with the reference of that protocol (protocol_pair), its mean confidence and the
     seconds its matching took, and "protocol reference" rows, `upscale --ref` with that reference (no matching), as
-    `reference_latent(image)` makes its latent (default: the learned branch's mean z)."""
-    paths = source_images(hr_dir)
-    check_hr_folder(hr_dir, paths, match_protocol)
-    reference_latent = reference_latent or upscaler.reference_z  # what the protocol's reference decodes to
-    lpips, lpips_vgg = LPIPSAlex(), LPIPSVGG()
-    load_backbone(lpips, "lpips_alex")
-    load_backbone(lpips_vgg, "vgg16_relu4_1", "lpips_vgg_conv4", "lpips_vgg_conv5")
-    vgg = None
-    if len(references) >= 2:
-        vgg = VGG16Features()
-        load_backbone(vgg, "vgg16_relu4_1")
-        # Two views of "looks like its reference": VGG16's statistics are what the texture stage's style term
-        # matches, so a second network's (AlexNet, which no loss sees) tells whether the look moved or only them.
-        views = {"influence": lambda x: vgg(x, all_layers=True), "influence_alex": lpips.features}
-        reference_stats = {k: [feature_stats(f, image) for _, image in references] for k, f in views.items()}
+    `reference_latent(image)` makes its latent."""
+    opt: EvalOptions
+    paths: list
+    ref_paths: list
+    upscaler: Upscaler
+    z: object
+    sample_zs: list
+    references: list
+    reference_latent: object
 
-    def image_rows(index, path) -> list:
+    def run(self, on_image=None, on_error=None) -> dict:
+        """Every image measured; an image that fails is in "failed" ({image, error}, the error also passed to
+        `on_error` as it happens) and the others are measured all the same."""
+        judges = Judges(self.references)
+        rows, failed = [], []
+        for index, path in enumerate(self.paths):
+            error = None
+            try:
+                rows += self.image_rows(index, judges)
+            except RefsrError as e:
+                error = str(e)
+            except Exception as e:  # a bug of ours: still one line, and the other images are measured
+                reason = (str(e).strip().splitlines() or [""])[0]
+                error = f"{path}: internal error, please report it ({type(e).__name__}: {reason})"
+            if error is not None:
+                failed.append({"image": path.name, "error": error})
+                if on_error is not None:
+                    on_error(error)
+            if on_image is not None:
+                on_image(path.name)
+        return {"rows": rows, "means": method_means(rows), "failed": failed}
+
+    def image_rows(self, index: int, judges: Judges) -> list:
         """All the rows of one image (an error: none of them, so that every mean is over the same images)."""
-        rows = []
-        hr, lr, match_ref = protocol_images(paths, index, scale, match_protocol)
+        opt, path, scale = self.opt, self.paths[index], self.opt.scale
+        hr, lr, match_ref = protocol_images(self.paths, index, scale, opt.match_protocol)
         lr_array = np.asarray(lr, dtype=np.float32) / 255
-        upscale = lambda zs, transfer=None: [Image.fromarray(a) for a in upscaler.upscale(lr_array, zs,
-                                                                                          transfer=transfer)]
-        if baseline:
+        upscale = lambda zs, transfer=None: [Image.fromarray(a) for a in self.upscaler.upscale(lr_array, zs,
+                                                                                               transfer=transfer)]
+        rows = []
+        if opt.baseline:
             rows.append({"image": path.name, "method": "bicubic",
-                         **measure(bicubic_resize(lr, hr.size), hr, lr, scale, lpips, lpips_vgg)})
-        rows.append({"image": path.name, "method": "refsr",
-                     **measure(upscale([z])[0], hr, lr, scale, lpips, lpips_vgg)})
+                         **judges.measure(bicubic_resize(lr, hr.size), hr, lr, scale)})
+        rows.append({"image": path.name, "method": "refsr", **judges.measure(upscale([self.z])[0], hr, lr, scale)})
         groups = []
-        if sample_zs:
-            samples = upscale(list(sample_zs))
-            extra = {"diversity": diversity_score(samples, hr, lpips)} if len(samples) >= 2 else {}
+        if self.sample_zs:
+            samples = upscale(list(self.sample_zs))
+            extra = {"diversity": diversity_score(samples, hr, judges.lpips)} if len(samples) >= 2 else {}
             groups.append(("samples", samples, extra))
-        if references:
-            outputs = upscale([rz for rz, _ in references])
-            extra = {}
-            if vgg is not None:
-                extra = {k: reference_influence([feature_stats(f, to_float(o)) for o in outputs], reference_stats[k])
-                         for k, f in views.items()}
-            groups.append(("references", outputs, extra))
-        if match_protocol is not None:
+        if self.references:
+            outputs = upscale([rz for rz, _ in self.references])
+            groups.append(("references", outputs, judges.influence(outputs)))
+        if opt.match_protocol is not None:
             started = time.perf_counter()
-            name = (f"{path}: its reference {paths[(index + 1) % len(paths)]}" if match_protocol == "unrelated"
-                    else f"{path}: its {match_protocol} reference")  # what a "too small to match" error names
+            name = (f"{path}: its reference {self.paths[(index + 1) % len(self.paths)]}"
+                    if opt.match_protocol == "unrelated" else f"{path}: its {opt.match_protocol} reference")
             transfer = correspond(as_tensor(lr_array), [prepare_reference(to_float(match_ref), scale, name)], scale)
             extra = {"confidence": float(transfer.confidence.mean()), "seconds": time.perf_counter() - started}
             groups.append(("match", upscale([None], transfer), extra))
             # The same reference as RefVAE takes one (its mean z: the look, not the place): with the photo's other
             # half (protocol half) it should lower LPIPS against T = 0 where no placement could raise PSNR.
-            groups.append(("protocol reference", upscale([reference_latent(to_float(match_ref).astype(np.float32))]),
-                           {}))
+            latent = self.reference_latent(to_float(match_ref).astype(np.float32))
+            groups.append(("protocol reference", upscale([latent]), {}))
         for method, outputs, extra in groups:
-            each = [measure(o, hr, lr, scale, lpips, lpips_vgg) for o in outputs]
+            each = [judges.measure(o, hr, lr, scale) for o in outputs]
             mean = {k: float(np.mean([m[k] for m in each])) for k in each[0]}
             mean["lr_psnr"] = min(m["lr_psnr"] for m in each)  # "LR-PSNR of every sample": the worst one
             rows.append({"image": path.name, "method": method, **mean, **extra})
         return rows
 
-    rows, failed = [], []
-    for index, path in enumerate(paths):
-        error = None
-        try:
-            rows += image_rows(index, path)
-        except RefsrError as e:
-            error = str(e)
-        except Exception as e:  # a bug of ours: still one line, and the other images are measured
-            reason = (str(e).strip().splitlines() or [""])[0]
-            error = f"{path}: internal error, please report it ({type(e).__name__}: {reason})"
-        if error is not None:
-            failed.append({"image": path.name, "error": error})
-            if on_error is not None:
-                on_error(error)
-        if on_image is not None:
-            on_image(path.name)
+
+def method_means(rows: list) -> dict:
+    """The mean of each measure per method (the lowest LR-PSNR, for the methods of several outputs an image)."""
     means = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         means[method] = {k: float(np.mean([r[k] for r in mine])) for k in mine[0] if k not in ("image", "method")}
         if method != "refsr" and method != "bicubic":
             means[method]["lr_psnr"] = min(r["lr_psnr"] for r in mine)
-    return {"rows": rows, "means": means, "failed": failed}
+    return means
 
 
 # --- content-similar references (`--match`): the protocols of docs/evaluation.md ------------------------------------

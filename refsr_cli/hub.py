@@ -178,40 +178,13 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
     import_hub()
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-    from huggingface_hub.utils import validate_repo_id
-
-    match = HUB_REF.match(repo)
-    if match is None or match["revision"] or match["filename"]:
-        raise RefsrError(f"{repo}: not a Hub repository name (owner/name)")
-    try:
-        validate_repo_id(repo)  # the Hub's own rules (no "..", no ".git" ending...), checked without a request
-    except ValueError as e:
-        raise RefsrError(f"{repo}: not a Hub repository name ({(str(e).strip().splitlines() or [''])[0]})") from None
-    if revision is not None:
-        # A branch that `--weights OWNER/REPO@BRANCH` could not name would hold weights nothing loads.
-        named = HUB_REF.match(f"{repo}@{revision}")
-        if named is None or named["revision"] != revision:
-            raise RefsrError(f"--revision {revision!r}: not a branch name --weights {repo}@BRANCH can load "
-                             "(letters, digits, _ . / -)")
-    checkpoints, names = [], {}
-    for path in map(Path, files):
-        if path.is_dir():
-            raise RefsrError(f"{path}: is a folder, not a checkpoint")
-        if not path.is_file():
-            raise RefsrError(f"{path}: no such file")
-        # Refuses what is not a refsr checkpoint, what does not load, and weights that give black images.
-        weights = load_weights(path)
-        config = weights.model.config
-        name = default_filename(config.scale)
-        if name in names:
-            raise RefsrError(f"{path} and {names[name]} are both x{config.scale} checkpoints; push one per scale")
-        names[name] = path
-        checkpoints.append((path, name, config, weights.metadata))
+    check_destination(repo, revision)
+    checkpoints = checkpoints_to_push(files)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for path, name, _, _ in checkpoints]
     if card:
         operations.append(CommitOperationAdd(path_in_repo="README.md",
                                              path_or_fileobj=model_card(repo, checkpoints, revision, license).encode()))
-    api = HfApi()
+    api, names = HfApi(), sorted(name for _, name, _, _ in checkpoints)
     where = f"{repo}{'@' + revision if revision else ''}"
     try:
         with bounded_requests():
@@ -219,7 +192,7 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
             if revision:
                 api.create_branch(repo, branch=revision, exist_ok=True)
             info = api.create_commit(repo, operations, revision=revision,
-                                     commit_message=message or f"refsr push: {', '.join(sorted(names))}")
+                                     commit_message=message or f"refsr push: {', '.join(names)}")
     except RevisionNotFoundError:
         raise UploadFailed(f"{where}: no such branch on the Hub") from None
     except RepositoryNotFoundError:
@@ -234,3 +207,40 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UploadFailed(f"{where}: upload failed ({reason})") from None
     return info.commit_url
+
+
+def check_destination(repo: str, revision: str | None) -> None:
+    """Refuse, without a request, a repository name the Hub would refuse and a branch --weights could not name."""
+    from huggingface_hub.utils import validate_repo_id
+    match = HUB_REF.match(repo)
+    if match is None or match["revision"] or match["filename"]:
+        raise RefsrError(f"{repo}: not a Hub repository name (owner/name)")
+    try:
+        validate_repo_id(repo)  # the Hub's own rules (no "..", no ".git" ending...), checked without a request
+    except ValueError as e:
+        raise RefsrError(f"{repo}: not a Hub repository name ({(str(e).strip().splitlines() or [''])[0]})") from None
+    if revision is not None:
+        # A branch that `--weights OWNER/REPO@BRANCH` could not name would hold weights nothing loads.
+        named = HUB_REF.match(f"{repo}@{revision}")
+        if named is None or named["revision"] != revision:
+            raise RefsrError(f"--revision {revision!r}: not a branch name --weights {repo}@BRANCH can load "
+                             "(letters, digits, _ . / -)")
+
+
+def checkpoints_to_push(files: list) -> list:
+    """(path, name in the repository, config, metadata) of each file, refused unless it loads as a refsr checkpoint
+    (a config, weights that fit it, all finite) and is the only one of its scale."""
+    checkpoints, names = [], {}
+    for path in map(Path, files):
+        if path.is_dir():
+            raise RefsrError(f"{path}: is a folder, not a checkpoint")
+        if not path.is_file():
+            raise RefsrError(f"{path}: no such file")
+        weights = load_weights(path)
+        config = weights.model.config
+        name = default_filename(config.scale)
+        if name in names:
+            raise RefsrError(f"{path} and {names[name]} are both x{config.scale} checkpoints; push one per scale")
+        names[name] = path
+        checkpoints.append((path, name, config, weights.metadata))
+    return checkpoints

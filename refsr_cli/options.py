@@ -116,3 +116,22 @@ class TrainOptions:
     init: list | None = None
     device: str = "auto"
     config: object = None  # a RefVAEConfig for a freshly initialised model (None: the default architecture)
+
+
+@dataclass
+class EvalOptions(EngineOptions):
+    """`refsr eval`: which checkpoint is measured on which HR images, and what besides its main rows."""
+    hr_dir: Path = Path(".")
+    scale: int = BatchOptions.scale
+    weights: str | None = None
+    temperature: float = BatchOptions.temperature  # the z of the main "refsr" rows
+    seed: int = BatchOptions.seed
+    samples: int = 0  # prior samples per image (seeds seed, seed + 1, ...): their means and the diversity score
+    sample_temperature: float = SAMPLE_TEMPERATURE
+    refs: tuple = ()  # references (files, folders, globs): their means and, from two, the influence score
+    num_refs: int | None = None  # K of the references, evenly spaced in sorted order (None: all)
+    match_protocol: str | None = None  # "warp", "half" or "unrelated": also measure upscale --match
+    texture: str = BatchOptions.texture
+    strength: float = BatchOptions.strength
+    baseline: bool = True  # bicubic rows
+    json: Path | None = None  # also write the rows and means there
