@@ -30,6 +30,7 @@ from .report import Reporter, Terminated, on_sigterm, signals_held
 from .sheet import contact_sheet, sheet_window
 
 OUTPUTS_BUDGET = 1 << 30  # bytes of finished outputs held at once; more latents are decoded in several passes
+MAX_SHEET_TILES = 100  # a sheet's tiles are held until it is written: 100 of 256 px are 20 Mpx
 
 
 @dataclass
@@ -131,7 +132,8 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     record = {"refsr": software_tag(), "command": command, "scale": opt.scale, "temperature": opt.temperature,
               "weights": opt.weights or "shipped", "weights_sha256": sha256_of(upscaler.weights_path),
               "tile": opt.tile, "tile_pad": opt.tile_pad, "consistency_steps": opt.consistency_steps,
-              "texture": opt.texture, "strength": opt.strength}
+              "texture": opt.texture, "strength": opt.strength,
+              "format": {"jpeg": "jpg", "tif": "tiff"}.get(ext[1:].lower(), ext[1:].lower())}
     plan = Plan(opt, command, upscaler, folder, single, ext, [], record=record,
                 passed_in={p.resolve() for p in lr_paths + ref_paths + [upscaler.weights_path]})
     latents = Latents(upscaler, opt.texture, opt.strength)
@@ -146,6 +148,9 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
         if len(plan.variants) != 2:
             raise RefsrError(f"a walk goes between two seeds or two references, not {len(plan.variants)}")
         plan.variants = walk_variants(plan.variants, opt.walk, from_prior=seeds is not None)
+    if opt.sheet and len(plan.variants) > MAX_SHEET_TILES:
+        raise RefsrError(f"--sheet: a contact sheet holds at most {MAX_SHEET_TILES} tiles (each 256 px at 100 %), "
+                         f"and this run gives {len(plan.variants)}; write the images, or fewer")
     if (opt.texture == "learned" and not upscaler.texture_trained
             and (any(v.latent is not None for v in plan.variants) or opt.temperature > 0)):
         report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "
@@ -162,6 +167,7 @@ def check_flags(opt: BatchOptions, refs, seeds) -> None:
                          "(no --temperature)")
     if opt.animate and opt.sheet:
         raise RefsrError("--animate animates the frames, which --sheet does not write: choose one")
+
     if opt.match_map and opt.sheet:
         raise RefsrError("--match-map writes the map beside the images, which --sheet does not write: choose one")
     if opt.walk is not None and seeds is not None and opt.temperature == 0:

@@ -31,8 +31,10 @@ def default_filename(scale: int) -> str:
 
 
 def not_finite(tensors: dict) -> str | None:
-    """The name of the first floating-point tensor holding a nan or an inf, or None: weights that give black images."""
-    return next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    """The name of the first floating-point tensor holding a nan or an inf, or None: weights that give black images.
+    Checked as float32, what the network computes in: a float64 1e300 is an inf there."""
+    return next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v.float()).all()),
+                None)
 
 
 def check_finite(tensors: dict, path) -> None:

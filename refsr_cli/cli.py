@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from .options import (DEVICES, MAX_CONSISTENCY_STEPS, MAX_IMLE_SAMPLES, MAX_STRENGTH, MAX_TEMPERATURE, MIN_TILE,
+from .options import (DEVICES, MAX_CONSISTENCY_STEPS, MAX_COPIES, MAX_IMLE_SAMPLES, MAX_MEASURED_SAMPLES,
+                      MAX_SAMPLES, MAX_SEED, MAX_STRENGTH, MAX_TEMPERATURE, MAX_WALK_FRAMES, MIN_TILE, OUTPUT_FORMATS,
                       SAMPLE_TEMPERATURE, SAMPLES, SCALES, TEXTURES, WALK_FRAMES, BatchOptions, EngineOptions,
                       EvalOptions, TrainOptions)
 
 SCALE_CHOICE = click.Choice([str(s) for s in SCALES])
-MAX_SEED = 2 ** 63 - 1  # torch's generators take a 64-bit seed; refsr's seeds are the non-negative int64s
 SEEDS = click.IntRange(0, MAX_SEED)
 
 
@@ -61,12 +61,12 @@ def parse_scales(value: str) -> tuple:
 def parse_shard(value: str | None):
     if value is None:
         return None
-    try:
-        k, n = (int(v) for v in value.split("/"))
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give K/N, as in 0/4") from None
-    if not 0 <= k < n:
-        raise click.BadParameter(f"{value!r}: K must be at least 0 and below N")
+    import re
+    if not re.fullmatch(r"[0-9]+/[0-9]+", value):  # ASCII digits: int() also reads other scripts' digits
+        raise click.BadParameter(f"{value!r}: give K/N, as in 0/4")
+    k, n = (int(v) for v in value.split("/"))
+    if not 0 <= k < n <= MAX_COPIES:
+        raise click.BadParameter(f"{value!r}: K must be at least 0 and below N, and N at most {MAX_COPIES}")
     return k, n
 
 
@@ -136,7 +136,7 @@ def common_inference_options(f):
         click.option("-o", "--out", type=click.Path(path_type=Path), default=BATCH.out, show_default=True,
                      help="Output folder (created if missing), or a file name (its extension sets the format) "
                           "when the run writes one image."),
-        click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp", "tiff"]), default=None,
+        click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None,
                      help="Format of files written into a folder. [default: png]"),
         click.option("--max-pixels", type=click.IntRange(min=1), default=BATCH.max_pixels, show_default=True,
                      help="Refuse input images with more pixels than this (decompression bombs), before decoding."),
@@ -196,7 +196,7 @@ def upscale(inputs, refs, seed, match, match_map, **options):
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
-@click.option("-n", "--n", "count", type=click.IntRange(1, 10_000), default=SAMPLES, show_default=True,
+@click.option("-n", "--n", "count", type=click.IntRange(1, MAX_SAMPLES), default=SAMPLES, show_default=True,
               help="Number of samples per image.")
 @click.option("--seed", type=SEEDS, default=BATCH.seed, show_default=True,
               help="Sample i uses seed SEED+i, so --n 1 --seed 3 reproduces the fourth of --n 10 --seed 0.")
@@ -281,12 +281,13 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
               help="HR pixels a side seen by the feature distance and the discriminator (cost control).")
 @click.option("--pool-size", type=click.IntRange(min=1), default=TRAIN.pool_size, show_default=True,
               help="Texture stage: crops held in memory with the frozen trunk's outputs.")
-@click.option("--crop-uses", type=click.IntRange(min=1), default=TRAIN.crop_uses, show_default=True,
+@click.option("--crop-uses", type=click.IntRange(1, 1_000_000), default=TRAIN.crop_uses, show_default=True,
               help="Texture stage: batches each pooled crop serves, on average, before it is replaced.")
 @click.option("--val", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Folder of HR images measured during training (centre crops).")
 @click.option("--val-every", type=click.IntRange(min=1), default=TRAIN.val_every, show_default=True)
-@click.option("--val-samples", type=click.IntRange(min=1), default=TRAIN.val_samples, show_default=True,
+@click.option("--val-samples", type=click.IntRange(1, MAX_MEASURED_SAMPLES), default=TRAIN.val_samples,
+              show_default=True,
               help="Texture stage: prior samples per validation image (mean measures; diversity from 2).")
 @click.option("--save-every", type=click.IntRange(min=1), default=TRAIN.save_every, show_default=True)
 @click.option("--log-every", type=click.IntRange(min=1), default=TRAIN.log_every, show_default=True)
@@ -340,8 +341,10 @@ def train(quiet, **options):
         fail("out of GPU memory; lower --batch or --lr-patch (the last checkpoint is kept)")
     except RuntimeError as e:
         if "can't allocate memory" not in str(e):  # the CPU allocator's words; anything else is a bug of ours
-            raise
+            fail(f"internal error, please report it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)
         fail("out of memory; lower --batch, --lr-patch or --pool-size (the last checkpoint is kept)")
+    except Exception as e:  # a bug of ours: still one line
+        fail(f"internal error, please report it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)
     if not quiet:
         click.echo(f"wrote {last}")
 
@@ -350,7 +353,7 @@ def train(quiet, **options):
 @click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
 @click.option("--ref", "refs", multiple=True, metavar="IMAGE", help="The two references to walk between.")
 @click.option("--seed", "seeds", multiple=True, type=SEEDS, help="The two prior seeds to walk between.")
-@click.option("--steps", type=click.IntRange(2, 1000), default=WALK_FRAMES, show_default=True,
+@click.option("--steps", type=click.IntRange(2, MAX_WALK_FRAMES), default=WALK_FRAMES, show_default=True,
               help="Frames, both ends included.")
 @click.option("--animate", type=click.Choice(["webp", "gif"]), default=None,
               help="Also write the frames as one looping animation.")
@@ -439,7 +442,7 @@ def push(files, repo, revision, private, message, no_card, license_id):
 @click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=BATCH.temperature, show_default=True,
               help="z of the main refsr rows: the prior's mean (0) or a sample at this temperature.")
 @click.option("--seed", type=SEEDS, default=BATCH.seed, show_default=True)
-@click.option("--samples", type=click.IntRange(min=0, max=100), default=0, show_default=True,
+@click.option("--samples", type=click.IntRange(0, MAX_MEASURED_SAMPLES), default=0, show_default=True,
               help="Also decode N prior samples per image (seeds --seed..): their mean measures, their lowest "
                    "LR-PSNR and the NTIRE 2021 diversity score.")
 @click.option("--sample-temperature", type=Finite(0, MAX_TEMPERATURE), default=SAMPLE_TEMPERATURE,
@@ -456,6 +459,7 @@ def push(files, repo, revision, private, message, no_card, license_id):
 @click.option("--baseline", type=click.Choice(["bicubic", "none"]), default="bicubic", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the rows and means (and the images that failed) to this JSON file.")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @engine_options
 def evaluate(baseline, json_path, scale, **options):
     """Measure a checkpoint on the HR images of HR_DIR against bicubic (PSNR/SSIM on Y, LPIPS, LR-PSNR;
@@ -501,9 +505,9 @@ def evaluate(baseline, json_path, scale, **options):
                            "references": [str(p) for p in evaluation.ref_paths], "match_protocol": opt.match_protocol,
                            **result, "published": published_rows(opt.hr_dir, opt.scale)}, indent=1)
         try:
-            with atomic_path(opt.json) as tmp:
+            with atomic_path(opt.json, replace=opt.overwrite) as tmp:
                 Path(tmp).write_text(text)
-        except OSError as e:
+        except OSError as e:  # AppearedMeanwhile too: a file another process wrote there is kept
             fail(f"{opt.json}: cannot write ({e.strerror or e})", 1)
     sys.exit(1 if result["failed"] else 0)
 

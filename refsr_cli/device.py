@@ -1,8 +1,10 @@
 """Where a run goes: the device of --device, and this process's share of the inputs when a launcher (torchrun,
 SLURM) started several copies of refsr."""
 import os
+import re
 
 from .errors import RefsrError
+from .options import MAX_COPIES
 
 
 def pick_device(name: str):
@@ -29,12 +31,13 @@ def environment_int(name: str, minimum: int = 0) -> int | None:
     value = os.environ.get(name)
     if value is None:
         return None
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise RefsrError(f"{name}={value!r}: not an integer (set by a launcher such as torchrun or srun?)") from None
+    if not re.fullmatch(r"-?[0-9]+", value.strip()):  # ASCII digits: int() also reads other scripts' digits
+        raise RefsrError(f"{name}={value!r}: not an integer (set by a launcher such as torchrun or srun?)")
+    number = int(value.strip())
     if number < minimum:
         raise RefsrError(f"{name}={value!r}: must be at least {minimum}")
+    if number > MAX_COPIES:
+        raise RefsrError(f"{name}={value!r}: more than the {MAX_COPIES} copies refsr runs")
     return number
 
 

@@ -23,7 +23,7 @@ from .images import IMAGE_SUFFIXES, MIN_SIDE, expand_inputs, read_rgb, source_im
 from .match import correspond, prepare_reference
 from .metrics import LPIPSVGG, LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
 from .model import VGG16Features
-from .options import EvalOptions
+from .options import MAX_SEED, EvalOptions
 
 STATS_SIDE = 512  # images are compared by feature statistics at (at most) the size of the reference gallery
 STATS_MIN_SIDE = 16  # VGG16's three max-pools before relu4_1 leave 2x2 of this: a standard deviation to take
@@ -121,6 +121,9 @@ def check_hr_folder(hr_dir, paths: list, match_protocol: str | None = None) -> N
 def plan_evaluation(opt: EvalOptions) -> "Evaluation":
     """Everything that does not depend on an image, with everything that can be refused refused before the weights
     are loaded and any image measured (RefsrError: nothing could start)."""
+    if opt.seed + max(opt.samples - 1, 0) > MAX_SEED:
+        raise RefsrError(f"--seed {opt.seed} --samples {opt.samples}: sample i uses seed SEED+i, and seeds go up to "
+                         f"{MAX_SEED}")
     paths = source_images(opt.hr_dir)
     check_hr_folder(opt.hr_dir, paths, opt.match_protocol)
     ref_paths = expand_inputs(opt.refs) if opt.refs else []
@@ -136,6 +139,8 @@ def plan_evaluation(opt: EvalOptions) -> "Evaluation":
             raise RefsrError(f"--json {opt.json}: {opt.json.parent} is not a folder that can be written to")
         if opt.json.resolve() in {p.resolve() for p in paths + ref_paths}:
             raise RefsrError(f"--json {opt.json} is an input of this run; refsr never overwrites its inputs")
+        if opt.json.exists() and not opt.overwrite:
+            raise RefsrError(f"--json {opt.json} exists (use --overwrite to replace it)")
     upscaler = Upscaler.from_weights(opt.weights, opt.scale, opt)
     if opt.json is not None and opt.json.resolve() == upscaler.weights_path.resolve():
         raise RefsrError(f"--json {opt.json} is the weights of this run; refsr never overwrites its inputs")

@@ -4,12 +4,18 @@ reads its flags' defaults from here, the engine and the scripts take them from h
 from dataclasses import dataclass
 from pathlib import Path
 
-SCALES = (2, 4, 8)  # the upscaling factors refsr has networks for
+SCALES = (2, 4, 8)
+MAX_SEED = 2 ** 63 - 1  # torch's generators take a 64-bit seed; refsr's seeds are the non-negative int64s  # the upscaling factors refsr has networks for
 DEVICES = ("auto", "cpu", "cuda", "mps")  # --device: auto picks CUDA, then MPS, then the CPU
 MIN_TILE = 16  # --tile: LR pixels; smaller tiles are all context
 SAMPLE_TEMPERATURE = 1.0  # the temperature of `sample`, of walks between seeds and of eval's samples (upscale: 0)
 SAMPLES = 10  # sample --n
+MAX_SAMPLES = 10_000
+MAX_MEASURED_SAMPLES = 100  # eval --samples and train --val-samples: samples decoded per image, all held at once
+MAX_COPIES = 1_000_000  # --shard K/N and a launcher's world size: more copies than any cluster runs
 WALK_FRAMES = 8  # walk --steps: frames, both ends included
+MAX_WALK_FRAMES = 1000
+OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff", "bmp")  # --format
 DEFAULT_MAX_PIXELS = 64_000_000  # an LR image this large is already a 4 Gpx output at 8x
 TEXTURES = ("analogy", "learned")  # where a sample's or a reference output's detail comes from (BatchOptions.texture)
 MAX_STRENGTH = 4.0  # --strength: beyond it the pasted detail is all that is seen
@@ -134,4 +140,5 @@ class EvalOptions(EngineOptions):
     texture: str = BatchOptions.texture
     strength: float = BatchOptions.strength
     baseline: bool = True  # bicubic rows
-    json: Path | None = None  # also write the rows and means there
+    json: Path | None = None  # also write the rows and means there ...
+    overwrite: bool = False  # ... replacing a file of that name

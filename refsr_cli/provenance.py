@@ -7,7 +7,8 @@ back (with Pillow alone: no numpy either).
 import json
 import shlex
 
-from .options import BatchOptions
+from .options import (MAX_CONSISTENCY_STEPS, MAX_SEED, MAX_STRENGTH, MAX_TEMPERATURE, MAX_WALK_FRAMES, MIN_TILE,
+                      OUTPUT_FORMATS, SCALES, TEXTURES, BatchOptions)
 
 SOFTWARE = "refsr"  # the Software tag of every output: how a folder's earlier outputs are told from its inputs
 PROVENANCE_KEY = "refsr"  # the PNG text chunk that holds an output's provenance
@@ -48,7 +49,7 @@ def embedded_text(im, png_key: str, exif_tag: int):
         comment = im.info["comment"].decode("latin-1")
         try:
             record = json.loads(comment)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if isinstance(record, dict) and isinstance(record.get("refsr"), str):
             text = record["refsr"] if png_key == "Software" else comment
@@ -63,6 +64,7 @@ RUN_KEYS = {"refsr": str, "command": str, "scale": int, "temperature": (int, flo
 RECORD_TYPES = RUN_KEYS | {
     "seed": int,  # the draw (temperature > 0) and the grain
     "texture": str, "strength": (int, float),  # where the detail came from (absent: the learned branch), how much
+    "format": str,  # the images' --format (absent: png)
     "reference": str, "reference_sha256": str,  # upscale --ref: one output per reference
     "references": list, "references_sha256": list, "match_map": bool,  # upscale --match [--match-map]
     "map": bool,  # the --match-map image itself
@@ -70,6 +72,13 @@ RECORD_TYPES = RUN_KEYS | {
     "sheet": list, "seeds": list, "reference_list": list,  # a contact sheet: its labels, and what its tiles are
 }
 LIST_ITEMS = {"references": str, "references_sha256": str, "sheet": str, "seeds": int, "reference_list": str}
+# What the flags a redo command passes them to accept: a record holding anything else (nan, -3, 1e308, --scale 3)
+# would print a command that does something else, or that refsr refuses.
+BOUNDS = {"temperature": (0, MAX_TEMPERATURE), "strength": (0, MAX_STRENGTH), "seed": (0, MAX_SEED),
+          "seeds": (0, MAX_SEED), "tile": (MIN_TILE, float("inf")), "tile_pad": (0, float("inf")),
+          "consistency_steps": (0, MAX_CONSISTENCY_STEPS), "frames": (2, MAX_WALK_FRAMES),
+          "frame": (0, MAX_WALK_FRAMES - 1)}
+CHOICES = {"scale": SCALES, "texture": TEXTURES, "animate": ("webp", "gif"), "format": OUTPUT_FORMATS}
 
 
 class DamagedRecord(ValueError):
@@ -87,16 +96,21 @@ def check(record: dict) -> dict:
             raise DamagedRecord(f"its refsr record's {key!r} is {short(value)}")
         if key in LIST_ITEMS and not all(of_type(item, LIST_ITEMS[key]) for item in value):
             raise DamagedRecord(f"its refsr record's {key!r} holds {short(value)}")
+        if key in BOUNDS and not all(BOUNDS[key][0] <= v <= BOUNDS[key][1] for v in
+                                     (value if isinstance(value, list) else [value])):  # nan fails both
+            raise DamagedRecord(f"its refsr record's {key!r} is {short(value)}, outside {BOUNDS[key]}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise DamagedRecord(f"its refsr record's {key!r} is {short(value)}, not one of {CHOICES[key]}")
     for end in (record.get("from"), record.get("to")):
         # A walk end is a reference (named as `walk --ref` named it), or else a seed.
         if end is not None and not (of_type(end["reference"], str) if "reference" in end
-                                    else of_type(end.get("seed"), int)):
+                                    else of_type(end.get("seed"), int) and 0 <= end["seed"] <= MAX_SEED):
             raise DamagedRecord(f"its refsr record's walk end {short(end)} is neither a seed nor a reference")
     return record
 
 
 def of_type(value, kind) -> bool:
-    return isinstance(value, kind) and not (isinstance(value, bool) and kind is int)  # JSON's true is no number
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # JSON's true is no number
 
 
 def short(value) -> str:
@@ -106,7 +120,8 @@ def short(value) -> str:
 
 
 def number(value) -> str:
-    return f"{value:g}"
+    """A float as a flag's value: short (1, not 1.0), and the very number (0.1234567, not %g's 0.123457)."""
+    return f"{value:g}" if float(f"{value:g}") == value else repr(float(value))
 
 
 def redo_command(record: dict) -> str:
@@ -147,6 +162,8 @@ def redo_command(record: dict) -> str:
             words += ["--strength", number(record["strength"])]
     if "sheet" in record:
         words += ["--sheet"]
+    if record.get("format", "png") != "png":
+        words += ["--format", record["format"]]
     words += ["--scale", str(record["scale"])]
     if record["weights"] != "shipped":
         words += ["--weights", path_word(record["weights"])]

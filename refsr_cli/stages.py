@@ -63,6 +63,8 @@ class Critic:
     """The texture stage's PatchGAN discriminator and its optimizer. generator_loss() judges a step's fake windows
     for the generator's loss and keeps the step's windows; loss() is then the discriminator's own, on them."""
 
+    MIN_SIDE = 24  # three stride-2 convolutions, then instance norm: it needs 2x2 of what is left
+
     def __init__(self, opt: TrainOptions, device):
         self.module = initialised(opt.seed + 1, PatchDiscriminator).to(device).train()
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=opt.learning_rate, betas=(0.5, 0.99))
@@ -89,6 +91,7 @@ class TrunkStage:
         else:
             self.config = opt.config or RefVAEConfig()
         c = self.config
+        check_memory(opt, c, device, self.name)
         self.module = initialised(opt.seed, lambda: FidelityTrunk(c.channels, c.lr_blocks, c.up_channels, opt.scales))
         self.module.to(device).train()
         if state is not None:
@@ -162,7 +165,7 @@ class TextureStage:
         self.module = self.model
         if opt.pool_size < opt.batch:
             raise RefsrError(f"--pool-size {opt.pool_size} is smaller than --batch {opt.batch}")
-        check_pool_fits(opt, self.config, device)
+        check_memory(opt, self.config, device, self.name)
         images = load_training_images(opt.data, opt.lr_patch * opt.scale)
         self.gallery = load_training_images(opt.refs, 1) if opt.refs else None
         trunk = self.model.trunk
@@ -177,7 +180,12 @@ class TextureStage:
         self.val_crops = None
         if opt.val is not None and rank == 0:
             self.val_crops = validation_crops(opt.val, 384, opt.scale)
-        self.critic = Critic(opt, device) if opt.adv_weight > 0 else None
+        self.critic = None
+        if opt.adv_weight > 0:
+            if min(opt.perceptual_crop, opt.lr_patch * opt.scale) < Critic.MIN_SIDE:
+                raise RefsrError(f"--adv-weight: the critic judges windows of at least {Critic.MIN_SIDE} HR pixels, "
+                                 f"and --lr-patch {opt.lr_patch} at x{opt.scale} gives {opt.lr_patch * opt.scale}")
+            self.critic = Critic(opt, device)
 
     def parameter_groups(self):
         """Everything but the frozen VGG16 and trunk; the zero-initialised noise strengths, noise gates and z
@@ -311,22 +319,33 @@ class TextureStage:
         return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-def check_pool_fits(opt: TrainOptions, config: RefVAEConfig, device) -> None:
-    """Refuse, before anything is allocated, a texture stage whose crop pool (each crop with the trunk's features
-    and output) and IMLE grain would take more than half the memory of the device they are held on: --pool-size
-    100000 asked for about 100 GB at the defaults, and failed (or was killed) after minutes."""
-    p = opt.lr_patch
-    per_crop = 4 * (6 * (p * opt.scale) ** 2 + (3 + config.channels) * p * p)  # HR and fidelity, LR and features
-    grain = 4 * opt.batch * opt.imle_samples * sum((p * 2 ** k) ** 2 for k in range(1, config.stages + 1))
-    needed = opt.pool_size * per_crop + grain * config.texture_noise
+# Memory of a training step a crop, per HR pixel of the crop, measured on the CPU at the defaults (`/usr/bin/time`
+# of one step at --batch 2 and 8, --lr-patch 24, x8): the trunk stage 440 bytes, the texture stage 2 700 (its
+# decodes, the VGG16 of the feature distances, the gradients). Rounded up: an estimate, not a promise.
+STEP_BYTES = {"trunk": 500, "texture": 3000}
+
+
+def check_memory(opt: TrainOptions, config: RefVAEConfig, device, stage: str) -> None:
+    """Refuse, before anything is allocated, a run whose batch (and, for the texture stage, crop pool with the
+    trunk's features and output, and IMLE grain) would take more than half the memory of its device: --pool-size
+    100000 asked for about 100 GB at the defaults, --batch 100000 for 24 GB and more, and either was killed after
+    minutes."""
+    p, scale = opt.lr_patch, opt.scale if stage == "texture" else max(opt.scales)
+    needed = opt.batch * (p * scale) ** 2 * STEP_BYTES[stage]
+    if stage == "texture":
+        per_crop = 4 * (6 * (p * scale) ** 2 + (3 + config.channels) * p * p)  # HR and fidelity, LR and features
+        grain = 4 * opt.batch * opt.imle_samples * sum((p * 2 ** k) ** 2 for k in range(1, config.stages + 1))
+        needed += opt.pool_size * per_crop + grain * config.texture_noise
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > total / 2:
-        raise RefsrError(f"--pool-size {opt.pool_size} crops of --lr-patch {p} at x{opt.scale} (with --batch "
-                         f"{opt.batch} x --imle-samples {opt.imle_samples}) would take {needed / 2**30:.1f} GiB, more "
-                         f"than half the {total / 2**30:.0f} GiB of {device.type}: lower them")
+        held = f"--pool-size {opt.pool_size} crops and " if stage == "texture" else ""
+        raise RefsrError(f"{held}--batch {opt.batch} of --lr-patch {p} at x{scale}"
+                         + (f" (--imle-samples {opt.imle_samples})" if stage == "texture" else "")
+                         + f" would take about {needed / 2**30:.1f} GiB, more than half the {total / 2**30:.0f} GiB "
+                         f"of {device.type}: lower them")
 
 
 def validation_crops(folder: Path, side: int, multiple: int) -> list:

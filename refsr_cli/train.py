@@ -86,13 +86,21 @@ def fit(opt: TrainOptions, progress=None):
 def prepare_run_folder(opt: TrainOptions, state_path: Path, rank: int) -> None:
     """Refuse a run that would write over its own --init, a --resume with nothing to resume, and an --out holding
     checkpoints without --resume or --overwrite (they are the user's); then make the folder (rank 0)."""
-    written = {state_path, opt.out / "last.safetensors", *(opt.out / f"x{s}.safetensors" for s in opt.scales)}
+    if opt.resume and opt.overwrite:
+        raise RefsrError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    if opt.resume and opt.init:
+        raise RefsrError("--init starts a run from weights and --resume continues one from its state: choose one")
+    inputs = {Path(p).resolve() for p in [*opt.data, *(opt.refs or []), opt.val] if p is not None}
+    if opt.out.resolve() in inputs:
+        raise RefsrError(f"--out {opt.out} is a folder of this run's images; give the run a folder of its own")
+    written = {state_path, opt.out / "last.safetensors", *(opt.out / f"x{s}.safetensors" for s in opt.scales),
+               opt.out / "log.jsonl"}
     clash = [p for p in opt.init or [] if Path(p).resolve() in {w.resolve() for w in written}]
     if clash:
         raise RefsrError(f"--init {clash[0]}: this run would write over it; copy it out of {opt.out} first")
     if opt.resume and not state_path.is_file():
         raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
-    if not opt.resume and not opt.overwrite:
+    if not opt.resume and not opt.overwrite:  # a log alone too: the run killed before its first save, or the user's
         held = [p for p in sorted(written) if p.exists()]
         if held:
             raise RefsrError(f"{opt.out} holds a run already ({held[0].name}): --resume it, --overwrite it, or give "

@@ -22,7 +22,7 @@ PY
 mkdir -p docs/eval/analogy
 point() {  # strength, temperature
     refsr eval "$crops" --scale 8 --samples 10 --strength "$1" --sample-temperature "$2" --baseline bicubic \
-        --json "docs/eval/analogy/front-valcrops-x8-s$1-t$2.json" > /dev/null
+        --json "docs/eval/analogy/front-valcrops-x8-s$1-t$2.json" --overwrite > /dev/null
     echo "strength $1, temperature $2: docs/eval/analogy/front-valcrops-x8-s$1-t$2.json"
 }
 for s in $STRENGTHS; do point "$s" 1; done

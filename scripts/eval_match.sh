@@ -22,7 +22,7 @@ for scale in $SCALES; do
             out="docs/eval/match/x$scale-$name-$protocol"
             tmp=$(mktemp "docs/eval/match/.x$scale-$name-$protocol.XXXXXX")
             refsr eval "$DATA/$set" --scale "$scale" --match-protocol "$protocol" --baseline none \
-                --json "$out.json" > "$tmp"
+                --json "$out.json" --overwrite > "$tmp"
             mv "$tmp" "$out.txt"
             echo "x$scale $name $protocol: $(tail -1 "$out.txt")"
         done

@@ -22,7 +22,7 @@ for scale in $SCALES; do
         tmp=$(mktemp "docs/eval/.x$scale-$name.XXXXXX")
         # Samples (from the shipped texture bank) and gallery references, by analogy: no trained branch needed.
         refsr eval "$DATA/$set" --scale "$scale" --weights "$weights" --samples 10 --ref "$DATA/refs" \
-            --num-refs 10 --json "docs/eval/x$scale-$name.json" > "$tmp"
+            --num-refs 10 --json "docs/eval/x$scale-$name.json" --overwrite > "$tmp"
         mv "$tmp" "docs/eval/x$scale-$name.txt"
         echo "x$scale $name: docs/eval/x$scale-$name.txt"
     done

@@ -367,3 +367,117 @@ def test_the_pixel_limit_hint_names_the_commands_that_raise_it(tmp_path, checkpo
     result = run("eval", hr, "--scale", 2, "--weights", checkpoint)
     assert result.exit_code == 1
     one_error_line(result, "big.png", "upscale, sample and walk raise it with --max-pixels")
+
+
+# --- the fresh sweep of these classes' neighbours (helper sweep of 2026-12-06) -------------------------------------
+
+def test_a_critic_too_big_for_the_crop_is_refused_in_one_line(tmp_path, checkpoint):
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2,
+                             "--adv-weight", 1))  # --lr-patch 8 at x2: 16-pixel windows
+    assert result.exit_code == 2
+    one_error_line(result, "--adv-weight", "24")
+
+
+def test_a_gif_comment_nested_deep_is_one_line_and_the_next_file_is_read(tmp_path, checkpoint):
+    from PIL import Image
+    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
+    assert run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out, "-q").exit_code == 0
+    Image.new("RGB", (4, 4)).save(tmp_path / "deep.gif", comment=("[" * 50_000 + "]" * 50_000).encode())
+    result = run("info", tmp_path / "deep.gif", out / "in_x2.png")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.stderr.splitlines()) == 1 and "deep.gif" in result.stderr
+    assert f"refsr upscale {lr}" in result.stdout
+
+
+def test_weights_finite_in_float64_but_not_in_float32_are_refused(tmp_path, checkpoint):
+    tensors = {k: v.double() for k, v in load_file(str(checkpoint)).items()}
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = 1e300
+    big = tmp_path / "big.safetensors"
+    save_file(tensors, str(big), metadata=read_metadata(checkpoint))
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", big, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    one_error_line(result, "big.safetensors", "not all finite")
+
+
+@pytest.mark.parametrize("changes, key", [({"temperature": float("nan")}, "temperature"),
+                                          ({"temperature": float("inf")}, "temperature"),
+                                          ({"temperature": 1e308}, "temperature"),
+                                          ({"temperature": True}, "temperature"),
+                                          ({"strength": float("nan")}, "strength"),
+                                          ({"seed": -3}, "seed"), ({"seed": 2 ** 70}, "seed"),
+                                          ({"tile": -5}, "tile"), ({"consistency_steps": 10 ** 6}, "consistency_steps"),
+                                          ({"scale": 3}, "scale"), ({"texture": "zzz"}, "texture"),
+                                          ({"command": "walk", "frames": -1, "from": {"seed": 1}, "to": {"seed": 2}},
+                                           "frames"),
+                                          ({"command": "walk", "frames": 3, "from": {"seed": -1}, "to": {"seed": 2}},
+                                           "walk end"),
+                                          ({"command": "sample", "seeds": [1, -2]}, "seeds")])
+def test_info_refuses_records_whose_numbers_no_flag_takes(tmp_path, checkpoint, changes, key):
+    from PIL import Image, PngImagePlugin
+    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
+    assert run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out, "-q").exit_code == 0
+    record = json.loads(Image.open(out / "in_x2.png").info["refsr"]) | changes
+    info = PngImagePlugin.PngInfo()
+    info.add_text("refsr", json.dumps(record))
+    Image.new("RGB", (4, 4)).save(tmp_path / "bad.png", pnginfo=info)
+    for extra in ((), ("--json",)):
+        result = run("info", tmp_path / "bad.png", *extra)
+        assert result.exit_code == 1 and result.stdout == ""
+        one_error_line(result, "bad.png", key)
+
+
+def test_redo_commands_keep_the_format_and_every_digit(tmp_path, checkpoint, monkeypatch):
+    import shlex
+    monkeypatch.chdir(tmp_path)
+    write_png(tmp_path / "in.png", 16, 16)
+    write_png(tmp_path / "ref.png", 40, 40, seed=3)
+    assert run("upscale", "in.png", "--ref", "ref.png", "--strength", 0.33333333, "--temperature", 0.1234567,
+               "--scale", 2, "--weights", checkpoint, "--format", "jpg", "-o", "a", "-q").exit_code == 0
+    command = json.loads(run("info", "a/in_x2_ref.jpg", "--json").stdout)["command"]
+    assert "--format jpg" in command and "--strength 0.33333333" in command and "--temperature 0.1234567" in command
+    assert run(*shlex.split(command)[1:], "-o", "b", "-q").exit_code == 0
+    assert (tmp_path / "b" / "in_x2_ref.jpg").read_bytes() == (tmp_path / "a" / "in_x2_ref.jpg").read_bytes()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("eval", "hr", "--seed", 2 ** 63 - 1, "--samples", 2), "seeds go up to"),
+    (("sample", "in.png", "--n", 101, "--sheet"), "at most 100 tiles"),
+    (("upscale", "in.png", "--shard", "0/99999999999999999999999"), "--shard"),
+    (("upscale", "in.png", "--shard", "\u0663/\u0664"), "--shard"),
+    (("train", "--data", "hr", "--val-samples", 10 ** 6), "--val-samples"),
+    (("train", "--data", "hr", "--crop-uses", 10 ** 20), "--crop-uses"),
+    (("train", "--data", "hr", "--stage", "trunk", "--batch", 10 ** 5), "--batch 100000"),
+    (("train", "--data", "hr", "--out", "run", "--resume", "--overwrite"), "choose one"),
+    (("train", "--data", "hr", "--out", "run", "--resume", "--init", "tiny.safetensors"), "choose one"),
+    (("train", "--data", "hr", "--out", "hr"), "a folder of this run's images"),
+])
+def test_the_sweeps_bounds_are_one_line_each(tmp_path, checkpoint, monkeypatch, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hr").mkdir()
+    write_png(tmp_path / "hr" / "a.png", 64, 64)
+    write_png(tmp_path / "in.png", 16, 16)
+    (tmp_path / "tiny.safetensors").write_bytes(checkpoint.read_bytes())
+    before = sorted(p.name for p in (tmp_path / "hr").iterdir())
+    result = run(*args, *(("--scale", 2, "--weights", "tiny.safetensors") if args[0] != "train" else ()),
+                 *(("--device", "cpu") if args[0] == "train" else ()))
+    assert result.exit_code == 2, result.output
+    one_error_line(result, fragment)
+    assert sorted(p.name for p in (tmp_path / "hr").iterdir()) == before
+
+
+def test_a_launcher_size_past_any_cluster_is_one_line(tmp_path, checkpoint):
+    args = ["upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out"]
+    result = CliRunner().invoke(main, [str(a) for a in args], env={"RANK": "0", "WORLD_SIZE": "9" * 23})
+    assert result.exit_code == 2
+    one_error_line(result, "WORLD_SIZE")
+
+
+def test_train_keeps_a_log_it_did_not_write(tmp_path, checkpoint):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"mine": 1}\n')
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2))
+    assert result.exit_code == 2
+    one_error_line(result, "log.jsonl", "--overwrite")
+    assert (out / "log.jsonl").read_text() == '{"mine": 1}\n'

@@ -178,10 +178,12 @@ def test_eval_json_never_writes_over_the_weights(tmp_path, checkpoint):
     hr.mkdir()
     write_png(hr / "a.png", 64, 64)
     before = checkpoint.read_bytes()
-    result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--json", checkpoint, "--device", "cpu")
-    assert result.exit_code == 2
-    one_error_line(result, "weights")
-    assert checkpoint.read_bytes() == before
+    for extra, fragment in (((), "exists"), (("--overwrite",), "weights")):
+        result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--json", checkpoint, "--device", "cpu",
+                     *extra)
+        assert result.exit_code == 2
+        one_error_line(result, fragment)
+        assert checkpoint.read_bytes() == before
 
 
 def test_a_sheet_with_a_match_map_is_one_line(tmp_path, checkpoint, photo):

@@ -160,7 +160,7 @@ def test_eval_on_a_standard_benchmark_shows_the_published_rows(tmp_path, checkpo
     other = tmp_path / "photos"
     hr_dir.rename(other)
     result = CliRunner().invoke(main, ["eval", str(other), "--scale", "2", "--weights", str(checkpoint),
-                                       "--json", str(out), "--device", "cpu"])
+                                       "--json", str(out), "--overwrite", "--device", "cpu"])
     assert json.loads(out.read_text())["published"] == [] and "SRCNN" not in result.output
 
 

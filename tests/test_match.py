@@ -171,7 +171,7 @@ def test_eval_measures_match_under_a_protocol(tmp_path):
     out = tmp_path / "eval.json"
     for protocol in ("warp", "unrelated"):
         result = run("eval", folder, "--scale", 4, "--weights", weights, "--match-protocol", protocol,
-                     "--baseline", "none", "--json", out)
+                     "--baseline", "none", "--json", out, "--overwrite")
         assert result.exit_code == 0, result.output
         assert f"--match ({protocol}) against the output without a reference: PSNR-Y" in result.stdout
         means = json.loads(out.read_text())["means"]
