@@ -20,10 +20,11 @@ FORMAT = "refsr-refvae"
 
 
 def weights_dir() -> Path:
-    """weights/ of a source checkout, or its copy installed as package data in refsr_cli/weights/."""
+    """weights/ of a source checkout (beside its pyproject.toml), or its copy installed as package data in
+    refsr_cli/weights/."""
     here = Path(__file__).resolve().parent
     checkout = here.parent / "weights"
-    return checkout if (checkout / "README.md").is_file() else here / "weights"
+    return checkout if (here.parent / "pyproject.toml").is_file() and checkout.is_dir() else here / "weights"
 
 
 def default_filename(scale: int) -> str:
