@@ -19,6 +19,11 @@ def test_output_shape_for_each_scale(scale):
         sr, mu, logvar = decode_reference(model, lr, ref)
     assert sr.shape == (2, 3, 10 * scale, 14 * scale)
     assert mu.shape == logvar.shape == (2, 8)
+    with torch.no_grad():
+        again, _, _ = decode_reference(model, lr, ref)
+        other, _, _ = decode_reference(model, lr, ref.flip(-1))
+    assert torch.equal(sr, again)  # deterministic
+    assert not torch.allclose(sr, other)  # and the reference matters
 
 
 def test_release_checkpoints_fit_in_16_mib(tmp_path):

@@ -188,6 +188,12 @@ def test_every_term_is_logged_and_the_discriminator_resumes(data, tmp_path):
     row = json.loads((tmp_path / "straight" / "log.jsonl").read_text().splitlines()[-1])
     for term in ("imle", "l1", "lr_cons", "content", "style", "kl", "adv", "disc", "flat"):
         assert term in row and np.isfinite(row[term]), term
+    # The loss the generator descends is the weighted sum of its terms (the critic's own loss is not among them).
+    opt = options(data, tmp_path / "straight", **full)
+    weights = {"imle": opt.imle_weight, "l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight,
+               "content": opt.content_weight, "style": opt.style_weight, "kl": opt.kl_weight,
+               "adv": opt.adv_weight, "flat": opt.flat_weight}
+    assert row["loss"] == pytest.approx(sum(w * row[k] for k, w in weights.items()), rel=1e-5)
     with pytest.raises(KeyboardInterrupt):
         train(options(data, tmp_path / "cut", **full), progress=interrupt_at(3))
     resumed = train(options(data, tmp_path / "cut", resume=True, **full))
@@ -199,6 +205,11 @@ def test_validation_during_training_is_logged(data, tmp_path):
     train(options(data, tmp_path / "run", steps=2, val=photos, val_every=2, val_samples=2))
     rows = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert {"val_psnr", "val_ssim", "val_lpips", "val_lr_psnr", "val_diversity"} <= set(rows[-1])
+    assert not any(k.startswith("val_") for k in rows[0])  # step 1: no validation
+    last = rows[-1]
+    assert 10 < last["val_psnr"] < 60 and 0 < last["val_ssim"] <= 1 and 0 <= last["val_lpips"] < 1
+    assert last["val_lr_psnr"] > 40  # back-projection holds for the samples too
+    assert last["val_diversity"] >= 0
 
 
 def test_train_cli_defaults_are_the_training_defaults():
@@ -440,9 +451,12 @@ def test_a_textured_style_term_compares_texture_with_texture_and_leaves_flat_cro
 
 
 def test_training_with_the_textured_style_term(data, tmp_path):
-    train(options(data, tmp_path / "run", steps=2, ref_share=1.0, style_where="textured"))
-    row = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
-    assert np.isfinite(row["style"]) and row["style"] > 0
+    style = {}
+    for where in ("textured", "everywhere"):
+        train(options(data, tmp_path / where, steps=1, ref_share=1.0, style_where=where))
+        style[where] = json.loads((tmp_path / where / "log.jsonl").read_text().splitlines()[-1])["style"]
+    assert np.isfinite(style["textured"]) and style["textured"] > 0
+    assert style["textured"] != style["everywhere"]  # the same step and crops, statistics of other pixels
 
 
 def test_away_from_border_clears_the_margin_and_keeps_the_inside():
