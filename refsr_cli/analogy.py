@@ -251,7 +251,7 @@ class Texture:
 class TexturePlan:
     """Every Texture of one image resolved against its Matcher: what each tile's paste needs. (Pasting a share of
     the candidates' mean with the seed's pick was tried, and moved samples along the same front of LPIPS against
-    diversity as the strength does: weights/README.md.)"""
+    diversity as the strength does: docs/notebook.md, "The front".)"""
 
     def __init__(self, matcher: Matcher, textures):
         self.matcher = matcher

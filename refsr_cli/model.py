@@ -60,7 +60,8 @@ class RefVAEConfig:
     texture_upsample: str = "bilinear"
     # The noise of each stage scaled, pixel by pixel, by a gate computed from the stage's features (2 sigmoid of a
     # 1x1 conv, zero-initialised: 1 everywhere at first). Without it the grain's strength is one number per channel,
-    # the same on a clear sky as on grass, and IMLE training spread grain over flat areas (docs/runs).
+    # the same on a clear sky as on grass, and IMLE training spread grain over flat areas (docs/notebook.md, "The
+    # texture branch by IMLE").
     noise_gate: bool = True
 
     def __post_init__(self):

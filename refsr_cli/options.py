@@ -49,7 +49,8 @@ class BatchOptions(EngineOptions):
     # pasted onto the faithful output (refsr_cli.analogy); "learned": the network's texture branch, decoded from z.
     texture: str = "analogy"
     # Analogy: how much of the matched detail is pasted (0: the faithful output). 0.5 on val_hr's crops at 8x: samples
-    # 0.8 dB above bicubic, diversity 14; 1.0 reached diversity 18 at 1.4 dB less and a worse LPIPS (weights/README.md).
+    # 0.9 dB above bicubic, diversity 12.2; 1.0 reached diversity 16.0 at 1.2 dB less, under bicubic + 0.5 dB, and a
+    # worse LPIPS (docs/notebook.md, "The front").
     strength: float = 0.5
     overwrite: bool = False
     skip_existing: bool = False

@@ -16,35 +16,16 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#1
 
 # (title, [(label, log file, metric, steps before the run started)]); a run continued from another starts at its
 # parent's last step.
+# Only the runs behind the shipped checkpoints keep their logs in docs/runs/ (the others, and the IMLE line's
+# panels of the committed docs/sheets/curves.png, are in git history before the model card became a card).
 PANELS = [
     ("trunk: val PSNR-Y gain over bicubic (dB)", [
         (f"x{s}", log, (f"val_psnr_x{s}", f"val_bicubic_x{s}"), offset)
         for s in (2, 4, 8) for log, offset in (("trunk-log.jsonl", 0), ("trunk2-log.jsonl", 5000))]),
-    ("x8 texture: val LPIPS, one prior sample", [
-        ("shipped (900)", "texture3-x8-log.jsonl", "val_lpips", 0),
-        ("+300, lr 1e-4", "texture4-x8-log.jsonl", "val_lpips", 900),
-        ("+800, modulation x10", "texture5-x8-log.jsonl", "val_lpips", 900)]),
-    ("x4 texture: val LPIPS, one prior sample", [
-        ("1000 steps", "texture-x4-log.jsonl", "val_lpips", 0),
-        ("+800, lr 1e-4", "texture2-x4-log.jsonl", "val_lpips", 1000)]),
-    ("x2 texture: val LPIPS, one prior sample", [
-        ("1000 steps", "texture-x2-log.jsonl", "val_lpips", 0)]),
-] + [
-    (f"x8 texture by IMLE: val {title}, mean of 4 samples", [
-        ("IMLE", "imle-x8-log.jsonl", metric, 0),
-        ("IMLE", "imle2-x8-log.jsonl", metric, 500),
-        ("style 3", "imle3-x8-style3-log.jsonl", metric, 900),
-        ("flat 20", "imle-flat20-x8-log.jsonl", metric, 1250),
-        ("flat 100", "imle-flat100-x8-log.jsonl", metric, 1400),
-        ("textured style 3", "imle-textured-x8-log.jsonl", metric, 1550),
-        ("textured style 3", "imle-textured2-x8-log.jsonl", metric, 2000),
-        ("textured style 1", "imle-textured1b-x8-log.jsonl", metric, 2125),  # its parent logged no val point
-        ("16 latents", "imle-m16-x8-log.jsonl", metric, 2725)])
-    for title, metric in (("LPIPS", "val_lpips"), ("diversity", "val_diversity"))
-] + [
-    (f"x4 texture by IMLE: val {title}, mean of 4 samples (shipped x4: {shipped})", [
-        ("IMLE + flat 100", "imle-x4-log.jsonl", metric, 0)])
-    for title, metric, shipped in (("LPIPS", "val_lpips", 0.132), ("diversity", "val_diversity", 6.7))]
+    ("x8 texture: val LPIPS, one prior sample", [("shipped (900)", "texture3-x8-log.jsonl", "val_lpips", 0)]),
+    ("x4 texture: val LPIPS, one prior sample", [("1000 steps", "texture-x4-log.jsonl", "val_lpips", 0)]),
+    ("x2 texture: val LPIPS, one prior sample", [("1000 steps", "texture-x2-log.jsonl", "val_lpips", 0)]),
+]
 
 # The x8 samples' LPIPS against their diversity as the sample temperature goes 0, 1, 1.5, 2, 3 (`refsr eval` of the
 # six val crops, 10 samples; JSON in docs/eval/x8-imle/): temperature moves a checkpoint along its own front,
