@@ -132,6 +132,7 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     record = {"refsr": software_tag(), "command": command, "scale": opt.scale, "temperature": opt.temperature,
               "weights": opt.weights or "shipped", "weights_sha256": sha256_of(upscaler.weights_path),
               "tile": opt.tile, "tile_pad": opt.tile_pad, "consistency_steps": opt.consistency_steps,
+              "max_pixels": opt.max_pixels,
               "texture": opt.texture, "strength": opt.strength,
               "format": {"jpeg": "jpg", "tif": "tiff"}.get(ext[1:].lower(), ext[1:].lower())}
     plan = Plan(opt, command, upscaler, folder, single, ext, [], record=record,
@@ -190,6 +191,8 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
                 continue
             source = latents.reference(image, str(path))
         except RefsrError as e:
+            if len(ref_paths) == 1:  # the one reference: its line is the run's error, not one of two
+                raise RefsrError(f"reference {e}") from None
             report.failed(f"reference {e}")
             continue
         fields = {"reference": str(path), "reference_sha256": sha256_of(path)}

@@ -380,7 +380,8 @@ def walk(inputs, refs, seeds, steps, animate, **options):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 def info(outputs, as_json):
     """How refsr made IMAGE...: version, weights and their sha256, scale, seed, temperature, reference and input
-    (with sha256), and the command that makes it again when run from the folder the original command ran in."""
+    (with sha256), and the command that makes the same image again when run from the folder the original command
+    ran in (it writes into the current folder; add -o to choose another)."""
     from .provenance import DamagedRecord, read_provenance, redo_command
     code = 0
     for path in outputs:
@@ -493,7 +494,9 @@ def evaluate(baseline, json_path, scale, **options):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
-    if not result["rows"]:
+    if not result["rows"]:  # each image's line is out already; one image: its line is the run's error
+        if len(result["failed"]) == 1:
+            sys.exit(2)
         fail(f"no image of {opt.hr_dir} could be measured")
     print_evaluation(opt, evaluation.ref_paths, result)
     if opt.json is not None:

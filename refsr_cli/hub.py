@@ -222,7 +222,11 @@ def check_destination(repo: str, revision: str | None) -> None:
     if revision is not None:
         # A branch that `--weights OWNER/REPO@BRANCH` could not name would hold weights nothing loads.
         named = HUB_REF.match(f"{repo}@{revision}")
-        if named is None or named["revision"] != revision:
+        # and git's rules for a branch (git check-ref-format --branch), which the Hub enforces after create_repo
+        parts = revision.split("/")
+        refused_by_git = (revision == "HEAD" or revision.startswith("-") or ".." in revision or "//" in revision
+                          or revision.endswith((".lock", "/", ".")) or any(p.startswith(".") or not p for p in parts))
+        if named is None or named["revision"] != revision or refused_by_git:
             raise RefsrError(f"--revision {revision!r}: not a branch name --weights {repo}@BRANCH can load "
                              "(letters, digits, _ . / -)")
 

@@ -52,6 +52,8 @@ def expand_inputs(specs, skip_outputs: bool = False) -> list:
     run twice must not upscale its outputs again); a file named on its own is always taken."""
     found = []
     for spec in specs:
+        if not str(spec).strip():  # Path("") is the current folder: an empty shell variable would upscale it
+            raise RefsrError(f"{str(spec)!r}: an empty name, not a file or folder")
         path = Path(spec)
         if path.is_dir():
             matches = list_images(path)

@@ -65,6 +65,7 @@ RECORD_TYPES = RUN_KEYS | {
     "seed": int,  # the draw (temperature > 0) and the grain
     "texture": str, "strength": (int, float),  # where the detail came from (absent: the learned branch), how much
     "format": str,  # the images' --format (absent: png)
+    "max_pixels": int,  # the --max-pixels the input passed (absent: the default)
     "reference": str, "reference_sha256": str,  # upscale --ref: one output per reference
     "references": list, "references_sha256": list, "match_map": bool,  # upscale --match [--match-map]
     "map": bool,  # the --match-map image itself
@@ -77,7 +78,7 @@ LIST_ITEMS = {"references": str, "references_sha256": str, "sheet": str, "seeds"
 BOUNDS = {"temperature": (0, MAX_TEMPERATURE), "strength": (0, MAX_STRENGTH), "seed": (0, MAX_SEED),
           "seeds": (0, MAX_SEED), "tile": (MIN_TILE, float("inf")), "tile_pad": (0, float("inf")),
           "consistency_steps": (0, MAX_CONSISTENCY_STEPS), "frames": (2, MAX_WALK_FRAMES),
-          "frame": (0, MAX_WALK_FRAMES - 1)}
+          "frame": (0, MAX_WALK_FRAMES - 1), "max_pixels": (1, float("inf"))}
 CHOICES = {"scale": SCALES, "texture": TEXTURES, "animate": ("webp", "gif"), "format": OUTPUT_FORMATS}
 
 
@@ -101,12 +102,37 @@ def check(record: dict) -> dict:
             raise DamagedRecord(f"its refsr record's {key!r} is {short(value)}, outside {BOUNDS[key]}")
         if key in CHOICES and value not in CHOICES[key]:
             raise DamagedRecord(f"its refsr record's {key!r} is {short(value)}, not one of {CHOICES[key]}")
+    for key in ("input", "weights", "reference"):
+        if key in record and not record[key].strip():
+            raise DamagedRecord(f"its refsr record's {key!r} is empty")
     for end in (record.get("from"), record.get("to")):
         # A walk end is a reference (named as `walk --ref` named it), or else a seed.
         if end is not None and not (of_type(end["reference"], str) if "reference" in end
                                     else of_type(end.get("seed"), int) and 0 <= end["seed"] <= MAX_SEED):
             raise DamagedRecord(f"its refsr record's walk end {short(end)} is neither a seed nor a reference")
+    combination = contradiction(record)
+    if combination:
+        raise DamagedRecord(f"its refsr record holds {combination}, which no refsr command writes")
     return record
+
+
+def contradiction(record: dict) -> str | None:
+    """What a record holds together that no command line gives (its redo command would be refused), or None."""
+    if "references" in record and (not record["references"] or record["temperature"] > 0
+                                   or len(record["references"]) != len(record.get("references_sha256", []))):
+        return "--match without references, with a temperature, or without their sha256"
+    if "animate" in record and "sheet" in record:
+        return "an animation and a contact sheet"
+    ends = [record.get("from"), record.get("to")]
+    if all(isinstance(e, dict) for e in ends):
+        if ("reference" in ends[0]) != ("reference" in ends[1]):
+            return "a walk from a reference to a seed"
+        if "reference" not in ends[0] and record["temperature"] == 0:
+            return "a walk between seeds at temperature 0"
+    seeds = record.get("seeds")
+    if isinstance(seeds, list) and seeds and seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        return "seeds that are not --seed, --seed + 1, ..."  # sample --n N --seed S draws S .. S + N - 1
+    return None
 
 
 def of_type(value, kind) -> bool:
@@ -125,9 +151,9 @@ def number(value) -> str:
 
 
 def redo_command(record: dict) -> str:
-    """The refsr command that makes the file a record describes again, run from the folder the original command
-    ran in (the input, reference and weights files are named as it named them). DamagedRecord if the record cannot
-    say."""
+    """The refsr command that makes the image a record describes again, run from the folder the original command
+    ran in (the input, reference and weights files are named as it named them). It writes into the current folder
+    under the naming rules (`-o` chooses another). DamagedRecord if the record cannot say."""
     check(record)
     command, temperature = record["command"], record["temperature"]
     words = ["refsr", command, path_word(record["input"])]
@@ -167,8 +193,9 @@ def redo_command(record: dict) -> str:
     words += ["--scale", str(record["scale"])]
     if record["weights"] != "shipped":
         words += ["--weights", path_word(record["weights"])]
-    for flag, key in (("--tile", "tile"), ("--tile-pad", "tile_pad"), ("--consistency-steps", "consistency_steps")):
-        if record[key] != getattr(BatchOptions, key):  # only what differs from the flag's default is written
+    for flag, key in (("--tile", "tile"), ("--tile-pad", "tile_pad"), ("--consistency-steps", "consistency_steps"),
+                      ("--max-pixels", "max_pixels")):
+        if record.get(key, getattr(BatchOptions, key)) != getattr(BatchOptions, key):  # what differs from the default
             words += [flag, str(record[key])]
     return shlex.join(words)
 

@@ -8,15 +8,17 @@ losses per logged step). Under `torchrun --nproc_per_node=N refsr train ...` eve
 gradients are averaged over the ranks before each step (gloo on the CPU, NCCL on CUDA); rank 0 alone writes files
 and validates.
 """
+import contextlib
 import json
 import math
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_save, not_finite, read_metadata, read_weights, stored_config
+from .checkpoint import FORMAT, atomic_save, not_finite, read_metadata, read_weights, stored_config
 from .device import environment_int, launcher, pick_device
 from .errors import RefsrError
 from .files import atomic_path
@@ -39,13 +41,25 @@ def fit(opt: TrainOptions, progress=None):
     `losses` also holds its val_* measures."""
     rank, world, device = start_distributed(pick_device(opt.device))
     state_path = opt.out / "last.state.safetensors"
-    prepare_run_folder(opt, state_path, rank)
+    check_run_folder(opt, state_path)
+    if rank == 0:
+        make_run_folder(opt.out)
+    with run_lock(opt.out) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            claim_run_folder(opt, state_path)
+        return run(opt, rank, world, device, state_path, progress)
+
+
+def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, progress):
+    """The stage, the optimizer, and the loop over the steps (fit() has checked and claimed the run folder)."""
     state = load_training_state(state_path, recipe(opt)) if opt.resume else None
     stage = STAGES[opt.stage](opt, device, rank, state)
     optimizer = torch.optim.Adam(stage.parameter_groups(), lr=opt.learning_rate, betas=(0.9, 0.99))
     optimizers = [optimizer] + ([stage.critic.optimizer] if stage.critic is not None else [])
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     start = 0 if state is None else resume(state, optimizer, scaler, stage.critic)
+    if start >= opt.steps:
+        raise RefsrError(f"--resume: the run in {opt.out} is at step {start} already; give --steps above it")
     weights = {"l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight, "imle": opt.imle_weight,
                "content": opt.content_weight, "style": opt.style_weight, "kl": opt.kl_weight, "adv": opt.adv_weight,
                "flat": opt.flat_weight}
@@ -83,9 +97,9 @@ def fit(opt: TrainOptions, progress=None):
             dist.destroy_process_group()
 
 
-def prepare_run_folder(opt: TrainOptions, state_path: Path, rank: int) -> None:
-    """Refuse a run that would write over its own --init, a --resume with nothing to resume, and an --out holding
-    checkpoints without --resume or --overwrite (they are the user's); then make the folder (rank 0)."""
+def check_run_folder(opt: TrainOptions, state_path: Path) -> None:
+    """Refuse contradicting flags, an --out that is one of the run's image folders, a run that would write over its
+    own --init, and a --resume with nothing to resume."""
     if opt.resume and opt.overwrite:
         raise RefsrError("--resume continues the run in --out and --overwrite replaces it: choose one")
     if opt.resume and opt.init:
@@ -100,26 +114,37 @@ def prepare_run_folder(opt: TrainOptions, state_path: Path, rank: int) -> None:
         raise RefsrError(f"--init {clash[0]}: this run would write over it; copy it out of {opt.out} first")
     if opt.resume and not state_path.is_file():
         raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
-    if not opt.resume and not opt.overwrite:  # a log alone too: the run killed before its first save, or the user's
+
+
+def claim_run_folder(opt: TrainOptions, state_path: Path) -> None:
+    """Under the run's lock: refuse an --out holding a run (any checkpoint, or a log alone: a run killed before its
+    first save, or the user's) without --resume or --overwrite; clear what a fresh --overwrite replaces, and the
+    temporary files a killed run of ours left."""
+    written = [state_path, opt.out / "last.safetensors", *(opt.out / f"x{s}.safetensors" for s in opt.scales),
+               opt.out / "log.jsonl"]
+    if not opt.resume and not opt.overwrite:
         held = [p for p in sorted(written) if p.exists()]
         if held:
             raise RefsrError(f"{opt.out} holds a run already ({held[0].name}): --resume it, --overwrite it, or give "
                              "another --out")
-    if rank == 0:
-        make_run_folder(opt.out)
-        if opt.overwrite and not opt.resume:  # a fresh run: the old one's state and log would mislead a --resume
-            state_path.unlink(missing_ok=True)
-            (opt.out / "log.jsonl").unlink(missing_ok=True)
+    if opt.overwrite and not opt.resume:  # a fresh run: the old one's state and log would mislead a --resume
+        state_path.unlink(missing_ok=True)
+        (opt.out / "log.jsonl").unlink(missing_ok=True)
+    remove_stale_temporaries(opt.out)
 
 
 def resume(state: dict, optimizer, scaler, critic) -> int:
     """The optimizer, loss scaler and critic of a resumed run put back as they were saved; returns the step."""
-    optimizer.load_state_dict(state["optimizer"])
-    if state["scaler"]:  # a state saved without CUDA has an empty scaler: a CUDA run starts its own
-        scaler.load_state_dict(state["scaler"])
-    if critic is not None and "disc" in state:
-        critic.module.load_state_dict(state["disc"])
-        critic.optimizer.load_state_dict(state["disc_optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:  # a state saved without CUDA has an empty scaler: a CUDA run starts its own
+            scaler.load_state_dict(state["scaler"])
+        if critic is not None and "disc" in state:
+            critic.module.load_state_dict(state["disc"])
+            critic.optimizer.load_state_dict(state["disc_optimizer"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise RefsrError(f"--resume: a damaged training state ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]})") from None
     return state["step"]
 
 
@@ -138,10 +163,46 @@ def make_run_folder(out: Path) -> None:
         raise RefsrError(f"--out {out}: a file stands where the run folder or one of its parents would be") from None
     except OSError as e:
         raise RefsrError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
-    # Left by a run killed (SIGKILL) in the middle of a save: atomic_path's temporary names, and safetensors' own
-    # (".tmp" and six characters), which it writes before renaming onto ours.
-    for stale in [*out.glob(".*.tmp"), *(p for p in out.glob(".tmp*") if re.fullmatch(r"\.tmp\w{6}", p.name))]:
-        stale.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """What a run killed (SIGKILL) in the middle of a save left."""
+    # Left by a run killed (SIGKILL) in the middle of a save: atomic_path's temporary names of this run's files, and
+    # safetensors' own (".tmp" and six characters, written before it renames onto ours) when it holds a refsr header.
+    # Any other file is the user's, whatever its name.
+    ours = re.compile(r"\.(last|last\.state|x[248]|log)\.\w{8}\.(safetensors|jsonl)\.tmp")
+    for stale in out.iterdir():
+        if stale.is_file() and (ours.fullmatch(stale.name) or re.fullmatch(r"\.tmp\w{6}", stale.name)
+                                and refsr_safetensors(stale)):
+            stale.unlink(missing_ok=True)
+
+
+def refsr_safetensors(path: Path) -> bool:
+    """Whether a file starts with the header of a safetensors file refsr wrote (a checkpoint or a training state)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size < 1 << 24 else {}
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") in (FORMAT, STATE_FORMAT)
+
+
+@contextmanager
+def run_lock(out: Path):
+    """One training run at a time in a folder: an exclusive lock (released by the kernel when the process dies, so a
+    killed run never blocks the next), held from the check of what --out holds to the last save."""
+    import fcntl
+    path = out / ".refsr-train.lock"
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RefsrError(f"--out {out}: another refsr train is running there") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
 
 
 def start_distributed(device: torch.device):
@@ -243,6 +304,8 @@ def set_learning_rate(optimizers, opt: TrainOptions, step: int) -> None:
 def open_log(path: Path, step: int, resumed: bool):
     """log.jsonl for appending; on resume, the rows after the checkpoint's step are dropped (they are redone), and so
     is a row cut short by a kill or a full disk."""
+    if path.exists() and not path.is_file():  # a FIFO would be waited on forever
+        raise RefsrError(f"{path}: not a regular file")
     if resumed and path.exists():
         def kept(row: str) -> bool:
             try:
@@ -303,13 +366,29 @@ def load_training_state(path, recipe: dict) -> dict:
                              f"({', '.join(changed)} differ)")
         tensors = read_weights(path)
         part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not re.fullmatch(r"[0-9]{1,12}", meta["step"]):  # ASCII digits: int() reads other scripts' too
+            raise ValueError(f"step {meta['step']!r} is not a step")
         state = {"meta": meta, "config": stored_config(meta, path), "step": int(meta["step"]),
-                 "module": part("module."), "scaler": json.loads(meta["scaler"]),
-                 "optimizer": _optimizer_state(tensors, "optimizer", json.loads(meta["param_groups"]))}
+                 "module": part("module."), "scaler": finite_numbers(json.loads(meta["scaler"]), 2.0 ** 64),
+                 "optimizer": _optimizer_state(tensors, "optimizer", finite_numbers(json.loads(meta["param_groups"])))}
         if "disc_param_groups" in meta:
             state["disc"] = part("disc.")
             state["disc_optimizer"] = _optimizer_state(tensors, "disc_optimizer",
-                                                       json.loads(meta["disc_param_groups"]))
+                                                       finite_numbers(json.loads(meta["disc_param_groups"])))
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise RefsrError(f"--resume: {path} is a damaged training state ({type(e).__name__}: {e})") from None
     return state
+
+
+def finite_numbers(value, largest: float = 1e6):
+    """`value` (JSON: an optimizer's settings, a loss scaler's), if every number in it is finite and of at most
+    `largest` in size (a learning rate, betas, eps, a loss scale of 2^16); else ValueError."""
+    if isinstance(value, dict):
+        for item in value.values():
+            finite_numbers(item, largest)
+    elif isinstance(value, list):
+        for item in value:
+            finite_numbers(item, largest)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) <= largest:
+        raise ValueError(f"{value!r} is not a setting an optimizer or loss scaler takes")
+    return value

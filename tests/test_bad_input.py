@@ -481,3 +481,129 @@ def test_train_keeps_a_log_it_did_not_write(tmp_path, checkpoint):
     assert result.exit_code == 2
     one_error_line(result, "log.jsonl", "--overwrite")
     assert (out / "log.jsonl").read_text() == '{"mine": 1}\n'
+
+
+# --- the second sweep ---------------------------------------------------------------------------------------------
+
+def test_train_keeps_files_of_the_users_that_look_like_temporaries(tmp_path, checkpoint):
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = {".notes.tmp": "my notes", ".tmpABC123": "keep"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    assert run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2)).exit_code == 0
+    assert {name: (out / name).read_text() for name in mine} == mine
+
+
+def test_a_second_train_into_a_running_ones_folder_is_refused(tmp_path, checkpoint):
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "refsr_cli", *map(str, train_args(
+        tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2, "--steps", 100000,
+        "--save-every", 1))], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "last.state.safetensors").exists():
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "refsr_cli", "train", "--data", str(tmp_path / "photos"),
+                                 "--out", str(out), "--overwrite", "--scale", "2", "--steps", "1", "--device", "cpu",
+                                 "-q"], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "another refsr train is running there" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        assert first.poll() is None  # the first run goes on, its files its own
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_resume_with_a_fifo_for_a_log_is_refused_not_waited_on(tmp_path):
+    import os
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.train import fit
+    from test_train import trunk_options
+    data, out = (photos(tmp_path / "photos"), None), tmp_path / "run"
+    fit(trunk_options(data, out, scales=(2,), steps=1, save_every=1))
+    (out / "log.jsonl").unlink()
+    os.mkfifo(out / "log.jsonl")
+    with pytest.raises(RefsrError, match="log.jsonl: not a regular file"):
+        fit(trunk_options(data, out, scales=(2,), steps=2, save_every=1, resume=True))
+
+
+@pytest.mark.parametrize("key, value", [("step", "-5"), ("step", "\u0663"), ("step", "9" * 26),
+                                        ("param_groups", "nan"), ("param_groups", "betas"), ("scaler", "inf")])
+def test_a_training_state_with_numbers_no_run_writes_is_refused_on_resume(tmp_path, key, value):
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.train import fit
+    from test_train import trunk_options
+    data, out = (photos(tmp_path / "photos"), None), tmp_path / "run"
+    fit(trunk_options(data, out, scales=(2,), steps=1, save_every=1))
+    state = out / "last.state.safetensors"
+    meta = read_metadata(state)
+    if key == "param_groups":
+        groups = json.loads(meta[key])
+        groups[0]["lr_scale" if value == "nan" else "betas"] = float("nan") if value == "nan" else [1e308, 0.99]
+        meta[key] = json.dumps(groups)
+    elif key == "scaler":
+        meta[key] = json.dumps({"scale": float("inf")})
+    else:
+        meta[key] = value
+    save_file(load_file(str(state)), str(state), metadata=meta)
+    with pytest.raises(RefsrError, match="last.state.safetensors is a damaged training state"):
+        fit(trunk_options(data, out, scales=(2,), steps=3, save_every=1, resume=True))
+
+
+def test_resume_at_or_past_its_steps_says_so(tmp_path):
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.train import fit
+    from test_train import trunk_options
+    data, out = (photos(tmp_path / "photos"), None), tmp_path / "run"
+    fit(trunk_options(data, out, scales=(2,), steps=2, save_every=1))
+    with pytest.raises(RefsrError, match="at step 2 already; give --steps above it"):
+        fit(trunk_options(data, out, scales=(2,), steps=2, save_every=1, resume=True))
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"references": [], "references_sha256": []}, "--match without references"),
+    ({"references": ["ref.png"], "references_sha256": ["0"], "temperature": 1.0}, "--match without references"),
+    ({"command": "walk", "frames": 3, "temperature": 1.0, "from": {"reference": "ref.png"}, "to": {"seed": 3}},
+     "from a reference to a seed"),
+    ({"command": "walk", "frames": 3, "from": {"seed": 1}, "to": {"seed": 3}}, "between seeds at temperature 0"),
+    ({"command": "sample", "seeds": [2, 3, 5], "temperature": 1.0}, "seeds that are not"),
+    ({"command": "walk", "frames": 3, "temperature": 1.0, "from": {"seed": 1}, "to": {"seed": 3}, "animate": "gif",
+      "sheet": ["a"]}, "an animation and a contact sheet"),
+    ({"input": ""}, "'input' is empty"),
+])
+def test_info_refuses_records_no_command_line_writes(tmp_path, checkpoint, changes, fragment):
+    from PIL import Image, PngImagePlugin
+    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
+    assert run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out, "-q").exit_code == 0
+    record = json.loads(Image.open(out / "in_x2.png").info["refsr"]) | changes
+    info = PngImagePlugin.PngInfo()
+    info.add_text("refsr", json.dumps(record))
+    Image.new("RGB", (4, 4)).save(tmp_path / "bad.png", pnginfo=info)
+    result = run("info", tmp_path / "bad.png")
+    assert result.exit_code == 1
+    one_error_line(result, "bad.png", fragment)
+
+
+def test_redo_commands_keep_max_pixels(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_png(tmp_path / "in.png", 16, 16)
+    assert run("upscale", "in.png", "--max-pixels", 1000, "--scale", 2, "--weights", checkpoint, "-o", "a",
+               "-q").exit_code == 0
+    assert "--max-pixels 1000" in json.loads(run("info", "a/in_x2.png", "--json").stdout)["command"]
+
+
+def test_one_bad_eval_image_or_empty_name_is_one_line(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hr").mkdir()
+    write_png(tmp_path / "hr" / "tiny.png", 8, 8)
+    write_png(tmp_path / "in.png", 16, 16)
+    result = run("eval", "hr", "--scale", 2, "--weights", checkpoint, "--device", "cpu")
+    assert result.exit_code == 2
+    one_error_line(result, "tiny.png", "too small")
+    result = run("upscale", "", "--scale", 2, "--weights", checkpoint, "-o", "out")
+    assert result.exit_code != 0 and "an empty name" in result.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -128,13 +128,20 @@ def test_sigterm_during_train_keeps_the_last_checkpoint_and_no_temporary_file(tm
     assert "Traceback" not in result.output
 
 
-def test_a_killed_save_leaves_nothing_the_next_run_keeps(tmp_path):
-    from refsr_cli.train import make_run_folder
+def test_a_killed_save_leaves_nothing_the_next_run_keeps(tmp_path, checkpoint):
+    from refsr_cli.train import remove_stale_temporaries
     out = tmp_path / "run"
     out.mkdir()
-    stale = [out / ".last.k2j3.safetensors.tmp", out / ".tmpAb12_z"]  # ours, and safetensors' own
-    for path in stale:
+    # Ours: atomic_path's temporary names of a run's files, and safetensors' own holding a refsr header.
+    stale = [out / ".last.k2j3ab_9.safetensors.tmp", out / ".log.a1b2c3d4.jsonl.tmp", out / ".tmpAb12_z"]
+    for path in stale[:2]:
         path.write_bytes(b"half")
-    (out / ".tmpnotes").write_text("a user's file")  # not a temporary name: kept
-    make_run_folder(out)
-    assert sorted(p.name for p in out.iterdir()) == [".tmpnotes"]
+    whole = checkpoint.read_bytes()
+    stale[2].write_bytes(whole[:8 + int.from_bytes(whole[:8], "little") + 100])  # the header, some data, the kill
+    # The user's, whatever their names: never removed.
+    mine = {".tmpnotes": "a user's file", ".tmpABC123": "keep", ".notes.tmp": "my notes",
+            ".photo.a1b2c3d4.png.tmp": "another command's"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    remove_stale_temporaries(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(mine)

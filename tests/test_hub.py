@@ -416,7 +416,9 @@ def test_push_refuses_what_it_cannot_push_before_any_request(hub, tmp_path, monk
                           ((x2, "owner/re..po"), "not a Hub repository name"),  # the Hub's own rules
                           ((x2, "me/upscaler.git"), "not a Hub repository name"),
                           ((x2, "me/upscaler", "--revision", "v2:x"), "--revision"),
-                          ((x2, "me/upscaler", "--revision", ""), "--revision")]:
+                          ((x2, "me/upscaler", "--revision", ""), "--revision"),
+                          *(((x2, "me/upscaler", "--revision", name), "--revision")  # git refuses these branches
+                            for name in ("a..b", "x.lock", "a/", ".hidden", "a//b", "a/.b", "-x", "HEAD"))]:
         result = push(*args)
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
         lines = result.stderr.strip().splitlines()
