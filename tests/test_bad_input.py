@@ -400,6 +400,17 @@ def test_weights_finite_in_float64_but_not_in_float32_are_refused(tmp_path, chec
     one_error_line(result, "big.safetensors", "not all finite")
 
 
+def image_with_record(tmp_path, checkpoint, changes: dict) -> Path:
+    """tmp_path/bad.png, holding the record of a real upscale output with `changes` made to it."""
+    from PIL import Image, PngImagePlugin
+    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
+    assert run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out, "-q").exit_code == 0
+    info = PngImagePlugin.PngInfo()
+    info.add_text("refsr", json.dumps(json.loads(Image.open(out / "in_x2.png").info["refsr"]) | changes))
+    Image.new("RGB", (4, 4)).save(tmp_path / "bad.png", pnginfo=info)
+    return tmp_path / "bad.png"
+
+
 @pytest.mark.parametrize("changes, key", [({"temperature": float("nan")}, "temperature"),
                                           ({"temperature": float("inf")}, "temperature"),
                                           ({"temperature": 1e308}, "temperature"),
@@ -414,15 +425,9 @@ def test_weights_finite_in_float64_but_not_in_float32_are_refused(tmp_path, chec
                                            "walk end"),
                                           ({"command": "sample", "seeds": [1, -2]}, "seeds")])
 def test_info_refuses_records_whose_numbers_no_flag_takes(tmp_path, checkpoint, changes, key):
-    from PIL import Image, PngImagePlugin
-    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
-    assert run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out, "-q").exit_code == 0
-    record = json.loads(Image.open(out / "in_x2.png").info["refsr"]) | changes
-    info = PngImagePlugin.PngInfo()
-    info.add_text("refsr", json.dumps(record))
-    Image.new("RGB", (4, 4)).save(tmp_path / "bad.png", pnginfo=info)
+    bad = image_with_record(tmp_path, checkpoint, changes)
     for extra in ((), ("--json",)):
-        result = run("info", tmp_path / "bad.png", *extra)
+        result = run("info", bad, *extra)
         assert result.exit_code == 1 and result.stdout == ""
         one_error_line(result, "bad.png", key)
 
@@ -576,14 +581,7 @@ def test_resume_at_or_past_its_steps_says_so(tmp_path):
     ({"input": ""}, "'input' is empty"),
 ])
 def test_info_refuses_records_no_command_line_writes(tmp_path, checkpoint, changes, fragment):
-    from PIL import Image, PngImagePlugin
-    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
-    assert run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out, "-q").exit_code == 0
-    record = json.loads(Image.open(out / "in_x2.png").info["refsr"]) | changes
-    info = PngImagePlugin.PngInfo()
-    info.add_text("refsr", json.dumps(record))
-    Image.new("RGB", (4, 4)).save(tmp_path / "bad.png", pnginfo=info)
-    result = run("info", tmp_path / "bad.png")
+    result = run("info", image_with_record(tmp_path, checkpoint, changes))
     assert result.exit_code == 1
     one_error_line(result, "bad.png", fragment)
 
