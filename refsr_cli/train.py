@@ -191,18 +191,35 @@ def refsr_safetensors(path: Path) -> bool:
 @contextmanager
 def run_lock(out: Path):
     """One training run at a time in a folder: an exclusive lock (released by the kernel when the process dies, so a
-    killed run never blocks the next), held from the check of what --out holds to the last save."""
+    killed run never blocks the next), held from the check of what --out holds to the last save. The lock file is
+    removed at the end; a run that locked it just before is told by its inode, which is then no longer the path's."""
     import fcntl
+    import os
+    import stat
     path = out / ".refsr-train.lock"
-    with open(path, "a") as lock:
+    busy = RefsrError(f"--out {out}: another refsr train is running there")
+    try:  # not through a link, and never waiting on a FIFO
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        raise RefsrError(f"--out {out}: cannot take the run's lock {path.name} ({e.strerror or e})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RefsrError(f"--out {out}: {path.name} is not a regular file")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise RefsrError(f"--out {out}: another refsr train is running there") from None
+            raise busy from None
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+                raise busy  # the run that held it removed it meanwhile: a newer run may hold the path's file
+        except FileNotFoundError:
+            raise busy from None
         try:
             yield
         finally:
             path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def start_distributed(device: torch.device):
@@ -304,8 +321,8 @@ def set_learning_rate(optimizers, opt: TrainOptions, step: int) -> None:
 def open_log(path: Path, step: int, resumed: bool):
     """log.jsonl for appending; on resume, the rows after the checkpoint's step are dropped (they are redone), and so
     is a row cut short by a kill or a full disk."""
-    if path.exists() and not path.is_file():  # a FIFO would be waited on forever
-        raise RefsrError(f"{path}: not a regular file")
+    if path.is_symlink() or path.exists() and not path.is_file():  # a FIFO would be waited on forever, a link
+        raise RefsrError(f"{path}: not a regular file")                # written through (into a data folder)
     if resumed and path.exists():
         def kept(row: str) -> bool:
             try:

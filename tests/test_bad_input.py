@@ -605,3 +605,23 @@ def test_one_bad_eval_image_or_empty_name_is_one_line(tmp_path, checkpoint, monk
     result = run("upscale", "", "--scale", 2, "--weights", checkpoint, "-o", "out")
     assert result.exit_code != 0 and "an empty name" in result.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+# --- the third sweep ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "log-link"])
+def test_train_refuses_a_lock_or_log_that_is_not_a_plain_file(tmp_path, checkpoint, kind):
+    import os
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    if kind == "fifo":
+        os.mkfifo(out / ".refsr-train.lock")
+    elif kind == "folder":
+        (out / ".refsr-train.lock").mkdir()
+    else:
+        (out / "log.jsonl").symlink_to(tmp_path / "elsewhere" / "p9.png")  # dangling
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2))
+    assert result.exit_code == 2, result.output
+    one_error_line(result)
+    assert list((tmp_path / "elsewhere").iterdir()) == []
