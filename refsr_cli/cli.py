@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -61,7 +62,6 @@ def parse_scales(value: str) -> tuple:
 def parse_shard(value: str | None):
     if value is None:
         return None
-    import re
     if not re.fullmatch(r"[0-9]+/[0-9]+", value):  # ASCII digits: int() also reads other scripts' digits
         raise click.BadParameter(f"{value!r}: give K/N, as in 0/4")
     k, n = (int(v) for v in value.split("/"))

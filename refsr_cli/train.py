@@ -9,11 +9,13 @@ gradients are averaged over the ranks before each step (gloo on the CPU, NCCL on
 and validates.
 """
 import contextlib
+import fcntl
 import json
 import math
+import os
 import re
+import stat
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -188,14 +190,11 @@ def refsr_safetensors(path: Path) -> bool:
     return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") in (FORMAT, STATE_FORMAT)
 
 
-@contextmanager
+@contextlib.contextmanager
 def run_lock(out: Path):
     """One training run at a time in a folder: an exclusive lock (released by the kernel when the process dies, so a
     killed run never blocks the next), held from the check of what --out holds to the last save. The lock file is
     removed at the end; a run that locked it just before is told by its inode, which is then no longer the path's."""
-    import fcntl
-    import os
-    import stat
     path = out / ".refsr-train.lock"
     busy = RefsrError(f"--out {out}: another refsr train is running there")
     try:  # not through a link, and never waiting on a FIFO
