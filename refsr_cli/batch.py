@@ -137,6 +137,8 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
               "format": {"jpeg": "jpg", "tif": "tiff"}.get(ext[1:].lower(), ext[1:].lower())}
     plan = Plan(opt, command, upscaler, folder, single, ext, [], record=record,
                 passed_in={p.resolve() for p in lr_paths + ref_paths + [upscaler.weights_path]})
+    if single is not None and single.resolve() in plan.passed_in:
+        raise RefsrError(f"-o {single} is an input of this run; refsr never overwrites its inputs")
     latents = Latents(upscaler, opt.texture, opt.strength)
     if seeds is not None and not ref_paths:
         plan.variants = [Variant(f"s{seed}", {"seed": seed}, latents.prior(seed, opt.temperature))

@@ -26,7 +26,7 @@ def atomic_path(path, replace: bool = True):
     (AppearedMeanwhile) when a file of that name appeared meanwhile (another process writing into the same folder):
     a check made before the work began cannot see it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{short_stem(path)}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -40,6 +40,16 @@ def atomic_path(path, replace: bool = True):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+NAME_MAX = 255  # bytes in one file name: Linux's, macOS's and Windows' file systems alike
+
+
+def short_stem(path: Path) -> str:
+    """The stem of the temporary name of `path` (".{stem}.XXXXXXXX{suffix}.tmp"), cut so that the temporary name
+    fits in a file name wherever `path` itself does (a 250-byte stem). Cut by bytes, never within a character."""
+    room = NAME_MAX - len(f"..XXXXXXXX{path.suffix}.tmp".encode())
+    return path.stem.encode()[:max(room, 1)].decode(errors="ignore")
 
 
 def publish_exclusively(tmp: str, path: Path) -> None:

@@ -2,6 +2,7 @@
 CMYK, 16-bit PNG, EXIF orientation, ICC profiles, animations), and writing results atomically in the same kind."""
 import glob
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -80,16 +81,22 @@ def expand_inputs(specs, skip_outputs: bool = False) -> list:
 
 
 def unique_stems(paths) -> list:
-    """A file-name-safe name for each path: its stem; where stems collide, the parent folders joined to it until
-    unique; where even that is not enough (a.png and a.jpg side by side), the suffix, then a counter."""
-    parts = [p.resolve().parts[1:] for p in paths]  # [1:]: never the root, which would make an absolute name
+    """A file-name-safe name for each path: its stem; where stems collide, the nearest parent folders that tell
+    them apart joined to it (day/beach.png and night/beach.png: day-beach, night-beach), never the folders they share,
+    so that a name does not depend on where the files are mounted; where no folder tells them apart (a.png and a.jpg
+    side by side), the suffix; then a counter."""
     names = [p.stem for p in paths]
-    for depth in range(1, 1 + max((len(x) for x in parts), default=0)):
-        if len(set(names)) == len(names):
-            return names
-        counts = {n: names.count(n) for n in names}
-        names = [n if counts[n] == 1 else "-".join(x[-depth - 1:-1] + (p.stem,))
-                 for n, x, p in zip(names, parts, paths)]
+    for stem in {n for n in names if names.count(n) > 1}:
+        group = [i for i, n in enumerate(names) if n == stem]
+        folders = [paths[i].resolve().parent.parts for i in group]
+        shared = len(os.path.commonprefix(folders))
+        folders = [f[shared:] for f in folders]
+        for depth in range(1, 1 + max(len(f) for f in folders)):
+            tagged = ["-".join(f[max(len(f) - depth, 0):] + (stem,)) for f in folders]
+            if len(set(tagged)) == len(tagged):
+                break
+        for i, f in zip(group, folders):
+            names[i] = "-".join(f[max(len(f) - depth, 0):] + (stem,)) if f else stem
     names = [f"{n}-{p.suffix.lstrip('.')}" if names.count(n) > 1 else n for n, p in zip(names, paths)]
     seen = {}
     for i, n in enumerate(names):

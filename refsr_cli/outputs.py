@@ -3,10 +3,12 @@ reference's stem, sSEED, walkNNN, match), _sheet, _match_map and _walk for the s
 before anything is written, which of them are written: never an input, never two outputs of one name, an existing
 file kept unless --overwrite (skipped with --skip-existing), an animation only of frames this run verified."""
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RefsrError
+from .files import NAME_MAX
 from .images import IMAGE_SUFFIXES, output_format
 from .provenance import read_provenance
 
@@ -61,9 +63,12 @@ def outputs_of(plan, stem: str) -> list:
     opt = plan.opt
     outputs = output_names(plan, stem)
     for output in outputs:
+        if len(output.path.name.encode()) > NAME_MAX:
+            raise RefsrError(f"{output.path}: a name of {len(output.path.name.encode())} bytes, more than the {NAME_MAX} "
+                             "a file name may hold; rename the input, or give -o FILE")
         if output.path.resolve() in plan.passed_in:
             raise RefsrError(f"{output.path} is an input of this run; refsr never overwrites its inputs")
-        if output.path.exists():
+        if os.path.lexists(output.path):  # a dangling link too: replaced only with --overwrite, as a file is
             if opt.skip_existing:
                 output.todo = False
             elif not opt.overwrite:

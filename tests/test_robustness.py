@@ -376,7 +376,7 @@ def test_an_input_is_never_overwritten(tmp_path, checkpoint):
     lr = write_png(tmp_path / "x.png")
     before = lr.read_bytes()
     result = run("upscale", lr, "--scale", "2", "--weights", checkpoint, "-o", lr, "--overwrite")
-    assert result.exit_code == 1 and "is an input of this run" in result.stderr
+    assert result.exit_code == 2 and "is an input of this run" in result.stderr
     assert lr.read_bytes() == before
 
 
