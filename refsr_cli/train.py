@@ -47,12 +47,11 @@ def fit(opt: TrainOptions, progress=None):
     if rank == 0:
         make_run_folder(opt.out)
     with run_lock(opt.out) if rank == 0 else contextlib.nullcontext():
-        if rank == 0:
-            claim_run_folder(opt, state_path)
-        return run(opt, rank, world, device, state_path, progress)
+        claimed = claim_run_folder(opt, state_path) if rank == 0 else None
+        return run(opt, rank, world, device, state_path, progress, claimed)
 
 
-def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, progress):
+def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, progress, claimed):
     """The stage, the optimizer, and the loop over the steps (fit() has checked and claimed the run folder)."""
     state = load_training_state(state_path, recipe(opt)) if opt.resume else None
     stage = STAGES[opt.stage](opt, device, rank, state)
@@ -72,9 +71,11 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
         if bad is not None:  # a step that diverged: the last checkpoint saved stays the run's
             raise RefsrError(f"step {step}: the weights are no longer finite numbers ({bad}); nothing was saved and "
                              "the last checkpoint is kept: lower --learning-rate")
+        claimed.check(step)
         # The training state first: --resume reads only it, so a kill between the writes loses nothing.
         save_training_state(state_path, stage, step, optimizer, scaler, recipe(opt))
         stage.export(step)
+        claimed.saved()
 
     try:
         for step in range(start, opt.steps):
@@ -109,21 +110,24 @@ def check_run_folder(opt: TrainOptions, state_path: Path) -> None:
     inputs = {Path(p).resolve() for p in [*opt.data, *(opt.refs or []), opt.val] if p is not None}
     if opt.out.resolve() in inputs:
         raise RefsrError(f"--out {opt.out} is a folder of this run's images; give the run a folder of its own")
-    written = {state_path, opt.out / "last.safetensors", *(opt.out / f"x{s}.safetensors" for s in opt.scales),
-               opt.out / "log.jsonl"}
-    clash = [p for p in opt.init or [] if Path(p).resolve() in {w.resolve() for w in written}]
+    clash = [p for p in opt.init or [] if Path(p).resolve() in {w.resolve() for w in run_files(opt, state_path)}]
     if clash:
         raise RefsrError(f"--init {clash[0]}: this run would write over it; copy it out of {opt.out} first")
     if opt.resume and not state_path.is_file():
         raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
 
 
-def claim_run_folder(opt: TrainOptions, state_path: Path) -> None:
+def run_files(opt: TrainOptions, state_path: Path) -> list:
+    """What a run writes in --out: its training state, its checkpoints (either stage's), its log."""
+    return [state_path, opt.out / "last.safetensors", *(opt.out / f"x{s}.safetensors" for s in opt.scales),
+            opt.out / "log.jsonl"]
+
+
+def claim_run_folder(opt: TrainOptions, state_path: Path) -> "Claimed":
     """Under the run's lock: refuse an --out holding a run (any checkpoint, or a log alone: a run killed before its
     first save, or the user's) without --resume or --overwrite; clear what a fresh --overwrite replaces, and the
-    temporary files a killed run of ours left."""
-    written = [state_path, opt.out / "last.safetensors", *(opt.out / f"x{s}.safetensors" for s in opt.scales),
-               opt.out / "log.jsonl"]
+    temporary files a killed run of ours left. Returns the run's files as claimed."""
+    written = run_files(opt, state_path)
     if not opt.resume and not opt.overwrite:
         held = [p for p in sorted(written) if p.exists()]
         if held:
@@ -133,6 +137,34 @@ def claim_run_folder(opt: TrainOptions, state_path: Path) -> None:
         state_path.unlink(missing_ok=True)
         (opt.out / "log.jsonl").unlink(missing_ok=True)
     remove_stale_temporaries(opt.out)
+    return Claimed(written[:-1])  # not the log, which the run appends to
+
+
+class Claimed:
+    """The run's checkpoints and state as it last saved them (or found them, when it claimed the folder). One that
+    differs at the next save was written by another process meanwhile (the run lock keeps out only refsr's): it is
+    kept, and the run stops rather than replace it."""
+
+    def __init__(self, paths: list):
+        self.seen = {p: identity(p) for p in paths}
+
+    def check(self, step: int) -> None:
+        for path, seen in self.seen.items():
+            if identity(path) != seen:
+                raise RefsrError(f"{path} changed while this run trained (another process wrote it?); it is kept and "
+                                 f"the run stops before saving step {step}: move it away, then --resume")
+
+    def saved(self) -> None:
+        self.seen = {p: identity(p) for p in self.seen}
+
+
+def identity(path: Path):
+    """Which file stands at `path`, as far as a save can tell: None for none, else inode, size and mtime."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def resume(state: dict, optimizer, scaler, critic) -> int:
