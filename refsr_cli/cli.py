@@ -1,4 +1,5 @@
 """The `refsr` command. Only click is imported at the top: `refsr --help` must not pay for importing torch."""
+import errno
 import json
 import math
 import os
@@ -37,19 +38,51 @@ class Finite(click.ParamType):
         return number + 0.0  # -0.0 is 0 (and is recorded as 0)
 
 
+class OutPath(click.Path):
+    """-o: a folder or a file. Not "-" (images are not written to stdout) nor "" (which Path reads as the current
+    folder)."""
+
+    def __init__(self):
+        super().__init__(path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if str(value) in ("-", ""):
+            self.fail(f"{str(value)!r}: give a folder or a file name (refsr does not write images to stdout)",
+                      param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class Commands(click.Group):
-    """refsr's command group: a usage error (a bad flag or value) is one line and exit 2, as every other error."""
+    """refsr's command group: a usage error (a bad flag or value) is one line and exit 2, as every other error;
+    standard output that cannot be written (`| head`, a full disk) ends the run without a traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from .report import StdoutClosed, error_line, stdout_lost
         try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            try:
+                return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            finally:
+                if sys.stdout is not None:
+                    sys.stdout.flush()  # here, not at the interpreter's exit, where a failure is a traceback
+        except NO_ARGS_IS_HELP as e:  # `refsr` alone: the help, as it is laid out, not folded into an error line
+            click.echo(e.ctx.get_help(), err=True)
+            sys.exit(2)
         except click.UsageError as e:
-            message = " ".join(e.format_message().split())
-            click.echo(f"refsr: error: {message}", err=True)
+            error_line(" ".join(e.format_message().split()))
             sys.exit(2)
         except click.Abort:
-            click.echo("refsr: error: interrupted", err=True)
+            error_line("interrupted")
             sys.exit(130)
+        except StdoutClosed as e:
+            sys.exit(stdout_lost(e.error))
+        except OSError as e:  # click's --help and --version write stdout themselves; refsr's own writes are wrapped
+            if e.filename is not None or e.errno not in STDOUT_ERRORS:
+                raise
+            sys.exit(stdout_lost(e))
+
+
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click 8.2 on; older ones print the help
+STDOUT_ERRORS = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
 
 
 def parse_scales(value: str) -> tuple:
@@ -71,7 +104,8 @@ def parse_shard(value: str | None):
 
 
 def fail(message: str, code: int = 2):
-    click.echo(f"refsr: error: {message}", err=True)
+    from .report import error_line
+    error_line(message)
     sys.exit(code)
 
 
@@ -133,7 +167,7 @@ def engine_options(f):
 def common_inference_options(f):
     """engine_options, and the flags of the commands that write images (upscale, sample, walk)."""
     return engine_options(decorated(f, [
-        click.option("-o", "--out", type=click.Path(path_type=Path), default=BATCH.out, show_default=True,
+        click.option("-o", "--out", type=OutPath(), default=BATCH.out, show_default=True,
                      help="Output folder (created if missing), or a file name (its extension sets the format) "
                           "when the run writes one image."),
         click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None,
@@ -320,8 +354,10 @@ def train(quiet, **options):
             last = run_training(opt)
         else:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.console import Console
+            err = Console(stderr=True)  # as every command's messages; no bar into a file or pipe
             with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          TextColumn("{task.fields[info]}")) as bar:
+                          TextColumn("{task.fields[info]}"), console=err, disable=not err.is_terminal) as bar:
                 task = bar.add_task("train", total=opt.steps, info="")
 
                 def report(step, total, losses, rate):
@@ -346,7 +382,7 @@ def train(quiet, **options):
     except Exception as e:  # a bug of ours: still one line
         fail(f"internal error, please report it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)
     if not quiet:
-        click.echo(f"wrote {last}")
+        to_stdout(f"wrote {one_line(last)}")
 
 
 @main.command()
@@ -383,6 +419,7 @@ def info(outputs, as_json):
     (with sha256), and the command that makes the same image again when run from the folder the original command
     ran in (it writes into the current folder; add -o to choose another)."""
     from .provenance import DamagedRecord, read_provenance, redo_command
+    from .report import error_line, one_line, to_stdout
     code = 0
     for path in outputs:
         try:
@@ -391,20 +428,20 @@ def info(outputs, as_json):
                 raise DamagedRecord("no refsr provenance (not an output of refsr)")
             command = redo_command(record)
         except DamagedRecord as e:
-            click.echo(f"refsr: error: {path}: {e}", err=True)
+            error_line(f"{path}: {e}")
             code = 1
             continue
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors of unreadable and foreign files
-            click.echo(f"refsr: error: {path}: not a readable image ({e})", err=True)
+            error_line(f"{path}: not a readable image ({e})")
             code = 1
             continue
         if as_json:
-            click.echo(json.dumps({"file": str(path), **record, "command": command}))
+            to_stdout(json.dumps({"file": str(path), **record, "command": command}))
             continue
-        click.echo(f"{path}")
+        to_stdout(one_line(path))
         for key, value in record.items():
-            click.echo(f"  {key:<18} {value}")
-        click.echo(f"  {'command':<18} {command}")
+            to_stdout(f"  {key:<18} {one_line(value)}")
+        to_stdout(f"  {'command':<18} {one_line(command)}")
     sys.exit(code)
 
 
@@ -435,7 +472,8 @@ def push(files, repo, revision, private, message, no_card, license_id):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
-    click.echo(url)
+    from .report import to_stdout
+    to_stdout(url)
 
 
 @main.command(name="eval")
@@ -477,6 +515,7 @@ def evaluate(baseline, json_path, scale, **options):
 
     from .errors import RefsrError
     from .evaluate import plan_evaluation
+    from .report import one_line
     engine = engine_settings(options)
     opt = EvalOptions(scale=int(scale), baseline=baseline == "bicubic", json=json_path, **asdict(engine), **options)
     try:
@@ -487,7 +526,7 @@ def evaluate(baseline, json_path, scale, **options):
                       console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("eval", total=len(evaluation.paths))
             # An image that fails is reported as it happens (above the bar, one line whatever the width).
-            report = lambda message: bar.console.print(f"refsr: error: {message}", markup=False, emoji=False,
+            report = lambda message: bar.console.print(f"refsr: error: {one_line(message)}", markup=False, emoji=False,
                                                        highlight=False, soft_wrap=True)
             result = evaluation.run(on_image=lambda name: bar.advance(task), on_error=report)
     except RefsrError as e:
@@ -498,21 +537,29 @@ def evaluate(baseline, json_path, scale, **options):
         if len(result["failed"]) == 1:
             sys.exit(2)
         fail(f"no image of {opt.hr_dir} could be measured")
-    print_evaluation(opt, evaluation.ref_paths, result)
-    if opt.json is not None:
-        from .evaluate import published_rows
-        from .files import atomic_path
-        text = json.dumps({"scale": opt.scale, "weights": opt.weights, "texture": opt.texture,
-                           "strength": opt.strength, "temperature": opt.temperature, "seed": opt.seed,
-                           "samples": opt.samples, "sample_temperature": opt.sample_temperature,
-                           "references": [str(p) for p in evaluation.ref_paths], "match_protocol": opt.match_protocol,
-                           **result, "published": published_rows(opt.hr_dir, opt.scale)}, indent=1)
-        try:
-            with atomic_path(opt.json, replace=opt.overwrite) as tmp:
-                Path(tmp).write_text(text)
-        except OSError as e:  # AppearedMeanwhile too: a file another process wrote there is kept
-            fail(f"{opt.json}: cannot write ({e.strerror or e})", 1)
+    try:
+        print_evaluation(opt, evaluation.ref_paths, result)
+    finally:  # the JSON file is written even when stdout is not (a full disk, `| head`)
+        write_evaluation(opt, evaluation.ref_paths, result)
     sys.exit(1 if result["failed"] else 0)
+
+
+def write_evaluation(opt, ref_paths: list, result: dict) -> None:
+    """eval's --json file, when asked for."""
+    if opt.json is None:
+        return
+    from .evaluate import published_rows
+    from .files import atomic_path
+    text = json.dumps({"scale": opt.scale, "weights": opt.weights, "texture": opt.texture,
+                       "strength": opt.strength, "temperature": opt.temperature, "seed": opt.seed,
+                       "samples": opt.samples, "sample_temperature": opt.sample_temperature,
+                       "references": [str(p) for p in ref_paths], "match_protocol": opt.match_protocol,
+                       **result, "published": published_rows(opt.hr_dir, opt.scale)}, indent=1)
+    try:
+        with atomic_path(opt.json, replace=opt.overwrite) as tmp:
+            Path(tmp).write_text(text)
+    except OSError as e:  # AppearedMeanwhile too: a file another process wrote there is kept
+        fail(f"{opt.json}: cannot write ({e.strerror or e})", 1)
 
 
 def print_evaluation(opt, ref_paths: list, result: dict) -> None:
@@ -521,6 +568,7 @@ def print_evaluation(opt, ref_paths: list, result: dict) -> None:
     from rich.table import Table
 
     from .evaluate import published_rows
+    from .report import to_stdout
     table = Table(title=f"x{opt.scale} on {opt.hr_dir}")
     columns = [("PSNR-Y", "psnr", ".2f"), ("SSIM-Y", "ssim", ".4f"), ("LPIPS", "lpips", ".4f"),
                ("LPIPS-vgg", "lpips_vgg", ".4f"), ("LR-PSNR", "lr_psnr", ".2f"), ("diversity", "diversity", ".2f"),
@@ -533,14 +581,17 @@ def print_evaluation(opt, ref_paths: list, result: dict) -> None:
         table.add_column(title, justify="left" if title in ("image", "method") else "right")
     for r in rows:
         table.add_row(r["image"], r["method"], *(format(r[k], f) if k in r else "" for _, k, f in columns))
-    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a file or pipe gets whole columns
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a file or pipe gets whole columns
+    with console.capture() as captured:  # then written as refsr's other results are (report.to_stdout)
+        console.print(table)
+    to_stdout(captured.get().rstrip("\n"))
     if opt.match_protocol is not None:
         fidelity = result["means"]["refsr"]
         for method, how in (("match", "--match"), ("protocol reference", "--ref without --match")):
             got = result["means"][method]
-            click.echo(f"{how} ({opt.match_protocol}) against the output without a reference: PSNR-Y "
+            to_stdout(f"{how} ({opt.match_protocol}) against the output without a reference: PSNR-Y "
                        f"{got['psnr'] - fidelity['psnr']:+.2f} dB, LPIPS {got['lpips'] - fidelity['lpips']:+.4f} "
                        f"({100 * (got['lpips'] / fidelity['lpips'] - 1):+.1f} %)")
     if len(ref_paths) >= 2:
-        click.echo(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}; by VGG16 "
+        to_stdout(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}; by VGG16 "
                    "feature statistics (what training's style term matches) and by AlexNet's (which no loss sees)")

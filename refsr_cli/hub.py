@@ -95,6 +95,9 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     except RepositoryNotFoundError:
         raise RefsrError(f"{where}: no such Hub repository (or it is private)") from None
     except (OSError, *http_client_errors()) as e:
+        if isinstance(e, OSError) and e.filename is not None:  # the cache's folder, not the network
+            raise RefsrError(f"{where}: cannot use the Hugging Face cache ({e.strerror}: {e.filename}); HF_HOME or "
+                             "HF_HUB_CACHE choose another folder") from None
         # The first line only: huggingface_hub's HTTP errors add lines of URL and request details.
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RefsrError(f"{where}: download failed ({reason}); set HF_HUB_OFFLINE=1 to use the cache only") from None

@@ -33,12 +33,22 @@ def read_provenance(path) -> dict | None:
     with Image.open(path) as im:
         text = embedded_text(im, PROVENANCE_KEY, 0x010E)  # PNG text chunk, EXIF ImageDescription, GIF comment
     try:
-        data = json.loads(text) if isinstance(text, str) else None
+        data = json.loads(text, parse_int=record_int) if isinstance(text, str) else None
+    except DamagedRecord:
+        raise
     except ValueError:
         return None
     except RecursionError:  # JSON nested thousands deep: not a record refsr wrote
         raise DamagedRecord("its refsr record is nested too deep to be one refsr wrote") from None
     return data if isinstance(data, dict) and "refsr" in data else None
+
+
+def record_int(digits: str) -> int:
+    """An integer of a record, refused past 40 digits (2^64 has 20): Python's int() refuses 4300 and more with a
+    ValueError that would read as 'no record at all'."""
+    if len(digits.lstrip("-")) > 40:
+        raise DamagedRecord(f"its refsr record holds a number of {len(digits)} digits, which no flag takes")
+    return int(digits)
 
 
 def embedded_text(im, png_key: str, exif_tag: int):

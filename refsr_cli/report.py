@@ -8,6 +8,50 @@ import signal
 import sys
 
 
+# Control characters (and Unicode's line breaks) as escapes, so that a file name holding a newline or a terminal
+# escape still gives one line of message: repr's spelling, \n or \x1b.
+ESCAPES = {c: repr(chr(c))[1:-1] for c in [*range(32), 127, 0x85, 0x2028, 0x2029]}
+
+
+def one_line(text: str) -> str:
+    return str(text).translate(ESCAPES)
+
+
+def error_line(message: str) -> None:
+    """refsr's one-line error on stderr."""
+    print(f"refsr: error: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+class StdoutClosed(BaseException):
+    """Standard output cannot be written: its reader is gone (`| head`) or its disk is full. Not a failure of the
+    file whose report it was, which is written: the run stops, as a program does whose output nobody reads
+    (a BaseException, so that no handler of one file's errors takes it)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror or str(error))
+        self.error = error
+
+
+def to_stdout(line: str) -> None:
+    """One line of refsr's results (JSON lines, info, a URL) on stdout, written through at once."""
+    try:
+        print(line, flush=True)
+    except OSError as e:
+        raise StdoutClosed(e) from None
+
+
+def stdout_lost(error: OSError) -> int:
+    """After stdout failed: point it at /dev/null, so that the interpreter's last flush cannot fail again, and say
+    why, except for a closed pipe (`| head`: what its reader wanted, and as quiet as any other tool). Returns the
+    exit code."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    if not isinstance(error, BrokenPipeError):
+        error_line(f"cannot write to standard output ({error.strerror or error})")
+    return 1
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the program is, so that the atomic writes clean up as they do for Ctrl-C."""
 
@@ -43,11 +87,12 @@ class Reporter:
         self.quiet, self.as_json = quiet, as_json
         self.counts = {"written": 0, "skipped": 0, "failed": 0}
         self.progress = None
-        if not quiet and not as_json:
-            from rich.console import Console
+        from rich.console import Console
+        console = Console(stderr=True)
+        if not quiet and not as_json and console.is_terminal:  # no bar into a file or pipe (it left a blank line)
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+                                     TimeElapsedColumn(), console=console, transient=True)
 
     def __enter__(self):
         if self.progress is not None:
@@ -60,9 +105,9 @@ class Reporter:
 
     def _print(self, line: str):
         if self.progress is not None:
-            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self.progress.console.print(one_line(line), markup=False, highlight=False, soft_wrap=True)
         else:
-            print(line, file=sys.stderr)
+            print(one_line(line), file=sys.stderr)
 
     def say(self, message: str):
         if not self.quiet:
@@ -82,7 +127,7 @@ class Reporter:
     def wrote(self, report: dict):
         self.counts["written"] += 1
         if self.as_json:
-            print(json.dumps(report), flush=True)
+            to_stdout(json.dumps(report))
         else:
             self.say(f"wrote {report['output']}")
 

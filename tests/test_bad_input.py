@@ -625,3 +625,152 @@ def test_train_refuses_a_lock_or_log_that_is_not_a_plain_file(tmp_path, checkpoi
     assert result.exit_code == 2, result.output
     one_error_line(result)
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+# --- the third sweep's rest ----------------------------------------------------------------------------------------
+
+def test_train_keeps_a_checkpoint_another_process_writes_while_it_runs(tmp_path, checkpoint, monkeypatch):
+    from refsr_cli.stages import TextureStage
+    real, steps = TextureStage.losses, []
+
+    def losses(self, step):
+        steps.append(step)
+        if step == 1:  # after step 1's save: someone else's file at the checkpoint's name
+            (tmp_path / "run" / "last.safetensors").write_bytes(b"someone else's weights")
+        return real(self, step)
+
+    monkeypatch.setattr(TextureStage, "losses", losses)
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2, "--steps", 3,
+                             "--save-every", 1))
+    assert result.exit_code == 2
+    one_error_line(result, "last.safetensors", "changed", "kept")
+    assert (tmp_path / "run" / "last.safetensors").read_bytes() == b"someone else's weights"
+    assert read_metadata(tmp_path / "run" / "last.state.safetensors")["step"] == "1"  # nor the state moved on
+
+
+def test_an_input_whose_name_fills_a_file_name_is_upscaled(tmp_path, checkpoint):
+    # 240 bytes of stem (in two-byte characters, cut by bytes never within one): the output's name fits in 255, and
+    # so must its temporary file's.
+    stem = "é" * 115 + "abcdefghij"
+    lr = write_png(tmp_path / f"{stem}.png")
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f"{stem}_x2.png"]
+    too_long = write_png(tmp_path / f"{'b' * 250}.png")  # b..b_x2.png would be 255 + 2 bytes
+    result = run("upscale", too_long, lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out2", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "257 bytes", "255")
+    assert [p.name for p in (tmp_path / "out2").iterdir()] == [f"{stem}_x2.png"]  # and the batch went on
+
+
+def test_colliding_stems_are_told_apart_by_the_folders_they_do_not_share(tmp_path, checkpoint):
+    from refsr_cli.images import unique_stems
+    for folder in ("x/day", "y/day", "z"):
+        (tmp_path / folder).mkdir(parents=True)
+        write_png(tmp_path / folder / "a.png")
+    write_png(tmp_path / "z" / "a.jpg")
+    paths = [tmp_path / "x/day/a.png", tmp_path / "y/day/a.png", tmp_path / "z/a.png", tmp_path / "z/a.jpg"]
+    assert unique_stems(paths) == ["x-day-a", "y-day-a", "z-a-png", "z-a-jpg"]  # never tmp_path's folders
+    assert unique_stems([tmp_path / "z/a.png", tmp_path / "z/a.jpg"]) == ["a-png", "a-jpg"]
+
+
+@pytest.mark.parametrize("args", [("info", "{output}"), ("info", "--json", "{output}"), ("--help",), ("eval", "--help"),
+                                  ("--version",), ("upscale", "{lr}", "--json", "-o", "{out}")])
+def test_stdout_on_a_full_disk_is_one_line_and_no_traceback(tmp_path, checkpoint, args):
+    import subprocess
+    import sys
+    lr = write_png(tmp_path / "in.png")
+    made = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "made", "-q")
+    assert made.exit_code == 0
+    words = [a.format(output=tmp_path / "made" / "in_x2.png", lr=lr, out=tmp_path / "out") for a in args]
+    if words[0] == "upscale":
+        words += ["--scale", "2", "--weights", str(checkpoint)]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "refsr_cli", *words], stdout=full, stderr=subprocess.PIPE,
+                                text=True)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == "refsr: error: cannot write to standard output (No space left on device)"
+    if words[0] == "upscale":  # what was written stays written
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["in_x2.png"]
+
+
+def test_a_closed_pipe_stops_a_batch_quietly_and_keeps_what_was_written(tmp_path, checkpoint):
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        write_png(tmp_path / "in" / f"{name}.png")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line (`| head -0`)
+    result = subprocess.run([sys.executable, "-m", "refsr_cli", "upscale", str(tmp_path / "in"), "--json",
+                             "--scale", "2", "--weights", str(checkpoint), "-o", str(tmp_path / "out")],
+                            stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    assert result.returncode == 1 and result.stderr == ""  # as quiet as any tool whose reader left
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_x2.png"]  # written, and not called a failure
+    again = run("upscale", tmp_path / "in", "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out",
+                "--skip-existing", "-q")
+    assert again.exit_code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x2.png", "b_x2.png"]
+
+
+def test_names_holding_a_newline_give_one_line_errors(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "two\nlines.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "two\nlines_x2.png").write_bytes(b"kept")
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "two\\nlines_x2.png", "exists")
+    result = run("upscale", tmp_path / "no\nsuch.png", "--scale", 2, "--weights", checkpoint, "-q")
+    one_error_line(result, "no\\nsuch.png")
+    result = run("info", tmp_path / "out" / "two\nlines_x2.png")
+    one_error_line(result, "two\\nlines_x2.png")
+
+
+@pytest.mark.parametrize("out", ["-", ""])
+def test_an_output_that_names_no_file_is_refused(tmp_path, checkpoint, out):
+    lr = write_png(tmp_path / "in.png")
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out)
+    assert result.exit_code == 2
+    one_error_line(result, "-o")
+
+
+def test_a_dangling_link_at_an_output_name_is_an_existing_output(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "in_x2.png").symlink_to(tmp_path / "nowhere.png")
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "in_x2.png exists", "--overwrite")
+    assert not (tmp_path / "nowhere.png").exists()
+
+
+def test_a_record_holding_a_number_past_int_conversion_is_a_damaged_record(tmp_path, checkpoint):
+    from PIL import Image, PngImagePlugin
+    bad = image_with_record(tmp_path, checkpoint, {"seed": 7})
+    info = PngImagePlugin.PngInfo()  # 6000 digits: json.dumps itself cannot write it, int() cannot read it
+    info.add_text("refsr", Image.open(bad).info["refsr"].replace('"seed": 7', '"seed": ' + "9" * 6000))
+    Image.new("RGB", (4, 4)).save(bad, pnginfo=info)
+    result = run("info", bad)
+    assert result.exit_code == 1
+    one_error_line(result, "bad.png", "6000 digits")
+
+
+def test_a_hugging_face_cache_that_cannot_be_a_folder_is_named_as_the_cache(tmp_path):
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "hf").write_text("a file where the cache's folder would be")
+    lr = write_png(tmp_path / "in.png")
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-m", "refsr_cli", "upscale", str(lr), "--weights", "someone/model",
+                             "--scale", "2", "-o", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Hugging Face cache" in result.stderr and "HF_HOME" in result.stderr
+    assert "HF_HUB_OFFLINE" not in result.stderr  # which would not help
+
+
+def test_refsr_alone_shows_its_help_laid_out(tmp_path):
+    result = run()
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Usage: ") and "\n  upscale " in result.stderr  # (CliRunner calls it main)
