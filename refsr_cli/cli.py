@@ -353,8 +353,8 @@ def train(quiet, **options):
         if quiet:
             last = run_training(opt)
         else:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             err = Console(stderr=True)  # as every command's messages; no bar into a file or pipe
             with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                           TextColumn("{task.fields[info]}"), console=err, disable=not err.is_terminal) as bar:
@@ -526,8 +526,8 @@ def evaluate(baseline, json_path, scale, **options):
                       console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("eval", total=len(evaluation.paths))
             # An image that fails is reported as it happens (above the bar, one line whatever the width).
-            report = lambda message: bar.console.print(f"refsr: error: {one_line(message)}", markup=False, emoji=False,
-                                                       highlight=False, soft_wrap=True)
+            report = lambda message: bar.console.print(f"refsr: error: {one_line(message)}", markup=False,
+                                                       emoji=False, highlight=False, soft_wrap=True)
             result = evaluation.run(on_image=lambda name: bar.advance(task), on_error=report)
     except RefsrError as e:
         fail(str(e))
@@ -590,8 +590,8 @@ def print_evaluation(opt, ref_paths: list, result: dict) -> None:
         for method, how in (("match", "--match"), ("protocol reference", "--ref without --match")):
             got = result["means"][method]
             to_stdout(f"{how} ({opt.match_protocol}) against the output without a reference: PSNR-Y "
-                       f"{got['psnr'] - fidelity['psnr']:+.2f} dB, LPIPS {got['lpips'] - fidelity['lpips']:+.4f} "
-                       f"({100 * (got['lpips'] / fidelity['lpips'] - 1):+.1f} %)")
+                      f"{got['psnr'] - fidelity['psnr']:+.2f} dB, LPIPS {got['lpips'] - fidelity['lpips']:+.4f} "
+                      f"({100 * (got['lpips'] / fidelity['lpips'] - 1):+.1f} %)")
     if len(ref_paths) >= 2:
         to_stdout(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}; by VGG16 "
-                   "feature statistics (what training's style term matches) and by AlexNet's (which no loss sees)")
+                  "feature statistics (what training's style term matches) and by AlexNet's (which no loss sees)")

@@ -91,12 +91,11 @@ def unique_stems(paths) -> list:
         folders = [paths[i].resolve().parent.parts for i in group]
         shared = len(os.path.commonprefix(folders))
         folders = [f[shared:] for f in folders]
-        for depth in range(1, 1 + max(len(f) for f in folders)):
-            tagged = ["-".join(f[max(len(f) - depth, 0):] + (stem,)) for f in folders]
-            if len(set(tagged)) == len(tagged):
-                break
-        for i, f in zip(group, folders):
-            names[i] = "-".join(f[max(len(f) - depth, 0):] + (stem,)) if f else stem
+        tagged = lambda depth: ["-".join(f[len(f) - min(depth, len(f)):] + (stem,)) for f in folders]
+        deepest = max(len(f) for f in folders)
+        depth = next((d for d in range(1, deepest) if len(set(tagged(d))) == len(group)), deepest)
+        for i, name in zip(group, tagged(depth)):
+            names[i] = name
     names = [f"{n}-{p.suffix.lstrip('.')}" if names.count(n) > 1 else n for n, p in zip(names, paths)]
     seen = {}
     for i, n in enumerate(names):

@@ -64,8 +64,8 @@ def outputs_of(plan, stem: str) -> list:
     outputs = output_names(plan, stem)
     for output in outputs:
         if len(output.path.name.encode()) > NAME_MAX:
-            raise RefsrError(f"{output.path}: a name of {len(output.path.name.encode())} bytes, more than the {NAME_MAX} "
-                             "a file name may hold; rename the input, or give -o FILE")
+            raise RefsrError(f"{output.path}: a name of {len(output.path.name.encode())} bytes, more than the "
+                             f"{NAME_MAX} a file name may hold; rename the input, or give -o FILE")
         if output.path.resolve() in plan.passed_in:
             raise RefsrError(f"{output.path} is an input of this run; refsr never overwrites its inputs")
         if os.path.lexists(output.path):  # a dangling link too: replaced only with --overwrite, as a file is

@@ -123,6 +123,13 @@ def run_files(opt: TrainOptions, state_path: Path) -> list:
             opt.out / "log.jsonl"]
 
 
+def saved_files(opt: TrainOptions, state_path: Path) -> list:
+    """What this run's saves write: its training state and its stage's checkpoints."""
+    checkpoints = ([opt.out / f"x{s}.safetensors" for s in opt.scales] if opt.stage == "trunk"
+                   else [opt.out / "last.safetensors"])
+    return [state_path, *checkpoints]
+
+
 def claim_run_folder(opt: TrainOptions, state_path: Path) -> "Claimed":
     """Under the run's lock: refuse an --out holding a run (any checkpoint, or a log alone: a run killed before its
     first save, or the user's) without --resume or --overwrite; clear what a fresh --overwrite replaces, and the
@@ -137,7 +144,7 @@ def claim_run_folder(opt: TrainOptions, state_path: Path) -> "Claimed":
         state_path.unlink(missing_ok=True)
         (opt.out / "log.jsonl").unlink(missing_ok=True)
     remove_stale_temporaries(opt.out)
-    return Claimed(written[:-1])  # not the log, which the run appends to
+    return Claimed(saved_files(opt, state_path))
 
 
 class Claimed:
