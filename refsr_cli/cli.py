@@ -57,7 +57,7 @@ class Commands(click.Group):
     standard output that cannot be written (`| head`, a full disk) ends the run without a traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        from .report import StdoutClosed, error_line, stdout_lost
+        from .report import StdoutClosed, error_line, stdout_lost, to_stderr
         try:
             try:
                 return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -65,7 +65,7 @@ class Commands(click.Group):
                 if sys.stdout is not None:
                     sys.stdout.flush()  # here, not at the interpreter's exit, where a failure is a traceback
         except NO_ARGS_IS_HELP as e:  # `refsr` alone: the help, as it is laid out, not folded into an error line
-            click.echo(e.ctx.get_help(), err=True)
+            to_stderr(e.ctx.get_help())
             sys.exit(2)
         except click.UsageError as e:
             error_line(" ".join(e.format_message().split()))
@@ -82,7 +82,7 @@ class Commands(click.Group):
 
 
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click 8.2 on; older ones print the help
-STDOUT_ERRORS = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
+STDOUT_ERRORS = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EBADF)
 
 
 def parse_scales(value: str) -> tuple:
@@ -346,7 +346,7 @@ def train(quiet, **options):
     quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
     import signal
 
-    from .report import Terminated, on_sigterm
+    from .report import Terminated, on_sigterm, say_line
     signal.signal(signal.SIGTERM, on_sigterm)  # as Ctrl-C: the save in progress finishes or leaves no temporary file
     try:
         opt = TrainOptions(**options)
@@ -363,7 +363,7 @@ def train(quiet, **options):
                 def report(step, total, losses, rate):
                     val = {k: v for k, v in losses.items() if k.startswith("val_")}
                     if val:
-                        bar.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                        say_line(bar, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
                     info = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k not in val)
                     bar.update(task, completed=step, info=info + f" | {rate:.2f} step/s")
                 last = run_training(opt, report)
@@ -515,7 +515,7 @@ def evaluate(baseline, json_path, scale, **options):
 
     from .errors import RefsrError
     from .evaluate import plan_evaluation
-    from .report import one_line
+    from .report import say_line
     engine = engine_settings(options)
     opt = EvalOptions(scale=int(scale), baseline=baseline == "bicubic", json=json_path, **asdict(engine), **options)
     try:
@@ -526,8 +526,7 @@ def evaluate(baseline, json_path, scale, **options):
                       console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("eval", total=len(evaluation.paths))
             # An image that fails is reported as it happens (above the bar, one line whatever the width).
-            report = lambda message: bar.console.print(f"refsr: error: {one_line(message)}", markup=False,
-                                                       emoji=False, highlight=False, soft_wrap=True)
+            report = lambda message: say_line(bar, f"refsr: error: {message}")
             result = evaluation.run(on_image=lambda name: bar.advance(task), on_error=report)
     except RefsrError as e:
         fail(str(e))

@@ -2,6 +2,7 @@
 the counts of the summary line; and SIGINT and SIGTERM held while a file is written and reported, so that the two
 never part."""
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -19,13 +20,44 @@ def one_line(text: str) -> str:
 
 def error_line(message: str) -> None:
     """refsr's one-line error on stderr."""
-    print(f"refsr: error: {one_line(message)}", file=sys.stderr, flush=True)
+    to_stderr(f"refsr: error: {one_line(message)}")
+
+
+def to_stderr(line: str) -> None:
+    """A message on stderr. Where stderr cannot be written (2>&-), there is nowhere to say anything: the message is
+    dropped and the work goes on; the exit code still tells."""
+    if sys.stderr is None:  # (print would write to stdout instead)
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        to_devnull(sys.stderr)
+
+
+def say_line(progress, line: str) -> None:
+    """One line of message on stderr: above the live progress bar where one is shown (on a terminal), else plain."""
+    if progress is not None and not progress.disable:
+        progress.console.print(one_line(line), markup=False, highlight=False, emoji=False, soft_wrap=True)
+    else:
+        to_stderr(one_line(line))
+
+
+def to_devnull(stream) -> None:
+    """A standard stream's descriptor pointed at /dev/null, so that the interpreter's last flush of what is left in
+    its buffer cannot fail (a traceback, and exit code 120)."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):  # not a file (a test's captured stream)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 class StdoutClosed(BaseException):
-    """Standard output cannot be written: its reader is gone (`| head`) or its disk is full. Not a failure of the
-    file whose report it was, which is written: the run stops, as a program does whose output nobody reads
-    (a BaseException, so that no handler of one file's errors takes it)."""
+    """Standard output cannot be written: its reader is gone (`| head`), its disk is full, it is closed. Not a
+    failure of the file whose report it was, which is written: the run stops, as a program does whose output nobody
+    reads (a BaseException, so that no handler of one file's errors takes it)."""
 
     def __init__(self, error: OSError):
         super().__init__(error.strerror or str(error))
@@ -34,6 +66,8 @@ class StdoutClosed(BaseException):
 
 def to_stdout(line: str) -> None:
     """One line of refsr's results (JSON lines, info, a URL) on stdout, written through at once."""
+    if sys.stdout is None:  # started with stdout closed (>&-)
+        raise StdoutClosed(OSError(errno.EBADF, "it is closed"))
     try:
         print(line, flush=True)
     except OSError as e:
@@ -41,12 +75,10 @@ def to_stdout(line: str) -> None:
 
 
 def stdout_lost(error: OSError) -> int:
-    """After stdout failed: point it at /dev/null, so that the interpreter's last flush cannot fail again, and say
-    why, except for a closed pipe (`| head`: what its reader wanted, and as quiet as any other tool). Returns the
-    exit code."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    """After stdout failed: say why, except for a closed pipe (`| head`: what its reader wanted, and as quiet as any
+    other tool). Returns the exit code."""
+    if sys.stdout is not None:
+        to_devnull(sys.stdout)
     if not isinstance(error, BrokenPipeError):
         error_line(f"cannot write to standard output ({error.strerror or error})")
     return 1
@@ -104,10 +136,7 @@ class Reporter:
             self.progress.stop()
 
     def _print(self, line: str):
-        if self.progress is not None:
-            self.progress.console.print(one_line(line), markup=False, highlight=False, soft_wrap=True)
-        else:
-            print(one_line(line), file=sys.stderr)
+        say_line(self.progress, line)
 
     def say(self, message: str):
         if not self.quiet:

@@ -774,3 +774,25 @@ def test_refsr_alone_shows_its_help_laid_out(tmp_path):
     result = run()
     assert result.exit_code == 2
     assert result.stderr.startswith("Usage: ") and "\n  upscale " in result.stderr  # (CliRunner calls it main)
+
+
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_closed_stdout_or_stderr_is_no_traceback_and_the_work_is_done(tmp_path, checkpoint, closed):
+    import os
+    import subprocess
+    import sys
+    lr = write_png(tmp_path / "in.png")
+    log = tmp_path / "what-it-said.txt"  # the other stream, kept open, to see what was said
+    with open(log, "w") as other:
+        result = subprocess.run([sys.executable, "-m", "refsr_cli", "upscale", str(lr), "--scale", "2",
+                                 "--weights", str(checkpoint), "-o", str(tmp_path / "out"),
+                                 *(["--json"] if closed == 1 else [])],  # else messages, on the closed stderr
+                                stdout=other if closed == 2 else None, stderr=other if closed == 1 else None,
+                                preexec_fn=lambda: os.close(closed))
+    said = log.read_text()
+    assert "Traceback" not in said
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["in_x2.png"]
+    if closed == 1:  # the JSON line had nowhere to go: said, and not called a failure of the file
+        assert result.returncode == 1 and said == "refsr: error: cannot write to standard output (it is closed)\n"
+    else:  # "wrote ..." and the summary have nowhere to go: the work is done all the same
+        assert result.returncode == 0 and said == ""
