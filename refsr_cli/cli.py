@@ -580,7 +580,8 @@ def print_evaluation(opt, ref_paths: list, result: dict) -> None:
         table.add_column(title, justify="left" if title in ("image", "method") else "right")
     for r in rows:
         table.add_row(r["image"], r["method"], *(format(r[k], f) if k in r else "" for _, k, f in columns))
-    console = Console(width=None if sys.stdout.isatty() else 160)  # a file or pipe gets whole columns
+    terminal = sys.stdout is not None and sys.stdout.isatty()
+    console = Console(width=None if terminal else 160)  # a file or pipe gets whole columns
     with console.capture() as captured:  # then written as refsr's other results are (report.to_stdout)
         console.print(table)
     to_stdout(captured.get().rstrip("\n"))

@@ -796,3 +796,17 @@ def test_a_closed_stdout_or_stderr_is_no_traceback_and_the_work_is_done(tmp_path
         assert result.returncode == 1 and said == "refsr: error: cannot write to standard output (it is closed)\n"
     else:  # "wrote ..." and the summary have nowhere to go: the work is done all the same
         assert result.returncode == 0 and said == ""
+
+
+def test_eval_with_a_closed_stdout_still_writes_its_json(tmp_path, checkpoint):
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "hr").mkdir()
+    write_png(tmp_path / "hr" / "a.png", 32, 32)
+    result = subprocess.run([sys.executable, "-m", "refsr_cli", "eval", str(tmp_path / "hr"), "--scale", "2",
+                             "--weights", str(checkpoint), "--device", "cpu", "--json", str(tmp_path / "m.json")],
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert result.returncode == 1
+    assert result.stderr == "refsr: error: cannot write to standard output (it is closed)\n"
+    assert json.loads((tmp_path / "m.json").read_text())["rows"]
