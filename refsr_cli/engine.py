@@ -2,7 +2,6 @@
 latent, each output made consistent with its input by back-projection."""
 import functools
 import math
-import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -16,6 +15,7 @@ from .errors import RefsrError
 from .match import Transfer
 from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
 from .options import MIN_TILE, SAMPLE_TEMPERATURE, BatchOptions, EngineOptions
+from .report import warning_line
 
 
 @functools.lru_cache(maxsize=32)
@@ -84,7 +84,7 @@ class Upscaler:
     def __init__(self, model: RefVAE, device, *, tile: int = EngineOptions.tile, tile_pad: int = EngineOptions.tile_pad,
                  consistency_steps: int = EngineOptions.consistency_steps, half: bool = EngineOptions.half,
                  weights_path=None, texture_trained: bool = True, warn=None):
-        self.warn = warn or (lambda message: print(f"refsr: warning: {message}", file=sys.stderr))
+        self.warn = warn or warning_line
         self.device = torch.device(device)
         self.dtype = torch.float16 if half else torch.float32
         # Channels-last: oneDNN's (and cuDNN's) preferred layout; a quarter off the decoder on a 2-core x86 CPU

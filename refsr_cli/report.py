@@ -23,6 +23,11 @@ def error_line(message: str) -> None:
     to_stderr(f"refsr: error: {one_line(message)}")
 
 
+def warning_line(message: str) -> None:
+    """refsr's one-line warning on stderr."""
+    to_stderr(f"refsr: warning: {one_line(message)}")
+
+
 def to_stderr(line: str) -> None:
     """A message on stderr. Where stderr cannot be written (2>&-), there is nowhere to say anything: the message is
     dropped and the work goes on; the exit code still tells."""
