@@ -346,7 +346,7 @@ def train(quiet, **options):
     quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
     import signal
 
-    from .report import Terminated, on_sigterm, say_line
+    from .report import Terminated, on_sigterm, one_line, say_line, to_stdout
     signal.signal(signal.SIGTERM, on_sigterm)  # as Ctrl-C: the save in progress finishes or leaves no temporary file
     try:
         opt = TrainOptions(**options)

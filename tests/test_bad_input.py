@@ -810,3 +810,10 @@ def test_eval_with_a_closed_stdout_still_writes_its_json(tmp_path, checkpoint):
     assert result.returncode == 1
     assert result.stderr == "refsr: error: cannot write to standard output (it is closed)\n"
     assert json.loads((tmp_path / "m.json").read_text())["rows"]
+
+
+def test_train_without_quiet_says_what_it_wrote(tmp_path, checkpoint):
+    args = [a for a in train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2) if a != "-q"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"wrote {tmp_path / 'run' / 'last.safetensors'}"
