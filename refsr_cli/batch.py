@@ -20,11 +20,11 @@ from .device import launcher_shard
 from .engine import Latent, Latents, Upscaler, walk_latent
 from .errors import RefsrError
 from .files import AppearedMeanwhile, sha256_of
-from .images import (expand_inputs, read_picture, read_rgb, software_tag, unique_stems, write_animation,
+from .images import (check_side, expand_inputs, read_picture, read_rgb, software_tag, unique_stems, write_animation,
                      write_picture)
 from .match import Transfer, correspond, prepare_reference
 from .options import BatchOptions
-from .outputs import Output, check_kept_frames, check_names, outputs_of, plan_outputs
+from .outputs import Output, check_kept_images, check_names, outputs_of, plan_outputs
 from .provenance import sheet_label
 from .report import Reporter, Terminated, on_sigterm, signals_held
 from .sheet import contact_sheet, sheet_window
@@ -118,7 +118,7 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     provenance they share. A RefsrError here means nothing could start."""
     check_flags(opt, refs, seeds)
     folder, single, ext = plan_outputs(opt.out, opt.fmt)
-    ref_paths = expand_inputs(refs) if refs else []
+    ref_paths = expand_inputs(refs, skip_outputs=True) if refs else []  # a folder of references: not our outputs
     images = (1 if opt.sheet else opt.walk if opt.walk is not None else len(seeds) if seeds is not None
               else 1 if opt.match else max(len(ref_paths), 1))
     planned = len(lr_paths) * (images + opt.match_map + bool(opt.animate))
@@ -149,7 +149,8 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
                          if opt.temperature > 0 else Variant("", {}, None)]
     if opt.walk is not None:
         if len(plan.variants) != 2:
-            raise RefsrError(f"a walk goes between two seeds or two references, not {len(plan.variants)}")
+            raise RefsrError(f"a walk goes between two different seeds or references, and this one has "
+                             f"{len(plan.variants)} (one named twice counts once)")
         plan.variants = walk_variants(plan.variants, opt.walk, from_prior=seeds is not None)
     if opt.sheet and len(plan.variants) > MAX_SHEET_TILES:
         raise RefsrError(f"--sheet: a contact sheet holds at most {MAX_SHEET_TILES} tiles (each 256 px at 100 %), "
@@ -222,9 +223,12 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     # The input as the command line named it (a file of a folder: folder/name), like the references and weights: the
     # redo command of `refsr info` runs from where this one ran.
     record = plan.record | {"input": str(lr_path), "input_sha256": sha256_of(lr_path)}
-    if any(o.kind == "animation" and o.todo for o in outputs):
-        check_kept_frames(outputs, record)
+    if any(o.kind in ("animation", "map") and o.todo for o in outputs):
+        check_kept_images(outputs, record)
     picture = read_picture(lr_path, opt.max_pixels)
+    for output in outputs:
+        if output.todo and output.kind in ("image", "animation"):
+            check_side(output.path, picture.rgb.shape[0] * opt.scale, picture.rgb.shape[1] * opt.scale)
     for message in picture.warnings:
         report.warn(message)
 

@@ -108,9 +108,17 @@ def load_backbone(module: torch.nn.Module, *names: str) -> None:
         path = weights_dir() / f"{name}.safetensors"
         if not path.is_file():
             raise RefsrError(f"backbone weights {path} are missing (see weights/README.md to rebuild them)")
-        state.update({k: v.float() for k, v in load_file(str(path)).items()})
+        try:
+            state.update({k: v.float() for k, v in load_file(str(path)).items()})
+        except (SafetensorError, OSError) as e:  # a git-lfs pointer, a truncated copy
+            raise RefsrError(f"backbone weights {path} are damaged ({e}); reinstall refsr, or see weights/README.md "
+                             "to rebuild them") from None
     check_finite(state, weights_dir() / f"{names[0]}.safetensors")
-    module.load_state_dict(state)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:  # other tensors than the network's
+        raise RefsrError(f"backbone weights {', '.join(names)} in {weights_dir()} do not fit "
+                         f"{type(module).__name__} ({(str(e).splitlines() or [''])[0]}); reinstall refsr") from None
 
 
 def build_model(config: RefVAEConfig) -> RefVAE:

@@ -15,7 +15,22 @@ from .options import (DEVICES, MAX_CONSISTENCY_STEPS, MAX_COPIES, MAX_IMLE_SAMPL
                       EvalOptions, TrainOptions)
 
 SCALE_CHOICE = click.Choice([str(s) for s in SCALES])
-SEEDS = click.IntRange(0, MAX_SEED)
+# A number as a command line writes one: ASCII digits. int() and float() also read other scripts' digits ("٣") and
+# underscores ("1_000"), which no one types by intent and which would be recorded as something else.
+ASCII_INTEGER = re.compile(r"[+-]?[0-9]+")
+ASCII_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+class Integer(click.IntRange):
+    """click's IntRange, of ASCII digits only."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not ASCII_INTEGER.fullmatch(value.strip()):
+            self.fail(f"{value!r} is not a whole number (digits 0-9)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+SEEDS = Integer(0, MAX_SEED)
 
 
 class Finite(click.ParamType):
@@ -28,6 +43,8 @@ class Finite(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
+            if isinstance(value, str) and not ASCII_FLOAT.fullmatch(value.strip()):
+                raise ValueError(value)
             number = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number", param, ctx)
@@ -147,12 +164,12 @@ def engine_options(f):
                      help="Where the invented detail comes from: analogy, the reference's own detail (or, for "
                           "samples, that of the shipped bank of photos) matched to the input; learned, the "
                           "network's texture branch, decoded from z."),
-        click.option("--tile", type=click.IntRange(min=MIN_TILE), default=BATCH.tile, show_default=True,
+        click.option("--tile", type=Integer(min=MIN_TILE), default=BATCH.tile, show_default=True,
                      help="Tile size in LR pixels; bounds memory on large images."),
-        click.option("--tile-pad", type=click.IntRange(min=0), default=BATCH.tile_pad, show_default=True,
+        click.option("--tile-pad", type=Integer(min=0), default=BATCH.tile_pad, show_default=True,
                      help="Context around each tile in LR pixels; tiles agree with the untiled result when it "
                           "covers the network's receptive field."),
-        click.option("--consistency-steps", type=click.IntRange(0, MAX_CONSISTENCY_STEPS),
+        click.option("--consistency-steps", type=Integer(0, MAX_CONSISTENCY_STEPS),
                      default=BATCH.consistency_steps, show_default=True,
                      help="Back-projection rounds that make the output's bicubic downscale match the input "
                           "(each an exact projection, then a clamp to the displayable range)."),
@@ -172,7 +189,7 @@ def common_inference_options(f):
                           "when the run writes one image."),
         click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None,
                      help="Format of files written into a folder. [default: png]"),
-        click.option("--max-pixels", type=click.IntRange(min=1), default=BATCH.max_pixels, show_default=True,
+        click.option("--max-pixels", type=Integer(min=1), default=BATCH.max_pixels, show_default=True,
                      help="Refuse input images with more pixels than this (decompression bombs), before decoding."),
         click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=None,
                      help="How far a sample may stray: with --texture analogy, how far down each patch's list of "
@@ -230,7 +247,7 @@ def upscale(inputs, refs, seed, match, match_map, **options):
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
-@click.option("-n", "--n", "count", type=click.IntRange(1, MAX_SAMPLES), default=SAMPLES, show_default=True,
+@click.option("-n", "--n", "count", type=Integer(1, MAX_SAMPLES), default=SAMPLES, show_default=True,
               help="Number of samples per image.")
 @click.option("--seed", type=SEEDS, default=BATCH.seed, show_default=True,
               help="Sample i uses seed SEED+i, so --n 1 --seed 3 reproduces the fourth of --n 10 --seed 0.")
@@ -275,10 +292,10 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
 @click.option("--scales", default=",".join(map(str, TRAIN.scales)), show_default=True,
               callback=lambda ctx, param, value: parse_scales(value),
               help="Scales the trunk stage trains together, comma-separated.")
-@click.option("--steps", type=click.IntRange(min=1), default=TRAIN.steps, show_default=True,
+@click.option("--steps", type=Integer(min=1), default=TRAIN.steps, show_default=True,
               help="Total steps of the run.")
-@click.option("--batch", type=click.IntRange(min=1), default=TRAIN.batch, show_default=True, help="Crops per step.")
-@click.option("--lr-patch", type=click.IntRange(min=8), default=TRAIN.lr_patch, show_default=True,
+@click.option("--batch", type=Integer(min=1), default=TRAIN.batch, show_default=True, help="Crops per step.")
+@click.option("--lr-patch", type=Integer(min=8), default=TRAIN.lr_patch, show_default=True,
               help="LR crop side in pixels.")
 @click.option("--learning-rate", type=Finite(0, 1, low_open=True), default=TRAIN.learning_rate,
               show_default=True)
@@ -289,7 +306,7 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
               help="Pixel L1 to the HR crop.")
 @click.option("--lr-consistency-weight", type=Finite(0, 1e6), default=TRAIN.lr_consistency_weight,
               show_default=True, help="L1 between the output's bicubic downscale and the LR crop.")
-@click.option("--imle-samples", type=click.IntRange(1, MAX_IMLE_SAMPLES), default=TRAIN.imle_samples,
+@click.option("--imle-samples", type=Integer(1, MAX_IMLE_SAMPLES), default=TRAIN.imle_samples,
               show_default=True,
               help="Texture stage: latents decoded per crop; the one nearest the HR crop is trained (IMLE).")
 @click.option("--imle-weight", type=Finite(0, 1e6), default=TRAIN.imle_weight, show_default=True,
@@ -311,20 +328,20 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
                    "the HR crop is flat (0: off).")
 @click.option("--adv-weight", type=Finite(0, 1e6), default=TRAIN.adv_weight, show_default=True,
               help="PatchGAN adversarial loss (0: no discriminator).")
-@click.option("--perceptual-crop", type=click.IntRange(min=32), default=TRAIN.perceptual_crop, show_default=True,
+@click.option("--perceptual-crop", type=Integer(min=32), default=TRAIN.perceptual_crop, show_default=True,
               help="HR pixels a side seen by the feature distance and the discriminator (cost control).")
-@click.option("--pool-size", type=click.IntRange(min=1), default=TRAIN.pool_size, show_default=True,
+@click.option("--pool-size", type=Integer(min=1), default=TRAIN.pool_size, show_default=True,
               help="Texture stage: crops held in memory with the frozen trunk's outputs.")
-@click.option("--crop-uses", type=click.IntRange(1, 1_000_000), default=TRAIN.crop_uses, show_default=True,
+@click.option("--crop-uses", type=Integer(1, 1_000_000), default=TRAIN.crop_uses, show_default=True,
               help="Texture stage: batches each pooled crop serves, on average, before it is replaced.")
 @click.option("--val", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Folder of HR images measured during training (centre crops).")
-@click.option("--val-every", type=click.IntRange(min=1), default=TRAIN.val_every, show_default=True)
-@click.option("--val-samples", type=click.IntRange(1, MAX_MEASURED_SAMPLES), default=TRAIN.val_samples,
+@click.option("--val-every", type=Integer(min=1), default=TRAIN.val_every, show_default=True)
+@click.option("--val-samples", type=Integer(1, MAX_MEASURED_SAMPLES), default=TRAIN.val_samples,
               show_default=True,
               help="Texture stage: prior samples per validation image (mean measures; diversity from 2).")
-@click.option("--save-every", type=click.IntRange(min=1), default=TRAIN.save_every, show_default=True)
-@click.option("--log-every", type=click.IntRange(min=1), default=TRAIN.log_every, show_default=True)
+@click.option("--save-every", type=Integer(min=1), default=TRAIN.save_every, show_default=True)
+@click.option("--log-every", type=Integer(min=1), default=TRAIN.log_every, show_default=True)
 @click.option("--seed", type=SEEDS, default=TRAIN.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, default=TRAIN.overwrite,
@@ -339,7 +356,7 @@ def train(quiet, **options):
     import torch
 
     from .errors import RefsrError
-    from .train import train as run_training
+    from .train import STATE_FILE, train as run_training
     options["scale"] = int(options["scale"])
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
     options["init"] = list(options["init"]) or None
@@ -369,10 +386,11 @@ def train(quiet, **options):
                 last = run_training(opt, report)
     except RefsrError as e:
         fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted; the last checkpoint is kept, continue with --resume", 130)
-    except Terminated:
-        fail("terminated; the last checkpoint is kept, continue with --resume", 143)
+    except (KeyboardInterrupt, Terminated) as e:
+        stopped, code = ("interrupted", 130) if isinstance(e, KeyboardInterrupt) else ("terminated", 143)
+        if (Path(options["out"]) / STATE_FILE).is_file():
+            fail(f"{stopped}; the last checkpoint is kept, continue with --resume", code)
+        fail(f"{stopped} before the run's first checkpoint: nothing to resume", code)
     except torch.cuda.OutOfMemoryError:
         fail("out of GPU memory; lower --batch or --lr-patch (the last checkpoint is kept)")
     except RuntimeError as e:
@@ -389,7 +407,7 @@ def train(quiet, **options):
 @click.argument("inputs", nargs=-1, required=True, metavar="LR_IMAGE...")
 @click.option("--ref", "refs", multiple=True, metavar="IMAGE", help="The two references to walk between.")
 @click.option("--seed", "seeds", multiple=True, type=SEEDS, help="The two prior seeds to walk between.")
-@click.option("--steps", type=click.IntRange(2, MAX_WALK_FRAMES), default=WALK_FRAMES, show_default=True,
+@click.option("--steps", type=Integer(2, MAX_WALK_FRAMES), default=WALK_FRAMES, show_default=True,
               help="Frames, both ends included.")
 @click.option("--animate", type=click.Choice(["webp", "gif"]), default=None,
               help="Also write the frames as one looping animation.")
@@ -411,13 +429,13 @@ def walk(inputs, refs, seeds, steps, animate, **options):
 
 
 @main.command()
-@click.argument("outputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.argument("outputs", nargs=-1, required=True, type=click.Path(path_type=Path),
                 metavar="IMAGE...")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 def info(outputs, as_json):
     """How refsr made IMAGE...: version, weights and their sha256, scale, seed, temperature, reference and input
-    (with sha256), and the command that makes the same image again when run from the folder the original command
-    ran in (it writes into the current folder; add -o to choose another)."""
+    (with sha256), and, as `redo`, the command that makes the same image again when run from the folder the
+    original command ran in (it writes into the current folder; add -o to choose another)."""
     from .provenance import DamagedRecord, read_provenance, redo_command
     from .report import error_line, one_line, to_stdout
     code = 0
@@ -436,12 +454,12 @@ def info(outputs, as_json):
             code = 1
             continue
         if as_json:
-            to_stdout(json.dumps({"file": str(path), **record, "command": command}))
+            to_stdout(json.dumps({"file": str(path), **record, "redo": command}))
             continue
         to_stdout(one_line(path))
         for key, value in record.items():
             to_stdout(f"  {key:<18} {one_line(value)}")
-        to_stdout(f"  {'command':<18} {one_line(command)}")
+        to_stdout(f"  {'redo':<18} {one_line(command)}")
     sys.exit(code)
 
 
@@ -481,7 +499,7 @@ def push(files, repo, revision, private, message, no_card, license_id):
 @click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=BATCH.temperature, show_default=True,
               help="z of the main refsr rows: the prior's mean (0) or a sample at this temperature.")
 @click.option("--seed", type=SEEDS, default=BATCH.seed, show_default=True)
-@click.option("--samples", type=click.IntRange(0, MAX_MEASURED_SAMPLES), default=0, show_default=True,
+@click.option("--samples", type=Integer(0, MAX_MEASURED_SAMPLES), default=0, show_default=True,
               help="Also decode N prior samples per image (seeds --seed..): their mean measures, their lowest "
                    "LR-PSNR and the NTIRE 2021 diversity score.")
 @click.option("--sample-temperature", type=Finite(0, MAX_TEMPERATURE), default=SAMPLE_TEMPERATURE,
@@ -489,7 +507,7 @@ def push(files, repo, revision, private, message, no_card, license_id):
 @click.option("--ref", "refs", multiple=True, metavar="FILE|DIR|GLOB",
               help="Also decode each LR with the mean z of these references (repeatable): their mean measures and, "
                    "with two or more, the reference influence score.")
-@click.option("--num-refs", type=click.IntRange(min=1), default=None,
+@click.option("--num-refs", type=Integer(min=1), default=None,
               help="Use K of the --ref images, evenly spaced in sorted order. [default: all]")
 @click.option("--match-protocol", type=click.Choice(["warp", "half", "unrelated"]), default=None,
               help="Also measure `upscale --match`, with as reference: the HR image under a seeded random "

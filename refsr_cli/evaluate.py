@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import load_backbone
+from .checkpoint import load_backbone, weights_dir
 from .engine import Latents, Upscaler
 from .errors import RefsrError
 from .images import IMAGE_SUFFIXES, MIN_SIDE, expand_inputs, read_rgb, source_images
@@ -79,6 +79,8 @@ def diversity_score(samples, hr: Image.Image, lpips: LPIPSAlex) -> float:
     maps = torch.cat([lpips(as_tensor(to_float(s)), target, spatial=True) for s in samples])  # (N, 1, H, W)
     local = maps.min(dim=0).values.mean()
     global_ = maps.mean(dim=(1, 2, 3)).min()
+    if global_ <= 0:  # a sample is the HR image to LPIPS everywhere (a flat image): no room, and not 0/0 = nan
+        return 0.0
     return float((global_ - local) / global_ * 100)
 
 
@@ -126,7 +128,7 @@ def plan_evaluation(opt: EvalOptions) -> "Evaluation":
                          f"{MAX_SEED}")
     paths = source_images(opt.hr_dir)
     check_hr_folder(opt.hr_dir, paths, opt.match_protocol)
-    ref_paths = expand_inputs(opt.refs) if opt.refs else []
+    ref_paths = expand_inputs(opt.refs, skip_outputs=True) if opt.refs else []
     if opt.num_refs is not None:
         if opt.num_refs > len(ref_paths):
             raise RefsrError(f"--num-refs {opt.num_refs}: --ref gives {len(ref_paths)} image(s)" if opt.refs
@@ -135,6 +137,10 @@ def plan_evaluation(opt: EvalOptions) -> "Evaluation":
     if opt.json is not None:
         if opt.json.is_dir():
             raise RefsrError(f"--json {opt.json}: is a folder; give a file name")
+        if opt.json.exists() and not opt.json.is_file():  # /dev/null, a FIFO: --overwrite would replace the node
+            raise RefsrError(f"--json {opt.json}: not a regular file (a device or FIFO); give a file name")
+        if weights_dir().resolve() in (opt.json.parent.resolve(), opt.json.resolve().parent):  # there, or a link into it
+            raise RefsrError(f"--json {opt.json}: in refsr's own weights folder, which refsr never writes")
         if not opt.json.parent.is_dir() or not os.access(opt.json.parent, os.W_OK):
             raise RefsrError(f"--json {opt.json}: {opt.json.parent} is not a folder that can be written to")
         if opt.json.resolve() in {p.resolve() for p in paths + ref_paths}:

@@ -101,8 +101,23 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
         # The first line only: huggingface_hub's HTTP errors add lines of URL and request details.
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RefsrError(f"{where}: download failed ({reason}); set HF_HUB_OFFLINE=1 to use the cache only") from None
-    except ValueError as e:  # HFValidationError: a name the Hub forbids, e.g. owner/re..po or a ../ file
-        raise RefsrError(f"{where}: not a valid Hub reference ({e})") from None
+    except (ValueError, OverflowError, KeyError, AttributeError, TypeError) as e:
+        raise RefsrError(f"{where}: {hub_trouble(e)}") from None
+
+
+def hub_trouble(e: Exception) -> str:
+    """What a failure of huggingface_hub that is neither the network's nor an HTTP status says."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, OverflowError):  # HF_HUB_ETAG_TIMEOUT=1e10: past what a socket takes
+        return "a timeout too large for the network (check HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT)"
+    if isinstance(e, UnicodeError) or isinstance(e, ValueError) and "timeout" in first.lower():
+        # HF_HUB_ETAG_TIMEOUT=-5, a token that is not ASCII
+        return f"huggingface_hub refused a setting ({first}); check the HF_* environment variables and HF_TOKEN"
+    if isinstance(e, ValueError):  # HFValidationError and its kin: owner/re..po, a ../ file name
+        return f"not a valid Hub reference ({first})"
+    # KeyError, AttributeError, TypeError: JSON that is not the Hub's ({} or a list where it expects an object)
+    return (f"the server's answer is not the Hub's ({type(e).__name__}: {first}); is HF_ENDPOINT a Hugging Face "
+            "Hub?")
 
 
 # --- push -----------------------------------------------------------------------------------------------------
@@ -206,9 +221,11 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
             raise UploadFailed(f"{where}: the Hub refused the upload ({status}): log in with `hf auth login` or set "
                                "HF_TOKEN to a token with write access") from None
         raise UploadFailed(f"{where}: upload failed ({(str(e).strip().splitlines() or ['HTTP error'])[0]})") from None
-    except (OSError, ValueError, *http_client_errors()) as e:
+    except (OSError, *http_client_errors()) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UploadFailed(f"{where}: upload failed ({reason})") from None
+    except (ValueError, OverflowError, KeyError, AttributeError, TypeError) as e:  # after create_repo, maybe
+        raise UploadFailed(f"{where}: upload failed: {hub_trouble(e)}") from None
     return info.commit_url
 
 
@@ -242,7 +259,7 @@ def checkpoints_to_push(files: list) -> list:
         if path.is_dir():
             raise RefsrError(f"{path}: is a folder, not a checkpoint")
         if not path.is_file():
-            raise RefsrError(f"{path}: no such file")
+            raise RefsrError(f"{path}: {'not a regular file (a FIFO or device)' if path.exists() else 'no such file'}")
         weights = load_weights(path)
         config = weights.model.config
         name = default_filename(config.scale)

@@ -17,7 +17,9 @@ from .options import DEFAULT_MAX_PIXELS
 from .provenance import PROVENANCE_KEY, SOFTWARE, embedded_text, software_tag
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP"}
+# What refsr writes: formats with a place for its record (a PNG text chunk, EXIF). A BMP has none, so refsr could
+# not tell its own output from a photo (it would upscale its outputs again, and eval and train take them as photos).
+FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF"}
 MIN_SIDE = 4  # below this, bicubic resampling and back-projection have nothing to work with
 
 # We check the pixel count ourselves, before decoding and with our own limit (--max-pixels).
@@ -74,7 +76,7 @@ def expand_inputs(specs, skip_outputs: bool = False) -> list:
         if skip_outputs and matches != [path]:
             matches = [m for m in matches if not is_refsr_output(m)]
             if not matches:
-                raise RefsrError(f"{spec}: holds only refsr outputs, no input to upscale")
+                raise RefsrError(f"{spec}: holds only refsr outputs, no image of its own")
         known = {f.resolve() for f in found}
         found += [m for m in matches if m.resolve() not in known]
     return found
@@ -222,8 +224,23 @@ def read_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return read_picture(path, max_pixels).rgb
 
 
+# The longest side a format can hold: WebP's bitstream has 14 bits for it, JPEG's header 16 (libjpeg takes 65500),
+# GIF's 16. PNG and TIFF hold any refsr writes.
+MAX_SIDES = {"WEBP": 16383, "JPEG": 65500, "GIF": 65535}
+
+
+def check_side(path, height: int, width: int) -> None:
+    """Refuse, before any work, an output larger than its format can hold (an 8x WebP of a 2100-pixel photo)."""
+    fmt = Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG")
+    limit = MAX_SIDES.get(fmt)
+    if limit is not None and max(height, width) > limit:
+        raise RefsrError(f"{path}: {width}x{height} is more than {fmt} can hold ({limit} pixels a side); use PNG")
+
+
 def output_format(path) -> str:
     fmt = FORMATS.get(Path(path).suffix.lower().lstrip("."))
+    if Path(path).suffix.lower() == ".bmp":
+        raise RefsrError(f"{path}: a BMP file cannot hold refsr's record of how it was made; use .png (lossless)")
     if fmt is None:
         raise RefsrError(f"{path}: unknown output format (use one of {', '.join(sorted(FORMATS))})")
     return fmt

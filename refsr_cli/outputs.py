@@ -68,6 +68,8 @@ def outputs_of(plan, stem: str) -> list:
                              f"{NAME_MAX} a file name may hold; rename the input, or give -o FILE")
         if output.path.resolve() in plan.passed_in:
             raise RefsrError(f"{output.path} is an input of this run; refsr never overwrites its inputs")
+        if output.path.exists() and not output.path.is_file():  # --overwrite would replace /dev/null itself
+            raise RefsrError(f"{output.path}: not a regular file (a folder, device or FIFO); refsr writes only files")
         if os.path.lexists(output.path):  # a dangling link too: replaced only with --overwrite, as a file is
             if opt.skip_existing:
                 output.todo = False
@@ -76,10 +78,11 @@ def outputs_of(plan, stem: str) -> list:
     return outputs
 
 
-def check_kept_frames(outputs: list, record: dict) -> None:
-    """An animation is made only of frames this run writes or has verified: a frame --skip-existing keeps must be
-    this very frame (its provenance is what this run would record), not another walk's (other seeds or references,
-    other weights) nor a file of the user's that took a frame's name."""
+def check_kept_images(outputs: list, record: dict) -> None:
+    """A sidecar (a walk's animation, a --match-map map) tells of this run's images: an image --skip-existing keeps
+    beside one that is written must be this very image (its provenance is what this run would record), not another
+    run's (other seeds or references, other weights) nor a file of the user's that took its name."""
+    sidecar = next(o for o in outputs if o.kind in ("animation", "map") and o.todo)
     for output in outputs:
         if output.kind != "image" or output.todo:
             continue
@@ -89,6 +92,8 @@ def check_kept_frames(outputs: list, record: dict) -> None:
         except (OSError, ValueError, SyntaxError):
             kept = None
         if kept != expected:
-            raise RefsrError(f"{output.path}: kept by --skip-existing, but not frame {output.variant.fields['frame']} "
-                             "of this walk (another run's, or not refsr's); the animation is made only of this "
-                             "walk's frames: move it away, or --overwrite")
+            what = (f"frame {output.variant.fields['frame']} of this walk" if sidecar.kind == "animation"
+                    else "the image this run would write")
+            raise RefsrError(f"{output.path}: kept by --skip-existing, but not {what} (another run's, or not "
+                             f"refsr's); {sidecar.path.name} tells only of this run's images: move it away, or "
+                             "--overwrite")

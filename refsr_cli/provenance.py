@@ -9,6 +9,7 @@ import shlex
 
 from .options import (MAX_CONSISTENCY_STEPS, MAX_SEED, MAX_STRENGTH, MAX_TEMPERATURE, MAX_WALK_FRAMES, MIN_TILE,
                       OUTPUT_FORMATS, SCALES, TEXTURES, BatchOptions)
+from .report import ESCAPES
 
 SOFTWARE = "refsr"  # the Software tag of every output: how a folder's earlier outputs are told from its inputs
 PROVENANCE_KEY = "refsr"  # the PNG text chunk that holds an output's provenance
@@ -207,7 +208,18 @@ def redo_command(record: dict) -> str:
                       ("--max-pixels", "max_pixels")):
         if record.get(key, getattr(BatchOptions, key)) != getattr(BatchOptions, key):  # what differs from the default
             words += [flag, str(record[key])]
-    return shlex.join(words)
+    return " ".join(map(shell_word, words))
+
+
+def shell_word(word: str) -> str:
+    """`word` quoted for a shell: shlex's quotes, or, for a name holding a control character (a newline) or a line
+    break, the $'...' quotes of bash and zsh, where the character is written as an escape, so that the command is
+    one line (what `info` prints) that still names the file."""
+    if not any(ord(c) in ESCAPES for c in word):
+        return shlex.quote(word)
+    escaped = "".join((f"\\x{ord(c):02x}" if ord(c) < 128 else f"\\u{ord(c):04x}") if ord(c) in ESCAPES
+                      else {"\\": "\\\\", "'": "\\'"}.get(c, c) for c in word)
+    return f"$'{escaped}'"
 
 
 def path_word(path: str) -> str:

@@ -355,7 +355,11 @@ def validation_crops(folder: Path, side: int, multiple: int) -> list:
     4 LR pixels at `multiple` are left out."""
     from .evaluate import LPIPS_MIN_SIDE
     crops = []
-    for image in load_training_images([folder], max(LPIPS_MIN_SIDE, 4 * multiple)):
+    try:
+        images = load_training_images([folder], max(LPIPS_MIN_SIDE, 4 * multiple))
+    except RefsrError as e:
+        raise RefsrError(f"--val {folder}: {e}") from None
+    for image in images:
         h, w = image.shape[:2]
         n = min(side, h, w) // multiple * multiple
         y, x = (h - n) // 2, (w - n) // 2

@@ -28,6 +28,7 @@ from .options import TrainOptions
 from .stages import TextureStage, TrunkStage
 
 STAGES = {"trunk": TrunkStage, "texture": TextureStage}
+STATE_FILE = "last.state.safetensors"  # in --out: the trained module, its optimizer and the step, for --resume
 
 
 def train(opt: TrainOptions, progress=None) -> Path:
@@ -42,7 +43,7 @@ def fit(opt: TrainOptions, progress=None):
     `progress(step, steps, losses, steps_per_second)` is called after every step, on rank 0; after a validation,
     `losses` also holds its val_* measures."""
     rank, world, device = start_distributed(pick_device(opt.device))
-    state_path = opt.out / "last.state.safetensors"
+    state_path = opt.out / STATE_FILE
     check_run_folder(opt, state_path)
     if rank == 0:
         make_run_folder(opt.out)

@@ -153,7 +153,7 @@ def test_upscale_ref_and_sample_by_analogy(tmp_path, checkpoint):
         assert not np.array_equal(np.asarray(Image.open(tmp_path / "o" / name)), faithful), name
     # The redo command of each says --strength when it is not the default, and --ref for sample --ref.
     info = run("info", tmp_path / "o" / "photo_x2_paint.png", tmp_path / "o" / "photo_x2_paint_s1.png", "--json")
-    commands = [json.loads(line)["command"] for line in info.stdout.splitlines()]
+    commands = [json.loads(line)["redo"] for line in info.stdout.splitlines()]
     assert "--strength 0.7" in commands[0] and "--ref" in commands[0]
     assert commands[1].startswith(f"refsr sample {lr} --n 1 --seed 1") and "--ref" in commands[1]
 

@@ -121,7 +121,7 @@ def test_redo_commands_run_where_they_say_for_folder_inputs_and_dashed_names(tmp
         result = run("upscale", *inputs, "--ref", "refs/-paint.png", "--scale", 2, "--weights",
                      "w/-tiny.safetensors", "-o", "a", "-q")
         assert result.exit_code == 0, result.output
-        command = json.loads(run("info", f"a/{name}", "--json").stdout)["command"]
+        command = json.loads(run("info", f"a/{name}", "--json").stdout)["redo"]
         words = shlex.split(command)
         assert run(*words[1:], "-o", "b", "-q").exit_code == 0, command
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
@@ -439,7 +439,7 @@ def test_redo_commands_keep_the_format_and_every_digit(tmp_path, checkpoint, mon
     write_png(tmp_path / "ref.png", 40, 40, seed=3)
     assert run("upscale", "in.png", "--ref", "ref.png", "--strength", 0.33333333, "--temperature", 0.1234567,
                "--scale", 2, "--weights", checkpoint, "--format", "jpg", "-o", "a", "-q").exit_code == 0
-    command = json.loads(run("info", "a/in_x2_ref.jpg", "--json").stdout)["command"]
+    command = json.loads(run("info", "a/in_x2_ref.jpg", "--json").stdout)["redo"]
     assert "--format jpg" in command and "--strength 0.33333333" in command and "--temperature 0.1234567" in command
     assert run(*shlex.split(command)[1:], "-o", "b", "-q").exit_code == 0
     assert (tmp_path / "b" / "in_x2_ref.jpg").read_bytes() == (tmp_path / "a" / "in_x2_ref.jpg").read_bytes()
@@ -591,7 +591,7 @@ def test_redo_commands_keep_max_pixels(tmp_path, checkpoint, monkeypatch):
     write_png(tmp_path / "in.png", 16, 16)
     assert run("upscale", "in.png", "--max-pixels", 1000, "--scale", 2, "--weights", checkpoint, "-o", "a",
                "-q").exit_code == 0
-    assert "--max-pixels 1000" in json.loads(run("info", "a/in_x2.png", "--json").stdout)["command"]
+    assert "--max-pixels 1000" in json.loads(run("info", "a/in_x2.png", "--json").stdout)["redo"]
 
 
 def test_one_bad_eval_image_or_empty_name_is_one_line(tmp_path, checkpoint, monkeypatch):
@@ -817,3 +817,244 @@ def test_train_without_quiet_says_what_it_wrote(tmp_path, checkpoint):
     result = run(*args)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"wrote {tmp_path / 'run' / 'last.safetensors'}"
+
+
+# --- the fourth sweep ----------------------------------------------------------------------------------------------
+
+def refsr_process(*args, env=None, **kwargs):
+    """refsr in a process of its own (for what CliRunner cannot give: closed or full streams, the environment
+    huggingface_hub reads on import)."""
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "refsr_cli", *map(str, args)], env=os.environ | (env or {}),
+                          text=True, **({"capture_output": True} | kwargs))
+
+
+def test_bmp_outputs_are_refused_since_they_cannot_carry_the_record(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png")
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "--format", "bmp", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "'bmp' is not one of" in result.stderr
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out.bmp")
+    assert result.exit_code == 2
+    one_error_line(result, "BMP", "record")
+    assert not (tmp_path / "out.bmp").exists()
+
+
+def test_a_match_map_is_never_written_beside_another_runs_kept_image(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png", 24, 24)
+    refs = [write_png(tmp_path / f"r{i}.png", 32, 32, seed=5 + i) for i in range(2)]
+    out = tmp_path / "out"
+    args = ("--match", "--match-map", "--scale", 2, "--weights", checkpoint, "-o", out, "-q")
+    assert run("upscale", lr, "--ref", refs[0], *args).exit_code == 0
+    (out / "in_x2_match_map.png").unlink()
+    result = run("upscale", lr, "--ref", refs[1], *args, "--skip-existing")  # the kept image matched r0, not r1
+    assert result.exit_code == 1
+    one_error_line(result, "in_x2_match.png", "kept by --skip-existing", "in_x2_match_map.png")
+    assert not (out / "in_x2_match_map.png").exists()
+    assert run("upscale", lr, "--ref", refs[0], *args, "--skip-existing").exit_code == 0  # its own: the map is made
+    assert (out / "in_x2_match_map.png").exists()
+
+
+def test_a_full_stderr_does_not_stop_a_batch(tmp_path, checkpoint):
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b", "c"):
+        write_png(tmp_path / "in" / f"{name}.png")
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
+    with open("/dev/full", "w") as full:
+        result = refsr_process("upscale", tmp_path / "in", "--scale", 2, "--weights", checkpoint, "-o",
+                               tmp_path / "out", stderr=full, capture_output=False)
+    assert result.returncode == 1  # broken.png failed, and could not say so
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x2.png", "b_x2.png", "c_x2.png"]
+
+
+@pytest.mark.parametrize("damage", ["lfs-pointer", "other-tensors"])
+def test_a_damaged_backbone_file_is_one_line(tmp_path, checkpoint, monkeypatch, damage):
+    copy = linked_weights(tmp_path, monkeypatch)
+    (copy / "vgg16_relu4_1.safetensors").unlink()
+    if damage == "lfs-pointer":
+        (copy / "vgg16_relu4_1.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    else:
+        save_file({"zzz": torch.zeros(3)}, str(copy / "vgg16_relu4_1.safetensors"))
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", checkpoint, "-o",
+                 tmp_path / "out")
+    assert result.exit_code == 2
+    one_error_line(result, "vgg16_relu4_1", "reinstall refsr")
+
+
+@pytest.mark.parametrize("answer", [b"{}", b"[1, 2, 3]"])
+def test_a_server_that_is_not_the_hub_is_one_line_for_download_and_push(tmp_path, checkpoint, answer):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotTheHub(BaseHTTPRequestHandler):
+        def answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(answer)
+
+        do_GET = do_POST = do_HEAD = do_PUT = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotTheHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+           "HF_TOKEN": "hf_test"}
+    try:
+        pushed = refsr_process("push", checkpoint, "me/repo", env=env)
+        loaded = refsr_process("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", "me/repo",
+                               "-o", tmp_path / "out", env=env)
+    finally:
+        server.shutdown()
+    for result in (pushed, loaded):
+        assert result.returncode in (1, 2) and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("refsr: error: "), result.stderr
+
+
+@pytest.mark.parametrize("value, fragment", [("10000000000", "too large"), ("-5", "HF_* environment")])
+def test_a_hub_timeout_no_socket_takes_is_one_line(tmp_path, value, fragment):
+    result = refsr_process("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", "me/repo",
+                           env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": value,
+                                "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+
+
+def test_a_fifo_or_device_at_an_output_name_is_refused_even_with_overwrite(tmp_path, checkpoint):
+    import os
+    os.mkfifo(tmp_path / "fifo.png")
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "hr").mkdir()
+    write_png(tmp_path / "hr" / "a.png", 32, 32)
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", checkpoint,
+                 "-o", tmp_path / "fifo.png", "--overwrite", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "fifo.png", "not a regular file")
+    result = run("eval", tmp_path / "hr", "--scale", 2, "--weights", checkpoint, "--json", tmp_path / "fifo.json",
+                 "--overwrite")
+    assert result.exit_code == 2
+    one_error_line(result, "fifo.json", "not a regular file")
+    result = run("eval", tmp_path / "hr", "--scale", 2, "--weights", checkpoint, "--json", "/dev/null", "--overwrite")
+    assert result.exit_code == 2 and Path("/dev/null").is_char_device()
+    assert (tmp_path / "fifo.png").is_fifo() and (tmp_path / "fifo.json").is_fifo()
+
+
+def linked_weights(tmp_path, monkeypatch) -> Path:
+    """A weights folder of links to the shipped files, which refsr is pointed at: a test of what must not write
+    there cannot damage the checkout when it fails (a write replaces a link, not the file)."""
+    from refsr_cli import checkpoint, evaluate
+    copy = tmp_path / "weights"
+    copy.mkdir()
+    for path in checkpoint.weights_dir().glob("*.safetensors"):
+        (copy / path.name).symlink_to(path)
+    monkeypatch.setattr(checkpoint, "weights_dir", lambda: copy)
+    monkeypatch.setattr(evaluate, "weights_dir", lambda: copy)
+    return copy
+
+
+def test_eval_never_writes_its_json_into_refsrs_weights_folder(tmp_path, checkpoint, monkeypatch):
+    weights = linked_weights(tmp_path, monkeypatch)
+    (tmp_path / "hr").mkdir()
+    write_png(tmp_path / "hr" / "a.png", 32, 32)
+    result = run("eval", tmp_path / "hr", "--scale", 2, "--weights", checkpoint, "--json",
+                 weights / "lpips_alex.safetensors", "--overwrite")
+    assert result.exit_code == 2
+    one_error_line(result, "weights folder")
+    assert all(p.is_symlink() for p in weights.iterdir())
+
+
+def test_a_redo_command_names_a_file_with_a_newline_as_bash_reads_it(tmp_path, checkpoint, monkeypatch):
+    import subprocess
+    monkeypatch.chdir(tmp_path)
+    write_png(tmp_path / "two\nlines.png")
+    assert run("upscale", "two\nlines.png", "--scale", 2, "--weights", checkpoint, "-o", "a", "-q").exit_code == 0
+    result = run("info", "a/two\nlines_x2.png")
+    redo = next(line for line in result.stdout.splitlines() if line.lstrip().startswith("redo"))
+    command = redo.split(None, 1)[1]
+    assert "\n" not in command
+    words = subprocess.run(["bash", "-c", f"printf '%s\\0' {command}"], capture_output=True, text=True).stdout
+    words = words.split("\0")[:-1]
+    assert words[:3] == ["refsr", "upscale", "two\nlines.png"]
+    assert run(*words[1:], "-o", "b", "-q").exit_code == 0
+    assert (tmp_path / "b" / "two\nlines_x2.png").read_bytes() == (tmp_path / "a" / "two\nlines_x2.png").read_bytes()
+
+
+def test_eval_on_a_flat_image_writes_strict_json(tmp_path, checkpoint):
+    from PIL import Image
+    (tmp_path / "hr").mkdir()
+    Image.new("RGB", (48, 48), (120, 130, 140)).save(tmp_path / "hr" / "flat.png")
+    result = run("eval", tmp_path / "hr", "--scale", 2, "--weights", checkpoint, "--samples", 2, "--json",
+                 tmp_path / "m.json")
+    assert result.exit_code == 0, result.output
+    strict = json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert strict["means"]["samples"]["diversity"] == 0.0
+
+
+@pytest.mark.parametrize("args", [("--seed", "\u0663"), ("--tile", "1_000"), ("--strength", "\u0661"),
+                                  ("--temperature", "1_0"), ("--max-pixels", "\uff11\uff10\uff10")])
+def test_numbers_of_other_scripts_digits_or_underscores_are_refused(tmp_path, checkpoint, args):
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", checkpoint, *args,
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    one_error_line(result, args[0])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_reference_folder_that_is_also_the_output_folder_runs_again(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png")
+    (tmp_path / "st").mkdir()
+    write_png(tmp_path / "st" / "r0.png", 32, 32, seed=4)
+    args = ("--ref", tmp_path / "st", "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "st", "-q")
+    assert run("upscale", lr, *args).exit_code == 0
+    result = run("upscale", lr, *args, "--skip-existing")  # in_x2_r0.png is an output, not a second reference
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "st").iterdir()) == ["in_x2_r0.png", "r0.png"]
+
+
+def test_the_fourth_sweeps_messages_say_what_is_wrong(tmp_path, checkpoint, monkeypatch):
+    import os
+    from PIL import Image
+    from refsr_cli import train
+    from refsr_cli.report import Terminated
+    (tmp_path / "tiny").mkdir()
+    write_png(tmp_path / "tiny" / "t.png", 10, 10)
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2, "--val",
+                             tmp_path / "tiny"))
+    one_error_line(result, "--val")
+    def terminated(*args):  # SIGTERM before the first save
+        raise Terminated()
+
+    monkeypatch.setattr(train, "run", terminated)
+    (tmp_path / "second").mkdir()
+    result = run(*train_args(tmp_path / "second", "--init", checkpoint))
+    assert result.exit_code == 143
+    one_error_line(result, "terminated before the run's first checkpoint")
+    lr = write_png(tmp_path / "in.png")
+    ref = write_png(tmp_path / "r.png", 32, 32)
+    result = run("walk", lr, "--ref", ref, "--ref", ref, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "w")
+    one_error_line(result, "two different", "named twice")
+    Image.new("RGB", (8200, 8)).save(tmp_path / "wide.png")
+    result = run("upscale", tmp_path / "wide.png", "--scale", 2, "--weights", checkpoint, "--format", "webp",
+                 "-o", tmp_path / "webp", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "16400x16", "WEBP", "16383")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    result = run("push", tmp_path / "fifo.safetensors", "me/repo")
+    assert result.exit_code == 2
+    one_error_line(result, "not a regular file")
+
+
+def test_info_reports_a_folder_and_goes_on_and_keeps_the_records_command(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png")
+    assert run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q").exit_code == 0
+    result = run("info", tmp_path / "out", tmp_path / "out" / "in_x2.png", "--json")
+    assert result.exit_code == 1
+    one_error_line(result, "out")
+    record = json.loads(result.stdout)
+    assert record["command"] == "upscale" and record["redo"].startswith("refsr upscale ")

@@ -244,7 +244,7 @@ def test_every_output_records_how_it_was_made_and_info_redoes_it(tmp_path, check
         assert record["weights_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
         assert record["input_sha256"] == hashlib.sha256((tmp_path / "photo.png").read_bytes()).hexdigest()
         # The command it prints makes the same file again.
-        words = shlex.split(record["command"])
+        words = shlex.split(record["redo"])
         assert words[0] == "refsr"
         assert run(*words[1:], "--format", fmt, "-o", "b", "-q").exit_code == 0
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
@@ -304,7 +304,7 @@ def test_walk_between_two_seeds_and_two_references(tmp_path, checkpoint):
     with Image.open(tmp_path / "w" / "photo_x2_walk.gif") as gif:
         assert gif.n_frames == 4
     info = json.loads(run("info", tmp_path / "w" / frames[1], "--json").stdout)
-    assert info["frame"] == 1 and info["frames"] == 4 and "refsr walk" in info["command"] and "--seed 3 --seed 7" in info["command"]
+    assert info["frame"] == 1 and info["frames"] == 4 and "refsr walk" in info["redo"] and "--seed 3 --seed 7" in info["redo"]
     refs = [write_png(tmp_path / f"r{i}.png", 20, 20, seed=9 + i) for i in range(2)]
     result = run("walk", lr, "--ref", refs[0], "--ref", refs[1], "--steps", 3, "--scale", 2, "--weights", checkpoint,
                  "-o", tmp_path / "r", "-q")

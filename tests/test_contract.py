@@ -122,7 +122,7 @@ def test_info_reads_sheets_and_animations_and_redoes_them(tmp_path, checkpoint, 
                                               "--animate gif")):
         result = run("info", f"a/{name}", "--json")
         assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)["command"].startswith(expected)
+        assert json.loads(result.stdout)["redo"].startswith(expected)
 
 
 def test_a_damaged_record_is_one_line_and_the_next_file_is_still_read(tmp_path, checkpoint, photo):

@@ -135,8 +135,8 @@ def test_upscale_match_writes_one_output_and_its_map(tmp_path, scene):
     assert confidence_map[64:240, 160:240].mean() > 150 and confidence_map[:8, :16].mean() < 100
     # Its provenance redoes it.
     info = json.loads(run("info", tmp_path / "out" / "lr_x4_match.png", "--json").stdout)
-    assert info["command"].endswith("--match --match-map --scale 4 --weights " + str(weights))
-    assert info["command"] == json.loads(run("info", tmp_path / "out" / "lr_x4_match_map.png", "--json").stdout)["command"]
+    assert info["redo"].endswith("--match --match-map --scale 4 --weights " + str(weights))
+    assert info["redo"] == json.loads(run("info", tmp_path / "out" / "lr_x4_match_map.png", "--json").stdout)["redo"]
 
 
 @pytest.mark.parametrize("args, message", [
