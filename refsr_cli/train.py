@@ -45,11 +45,17 @@ def fit(opt: TrainOptions, progress=None):
     rank, world, device = start_distributed(pick_device(opt.device))
     state_path = opt.out / STATE_FILE
     check_run_folder(opt, state_path)
+    created = rank == 0 and not opt.out.exists()
     if rank == 0:
         make_run_folder(opt.out)
-    with run_lock(opt.out) if rank == 0 else contextlib.nullcontext():
-        claimed = claim_run_folder(opt, state_path) if rank == 0 else None
-        return run(opt, rank, world, device, state_path, progress, claimed)
+    try:
+        with run_lock(opt.out) if rank == 0 else contextlib.nullcontext():
+            claimed = claim_run_folder(opt, state_path) if rank == 0 else None
+            return run(opt, rank, world, device, state_path, progress, claimed)
+    except BaseException:
+        if created and not any(opt.out.iterdir()):  # a run refused before its first save leaves no empty folder
+            opt.out.rmdir()
+        raise
 
 
 def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, progress, claimed):

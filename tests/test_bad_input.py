@@ -1058,3 +1058,11 @@ def test_info_reports_a_folder_and_goes_on_and_keeps_the_records_command(tmp_pat
     one_error_line(result, "out")
     record = json.loads(result.stdout)
     assert record["command"] == "upscale" and record["redo"].startswith("refsr upscale ")
+
+
+def test_a_train_refused_before_its_first_save_leaves_no_empty_folder(tmp_path, checkpoint):
+    (tmp_path / "no-refs").mkdir()
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--refs", tmp_path / "no-refs"))
+    assert result.exit_code == 2
+    one_error_line(result)
+    assert not (tmp_path / "run").exists()
