@@ -18,13 +18,13 @@ import torch.nn.functional as F
 
 from .device import launcher_shard
 from .engine import Latent, Latents, Upscaler, walk_latent
-from .errors import RefsrError
+from .errors import RefsrError, name_trouble
 from .files import AppearedMeanwhile, sha256_of
 from .images import (check_side, expand_inputs, read_picture, read_rgb, software_tag, unique_stems, write_animation,
                      write_picture)
 from .match import Transfer, correspond, prepare_reference
 from .options import BatchOptions
-from .outputs import Output, check_kept_images, check_names, outputs_of, plan_outputs
+from .outputs import Output, check_names, check_sidecars, outputs_of, plan_outputs
 from .provenance import sheet_label
 from .report import Reporter, Terminated, on_sigterm, signals_held
 from .sheet import contact_sheet, sheet_window
@@ -87,7 +87,11 @@ def run(report: Reporter, command: str, inputs, refs, seeds, opt: BatchOptions) 
         except RefsrError as e:
             report.failed(str(e))
     try:
-        shard = opt.shard or launcher_shard()
+        launched = launcher_shard()  # checked even with --shard: a bad RANK is one line whatever the flags
+        if opt.shard and launched:
+            raise RefsrError(f"--shard and a launcher's copies (rank {launched[0]} of {launched[1]}) both split the "
+                             "inputs: give one")
+        shard = opt.shard or launched
         plan = make_plan(report, command, lr_paths, refs, seeds, opt)
     except RefsrError as e:
         report.error(str(e))
@@ -108,8 +112,9 @@ def run(report: Reporter, command: str, inputs, refs, seeds, opt: BatchOptions) 
             report.failed(str(e))
         except OSError as e:
             report.failed(f"{lr_path}: cannot write the output ({e.strerror or e})")
-        except Exception as e:  # a bug of ours: still one line, and the batch goes on
-            report.failed(f"{lr_path}: internal error, please report it ({type(e).__name__}: {e})")
+        except Exception as e:  # a loop of links at an output's name, or a bug of ours: one line, the batch goes on
+            reason = name_trouble(e) or f"internal error, please report it ({type(e).__name__}: {e})"
+            report.failed(f"{lr_path}: {reason}")
     return 1 if report.counts["failed"] else 0
 
 
@@ -186,10 +191,10 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
     matched = []
     for path, stem in zip(ref_paths, unique_stems(ref_paths)):  # each reference read and encoded once
         try:
-            image = read_rgb(path, opt.max_pixels)
+            image, sha256 = read_unchanged(path, lambda p: read_rgb(p, opt.max_pixels))
             if opt.match:
                 plan.match_refs.append(prepare_reference(image, opt.scale, str(path)))
-                matched.append(path)
+                matched.append((path, sha256))
                 del image  # its float copy, before the next reference is read
                 continue
             source = latents.reference(image, str(path))
@@ -198,7 +203,7 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
                 raise RefsrError(f"reference {e}") from None
             report.failed(f"reference {e}")
             continue
-        fields = {"reference": str(path), "reference_sha256": sha256_of(path)}
+        fields = {"reference": str(path), "reference_sha256": sha256}
         if seeds is not None:  # sample --ref: --n draws from each reference
             plan.variants += [Variant(f"{stem}_s{seed}", fields | {"seed": seed},
                                       latents.draw(source, seed, opt.temperature)) for seed in seeds]
@@ -206,11 +211,21 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
             plan.variants.append(Variant(f"{stem}_s{opt.seed}" if opt.seed else stem, fields | {"seed": opt.seed},
                                          latents.draw(source, opt.seed, opt.temperature)))
     if matched:  # one output per input from all the references together
-        plan.variants.append(Variant("match", {"references": [str(p) for p in matched],
-                                               "references_sha256": [sha256_of(p) for p in matched],
+        plan.variants.append(Variant("match", {"references": [str(p) for p, _ in matched],
+                                               "references_sha256": [sha256 for _, sha256 in matched],
                                                "match_map": opt.match_map}, None))
     if ref_paths and not plan.variants:
         raise RefsrError("no usable reference")
+
+
+def read_unchanged(path: Path, read):
+    """read(path), and the sha256 of the file it read: hashed before and after, so that a file replaced while it
+    was read is refused rather than recorded under the other file's hash (whose redo would make another image)."""
+    before = sha256_of(path)
+    value = read(path)
+    if sha256_of(path) != before:
+        raise RefsrError(f"{path}: changed while it was read (another process?); run again")
+    return value, before
 
 
 def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
@@ -222,10 +237,9 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
         return
     # The input as the command line named it (a file of a folder: folder/name), like the references and weights: the
     # redo command of `refsr info` runs from where this one ran.
-    record = plan.record | {"input": str(lr_path), "input_sha256": sha256_of(lr_path)}
-    if any(o.kind in ("animation", "map") and o.todo for o in outputs):
-        check_kept_images(outputs, record)
-    picture = read_picture(lr_path, opt.max_pixels)
+    picture, sha256 = read_unchanged(lr_path, lambda p: read_picture(p, opt.max_pixels))
+    record = plan.record | {"input": str(lr_path), "input_sha256": sha256}
+    check_sidecars(outputs, record)
     for output in outputs:
         if output.todo and output.kind in ("image", "animation"):
             check_side(output.path, picture.rgb.shape[0] * opt.scale, picture.rgb.shape[1] * opt.scale)
@@ -259,7 +273,7 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     for output, image in zip(images, [] if sheet else decoded(plan, picture, variants, transfer, tick)):
         publish(output, lambda provenance: write_picture(image, output.path, picture.icc_profile, provenance,
                                                          opt.overwrite), output.variant.fields)
-    write_sidecars(plan, outputs, transfer, publish)
+    write_sidecars(plan, outputs, transfer, publish, record)
 
 
 def decoded(plan: Plan, picture, variants: list, transfer, tick):
@@ -273,20 +287,19 @@ def decoded(plan: Plan, picture, variants: list, transfer, tick):
                                          bits=picture.bits, on_tile=tick)
 
 
-def write_sidecars(plan: Plan, outputs: list, transfer, publish) -> None:
+def write_sidecars(plan: Plan, outputs: list, transfer, publish, record: dict) -> None:
     """The --match-map map and the walk's animation of one input, once its images are written."""
     opt = plan.opt
     for output in outputs:
         if output.kind == "map" and output.todo:
-            fields = plan.variants[-1].fields | {"map": True}
             publish(output, lambda provenance: write_picture(confidence_image(transfer, opt.scale), output.path,
                                                              None, provenance, opt.overwrite),
-                    fields, confidence=float(transfer.confidence.mean()))
+                    output.fields, confidence=float(transfer.confidence.mean()))
         if output.kind == "animation" and output.todo:
+            check_sidecars(outputs, record, written_too=True)  # the frames are read back from their files
             frames = [o.path for o in outputs if o.kind == "image"]
-            fields = {k: v for k, v in plan.variants[0].fields.items() if k != "frame"} | {"animate": opt.animate}
             publish(output, lambda provenance: write_animation(frames, output.path, provenance, opt.overwrite),
-                    fields)
+                    output.fields)
 
 
 def sheet_fields(plan: Plan) -> dict:

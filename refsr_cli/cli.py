@@ -22,12 +22,20 @@ ASCII_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-
 
 
 class Integer(click.IntRange):
-    """click's IntRange, of ASCII digits only."""
+    """click's IntRange, of ASCII digits only, and of at most 20 of them (a seed's 2^64 has 20): a number past any
+    use, which a record would hold and `info` refuse (provenance.record_int)."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not ASCII_INTEGER.fullmatch(value.strip()):
-            self.fail(f"{value!r} is not a whole number (digits 0-9)", param, ctx)
+            self.fail(f"'{shown(value)}' is not a whole number (digits 0-9)", param, ctx)
+        if isinstance(value, str) and len(value.strip().lstrip("+-")) > 20:
+            self.fail(f"'{shown(value)}' has more than 20 digits", param, ctx)
         return super().convert(value, param, ctx)
+
+
+def shown(value: str) -> str:
+    """A bad value as a message quotes it: cut, when it is long (5000 digits)."""
+    return value if len(value) <= 40 else f"{value[:40]}... ({len(value)} characters)"
 
 
 SEEDS = Integer(0, MAX_SEED)
@@ -47,11 +55,11 @@ class Finite(click.ParamType):
                 raise ValueError(value)
             number = float(value)
         except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
+            self.fail(f"'{shown(str(value))}' is not a number", param, ctx)
         below = number <= self.low if self.low_open else number < self.low
         if not math.isfinite(number) or below or number > self.high:
-            self.fail(f"{value} is not in the range {self.low:g}{'<' if self.low_open else '<='}x<={self.high:g}",
-                      param, ctx)
+            bounds = f"{self.low:g}{'<' if self.low_open else '<='}x<={self.high:g}"
+            self.fail(f"{shown(str(value))} is not in the range {bounds}", param, ctx)
         return number + 0.0  # -0.0 is 0 (and is recorded as 0)
 
 
@@ -92,10 +100,10 @@ class Commands(click.Group):
             sys.exit(130)
         except StdoutClosed as e:
             sys.exit(stdout_lost(e.error))
-        except OSError as e:  # click's --help and --version write stdout themselves; refsr's own writes are wrapped
-            if e.filename is not None or e.errno not in STDOUT_ERRORS:
-                raise
-            sys.exit(stdout_lost(e))
+        except Exception as e:  # the last resort: never a traceback
+            if isinstance(e, OSError) and e.filename is None and e.errno in STDOUT_ERRORS:
+                sys.exit(stdout_lost(e))  # click's --help and --version write stdout themselves
+            unexpected(e)
 
 
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click 8.2 on; older ones print the help
@@ -124,6 +132,15 @@ def fail(message: str, code: int = 2):
     from .report import error_line
     error_line(message)
     sys.exit(code)
+
+
+def unexpected(e: Exception):
+    """The one line for an error no handler expected: a file name the system refuses where no check of refsr's
+    looked (errors.name_trouble), exit 2; else a bug of ours, exit 1."""
+    from .errors import name_trouble
+    if name_trouble(e):
+        fail(name_trouble(e))
+    fail(f"internal error, please report it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -394,11 +411,11 @@ def train(quiet, **options):
     except torch.cuda.OutOfMemoryError:
         fail("out of GPU memory; lower --batch or --lr-patch (the last checkpoint is kept)")
     except RuntimeError as e:
-        if "can't allocate memory" not in str(e):  # the CPU allocator's words; anything else is a bug of ours
-            fail(f"internal error, please report it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)
-        fail("out of memory; lower --batch, --lr-patch or --pool-size (the last checkpoint is kept)")
-    except Exception as e:  # a bug of ours: still one line
-        fail(f"internal error, please report it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)
+        if "can't allocate memory" in str(e):  # the CPU allocator's words
+            fail("out of memory; lower --batch, --lr-patch or --pool-size (the last checkpoint is kept)")
+        unexpected(e)
+    except Exception as e:
+        unexpected(e)
     if not quiet:
         to_stdout(f"wrote {one_line(last)}")
 
@@ -508,7 +525,8 @@ def push(files, repo, revision, private, message, no_card, license_id):
               help="Also decode each LR with the mean z of these references (repeatable): their mean measures and, "
                    "with two or more, the reference influence score.")
 @click.option("--num-refs", type=Integer(min=1), default=None,
-              help="Use K of the --ref images, evenly spaced in sorted order. [default: all]")
+              help="Use K of the --ref images, evenly spaced in the order given (a folder's in sorted order). "
+                   "[default: all]")
 @click.option("--match-protocol", type=click.Choice(["warp", "half", "unrelated"]), default=None,
               help="Also measure `upscale --match`, with as reference: the HR image under a seeded random "
                    "similarity transform (warp); the photo's other half, the image being one half (half); the next "

@@ -1,2 +1,13 @@
 class RefsrError(Exception):
     """A problem the user can fix (bad input, missing weights...): the CLI prints it as one line, no traceback."""
+
+
+def name_trouble(e: Exception) -> str | None:
+    """The one line for a file name the system refuses where no check of refsr's expected it, or None: an OSError
+    that names its file (a name past 255 bytes, a loop of links, a folder taken away), or Path.resolve's loop of
+    symbolic links (a RuntimeError before Python 3.13)."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, RuntimeError) and str(e).startswith("Symlink loop"):
+        return f"a loop of symbolic links ({str(e).removeprefix('Symlink loop from ')})"
+    return None

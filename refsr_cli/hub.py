@@ -62,6 +62,8 @@ def import_hub():
     (HF_ENDPOINT=http://[::1, HF_HUB_ETAG_TIMEOUT=abc) raises a ValueError there: a RefsrError instead."""
     try:
         from huggingface_hub import constants
+        for module in ("file_download", "hf_api"):  # which parse HF_ENDPOINT (a port past 65535) on import
+            importlib.import_module(f"huggingface_hub.{module}")
     except ValueError as e:
         raise RefsrError(f"huggingface_hub cannot start: {e} (check the HF_* environment variables)") from None
     return constants
@@ -197,6 +199,10 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     check_destination(repo, revision)
+    # A licence id goes into the card's YAML as it is: a newline there would add keys of its own.
+    if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", license):
+        raise RefsrError(f"--license {license!r}: not a Hub licence id (lowercase letters, digits and . + -, as in "
+                         "mit or apache-2.0)")
     checkpoints = checkpoints_to_push(files)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for path, name, _, _ in checkpoints]
     if card:

@@ -55,31 +55,44 @@ def expand_inputs(specs, skip_outputs: bool = False) -> list:
     run twice must not upscale its outputs again); a file named on its own is always taken."""
     found = []
     for spec in specs:
-        if not str(spec).strip():  # Path("") is the current folder: an empty shell variable would upscale it
-            raise RefsrError(f"{str(spec)!r}: an empty name, not a file or folder")
-        path = Path(spec)
-        if path.is_dir():
-            matches = list_images(path)
-            if not matches:
-                raise RefsrError(f"{spec}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        elif path.exists():
-            if not path.is_file():  # a FIFO or a device: reading it would wait for a writer, forever
-                raise RefsrError(f"{spec}: not a regular file")
-            matches = [path]
-        elif glob.has_magic(spec):
-            matches = sorted(Path(p) for p in glob.glob(spec) if Path(p).suffix.lower() in IMAGE_SUFFIXES
-                             and Path(p).is_file())
-            if not matches:
-                raise RefsrError(f"{spec}: no image matches this pattern")
-        else:
-            raise RefsrError(f"{spec}: no such file or folder")
-        if skip_outputs and matches != [path]:
-            matches = [m for m in matches if not is_refsr_output(m)]
-            if not matches:
-                raise RefsrError(f"{spec}: holds only refsr outputs, no image of its own")
-        known = {f.resolve() for f in found}
-        found += [m for m in matches if m.resolve() not in known]
+        try:
+            matches = spec_images(spec, skip_outputs)
+            known = {f.resolve() for f in found}
+            found += [m for m in matches if m.resolve() not in known]
+        except OSError as e:  # a name past the file system's limit
+            raise RefsrError(f"{spec}: {e.strerror or e}") from None
+        except RuntimeError:  # Path.resolve's "Symlink loop"
+            raise RefsrError(f"{spec}: a loop of symbolic links") from None
     return found
+
+
+def spec_images(spec, skip_outputs: bool) -> list:
+    """The images one name on the command line stands for (see expand_inputs)."""
+    if not str(spec).strip():  # Path("") is the current folder: an empty shell variable would upscale it
+        raise RefsrError(f"{str(spec)!r}: an empty name, not a file or folder")
+    path = Path(spec)
+    if path.is_dir():
+        matches = list_images(path)
+        if not matches:
+            raise RefsrError(f"{spec}: folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    elif path.exists():
+        if not path.is_file():  # a FIFO or a device: reading it would wait for a writer, forever
+            raise RefsrError(f"{spec}: not a regular file")
+        matches = [path]
+    elif glob.has_magic(spec):
+        matches = sorted(Path(p) for p in glob.glob(spec) if Path(p).suffix.lower() in IMAGE_SUFFIXES
+                         and Path(p).is_file())
+        if not matches:
+            raise RefsrError(f"{spec}: no image matches this pattern")
+    elif path.is_symlink():
+        raise RefsrError(f"{spec}: a link to nothing (or a loop of links)")
+    else:
+        raise RefsrError(f"{spec}: no such file or folder")
+    if skip_outputs and matches != [path]:
+        matches = [m for m in matches if not is_refsr_output(m)]
+        if not matches:
+            raise RefsrError(f"{spec}: holds only refsr outputs, no image of its own")
+    return matches
 
 
 def unique_stems(paths) -> list:

@@ -16,6 +16,8 @@ from .provenance import read_provenance
 def plan_outputs(out: Path, fmt: str | None):
     """(folder, single output file or None, extension) from -o and --format."""
     if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
+        if fmt is not None and output_format(out) != output_format(f"x.{fmt}"):
+            raise RefsrError(f"--format {fmt} and -o {out} disagree: a file's extension sets its format; drop one")
         output_format(out)
         return out.parent, out, out.suffix
     return out, None, "." + (fmt or "png")
@@ -28,6 +30,7 @@ class Output:
     kind: str  # "image", "sheet", "map" or "animation"
     variant: object = None  # the batch.Variant of an image
     todo: bool = True
+    fields: dict | None = None  # a sidecar's provenance beside the run's record
 
 
 def check_names(plan, named) -> None:
@@ -52,9 +55,10 @@ def output_names(plan, stem: str) -> list:
         outputs = [Output(plan.single or Path(f"{base}{'_' + v.suffix if v.suffix else ''}{plan.ext}"), "image", v)
                    for v in plan.variants]
     if opt.match_map:
-        outputs.append(Output(Path(f"{base}_match_map.png"), "map"))
+        outputs.append(Output(Path(f"{base}_match_map.png"), "map", fields=plan.variants[-1].fields | {"map": True}))
     if opt.animate:
-        outputs.append(Output(Path(f"{base}_walk.{opt.animate}"), "animation"))
+        walk = {k: v for k, v in plan.variants[0].fields.items() if k != "frame"}
+        outputs.append(Output(Path(f"{base}_walk.{opt.animate}"), "animation", fields=walk | {"animate": opt.animate}))
     return outputs
 
 
@@ -78,22 +82,32 @@ def outputs_of(plan, stem: str) -> list:
     return outputs
 
 
-def check_kept_images(outputs: list, record: dict) -> None:
-    """A sidecar (a walk's animation, a --match-map map) tells of this run's images: an image --skip-existing keeps
-    beside one that is written must be this very image (its provenance is what this run would record), not another
-    run's (other seeds or references, other weights) nor a file of the user's that took its name."""
-    sidecar = next(o for o in outputs if o.kind in ("animation", "map") and o.todo)
-    for output in outputs:
-        if output.kind != "image" or output.todo:
-            continue
-        expected = json.loads(json.dumps(record | output.variant.fields))  # as it reads back: lists, not tuples
-        try:
-            kept = read_provenance(output.path)
-        except (OSError, ValueError, SyntaxError):
-            kept = None
-        if kept != expected:
-            what = (f"frame {output.variant.fields['frame']} of this walk" if sidecar.kind == "animation"
-                    else "the image this run would write")
-            raise RefsrError(f"{output.path}: kept by --skip-existing, but not {what} (another run's, or not "
-                             f"refsr's); {sidecar.path.name} tells only of this run's images: move it away, or "
-                             "--overwrite")
+def check_sidecars(outputs: list, record: dict, written_too: bool = False) -> None:
+    """A sidecar (a walk's animation, a --match-map map) tells of this run's images, so the two must agree. Beside a
+    sidecar that is written, an image --skip-existing keeps must be this very image (its provenance is what this run
+    would record), not another run's (other seeds or references, other weights) nor a file of the user's that took
+    its name; with `written_too`, the images this run wrote as well (checked again just before an animation is made
+    of the files: one replaced meanwhile is not taken). And a sidecar --skip-existing keeps beside images this run
+    writes must be this run's too."""
+    images = [o for o in outputs if o.kind == "image"]
+    for sidecar in (o for o in outputs if o.kind in ("animation", "map")):
+        if sidecar.todo:
+            for image in images:
+                if (written_too or not image.todo) and not holds(image.path, record | image.variant.fields):
+                    what = (f"frame {image.variant.fields['frame']} of this walk" if sidecar.kind == "animation"
+                            else "the image this run would write")
+                    how = "kept by --skip-existing" if not image.todo else "changed since this run wrote it"
+                    raise RefsrError(f"{image.path}: {how}, but not {what} (another run's, or not refsr's); "
+                                     f"{sidecar.path.name} tells only of this run's images: move it away, or "
+                                     "--overwrite")
+        elif any(image.todo for image in images) and not holds(sidecar.path, record | sidecar.fields):
+            raise RefsrError(f"{sidecar.path}: kept by --skip-existing, but it tells of another run's images, and "
+                             "this run writes them anew: move it away, or --overwrite")
+
+
+def holds(path: Path, provenance: dict) -> bool:
+    """Whether the file at `path` holds this provenance, as it reads back (lists, not tuples)."""
+    try:
+        return read_provenance(path) == json.loads(json.dumps(provenance))
+    except (OSError, ValueError, SyntaxError):
+        return False

@@ -53,8 +53,8 @@ def fit(opt: TrainOptions, progress=None):
             claimed = claim_run_folder(opt, state_path) if rank == 0 else None
             return run(opt, rank, world, device, state_path, progress, claimed)
     except BaseException:
-        if created and not any(opt.out.iterdir()):  # a run refused before its first save leaves no empty folder
-            opt.out.rmdir()
+        if created and opt.out.is_dir() and not any(opt.out.iterdir()):  # refused before its first save: no empty
+            opt.out.rmdir()                                                   # folder left (unless it is gone)
         raise
 
 
@@ -175,9 +175,17 @@ class Claimed:
 def identity(path: Path):
     """Which file stands at `path`, as far as a save can tell: None for none, else inode, size and mtime."""
     try:
-        st = os.lstat(path)
+        return signature(os.lstat(path))
     except FileNotFoundError:
         return None
+
+
+def identity_of(file) -> tuple:
+    """identity() of an open file."""
+    return signature(os.fstat(file.fileno()))
+
+
+def signature(st: os.stat_result) -> tuple:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
@@ -284,7 +292,18 @@ def start_distributed(device: torch.device):
             raise RefsrError(f"LOCAL_RANK={local} is not below the {torch.cuda.device_count()} CUDA devices here")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # what torchrun sets and a hand-made RANK/WORLD_SIZE lacks
+        if not os.environ.get(name):
+            raise RefsrError(f"WORLD_SIZE={world} but {name} is not set: start train's ranks with torchrun "
+                             "--nproc_per_node=N refsr train ...")
+    port = os.environ["MASTER_PORT"]
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise RefsrError(f"MASTER_PORT={port!r}: not a port (1 to 65535)")
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    except (ValueError, RuntimeError) as e:  # a MASTER_ADDR no one answers at, a port taken
+        raise RefsrError(f"the ranks cannot meet at MASTER_ADDR={os.environ['MASTER_ADDR']} MASTER_PORT={port} "
+                         f"({(str(e).splitlines() or [''])[0]})") from None
     return dist.get_rank(), world, device
 
 
@@ -338,6 +357,10 @@ class RunLog:
         if validate is not None and (step % opt.val_every == 0 or step == opt.steps):
             row = {"step": step, **row, **validate()}
         if row:
+            if identity(Path(self.file.name)) != identity_of(self.file):  # replaced or removed since it was opened
+                raise RefsrError(f"{self.file.name} changed while this run trained (another process replaced or "
+                                 f"removed it); it is kept and the run stops at step {step}: the last checkpoint is "
+                                 "kept, move the log away and --resume")
             try:
                 self.file.write(json.dumps(row) + "\n")
                 self.file.flush()
@@ -372,7 +395,7 @@ def open_log(path: Path, step: int, resumed: bool):
         def kept(row: str) -> bool:
             try:
                 return json.loads(row)["step"] <= step
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # a row cut short, or no row of ours
                 return False
         rows = [r for r in path.read_text(errors="replace").splitlines() if r.strip() and kept(r)]
         with atomic_path(path) as tmp:

@@ -26,7 +26,7 @@ def load_training_images(folders, min_side: int) -> list:
         if min(rgb.shape[:2]) >= min_side:
             images.append((rgb * 255).round().astype(np.uint8))
     if not images:
-        raise RefsrError(f"no training image is at least {min_side} px on its short side")
+        raise RefsrError(f"no image of {', '.join(map(str, folders))} is at least {min_side} px on its short side")
     return images
 
 

@@ -241,7 +241,14 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, checkpoint, monkeypatch
     from refsr_cli import train
 
     class FullLog:
+        """log.jsonl on a disk that is full: opened, but no row can be written."""
         name = str(tmp_path / "run" / "log.jsonl")
+
+        def __init__(self):
+            self.file = open(self.name, "a")
+
+        def fileno(self):
+            return self.file.fileno()
 
         def write(self, text):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -250,7 +257,7 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, checkpoint, monkeypatch
             pass
 
         def close(self):
-            pass
+            self.file.close()
 
     monkeypatch.setattr(train, "open_log", lambda *a: FullLog())
     result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2,
@@ -1066,3 +1073,183 @@ def test_a_train_refused_before_its_first_save_leaves_no_empty_folder(tmp_path, 
     assert result.exit_code == 2
     one_error_line(result)
     assert not (tmp_path / "run").exists()
+
+
+# --- the fifth sweep -----------------------------------------------------------------------------------------------
+
+def test_train_stops_when_its_log_is_replaced_and_keeps_the_other_file(tmp_path, checkpoint, monkeypatch):
+    import os
+    from refsr_cli.stages import TextureStage
+    real = TextureStage.losses
+
+    def losses(self, step):
+        if step == 1:  # after step 1's row: another process puts its own file at log.jsonl
+            (tmp_path / "theirs.tmp").write_text('{"note": "mine"}\n')
+            os.replace(tmp_path / "theirs.tmp", tmp_path / "run" / "log.jsonl")
+        return real(self, step)
+
+    monkeypatch.setattr(TextureStage, "losses", losses)
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2, "--steps", 3,
+                             "--log-every", 1))
+    assert result.exit_code == 2
+    one_error_line(result, "log.jsonl", "changed")
+    assert (tmp_path / "run" / "log.jsonl").read_text() == '{"note": "mine"}\n'
+
+
+def test_a_reference_replaced_while_it_is_read_is_refused_not_recorded_under_the_new_hash(tmp_path, checkpoint,
+                                                                                          monkeypatch):
+    from refsr_cli import batch
+    real = batch.read_rgb
+    ref, other = write_png(tmp_path / "ref.png", 32, 32, seed=1), write_png(tmp_path / "other.png", 32, 32, seed=2)
+
+    def replaced_after_reading(path, *args):
+        image = real(path, *args)
+        other.replace(ref)
+        return image
+
+    monkeypatch.setattr(batch, "read_rgb", replaced_after_reading)
+    result = run("upscale", write_png(tmp_path / "in.png"), "--ref", ref, "--scale", 2, "--weights", checkpoint,
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    one_error_line(result, "ref.png", "changed while it was read")
+
+
+def test_an_animation_is_not_made_of_a_frame_replaced_after_it_was_written(tmp_path, checkpoint, monkeypatch):
+    from PIL import Image
+    from refsr_cli import batch
+    real = batch.write_picture
+
+    def intruding(array, path, *args, **kwargs):
+        real(array, path, *args, **kwargs)
+        if Path(path).name == "in_x2_walk001.png":  # frame 0 is written; someone puts a red image in its place
+            Image.new("RGB", (32, 32), (255, 0, 0)).save(Path(path).parent / "in_x2_walk000.png")
+
+    monkeypatch.setattr(batch, "write_picture", intruding)
+    result = run("walk", write_png(tmp_path / "in.png"), "--seed", 1, "--seed", 2, "--steps", 3, "--animate", "gif",
+                 "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "w", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "in_x2_walk000.png", "changed since this run wrote it")
+    assert not (tmp_path / "w" / "in_x2_walk.gif").exists()
+
+
+def test_a_kept_sidecar_of_another_run_beside_new_images_is_refused(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png", 24, 24)
+    refs = [write_png(tmp_path / f"r{i}.png", 32, 32, seed=5 + i) for i in range(2)]
+    out = tmp_path / "out"
+    args = ("--match", "--match-map", "--scale", 2, "--weights", checkpoint, "-o", out, "-q")
+    assert run("upscale", lr, "--ref", refs[0], *args).exit_code == 0
+    (out / "in_x2_match.png").unlink()
+    result = run("upscale", lr, "--ref", refs[1], *args, "--skip-existing")  # the kept map tells of r0
+    assert result.exit_code == 1
+    one_error_line(result, "in_x2_match_map.png", "another run's images")
+    assert not (out / "in_x2_match.png").exists()
+
+
+def test_a_licence_that_is_not_an_id_is_refused_before_any_request(tmp_path, checkpoint):
+    result = refsr_process("push", checkpoint, "me/repo", "--license", "mit\nlibrary_name: evil",
+                           env={"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9",
+                                "HF_TOKEN": "hf_x"})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--license" in result.stderr and "licence id" in result.stderr
+
+
+def test_names_the_system_refuses_are_one_line_wherever_they_are_given(tmp_path, checkpoint):
+    import os
+    lr = write_png(tmp_path / "in.png")
+    long = str(tmp_path / ("x" * 256))
+    result = run("upscale", lr, long + ".png", "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "File name too long")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["in_x2.png"]  # the other input is done
+    (tmp_path / "hr").mkdir()
+    write_png(tmp_path / "hr" / "a.png", 32, 32)
+    os.symlink("loop.png", tmp_path / "loop.png")
+    for args in (("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", long + ".png"),
+                 ("upscale", lr, "--scale", 2, "--weights", long + ".safetensors", "-o", tmp_path / "o2"),
+                 ("upscale", lr, "--ref", long + ".png", "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o2"),
+                 ("eval", tmp_path / "hr", "--scale", 2, "--weights", checkpoint, "--json", long + ".json"),
+                 ("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "loop.png"),
+                 ("upscale", lr, "--ref", tmp_path / "loop.png", "--scale", 2, "--weights", checkpoint)):
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        one_error_line(result)
+        assert "internal error" not in result.stderr, args
+    (tmp_path / "o4").mkdir()
+    os.symlink("x.png", tmp_path / "o4" / "in_x2.png")
+    os.symlink("in_x2.png", tmp_path / "o4" / "x.png")
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o4", "--overwrite", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "loop of symbolic links")
+
+
+def test_a_hub_endpoint_with_no_port_a_socket_takes_is_one_line(tmp_path):
+    result = refsr_process("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", "me/repo",
+                           env={"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:99999"})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "HF_" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("env, fragment", [({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR"),
+                                           ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                             "MASTER_PORT": "abc"}, "MASTER_PORT")])
+def test_train_under_a_hand_made_launcher_environment_names_what_is_missing(tmp_path, checkpoint, monkeypatch,
+                                                                            env, fragment):
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = run(*train_args(tmp_path, "--init", checkpoint))
+    assert result.exit_code == 2
+    one_error_line(result, fragment)
+
+
+def test_resume_drops_a_log_row_nested_deep_and_goes_on(tmp_path, checkpoint):
+    args = train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2, "--save-every", 1)
+    assert run(*args).exit_code == 0
+    with open(tmp_path / "run" / "log.jsonl", "a") as log:
+        log.write("[" * 100000 + "]" * 100000 + "\n")
+    resumed = [a for a in args if a not in ("--init", checkpoint)]
+    result = run(*resumed[:resumed.index("--steps")], "--steps", 2, *resumed[resumed.index("--steps") + 2:],
+                 "--resume")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_a_run_folder_removed_mid_train_is_one_line_not_an_internal_error(tmp_path, checkpoint, monkeypatch):
+    import shutil
+    from refsr_cli.stages import TextureStage
+    real = TextureStage.losses
+
+    def losses(self, step):
+        if step == 1:
+            shutil.rmtree(tmp_path / "run")
+        return real(self, step)
+
+    monkeypatch.setattr(TextureStage, "losses", losses)
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2, "--steps", 3,
+                             "--save-every", 1))
+    assert result.exit_code == 2
+    one_error_line(result)
+    assert "internal error" not in result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [(("--max-pixels", "1" + "0" * 49), "more than 20 digits"),
+                                            (("--tile-pad", "9" * 46), "more than 20 digits"),
+                                            (("--format", "jpg", "-o", "res.png"), "disagree")])
+def test_flags_a_record_could_not_hold_or_that_contradict_are_refused(tmp_path, checkpoint, monkeypatch, args,
+                                                                      fragment):
+    monkeypatch.chdir(tmp_path)
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", checkpoint, *args)
+    assert result.exit_code == 2
+    one_error_line(result, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "tiny-x2.safetensors"]
+
+
+def test_a_bad_launcher_rank_is_refused_even_with_shard(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setenv("RANK", "abc")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", checkpoint, "--shard", "0/1",
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    one_error_line(result, "RANK")
