@@ -32,7 +32,7 @@ from PIL import Image
 
 from .errors import RefsrError
 from .match import patch_descriptors, top_matches
-from .options import BatchOptions
+from .options import MAX_SEED, MAX_STRENGTH, MAX_TEMPERATURE, BatchOptions, check_number
 
 CELL = 4  # output pixels a side of a descriptor cell
 WINDOW = 4  # cells a side of a patch
@@ -246,6 +246,12 @@ class Texture:
     strength: float = BatchOptions.strength
     to: "Texture | None" = None
     t: float = 0.0
+
+    def __post_init__(self):  # what the flags would refuse is refused here too (the Python API)
+        check_number("seed", self.seed, 0, MAX_SEED, integer=True)
+        check_number("temperature", self.temperature, 0, MAX_TEMPERATURE)
+        check_number("strength", self.strength, 0, MAX_STRENGTH)
+        check_number("t", self.t, 0, 1)
 
 
 class TexturePlan:

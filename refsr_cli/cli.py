@@ -64,16 +64,15 @@ class Finite(click.ParamType):
 
 
 class OutPath(click.Path):
-    """-o: a folder or a file. Not "-" (images are not written to stdout) nor "" (which Path reads as the current
-    folder)."""
+    """-o and --json: a folder or a file. Not "-" (refsr writes no files to stdout) nor "" (which Path reads as the
+    current folder)."""
 
     def __init__(self):
         super().__init__(path_type=Path)
 
     def convert(self, value, param, ctx):
         if str(value) in ("-", ""):
-            self.fail(f"{str(value)!r}: give a folder or a file name (refsr does not write images to stdout)",
-                      param, ctx)
+            self.fail(f"{str(value)!r}: give a file name (refsr does not write its files to stdout)", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -532,7 +531,7 @@ def push(files, repo, revision, private, message, no_card, license_id):
                    "similarity transform (warp); the photo's other half, the image being one half (half); the next "
                    "photo of HR_DIR (unrelated).")
 @click.option("--baseline", type=click.Choice(["bicubic", "none"]), default="bicubic", show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+@click.option("--json", "json_path", type=OutPath(), default=None,
               help="Also write the rows and means (and the images that failed) to this JSON file.")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @engine_options

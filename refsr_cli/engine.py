@@ -14,7 +14,9 @@ from .checkpoint import load_weights
 from .errors import RefsrError
 from .match import Transfer
 from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
-from .options import MIN_TILE, SAMPLE_TEMPERATURE, BatchOptions, EngineOptions
+from .images import MIN_SIDE
+from .options import (DEVICES, MAX_CONSISTENCY_STEPS, MAX_SEED, MAX_TEMPERATURE, MIN_TILE, SAMPLE_TEMPERATURE,
+                      BatchOptions, EngineOptions, check_number)
 from .report import warning_line
 
 
@@ -70,6 +72,22 @@ def tile_spans(length: int, tile: int):
     return [(start, min(start + tile, length)) for start in range(0, length, tile)]
 
 
+def check_image(image, name: str) -> None:
+    """An image as the engine takes one: an HxWx3 float array in [0, 1], as images.read_rgb gives (the commands
+    check their files; this is the Python API's check). A nan pixel would give a black output."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        raise RefsrError(f"{name}: give an HxWx3 RGB array, not {getattr(image, 'shape', type(image).__name__)}")
+    if min(image.shape[:2]) < MIN_SIDE:
+        raise RefsrError(f"{name}: {image.shape[1]}x{image.shape[0]} is too small (at least {MIN_SIDE} pixels a side)")
+    if not np.isfinite(image).all():
+        raise RefsrError(f"{name}: holds pixels that are not finite numbers (nan or inf)")
+
+
+def check_draw(seed, temperature) -> None:
+    check_number("seed", seed, 0, MAX_SEED, integer=True)
+    check_number("temperature", temperature, 0, MAX_TEMPERATURE)
+
+
 class Upscaler:
     """Runs a RefVAE on images of any size, a tile at a time.
 
@@ -84,6 +102,9 @@ class Upscaler:
     def __init__(self, model: RefVAE, device, *, tile: int = EngineOptions.tile, tile_pad: int = EngineOptions.tile_pad,
                  consistency_steps: int = EngineOptions.consistency_steps, half: bool = EngineOptions.half,
                  weights_path=None, texture_trained: bool = True, warn=None):
+        check_number("tile", tile, MIN_TILE, math.inf, integer=True)  # the flags' bounds, for the Python API
+        check_number("tile_pad", tile_pad, 0, math.inf, integer=True)
+        check_number("consistency_steps", consistency_steps, 0, MAX_CONSISTENCY_STEPS, integer=True)
         self.warn = warn or warning_line
         self.device = torch.device(device)
         self.dtype = torch.float16 if half else torch.float32
@@ -111,6 +132,8 @@ class Upscaler:
         """
         from .device import pick_device
         options = options or EngineOptions()
+        if options.device not in DEVICES:
+            raise RefsrError(f"device={options.device!r}: give one of {', '.join(DEVICES)}")
         device = pick_device(options.device)
         if options.half and device.type == "cpu":
             raise RefsrError("--half needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
@@ -128,6 +151,8 @@ class Upscaler:
     def reference_z(self, image: np.ndarray, temperature: float = BatchOptions.temperature,
                     seed: int = BatchOptions.seed) -> Latent:
         """z from a reference image, mu + temperature * sigma * eps (eps and the texture noise of `seed`)."""
+        check_image(image, "reference")
+        check_draw(seed, temperature)
         size = self.model.config.ref_size
         ref = Image.fromarray((image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
         mu, logvar = self.model.encode_reference(self._tensor(np.asarray(ref, dtype=np.float32) / 255))
@@ -138,6 +163,7 @@ class Upscaler:
         """The texture bank of a reference (HxWx3 float): the reference at several scales, each paired with this
         network's fidelity output of its LR (refsr_cli.analogy)."""
         from .analogy import bank_part, check_reference, make_bank, reference_pairs
+        check_image(image, name)
         check_reference(image, name)
         pairs = reference_pairs(image, self.scale, self.faithful, name)
         return make_bank([bank_part(sharp, faithful) for sharp, faithful in pairs], name)
@@ -152,6 +178,7 @@ class Upscaler:
     def prior_z(self, seed: int, temperature: float = SAMPLE_TEMPERATURE) -> Latent:
         """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device, and the
         texture noise of the same seed; at temperature 0, the fidelity output."""
+        check_draw(seed, temperature)
         if temperature == 0:
             return Latent(None, seed)
         eps = torch.randn(1, self.model.config.z_dim, generator=torch.Generator().manual_seed(seed))
@@ -185,6 +212,9 @@ class Upscaler:
         every output where they match.
 
         On a GPU out-of-memory error the image is started again with tiles of half the size."""
+        check_image(lr, "lr")
+        if not latents:
+            raise RefsrError("latents: give one or more (None for the faithful output)")
         while True:
             try:
                 return self._upscale(lr, latents, transfer, alpha, grayscale, bits, on_tile)

@@ -163,7 +163,7 @@ def plan_evaluation(opt: EvalOptions) -> "Evaluation":
         references.append((latents.draw(latents.reference(image, str(path)), opt.seed, 0.0), image))
     return Evaluation(opt, paths, ref_paths, upscaler, latents.prior(opt.seed, opt.temperature),
                       [latents.prior(opt.seed + i, opt.sample_temperature) for i in range(opt.samples)], references,
-                      lambda image: latents.draw(latents.reference(image, "its reference"), opt.seed, 0.0))
+                      lambda image, name: latents.draw(latents.reference(image, name), opt.seed, 0.0))
 
 
 class Judges:
@@ -200,7 +200,7 @@ class Evaluation:
     (z, HxWx3 image) pairs of the "references" rows (influence when K >= 2); with a match protocol: "match" rows,
     the `upscale --match` output with the reference of that protocol (protocol_pair), its mean confidence and the
     seconds its matching took, and "protocol reference" rows, `upscale --ref` with that reference (no matching), as
-    `reference_latent(image)` makes its latent."""
+    `reference_latent(image, name)` makes its latent."""
     opt: EvalOptions
     paths: list
     ref_paths: list
@@ -261,7 +261,7 @@ class Evaluation:
             groups.append(("match", upscale([None], transfer), extra))
             # The same reference as RefVAE takes one (its mean z: the look, not the place): with the photo's other
             # half (protocol half) it should lower LPIPS against T = 0 where no placement could raise PSNR.
-            latent = self.reference_latent(to_float(match_ref).astype(np.float32))
+            latent = self.reference_latent(to_float(match_ref).astype(np.float32), name)
             groups.append(("protocol reference", upscale([latent]), {}))
         for method, outputs, extra in groups:
             each = [judges.measure(o, hr, lr, scale) for o in outputs]

@@ -1,11 +1,15 @@
 """The options that travel through the engine, the batch and training, with their defaults, written once: the CLI
 reads its flags' defaults from here, the engine and the scripts take them from here. Torch-free, so that
 `refsr --help` and `refsr info` stay fast."""
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
-SCALES = (2, 4, 8)
-MAX_SEED = 2 ** 63 - 1  # torch's generators take a 64-bit seed; refsr's seeds are the non-negative int64s  # the upscaling factors refsr has networks for
+from .errors import RefsrError
+
+SCALES = (2, 4, 8)  # the upscaling factors refsr has networks for
+MAX_SEED = 2 ** 63 - 1  # torch's generators take a 64-bit seed; refsr's seeds are the non-negative int64s
 DEVICES = ("auto", "cpu", "cuda", "mps")  # --device: auto picks CUDA, then MPS, then the CPU
 MIN_TILE = 16  # --tile: LR pixels; smaller tiles are all context
 SAMPLE_TEMPERATURE = 1.0  # the temperature of `sample`, of walks between seeds and of eval's samples (upscale: 0)
@@ -24,6 +28,16 @@ MAX_STRENGTH = 4.0  # --strength: beyond it the pasted detail is all that is see
 MAX_CONSISTENCY_STEPS = 32
 MAX_IMLE_SAMPLES = 32  # --imle-samples: the nearest-sample search decodes at most 32 outputs a pass (train.py)
 MAX_TEMPERATURE = 10.0  # --temperature: far past where the texture stops changing (analogy: 4; the learned z: ~3)
+
+
+def check_number(name: str, value, low: float, high: float, integer: bool = False) -> None:
+    """A value given through the Python API as its flag would take it: a finite number in [low, high] (a whole one
+    for `integer`), else a RefsrError naming it (nan would give a black image, 2^70 an overflow deep inside)."""
+    kind = numbers.Integral if integer else numbers.Real  # numpy's numbers too
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not low <= value <= high:
+        top = str(int(high)) if integer and high != math.inf else f"{high:g}"
+        bounds = f"{low:g} or more" if high == math.inf else f"from {low:g} to {top}"
+        raise RefsrError(f"{name}={value!r}: give {'a whole number' if integer else 'a number'} {bounds}")
 
 
 @dataclass

@@ -10,7 +10,12 @@ REFSR=${REFSR:-refsr}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 G=${1:?give an empty work folder}
 export OMP_NUM_THREADS=1
-rm -rf "$G" && mkdir -p "$G" && cd "$G"
+# Only a folder of its own is emptied (it leaves a mark in it): never one of the user's.
+if [ -e "$G" ] && [ -n "$(ls -A "$G")" ] && [ ! -e "$G/.output_hashes" ]; then
+    echo "output_hashes.sh: $G is not empty and not a work folder of this script; give a new or empty folder" >&2
+    exit 2
+fi
+rm -rf "$G" && mkdir -p "$G" && cd "$G" && touch .output_hashes
 python - "$ROOT" <<'PY'
 import sys
 import numpy as np

@@ -3,6 +3,7 @@ and redo commands that must tell the truth, and inputs that used to give a trace
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -10,7 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import one_error_line, tiny_model, write_png
 from refsr_cli.checkpoint import load_weights, read_metadata, save_model
+from refsr_cli.analogy import Texture
 from refsr_cli.cli import main
+from refsr_cli.engine import Upscaler
+from refsr_cli.options import EngineOptions
 from test_cli import run
 from test_data_loss import photos
 
@@ -1243,3 +1247,62 @@ def test_a_bad_launcher_rank_is_refused_even_with_shard(tmp_path, checkpoint, mo
                  "-o", tmp_path / "out")
     assert result.exit_code == 2
     one_error_line(result, "RANK")
+
+
+# --- the sixth sweep -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda up, lr: up.upscale(lr, [Texture(up.texture_bank(), seed=3, temperature=1.0, strength=float("nan"))]),
+     "strength"),
+    (lambda up, lr: Texture(up.texture_bank(), strength=1e308), "strength"),
+    (lambda up, lr: Texture(up.texture_bank(), temperature=float("inf")), "temperature"),
+    (lambda up, lr: Texture(up.texture_bank(), seed=2 ** 70), "seed"),
+    (lambda up, lr: up.upscale(np.full_like(lr, np.nan), [None]), "not finite"),
+    (lambda up, lr: up.prior_z(1, float("nan")), "temperature"),
+    (lambda up, lr: up.reference_bank(np.full((40, 40, 3), np.nan, np.float32)), "not finite"),
+    (lambda up, lr: up.upscale(lr, []), "latents"),
+    (lambda up, lr: up.upscale(lr[..., 0], [None]), "HxWx3"),
+    (lambda up, lr: up.upscale(lr[:2, :2], [None]), "too small"),
+    (lambda up, lr: Upscaler.from_weights(scale=2, options=EngineOptions(tile=0)), "tile"),
+    (lambda up, lr: Upscaler.from_weights(scale=2, options=EngineOptions(tile_pad=-5)), "tile_pad"),
+    (lambda up, lr: Upscaler.from_weights(scale=2, options=EngineOptions(device="tpu")), "device"),
+])
+def test_the_python_api_refuses_what_the_flags_refuse(call, fragment):
+    from PIL import Image
+    from refsr_cli.errors import RefsrError
+    up = Upscaler.from_weights(scale=2)
+    lr = np.asarray(Image.new("RGB", (24, 24), (90, 120, 150)), np.float32) / 255
+    with pytest.raises(RefsrError, match=fragment):
+        call(up, lr)
+
+
+def test_eval_json_must_name_a_file(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hr").mkdir()
+    write_png(tmp_path / "hr" / "a.png", 32, 32)
+    for name in ("-", ""):
+        result = run("eval", "hr", "--scale", 2, "--weights", checkpoint, "--json", name)
+        assert result.exit_code == 2
+        one_error_line(result, "--json")
+    assert not (tmp_path / "-").exists()
+
+
+def test_eval_unrelated_names_the_image_and_the_reference_that_is_too_small(tmp_path, checkpoint):
+    (tmp_path / "hr").mkdir()
+    write_png(tmp_path / "hr" / "h0.png", 48, 48)
+    write_png(tmp_path / "hr" / "h0b.png", 12, 12, seed=5)  # too small to be measured, and to be h0's reference
+    write_png(tmp_path / "hr" / "h1.png", 48, 48, seed=2)
+    result = run("eval", tmp_path / "hr", "--scale", 2, "--weights", checkpoint, "--match-protocol", "unrelated")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("refsr: error: ")]
+    assert any("h0.png" in line and "h0b.png" in line for line in errors), result.stderr
+
+
+def test_output_hashes_never_empties_a_folder_of_the_users(tmp_path):
+    import subprocess
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "output_hashes.sh"
+    result = subprocess.run(["bash", str(script), str(tmp_path / "mine")], capture_output=True, text=True,
+                            env={"REFSR": "false", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and "not empty" in result.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "kept"

@@ -121,10 +121,10 @@ def test_the_published_graph_of_the_speed_bench_runs_through_the_upscaler():
     torch.manual_seed(0)
     model = PaperRefVAE(PaperConfig(scale=4, channels=16, up_channels=(8, 8), stages=2, head_channels=8,
                                     head_grid=4, cond_grid=4, z_dim=8, ref_size=32))
-    up = Upscaler(model, "cpu", tile=8)
-    lr = np.random.default_rng(0).random((10, 12, 3)).astype(np.float32)
+    up = Upscaler(model, "cpu", tile=16)  # the smallest tile --tile takes: this image in four tiles
+    lr = np.random.default_rng(0).random((20, 24, 3)).astype(np.float32)
     out, = up.upscale(lr, [up.reference_z(np.random.default_rng(1).random((40, 40, 3)))])
-    assert out.shape == (40, 48, 3)
+    assert out.shape == (80, 96, 3)
 
 
 def test_matrix_resampling_equals_torch_interpolate():
