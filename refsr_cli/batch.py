@@ -135,7 +135,7 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     except OSError as e:
         raise RefsrError(f"{opt.out}: cannot create the output folder ({e.strerror or e})") from None
     record = {"refsr": software_tag(), "command": command, "scale": opt.scale, "temperature": opt.temperature,
-              "weights": opt.weights or "shipped", "weights_sha256": sha256_of(upscaler.weights_path),
+              "weights": opt.weights or "shipped", "weights_sha256": upscaler.weights_sha256,
               "tile": opt.tile, "tile_pad": opt.tile_pad, "consistency_steps": opt.consistency_steps,
               "max_pixels": opt.max_pixels,
               "texture": opt.texture, "strength": opt.strength,

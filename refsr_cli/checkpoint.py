@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import RefsrError
-from .files import atomic_path
+from .files import atomic_path, sha256_of
 from .model import RefVAE, RefVAEConfig, check_size
 
 FORMAT = "refsr-refvae"
@@ -139,6 +139,7 @@ class Weights:
     model: RefVAE
     path: Path
     metadata: dict
+    sha256: str  # of the file as it was read
 
     @property
     def texture_trained(self) -> bool:
@@ -159,6 +160,7 @@ def load_weights(spec, scale: int | None = None) -> Weights:
     if spec is None and scale is None:
         raise RefsrError("name the weights, or the scale of the shipped weights to load")
     path = resolve_weights(None if spec is None else str(spec), scale)
+    before = sha256_of(path)  # the file is read three times (config, weights, metadata): the same file each time
     config = read_config(path)
     if scale is not None and config.scale != scale:
         raise RefsrError(f"{path}: a x{config.scale} checkpoint, but --scale {scale} was asked for")
@@ -171,7 +173,10 @@ def load_weights(spec, scale: int | None = None) -> Weights:
         raise RefsrError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}, wrong shape {wrong[:3]})")
     model.load_state_dict(state, strict=False)
-    return Weights(model.eval(), path, read_metadata(path))
+    metadata = read_metadata(path)
+    if sha256_of(path) != before:  # replaced while it was read (a train saving there): its hash would be another's
+        raise RefsrError(f"{path}: changed while it was read (another process saving it?); run again")
+    return Weights(model.eval(), path, metadata, before)
 
 
 def resolve_weights(spec: str | None, scale: int | None) -> Path:

@@ -101,7 +101,7 @@ class Upscaler:
 
     def __init__(self, model: RefVAE, device, *, tile: int = EngineOptions.tile, tile_pad: int = EngineOptions.tile_pad,
                  consistency_steps: int = EngineOptions.consistency_steps, half: bool = EngineOptions.half,
-                 weights_path=None, texture_trained: bool = True, warn=None):
+                 weights_path=None, weights_sha256=None, texture_trained: bool = True, warn=None):
         check_number("tile", tile, MIN_TILE, math.inf, integer=True)  # the flags' bounds, for the Python API
         check_number("tile_pad", tile_pad, 0, math.inf, integer=True)
         check_number("consistency_steps", consistency_steps, 0, MAX_CONSISTENCY_STEPS, integer=True)
@@ -114,6 +114,7 @@ class Upscaler:
         self.scale = model.config.scale
         self.tile, self.tile_pad, self.consistency_steps = tile, tile_pad, consistency_steps
         self.weights_path = weights_path  # the checkpoint file, when loaded from one (for the outputs' provenance)
+        self.weights_sha256 = weights_sha256  # its sha256, as it was read
         self.texture_trained = texture_trained  # checkpoint.texture_trained: whether z and references matter
         self._bank = None  # texture_bank()
 
@@ -140,7 +141,7 @@ class Upscaler:
         loaded = load_weights(weights, scale)
         return cls(loaded.model, device, tile=options.tile, tile_pad=options.tile_pad,
                    consistency_steps=options.consistency_steps, half=options.half, weights_path=loaded.path,
-                   texture_trained=loaded.texture_trained, warn=warn)
+                   weights_sha256=loaded.sha256, texture_trained=loaded.texture_trained, warn=warn)
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         """HxWxC array -> (1, C, H, W) tensor, channels-last (the HWC memory as it is)."""

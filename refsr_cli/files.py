@@ -48,8 +48,8 @@ NAME_MAX = 255  # bytes in one file name: Linux's, macOS's and Windows' file sys
 def short_stem(path: Path) -> str:
     """The stem of the temporary name of `path` (".{stem}.XXXXXXXX{suffix}.tmp"), cut so that the temporary name
     fits in a file name wherever `path` itself does (a 250-byte stem). Cut by bytes, never within a character."""
-    room = NAME_MAX - len(f"..XXXXXXXX{path.suffix}.tmp".encode())
-    return path.stem.encode()[:max(room, 1)].decode(errors="ignore")
+    room = NAME_MAX - len(os.fsencode(f"..XXXXXXXX{path.suffix}.tmp"))
+    return os.fsdecode(os.fsencode(path.stem)[:max(room, 1)].decode(errors="ignore").encode())
 
 
 def publish_exclusively(tmp: str, path: Path) -> None:

@@ -6,6 +6,7 @@ Each checkpoint goes up under the name `--weights owner/repo` looks for (refsr-x
 pushed loads back with `refsr upscale photo.png --weights owner/repo --scale S`. huggingface_hub is imported only
 when a Hub reference is used: `refsr upscale` of a local file never pays for it.
 """
+import hashlib
 import importlib
 import json
 import re
@@ -14,7 +15,6 @@ from pathlib import Path
 
 from .checkpoint import default_filename, load_weights, texture_trained
 from .errors import RefsrError
-from .files import sha256_of
 
 HUB_REF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?::(?P<filename>[\w./-]+))?$")
 
@@ -163,7 +163,7 @@ def bounded_requests():
 
 def model_card(repo: str, checkpoints: list, revision: str | None = None, license: str | None = None) -> str:
     """README.md of the repository: YAML metadata the Hub indexes, then what each file is and how to use it.
-    `checkpoints` holds (path, name in the repository, config, metadata). No licence is claimed unless given: the
+    `checkpoints` holds (path, name in the repository, config, metadata, bytes). No licence is claimed unless given: the
     weights' licence follows from their training data, which only their owner knows."""
     lines = ["---", "library_name: refsr"] + ([f"license: {license}"] if license else []) + ["pipeline_tag: image-to-image",
              "tags:", "- super-resolution", "- refvae", "- safetensors", "---", "",
@@ -172,20 +172,20 @@ def model_card(repo: str, checkpoints: list, revision: str | None = None, licens
              "RefVAE (Liu et al., *Variational AutoEncoder for Reference based Image Super-Resolution*). Each file "
              "is a safetensors checkpoint whose metadata holds the model config that rebuilds it.", "",
              "| file | scale | what it holds | steps | sha256 |", "| --- | --- | --- | --- | --- |"]
-    for path, name, config, meta in checkpoints:
+    for _, name, config, meta, data in checkpoints:
         texture = ("fidelity trunk and texture branch" if texture_trained(meta)
                    else "fidelity trunk (texture branch untrained)")
         lines.append(f"| `{name}` | x{config.scale} | {texture} | {meta.get('step', 'n/a')} | "
-                     f"`{sha256_of(path)}` |")
+                     f"`{hashlib.sha256(data).hexdigest()}` |")
     where = f"{repo}@{revision}" if revision else repo
     lines += ["", "## Use", "", "```sh", "pip install refsr"]
-    for _, name, config, _ in checkpoints:
+    for _, name, config, _, _ in checkpoints:
         suffix = "" if name == default_filename(config.scale) else f":{name}"
         lines.append(f"refsr upscale photo.png --scale {config.scale} --weights {where}{suffix} -o out/")
     lines += ["```", "", "or in Python:", "", "```python", "from refsr_cli.engine import Upscaler",
               f"upscaler = Upscaler.from_weights(\"{where}\", scale={checkpoints[0][2].scale})", "```", "",
               "## Config", ""]
-    for _, name, config, _ in checkpoints:
+    for _, name, config, _, _ in checkpoints:
         lines += [f"`{name}`:", "", "```json", json.dumps(json.loads(config.to_json()), indent=1), "```", ""]
     return "\n".join(lines)
 
@@ -204,11 +204,11 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
         raise RefsrError(f"--license {license!r}: not a Hub licence id (lowercase letters, digits and . + -, as in "
                          "mit or apache-2.0)")
     checkpoints = checkpoints_to_push(files)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for path, name, _, _ in checkpoints]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for _, name, _, _, data in checkpoints]
     if card:
         operations.append(CommitOperationAdd(path_in_repo="README.md",
                                              path_or_fileobj=model_card(repo, checkpoints, revision, license).encode()))
-    api, names = HfApi(), sorted(name for _, name, _, _ in checkpoints)
+    api, names = HfApi(), sorted(name for _, name, _, _, _ in checkpoints)
     where = f"{repo}{'@' + revision if revision else ''}"
     try:
         with bounded_requests():
@@ -258,8 +258,9 @@ def check_destination(repo: str, revision: str | None) -> None:
 
 
 def checkpoints_to_push(files: list) -> list:
-    """(path, name in the repository, config, metadata) of each file, refused unless it loads as a refsr checkpoint
-    (a config, weights that fit it, all finite) and is the only one of its scale."""
+    """(path, name in the repository, config, metadata, bytes) of each file, refused unless it loads as a refsr
+    checkpoint (a config, weights that fit it, all finite) and is the only one of its scale. The bytes checked are
+    the bytes sent: a file replaced after its check (a train saving there) is never uploaded in its place."""
     checkpoints, names = [], {}
     for path in map(Path, files):
         if path.is_dir():
@@ -272,5 +273,8 @@ def checkpoints_to_push(files: list) -> list:
         if name in names:
             raise RefsrError(f"{path} and {names[name]} are both x{config.scale} checkpoints; push one per scale")
         names[name] = path
-        checkpoints.append((path, name, config, weights.metadata))
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != weights.sha256:
+            raise RefsrError(f"{path}: changed while it was checked (another process saving it?); push again")
+        checkpoints.append((path, name, config, weights.metadata, data))
     return checkpoints

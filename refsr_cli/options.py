@@ -9,6 +9,7 @@ from pathlib import Path
 from .errors import RefsrError
 
 SCALES = (2, 4, 8)  # the upscaling factors refsr has networks for
+MAX_FLAG_INT = 10 ** 20 - 1  # the most an integer flag takes: 20 digits (cli.Integer), which a record holds
 MAX_SEED = 2 ** 63 - 1  # torch's generators take a 64-bit seed; refsr's seeds are the non-negative int64s
 DEVICES = ("auto", "cpu", "cuda", "mps")  # --device: auto picks CUDA, then MPS, then the CPU
 MIN_TILE = 16  # --tile: LR pixels; smaller tiles are all context

@@ -67,8 +67,8 @@ def outputs_of(plan, stem: str) -> list:
     opt = plan.opt
     outputs = output_names(plan, stem)
     for output in outputs:
-        if len(output.path.name.encode()) > NAME_MAX:
-            raise RefsrError(f"{output.path}: a name of {len(output.path.name.encode())} bytes, more than the "
+        if len(os.fsencode(output.path.name)) > NAME_MAX:  # (fsencode: a name that is not UTF-8 is bytes too)
+            raise RefsrError(f"{output.path}: a name of {len(os.fsencode(output.path.name))} bytes, more than the "
                              f"{NAME_MAX} a file name may hold; rename the input, or give -o FILE")
         if output.path.resolve() in plan.passed_in:
             raise RefsrError(f"{output.path} is an input of this run; refsr never overwrites its inputs")

@@ -7,7 +7,7 @@ back (with Pillow alone: no numpy either).
 import json
 import shlex
 
-from .options import (MAX_CONSISTENCY_STEPS, MAX_SEED, MAX_STRENGTH, MAX_TEMPERATURE, MAX_WALK_FRAMES, MIN_TILE,
+from .options import (MAX_CONSISTENCY_STEPS, MAX_FLAG_INT, MAX_SEED, MAX_STRENGTH, MAX_TEMPERATURE, MAX_WALK_FRAMES, MIN_TILE,
                       OUTPUT_FORMATS, SCALES, TEXTURES, BatchOptions)
 from .report import ESCAPES
 
@@ -87,9 +87,9 @@ LIST_ITEMS = {"references": str, "references_sha256": str, "sheet": str, "seeds"
 # What the flags a redo command passes them to accept: a record holding anything else (nan, -3, 1e308, --scale 3)
 # would print a command that does something else, or that refsr refuses.
 BOUNDS = {"temperature": (0, MAX_TEMPERATURE), "strength": (0, MAX_STRENGTH), "seed": (0, MAX_SEED),
-          "seeds": (0, MAX_SEED), "tile": (MIN_TILE, float("inf")), "tile_pad": (0, float("inf")),
+          "seeds": (0, MAX_SEED), "tile": (MIN_TILE, MAX_FLAG_INT), "tile_pad": (0, MAX_FLAG_INT),
           "consistency_steps": (0, MAX_CONSISTENCY_STEPS), "frames": (2, MAX_WALK_FRAMES),
-          "frame": (0, MAX_WALK_FRAMES - 1), "max_pixels": (1, float("inf"))}
+          "frame": (0, MAX_WALK_FRAMES - 1), "max_pixels": (1, MAX_FLAG_INT)}
 CHOICES = {"scale": SCALES, "texture": TEXTURES, "animate": ("webp", "gif"), "format": OUTPUT_FORMATS}
 
 

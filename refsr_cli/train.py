@@ -297,7 +297,7 @@ def start_distributed(device: torch.device):
             raise RefsrError(f"WORLD_SIZE={world} but {name} is not set: start train's ranks with torchrun "
                              "--nproc_per_node=N refsr train ...")
     port = os.environ["MASTER_PORT"]
-    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
         raise RefsrError(f"MASTER_PORT={port!r}: not a port (1 to 65535)")
     try:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -1306,3 +1306,68 @@ def test_output_hashes_never_empties_a_folder_of_the_users(tmp_path):
                             env={"REFSR": "false", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2 and "not empty" in result.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "kept"
+
+
+# --- the seventh sweep ---------------------------------------------------------------------------------------------
+
+def test_weights_replaced_while_they_are_read_are_refused(tmp_path, checkpoint, monkeypatch):
+    from refsr_cli import checkpoint as checkpoints
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(checkpoint.read_bytes())
+    real = checkpoints.read_weights
+
+    def replaced_after_reading(path):
+        state = real(path)
+        tensors = load_file(str(path))
+        name = sorted(tensors)[0]
+        save_file(tensors | {name: tensors[name] * 1.5}, str(path), metadata=read_metadata(path))  # a train's save
+        return state
+
+    monkeypatch.setattr(checkpoints, "read_weights", replaced_after_reading)
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", weights, "-o", tmp_path / "o")
+    assert result.exit_code == 2
+    one_error_line(result, "w.safetensors", "changed while it was read")
+
+
+def test_push_sends_the_bytes_it_checked(tmp_path, checkpoint, monkeypatch):
+    from refsr_cli import hub
+    pushed = tmp_path / "p.safetensors"
+    pushed.write_bytes(checkpoint.read_bytes())
+    checked = hub.checkpoints_to_push([pushed])
+    assert checked[0][4] == checkpoint.read_bytes()  # what CommitOperationAdd is given: bytes, not the path
+    real = hub.load_weights
+
+    def replaced_after_the_check(path, *args):
+        weights = real(path, *args)
+        Path(path).write_bytes(b"not a checkpoint")
+        return weights
+
+    monkeypatch.setattr(hub, "load_weights", replaced_after_the_check)
+    from refsr_cli.errors import RefsrError
+    with pytest.raises(RefsrError, match="changed while it was checked"):
+        hub.checkpoints_to_push([pushed])
+
+
+def test_a_launcher_variable_of_thousands_of_digits_names_the_variable(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setenv("RANK", "9" * 5000)
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o")
+    assert result.exit_code == 2
+    one_error_line(result, "RANK=", "5000 characters")
+
+
+@pytest.mark.parametrize("key", ["tile", "tile_pad", "max_pixels"])
+def test_info_refuses_a_record_number_no_flag_takes(tmp_path, checkpoint, key):
+    bad = image_with_record(tmp_path, checkpoint, {key: 10 ** 25})
+    result = run("info", bad)
+    assert result.exit_code == 1
+    one_error_line(result, "bad.png", key)
+
+
+def test_an_input_whose_name_is_not_utf8_is_upscaled(tmp_path, checkpoint):
+    import os
+    lr = write_png(tmp_path / "in.png")
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/\xff.png")
+    Path(odd).write_bytes(lr.read_bytes())
+    result = run("upscale", odd, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert [os.fsencode(p.name) for p in (tmp_path / "out").iterdir()] == [b"\xff_x2.png"]

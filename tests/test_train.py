@@ -366,7 +366,7 @@ def test_a_checkpoint_without_the_noise_gate_continues_with_one_computing_the_sa
     from refsr_cli.options import TrainOptions
     from refsr_cli.stages import migrated
     old = tiny_model(2, noise_gate=False)
-    extended = migrated(Weights(old, None, {"stage": "texture"}), TrainOptions(data=[], scale=2))
+    extended = migrated(Weights(old, None, {"stage": "texture"}, None), TrainOptions(data=[], scale=2))
     assert extended.config == replace(old.config, noise_gate=True)
     lr = np.random.default_rng(0).random((10, 12, 3)).astype(np.float32)
     a, b = Upscaler(old, "cpu"), Upscaler(extended.eval(), "cpu")
