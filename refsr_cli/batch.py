@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .device import launcher_shard
 from .engine import Latent, Latents, Upscaler, walk_latent
 from .errors import RefsrError, name_trouble
-from .files import AppearedMeanwhile, sha256_of
+from .files import AppearedMeanwhile, read_unchanged
 from .images import (check_side, expand_inputs, read_picture, read_rgb, software_tag, unique_stems, write_animation,
                      write_picture)
 from .match import Transfer, correspond, prepare_reference
@@ -216,16 +216,6 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
                                                "match_map": opt.match_map}, None))
     if ref_paths and not plan.variants:
         raise RefsrError("no usable reference")
-
-
-def read_unchanged(path: Path, read):
-    """read(path), and the sha256 of the file it read: hashed before and after, so that a file replaced while it
-    was read is refused rather than recorded under the other file's hash (whose redo would make another image)."""
-    before = sha256_of(path)
-    value = read(path)
-    if sha256_of(path) != before:
-        raise RefsrError(f"{path}: changed while it was read (another process?); run again")
-    return value, before
 
 
 def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:

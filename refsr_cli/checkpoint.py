@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import RefsrError
-from .files import atomic_path, sha256_of
+from .files import atomic_path, read_unchanged
 from .model import RefVAE, RefVAEConfig, check_size
 
 FORMAT = "refsr-refvae"
@@ -160,12 +160,12 @@ def load_weights(spec, scale: int | None = None) -> Weights:
     if spec is None and scale is None:
         raise RefsrError("name the weights, or the scale of the shipped weights to load")
     path = resolve_weights(None if spec is None else str(spec), scale)
-    before = sha256_of(path)  # the file is read three times (config, weights, metadata): the same file each time
-    config = read_config(path)
+    # Config, weights and metadata of one file, as it was when hashed (a train may be saving there).
+    (config, state, metadata), sha256 = read_unchanged(path, lambda p: (read_config(p), read_weights(p),
+                                                                        read_metadata(p)))
     if scale is not None and config.scale != scale:
         raise RefsrError(f"{path}: a x{config.scale} checkpoint, but --scale {scale} was asked for")
     model = build_model(config)
-    state = read_weights(path)
     expected = model.trainable_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -173,10 +173,7 @@ def load_weights(spec, scale: int | None = None) -> Weights:
         raise RefsrError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}, wrong shape {wrong[:3]})")
     model.load_state_dict(state, strict=False)
-    metadata = read_metadata(path)
-    if sha256_of(path) != before:  # replaced while it was read (a train saving there): its hash would be another's
-        raise RefsrError(f"{path}: changed while it was read (another process saving it?); run again")
-    return Weights(model.eval(), path, metadata, before)
+    return Weights(model.eval(), path, metadata, sha256)
 
 
 def resolve_weights(spec: str | None, scale: int | None) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .errors import shown
 from .options import (DEVICES, MAX_CONSISTENCY_STEPS, MAX_COPIES, MAX_IMLE_SAMPLES, MAX_MEASURED_SAMPLES,
                       MAX_SAMPLES, MAX_SEED, MAX_STRENGTH, MAX_TEMPERATURE, MAX_WALK_FRAMES, MIN_TILE, OUTPUT_FORMATS,
                       SAMPLE_TEMPERATURE, SAMPLES, SCALES, TEXTURES, WALK_FRAMES, BatchOptions, EngineOptions,
@@ -31,11 +32,6 @@ class Integer(click.IntRange):
         if isinstance(value, str) and len(value.strip().lstrip("+-")) > 20:
             self.fail(f"'{shown(value)}' has more than 20 digits", param, ctx)
         return super().convert(value, param, ctx)
-
-
-def shown(value: str) -> str:
-    """A bad value as a message quotes it: cut, when it is long (5000 digits)."""
-    return value if len(value) <= 40 else f"{value[:40]}... ({len(value)} characters)"
 
 
 SEEDS = Integer(0, MAX_SEED)

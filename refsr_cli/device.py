@@ -3,7 +3,7 @@ SLURM) started several copies of refsr."""
 import os
 import re
 
-from .errors import RefsrError
+from .errors import RefsrError, shown
 from .options import MAX_COPIES
 
 
@@ -33,8 +33,7 @@ def environment_int(name: str, minimum: int = 0) -> int | None:
         return None
     if not re.fullmatch(r"-?[0-9]{1,20}", value.strip()):  # ASCII digits (int() also reads other scripts'), and
         # not thousands of them (int() refuses 4300 with a ValueError that names no variable)
-        shown = repr(value) if len(value) <= 40 else f"{value[:40]!r}... ({len(value)} characters)"
-        raise RefsrError(f"{name}={shown}: not an integer (set by a launcher such as torchrun or srun?)")
+        raise RefsrError(f"{name}='{shown(value)}': not an integer (set by a launcher such as torchrun or srun?)")
     number = int(value.strip())
     if number < minimum:
         raise RefsrError(f"{name}={value!r}: must be at least {minimum}")

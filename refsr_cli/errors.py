@@ -2,6 +2,11 @@ class RefsrError(Exception):
     """A problem the user can fix (bad input, missing weights...): the CLI prints it as one line, no traceback."""
 
 
+def shown(value: str) -> str:
+    """A bad value as a message quotes it: cut, when it is long (5000 digits)."""
+    return value if len(value) <= 40 else f"{value[:40]}... ({len(value)} characters)"
+
+
 def name_trouble(e: Exception) -> str | None:
     """The one line for a file name the system refuses where no check of refsr's expected it, or None: an OSError
     that names its file (a name past 255 bytes, a loop of links, a folder taken away), or Path.resolve's loop of

@@ -68,6 +68,18 @@ def publish_exclusively(tmp: str, path: Path) -> None:
     os.unlink(tmp)
 
 
+def read_unchanged(path, read):
+    """read(path), and the sha256 of the file it read: hashed before and after, so that a file replaced while it
+    was read (another process saving it) is refused rather than recorded under the other file's hash (whose redo
+    would make another image)."""
+    from .errors import RefsrError
+    before = sha256_of(path)
+    value = read(path)
+    if sha256_of(path) != before:
+        raise RefsrError(f"{path}: changed while it was read (another process saving it?); run again")
+    return value, before
+
+
 def sha256_of(path) -> str | None:
     """The hex sha256 of a file's bytes (None for None), read in 1 MiB blocks."""
     import hashlib

@@ -12,6 +12,7 @@ import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from .checkpoint import default_filename, load_weights, texture_trained
 from .errors import RefsrError
@@ -163,7 +164,7 @@ def bounded_requests():
 
 def model_card(repo: str, checkpoints: list, revision: str | None = None, license: str | None = None) -> str:
     """README.md of the repository: YAML metadata the Hub indexes, then what each file is and how to use it.
-    `checkpoints` holds (path, name in the repository, config, metadata, bytes). No licence is claimed unless given: the
+    `checkpoints` holds checkpoints_to_push's Checkpoints. No licence is claimed unless given: the
     weights' licence follows from their training data, which only their owner knows."""
     lines = ["---", "library_name: refsr"] + ([f"license: {license}"] if license else []) + ["pipeline_tag: image-to-image",
              "tags:", "- super-resolution", "- refvae", "- safetensors", "---", "",
@@ -172,21 +173,21 @@ def model_card(repo: str, checkpoints: list, revision: str | None = None, licens
              "RefVAE (Liu et al., *Variational AutoEncoder for Reference based Image Super-Resolution*). Each file "
              "is a safetensors checkpoint whose metadata holds the model config that rebuilds it.", "",
              "| file | scale | what it holds | steps | sha256 |", "| --- | --- | --- | --- | --- |"]
-    for _, name, config, meta, data in checkpoints:
-        texture = ("fidelity trunk and texture branch" if texture_trained(meta)
+    for c in checkpoints:
+        texture = ("fidelity trunk and texture branch" if texture_trained(c.metadata)
                    else "fidelity trunk (texture branch untrained)")
-        lines.append(f"| `{name}` | x{config.scale} | {texture} | {meta.get('step', 'n/a')} | "
-                     f"`{hashlib.sha256(data).hexdigest()}` |")
+        lines.append(f"| `{c.name}` | x{c.config.scale} | {texture} | {c.metadata.get('step', 'n/a')} | "
+                     f"`{c.sha256}` |")
     where = f"{repo}@{revision}" if revision else repo
     lines += ["", "## Use", "", "```sh", "pip install refsr"]
-    for _, name, config, _, _ in checkpoints:
-        suffix = "" if name == default_filename(config.scale) else f":{name}"
-        lines.append(f"refsr upscale photo.png --scale {config.scale} --weights {where}{suffix} -o out/")
+    for c in checkpoints:
+        suffix = "" if c.name == default_filename(c.config.scale) else f":{c.name}"
+        lines.append(f"refsr upscale photo.png --scale {c.config.scale} --weights {where}{suffix} -o out/")
     lines += ["```", "", "or in Python:", "", "```python", "from refsr_cli.engine import Upscaler",
-              f"upscaler = Upscaler.from_weights(\"{where}\", scale={checkpoints[0][2].scale})", "```", "",
+              f"upscaler = Upscaler.from_weights(\"{where}\", scale={checkpoints[0].config.scale})", "```", "",
               "## Config", ""]
-    for _, name, config, _, _ in checkpoints:
-        lines += [f"`{name}`:", "", "```json", json.dumps(json.loads(config.to_json()), indent=1), "```", ""]
+    for c in checkpoints:
+        lines += [f"`{c.name}`:", "", "```json", json.dumps(json.loads(c.config.to_json()), indent=1), "```", ""]
     return "\n".join(lines)
 
 
@@ -204,11 +205,11 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
         raise RefsrError(f"--license {license!r}: not a Hub licence id (lowercase letters, digits and . + -, as in "
                          "mit or apache-2.0)")
     checkpoints = checkpoints_to_push(files)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for _, name, _, _, data in checkpoints]
+    operations = [CommitOperationAdd(path_in_repo=c.name, path_or_fileobj=c.data) for c in checkpoints]
     if card:
         operations.append(CommitOperationAdd(path_in_repo="README.md",
                                              path_or_fileobj=model_card(repo, checkpoints, revision, license).encode()))
-    api, names = HfApi(), sorted(name for _, name, _, _, _ in checkpoints)
+    api, names = HfApi(), sorted(c.name for c in checkpoints)
     where = f"{repo}{'@' + revision if revision else ''}"
     try:
         with bounded_requests():
@@ -257,8 +258,17 @@ def check_destination(repo: str, revision: str | None) -> None:
                              "(letters, digits, _ . / -)")
 
 
+class Checkpoint(NamedTuple):
+    """A file to push, as checked: its name in the repository, and the bytes that are sent."""
+    name: str
+    config: object
+    metadata: dict
+    data: bytes
+    sha256: str
+
+
 def checkpoints_to_push(files: list) -> list:
-    """(path, name in the repository, config, metadata, bytes) of each file, refused unless it loads as a refsr
+    """The Checkpoint of each file, refused unless it loads as a refsr
     checkpoint (a config, weights that fit it, all finite) and is the only one of its scale. The bytes checked are
     the bytes sent: a file replaced after its check (a train saving there) is never uploaded in its place."""
     checkpoints, names = [], {}
@@ -276,5 +286,5 @@ def checkpoints_to_push(files: list) -> list:
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != weights.sha256:
             raise RefsrError(f"{path}: changed while it was checked (another process saving it?); push again")
-        checkpoints.append((path, name, config, weights.metadata, data))
+        checkpoints.append(Checkpoint(name, config, weights.metadata, data, weights.sha256))
     return checkpoints

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import RefsrError
+from .errors import RefsrError, name_trouble
 from .files import atomic_path
 from .options import DEFAULT_MAX_PIXELS
 from .provenance import PROVENANCE_KEY, SOFTWARE, embedded_text, software_tag
@@ -61,7 +61,9 @@ def expand_inputs(specs, skip_outputs: bool = False) -> list:
             found += [m for m in matches if m.resolve() not in known]
         except OSError as e:  # a name past the file system's limit
             raise RefsrError(f"{spec}: {e.strerror or e}") from None
-        except RuntimeError:  # Path.resolve's "Symlink loop"
+        except RuntimeError as e:
+            if not name_trouble(e):  # only Path.resolve's "Symlink loop" is the name's
+                raise
             raise RefsrError(f"{spec}: a loop of symbolic links") from None
     return found
 

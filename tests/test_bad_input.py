@@ -1334,7 +1334,7 @@ def test_push_sends_the_bytes_it_checked(tmp_path, checkpoint, monkeypatch):
     pushed = tmp_path / "p.safetensors"
     pushed.write_bytes(checkpoint.read_bytes())
     checked = hub.checkpoints_to_push([pushed])
-    assert checked[0][4] == checkpoint.read_bytes()  # what CommitOperationAdd is given: bytes, not the path
+    assert checked[0].data == checkpoint.read_bytes()  # what CommitOperationAdd is given: bytes, not the path
     real = hub.load_weights
 
     def replaced_after_the_check(path, *args):
