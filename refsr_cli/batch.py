@@ -8,7 +8,6 @@ written; each carries a `Software: refsr` tag and its provenance; each is report
 A bad input is reported and skipped, the others are done. Exit code 0: all done; 1: some inputs failed; 2: nothing
 could start; 130/143: interrupted by SIGINT/SIGTERM.
 """
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,13 +19,13 @@ from .device import launcher_shard
 from .engine import Latent, Latents, Upscaler, walk_latent
 from .errors import RefsrError, name_trouble
 from .files import AppearedMeanwhile, read_unchanged
-from .images import (check_side, expand_inputs, read_picture, read_rgb, software_tag, unique_stems, write_animation,
-                     write_picture)
+from .images import (check_record, check_side, expand_inputs, read_picture, read_rgb, software_tag, unique_stems,
+                     write_animation, write_picture)
 from .match import Transfer, correspond, prepare_reference
 from .options import BatchOptions
 from .outputs import Output, check_names, check_sidecars, outputs_of, plan_outputs
 from .provenance import sheet_label
-from .report import Reporter, Terminated, on_sigterm, signals_held
+from .report import Reporter, Terminated, reraise_signal, signals_held
 from .sheet import contact_sheet, sheet_window
 
 OUTPUTS_BUDGET = 1 << 30  # bytes of finished outputs held at once; more latents are decoded in several passes
@@ -61,9 +60,8 @@ def run_batch(command: str, inputs, refs, seeds, opt: BatchOptions) -> int:
     """Upscale every input once per reference (refs), or once per seed (seeds), or once (the fidelity output at
     temperature 0, else a prior sample of opt.seed); with opt.walk, frames between the two seeds or references.
     Returns the exit code."""
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
     report = Reporter(opt.quiet, opt.as_json)
-    try:
+    try:  # (SIGTERM raises Terminated from the start of the command: cli.Commands)
         with report:
             code = run(report, command, inputs, refs, seeds, opt)
     except KeyboardInterrupt:
@@ -72,8 +70,6 @@ def run_batch(command: str, inputs, refs, seeds, opt: BatchOptions) -> int:
     except Terminated:
         report.error("terminated; finished outputs are kept, none is half-written")
         code = 143
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if code != 2 and not opt.as_json:
         report.say("{written} written, {skipped} skipped, {failed} failed".format(**report.counts))
     return code
@@ -108,14 +104,20 @@ def run(report: Reporter, command: str, inputs, refs, seeds, opt: BatchOptions) 
     for lr_path, stem in named:
         try:
             upscale_one(report, plan, lr_path, stem)
-        except (RefsrError, AppearedMeanwhile) as e:
-            report.failed(str(e))
-        except OSError as e:
-            report.failed(f"{lr_path}: cannot write the output ({e.strerror or e})")
-        except Exception as e:  # a loop of links at an output's name, or a bug of ours: one line, the batch goes on
-            reason = name_trouble(e) or f"internal error, please report it ({type(e).__name__}: {e})"
-            report.failed(f"{lr_path}: {reason}")
+        except Exception as e:  # one line, and the batch goes on
+            reraise_signal()
+            report.failed(failure_line(lr_path, e))
     return 1 if report.counts["failed"] else 0
+
+
+def failure_line(lr_path: Path, e: Exception) -> str:
+    """The line for an input that failed."""
+    if isinstance(e, (RefsrError, AppearedMeanwhile)):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{lr_path}: cannot write the output ({e.strerror or e})"
+    # A loop of links at an output's name (a RuntimeError of Path.resolve), or a bug of ours.
+    return f"{lr_path}: {name_trouble(e) or f'internal error, please report it ({type(e).__name__}: {e})'}"
 
 
 def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchOptions) -> Plan:
@@ -233,6 +235,8 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     for output in outputs:
         if output.todo and output.kind in ("image", "animation"):
             check_side(output.path, picture.rgb.shape[0] * opt.scale, picture.rgb.shape[1] * opt.scale)
+        if output.todo and output.kind in ("image", "sheet"):
+            check_record(output.path, record)
     for message in picture.warnings:
         report.warn(message)
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from .errors import RefsrError
 from .files import atomic_path, read_unchanged
 from .model import RefVAE, RefVAEConfig, check_size
+from .options import SCALES, check_number
 
 FORMAT = "refsr-refvae"
 
@@ -159,6 +160,10 @@ def load_weights(spec, scale: int | None = None) -> Weights:
     their config exactly, or that are not all finite."""
     if spec is None and scale is None:
         raise RefsrError("name the weights, or the scale of the shipped weights to load")
+    if scale is not None:  # the Python API's: "2" or 2.0 named another file, and blamed the file
+        check_number("scale", scale, min(SCALES), max(SCALES), integer=True)
+        if scale not in SCALES:
+            raise RefsrError(f"scale={scale!r}: give one of {', '.join(map(str, SCALES))}")
     path = resolve_weights(None if spec is None else str(spec), scale)
     # Config, weights and metadata of one file, as it was when hashed (a train may be saving there).
     (config, state, metadata), sha256 = read_unchanged(path, lambda p: (read_config(p), read_weights(p),

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -60,16 +61,26 @@ class Finite(click.ParamType):
 
 
 class OutPath(click.Path):
-    """-o and --json: a folder or a file. Not "-" (refsr writes no files to stdout) nor "" (which Path reads as the
-    current folder)."""
+    """-o (a folder or a file) and --json (a file). Not "-" (refsr writes no files to stdout) nor "" (which Path
+    reads as the current folder); and not a name that ends in "/" (a folder, to the shell and to the user) where refsr
+    would write a file: Path drops the "/", and `-o result.png/` wrote the file result.png."""
 
-    def __init__(self):
+    def __init__(self, file_only: bool = False):
         super().__init__(path_type=Path)
+        self.file_only = file_only
 
     def convert(self, value, param, ctx):
         if str(value) in ("-", ""):
             self.fail(f"{str(value)!r}: give a file name (refsr does not write its files to stdout)", param, ctx)
-        return super().convert(value, param, ctx)
+        path = super().convert(value, param, ctx)
+        if str(value).endswith(("/", os.sep)) and not path.is_dir():
+            from .images import IMAGE_SUFFIXES
+            if self.file_only:
+                self.fail(f"{str(value)!r} names a folder; give the file's name", param, ctx)
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                self.fail(f"{str(value)!r}: a folder named like an image file; create it first to write into it, "
+                          "or drop the '/' to write that file", param, ctx)
+        return path
 
 
 class Commands(click.Group):
@@ -77,11 +88,21 @@ class Commands(click.Group):
     standard output that cannot be written (`| head`, a full disk) ends the run without a traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        from .report import StdoutClosed, error_line, stdout_lost, to_stderr
+        from .report import (SIGNALLED, Interrupted, StdoutClosed, Terminated, error_line, on_sigint, on_sigterm,
+                             stdout_lost, to_stderr)
+        # SIGTERM as Ctrl-C, from the first line of every command: the atomic writes clean up, and a signal that
+        # comes before a command's own handling (while it imports) is still one line. Both are noted (SIGNALLED), for
+        # an error that C code made of them. A SIGINT that is ignored (a job started in the background) stays so.
+        SIGNALLED.clear()
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
         try:
             try:
                 return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             finally:
+                for number, handler in previous.items():
+                    signal.signal(number, handler)
                 if sys.stdout is not None:
                     sys.stdout.flush()  # here, not at the interpreter's exit, where a failure is a traceback
         except NO_ARGS_IS_HELP as e:  # `refsr` alone: the help, as it is laid out, not folded into an error line
@@ -90,15 +111,25 @@ class Commands(click.Group):
         except click.UsageError as e:
             error_line(" ".join(e.format_message().split()))
             sys.exit(2)
-        except click.Abort:
+        except (click.Abort, Interrupted):
             error_line("interrupted")
             sys.exit(130)
+        except Terminated:
+            error_line("terminated")
+            sys.exit(143)
         except StdoutClosed as e:
             sys.exit(stdout_lost(e.error))
         except Exception as e:  # the last resort: never a traceback
             if isinstance(e, OSError) and e.filename is None and e.errno in STDOUT_ERRORS:
                 sys.exit(stdout_lost(e))  # click's --help and --version write stdout themselves
             unexpected(e)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # past click, which would print a blank line before the error's one line
+            from .report import Interrupted
+            raise Interrupted() from None
 
 
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click 8.2 on; older ones print the help
@@ -131,8 +162,13 @@ def fail(message: str, code: int = 2):
 
 def unexpected(e: Exception):
     """The one line for an error no handler expected: a file name the system refuses where no check of refsr's
-    looked (errors.name_trouble), exit 2; else a bug of ours, exit 1."""
+    looked (errors.name_trouble), exit 2; else a bug of ours, exit 1. After SIGINT or SIGTERM, the error C code
+    made of the signal (report.reraise_signal): the signal's line and exit code."""
     from .errors import name_trouble
+    from .report import SIGNALLED
+    if SIGNALLED:
+        terminated = SIGNALLED[0] == signal.SIGTERM
+        fail("terminated" if terminated else "interrupted", 143 if terminated else 130)
     if name_trouble(e):
         fail(name_trouble(e))
     fail(f"internal error, please report it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)
@@ -373,10 +409,7 @@ def train(quiet, **options):
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
     options["init"] = list(options["init"]) or None
     quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
-    import signal
-
-    from .report import Terminated, on_sigterm, one_line, say_line, to_stdout
-    signal.signal(signal.SIGTERM, on_sigterm)  # as Ctrl-C: the save in progress finishes or leaves no temporary file
+    from .report import Terminated, one_line, say_line, to_stdout
     try:
         opt = TrainOptions(**options)
         if quiet:
@@ -527,7 +560,7 @@ def push(files, repo, revision, private, message, no_card, license_id):
                    "similarity transform (warp); the photo's other half, the image being one half (half); the next "
                    "photo of HR_DIR (unrelated).")
 @click.option("--baseline", type=click.Choice(["bicubic", "none"]), default="bicubic", show_default=True)
-@click.option("--json", "json_path", type=OutPath(), default=None,
+@click.option("--json", "json_path", type=OutPath(file_only=True), default=None,
               help="Also write the rows and means (and the images that failed) to this JSON file.")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @engine_options

@@ -24,6 +24,7 @@ from .match import correspond, prepare_reference
 from .metrics import LPIPSVGG, LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
 from .model import VGG16Features
 from .options import MAX_SEED, EvalOptions
+from .report import reraise_signal
 
 STATS_SIDE = 512  # images are compared by feature statistics at (at most) the size of the reference gallery
 STATS_MIN_SIDE = 16  # VGG16's three max-pools before relu4_1 leave 2x2 of this: a standard deviation to take
@@ -220,8 +221,10 @@ class Evaluation:
             try:
                 rows += self.image_rows(index, judges)
             except RefsrError as e:
+                reraise_signal()
                 error = str(e)
             except Exception as e:  # a bug of ours: still one line, and the other images are measured
+                reraise_signal()
                 reason = (str(e).strip().splitlines() or [""])[0]
                 error = f"{path}: internal error, please report it ({type(e).__name__}: {reason})"
             if error is not None:

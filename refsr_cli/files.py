@@ -27,8 +27,8 @@ def atomic_path(path, replace: bool = True):
     a check made before the work began cannot see it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{short_stem(path)}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
-    os.close(fd)
     try:
+        os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # the data is on disk before the name is: no empty file after a power cut

@@ -314,6 +314,8 @@ def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None, pro
     channels = array.shape[2]
     if fmt == "JPEG" and channels in (2, 4):
         raise RefsrError(f"{path}: JPEG has no alpha channel; write PNG, WebP or TIFF to keep transparency")
+    if provenance is not None:
+        check_record(path, provenance)
     if array.dtype == np.uint16 and fmt != "PNG":
         array = (array // 257).astype(np.uint8)  # only PNG stores 16 bits here
     with atomic_path(path, replace) as tmp:
@@ -333,12 +335,31 @@ def write_picture(array: np.ndarray, path, icc_profile: bytes | None = None, pro
                 for key, value in text.items():
                     options["pnginfo"].add_text(key, value)
             else:
-                exif = Image.Exif()
-                exif[0x0131] = text["Software"]
-                if PROVENANCE_KEY in text:
-                    exif[0x010E] = text[PROVENANCE_KEY]
-                options["exif"] = exif.tobytes()
+                options["exif"] = exif_record(text)
             image.save(tmp, format=fmt, **options)
+
+
+def exif_record(text: dict) -> bytes:
+    """The EXIF of a JPEG, WebP or TIFF output: the Software tag, and the record as its ImageDescription."""
+    exif = Image.Exif()
+    exif[0x0131] = text["Software"]
+    if PROVENANCE_KEY in text:
+        exif[0x010E] = text[PROVENANCE_KEY]
+    return exif.tobytes()
+
+
+JPEG_MAX_EXIF = 65533  # bytes: one JPEG marker segment, less its length field (Pillow's MAX_BYTES_IN_MARKER)
+
+
+def check_record(path, provenance: dict) -> None:
+    """Refuse a JPEG whose record is more than its EXIF can hold (the names of hundreds of --match references on
+    long paths): before any work with the run's record, exactly when writing."""
+    if output_format(path) != "JPEG":
+        return
+    size = len(exif_record({"Software": software_tag(), PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)}))
+    if size > JPEG_MAX_EXIF:
+        raise RefsrError(f"{path}: refsr's record of how it was made takes {size} bytes, more than a JPEG's EXIF "
+                         f"holds ({JPEG_MAX_EXIF}); write PNG, WebP or TIFF (or give fewer references)")
 
 
 def write_animation(frames, path, provenance: dict, replace: bool = True) -> None:
@@ -353,9 +374,8 @@ def write_animation(frames, path, provenance: dict, replace: bool = True) -> Non
     fmt = path.suffix.lstrip(".").upper()
     record = json.dumps(provenance | {"refsr": software_tag()}, sort_keys=True)
     if fmt == "WEBP":
-        exif = Image.Exif()
-        exif[0x0131], exif[0x010E] = software_tag(), record
-        options = {"lossless": False, "quality": 90, "exif": exif.tobytes()}
+        options = {"lossless": False, "quality": 90, "exif": exif_record({"Software": software_tag(),
+                                                                          PROVENANCE_KEY: record})}
     else:
         options = {"comment": record.encode("latin-1")}
     with atomic_path(path, replace) as tmp:

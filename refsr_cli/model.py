@@ -76,6 +76,8 @@ class RefVAEConfig:
                 ok = isinstance(value, kind)
             if not ok:
                 raise ValueError(f"config {f.name}={value!r} is not a valid {kind.__name__}")
+            if f.name in SMALLEST and value < SMALLEST[f.name]:
+                raise ValueError(f"config {f.name}={value!r} is below the smallest refsr builds ({SMALLEST[f.name]})")
             largest = LARGEST.get(f.name)
             if largest is not None and max(value if kind is tuple else [value]) > largest:
                 raise ValueError(f"config {f.name}={value!r} is past the largest refsr builds ({largest})")
@@ -117,6 +119,8 @@ class RefVAEConfig:
 # blocks): a file whose config asks for more is refused before anything is allocated, not after minutes and gigabytes.
 LARGEST = {"channels": 1024, "lr_blocks": 256, "fuse_blocks": 64, "up_channels": 1024, "z_dim": 4096,
            "ref_size": 1024, "head_channels": 1024, "head_grid": 32, "cond_grid": 64, "cond_period": 1024}
+# A reference passes three of VGG16's 2x2 poolings before relu4_1: a side under 8 pixels leaves nothing to pool.
+SMALLEST = {"ref_size": 8}
 MAX_PARAMETERS = 200_000_000  # 800 MB of float32 weights; the shipped networks have 5.7 M, VGG16's part included
 
 

@@ -89,12 +89,33 @@ def stdout_lost(error: OSError) -> int:
     return 1
 
 
+class Interrupted(BaseException):
+    """Ctrl-C that no command caught, carried past click (which prints a blank line for a KeyboardInterrupt)."""
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the program is, so that the atomic writes clean up as they do for Ctrl-C."""
 
 
+SIGNALLED = []  # SIGINT and SIGTERM as this process took them (cli.Commands.main starts each command empty)
+
+
 def on_sigterm(signum, frame):
+    SIGNALLED.append(signum)
     raise Terminated()
+
+
+def on_sigint(signum, frame):
+    SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
+def reraise_signal() -> None:
+    """Raise again the signal this process took, if any: C code (torch's, Pillow's) can turn the KeyboardInterrupt
+    raised inside it into an error of its own (a ValueError), which would read as a bug, or a bad file, and a batch
+    would go on past the user's Ctrl-C. Called where an error is caught to be reported and passed over."""
+    if SIGNALLED:
+        raise (Terminated() if SIGNALLED[0] == signal.SIGTERM else KeyboardInterrupt()) from None
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import build_model, load_weights, save_model
-from .errors import RefsrError
+from .errors import RefsrError, shown
 from .losses import (PatchDiscriminator, away_from_border, detail_on_flats, discriminator_loss, feature_distance,
                      feature_stats_loss, flat_mask, generator_adversarial, kl_divergence, lr_consistency)
 from .model import FidelityTrunk, RefVAEConfig
@@ -95,7 +95,7 @@ class TrunkStage:
         self.module = initialised(opt.seed, lambda: FidelityTrunk(c.channels, c.lr_blocks, c.up_channels, opt.scales))
         self.module.to(device).train()
         if state is not None:
-            self.module.load_state_dict(state["module"])
+            resumed_module(self.module, state["module"], self.module.state_dict())
         else:
             init_trunk(self.module, c, opt.init or [])
         self.images = load_training_images(opt.data, opt.lr_patch * max(opt.scales))
@@ -367,13 +367,27 @@ def validation_crops(folder: Path, side: int, multiple: int) -> list:
     return crops
 
 
+def resumed_module(module: torch.nn.Module, tensors: dict, trained: dict) -> None:
+    """A resumed run's module put back from its training state: exactly the tensors `trained` names (what the stage's
+    trained_state saves), each of its shape. Any other state is damaged: none of the module starts afresh unsaid."""
+    if set(tensors) != set(trained):
+        odd = sorted(set(tensors) ^ set(trained))
+        raise RefsrError(f"--resume: a damaged training state (its module lacks or adds {len(odd)} tensors, "
+                         f"{shown(', '.join(odd))})")
+    for name, tensor in tensors.items():
+        if tensor.shape != trained[name].shape:
+            raise RefsrError(f"--resume: a damaged training state ({name} is {tuple(tensor.shape)}, the module's "
+                             f"{tuple(trained[name].shape)})")
+    module.load_state_dict(tensors, strict=False)
+
+
 def texture_model(opt: TrainOptions, state: dict | None):
     """The texture stage's model, started one way: the checkpoint it continues (the resumed state's exactly; else
     --init's, by default the shipped weights of --scale) brought to the design this refsr trains by migrated(); or,
     given a config and no --init, a fresh model of it."""
     if state is not None:
         model = build_model(state["config"])
-        model.load_state_dict(state["module"], strict=False)
+        resumed_module(model, state["module"], model.trainable_state_dict())
         return model
     if opt.init is not None and len(opt.init) != 1:
         raise RefsrError("--init: the texture stage starts from one checkpoint")

@@ -192,16 +192,50 @@ def signature(st: os.stat_result) -> tuple:
 def resume(state: dict, optimizer, scaler, critic) -> int:
     """The optimizer, loss scaler and critic of a resumed run put back as they were saved; returns the step."""
     try:
+        check_adam_state(optimizer, state["optimizer"])
         optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:  # a state saved without CUDA has an empty scaler: a CUDA run starts its own
             scaler.load_state_dict(state["scaler"])
         if critic is not None and "disc" in state:
             critic.module.load_state_dict(state["disc"])
+            check_adam_state(critic.optimizer, state["disc_optimizer"])
             critic.optimizer.load_state_dict(state["disc_optimizer"])
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
         raise RefsrError(f"--resume: a damaged training state ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0]})") from None
     return state["step"]
+
+
+def check_adam_state(optimizer, saved: dict) -> None:
+    """ValueError unless `saved` (an Adam's state_dict, as read back) fits `optimizer`: the settings this run made
+    (betas, eps, weight decay...; the learning rate, which a schedule moves, above 0) and each parameter's moments
+    of that parameter's shape. torch checks neither: a moment of another shape fails at the first step, and betas
+    of 2 train on."""
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{len(groups)} parameter groups, the optimizer {len(optimizer.param_groups)}")
+    params = {}
+    for group, mine in zip(groups, optimizer.param_groups):
+        changed = sorted(k for k in group.keys() & mine.keys() - {"params", "lr", "initial_lr"}
+                         if normalised(group[k]) != normalised(mine[k]))
+        if changed or not group["lr"] > 0:
+            raise ValueError("optimizer settings this run does not make: " + ", ".join(
+                f"{k} {group[k]!r}" for k in changed or ["lr"]))
+        if len(group["params"]) != len(mine["params"]):
+            raise ValueError(f"a group of {len(group['params'])} parameters, the optimizer's of {len(mine['params'])}")
+        params.update(zip(group["params"], mine["params"]))
+    for i, moments in saved["state"].items():
+        if i not in params:
+            raise ValueError(f"the state of parameter {i}, which no group holds")
+        for name, tensor in moments.items():
+            shape = () if name == "step" else params[i].shape
+            if tensor.numel() != math.prod(shape) or (name != "step" and tensor.shape != shape):
+                raise ValueError(f"{name} of parameter {i} is {tuple(tensor.shape)}, the parameter {tuple(shape)}")
+
+
+def normalised(value):
+    """A setting as JSON gives it back: (0.9, 0.99) is [0.9, 0.99]."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def recipe(opt: TrainOptions) -> dict:

@@ -1371,3 +1371,172 @@ def test_an_input_whose_name_is_not_utf8_is_upscaled(tmp_path, checkpoint):
     result = run("upscale", odd, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
     assert result.exit_code == 0, result.output
     assert [os.fsencode(p.name) for p in (tmp_path / "out").iterdir()] == [b"\xff_x2.png"]
+
+
+# --- the eighth sweep ----------------------------------------------------------------------------------------------
+
+def test_a_jpeg_whose_record_exceeds_its_exif_is_refused_before_the_work(tmp_path, checkpoint):
+    deep = tmp_path.joinpath(*["d" * 200] * 14)  # 24 references of 2800-byte names: a record past 64 KB
+    deep.mkdir(parents=True)
+    for i in range(24):
+        write_png(deep / f"r{i:02d}.png", 32, 32, seed=i)
+    lr = write_png(tmp_path / "a.png")
+    args = ["upscale", lr, "--ref", deep, "--match", "--scale", 2, "--weights", checkpoint, "-q"]
+    result = run(*args, "-o", tmp_path / "out.jpg")
+    assert result.exit_code == 1
+    one_error_line(result, "out.jpg", "EXIF", "PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "d" * 200, "tiny-x2.safetensors"]
+    result = run(*args, "-o", tmp_path / "out.png")  # a PNG's text chunk holds it
+    assert result.exit_code == 0, result.output
+
+
+def test_a_checkpoint_whose_references_vgg16_cannot_pool_is_refused_at_load(tmp_path, checkpoint):
+    from refsr_cli.model import RefVAEConfig
+    for size in (1, 4, 7):
+        with pytest.raises(ValueError, match="ref_size"):
+            RefVAEConfig(ref_size=size)
+    meta = read_metadata(checkpoint)
+    meta["config"] = json.dumps(json.loads(meta["config"]) | {"ref_size": 4})
+    bad = tmp_path / "refsize4.safetensors"
+    save_file(load_file(str(checkpoint)), str(bad), metadata=meta)
+    result = run("upscale", write_png(tmp_path / "in.png"), "--ref", write_png(tmp_path / "r.png", 32, 32),
+                 "--texture", "learned", "--scale", 2, "--weights", bad, "-o", tmp_path / "o")
+    assert result.exit_code == 2
+    one_error_line(result, "refsize4.safetensors", "ref_size")
+
+
+class SentinelSignal(Exception):
+    """What a test's own SIGTERM handler raises: refsr's was not in place."""
+
+
+@pytest.fixture
+def sigterm_sentinel():
+    """SIGTERM raises SentinelSignal unless refsr installs its own handler; restored after the test."""
+    import signal
+
+    def sentinel(signum, frame):
+        raise SentinelSignal()
+
+    previous = signal.signal(signal.SIGTERM, sentinel)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_before_a_commands_own_handling_is_one_line(tmp_path, checkpoint, monkeypatch, sigterm_sentinel):
+    import signal
+    from refsr_cli import batch, provenance
+    monkeypatch.setattr(batch, "Reporter", lambda *a: signal.raise_signal(signal.SIGTERM))  # as rich loads
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", checkpoint, "-o", tmp_path)
+    assert result.exit_code == 143, result.output
+    one_error_line(result, "terminated")
+    monkeypatch.setattr(provenance, "read_provenance", lambda path: signal.raise_signal(signal.SIGTERM))
+    result = run("info", tmp_path / "in.png")  # info had no handler of its own
+    assert result.exit_code == 143, result.output
+    one_error_line(result, "terminated")
+
+
+def test_ctrl_c_outside_a_commands_handling_is_one_line_without_a_blank_one(tmp_path, monkeypatch):
+    from refsr_cli import provenance
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(provenance, "read_provenance", interrupted)
+    result = run("info", write_png(tmp_path / "in.png"))
+    assert result.exit_code == 130
+    assert result.stderr == "refsr: error: interrupted\n"
+
+
+@pytest.fixture
+def sigint_python_default():
+    """SIGINT raises KeyboardInterrupt, as Python starts it (a suite started in the background ignores it)."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_that_c_code_turned_into_its_own_error_still_stops_the_batch(tmp_path, checkpoint, monkeypatch,
+                                                                             sigint_python_default):
+    import signal
+    from refsr_cli import batch
+    tried = []
+
+    def converted(report, plan, lr_path, stem):  # as torch's C code can: the KeyboardInterrupt becomes a ValueError
+        tried.append(lr_path)
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise ValueError("could not determine the shape of object type 'list'") from None
+
+    monkeypatch.setattr(batch, "upscale_one", converted)
+    inputs = [write_png(tmp_path / f"in{i}.png", seed=i) for i in range(3)]
+    result = run("upscale", *inputs, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o", "-q")
+    assert result.exit_code == 130, result.output
+    assert len(tried) == 1  # the batch did not go on past the Ctrl-C
+    assert "internal error" not in result.stderr and "interrupted" in result.stderr
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("moment", "exp_avg of parameter"), ("module", "lacks or adds 1 tensors"), ("betas", "betas [2.0, 0.99]"),
+    ("eps", "eps 0"), ("lr", "lr -1")])
+def test_a_training_state_that_does_not_fit_its_run_is_refused_on_resume(tmp_path, damage, fragment):
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.train import fit
+    from test_train import trunk_options
+    data, out = (photos(tmp_path / "photos"), None), tmp_path / "run"
+    fit(trunk_options(data, out, scales=(2,), steps=1, save_every=1))
+    state = out / "last.state.safetensors"
+    meta, tensors = read_metadata(state), load_file(str(state))
+    groups = json.loads(meta["param_groups"])
+    if damage == "moment":
+        tensors["optimizer.0.exp_avg"] = torch.zeros(3)
+    elif damage == "module":
+        del tensors[sorted(k for k in tensors if k.startswith("module."))[0]]
+    else:
+        groups[0][damage] = {"betas": [2.0, 0.99], "eps": 0, "lr": -1}[damage]
+    meta["param_groups"] = json.dumps(groups)
+    save_file(tensors, str(state), metadata=meta)
+    with pytest.raises(RefsrError, match="damaged training state") as caught:
+        fit(trunk_options(data, out, scales=(2,), steps=2, save_every=1, resume=True))
+    assert fragment in str(caught.value)
+
+
+def test_a_texture_state_lacking_a_tensor_is_refused_not_started_afresh():
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.stages import texture_model
+    from conftest import tiny_config
+    model = tiny_model(2)
+    trained = model.trainable_state_dict()
+    del trained["to_rgb.weight"]
+    with pytest.raises(RefsrError, match="damaged training state.*to_rgb.weight"):
+        texture_model(None, {"config": tiny_config(2), "module": trained})
+
+
+@pytest.mark.parametrize("scale", ["2", 2.0, True, 3])
+def test_the_python_apis_scale_is_checked_as_the_flag_is(scale):
+    from refsr_cli.errors import RefsrError
+    with pytest.raises(RefsrError, match=f"^scale={scale!r}: give"):
+        load_weights(None, scale=scale)
+    with pytest.raises(RefsrError, match=f"^scale={scale!r}: give"):
+        Upscaler.from_weights(scale=scale)
+
+
+def test_a_name_ending_in_a_slash_is_never_written_as_a_file(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png")
+    common = ["--scale", 2, "--weights", checkpoint, "-q"]
+    result = run("upscale", lr, *common, "-o", f"{tmp_path}/results.png/")
+    assert result.exit_code == 2
+    one_error_line(result, "results.png/", "folder")
+    assert not (tmp_path / "results.png").exists()
+    (tmp_path / "made.png").mkdir()  # a folder that exists, named like a file: written into
+    result = run("upscale", lr, *common, "-o", f"{tmp_path}/made.png/")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "made.png").iterdir()] == ["in_x2.png"]
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    write_png(hr / "h.png", 32, 32)
+    result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--json", f"{tmp_path}/rows.json/")
+    assert result.exit_code == 2
+    one_error_line(result, "rows.json/", "folder")
+    assert not (tmp_path / "rows.json").exists()
