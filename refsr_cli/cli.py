@@ -125,9 +125,11 @@ class Commands(click.Group):
             unexpected(e)
 
     def invoke(self, ctx):
+        """The command, its own arguments' parsing included; a Ctrl-C it does not handle is carried past click,
+        which would print a blank line before the error's one line."""
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:  # past click, which would print a blank line before the error's one line
+        except KeyboardInterrupt:
             from .report import Interrupted
             raise Interrupted() from None
 

@@ -1445,6 +1445,11 @@ def test_ctrl_c_outside_a_commands_handling_is_one_line_without_a_blank_one(tmp_
     result = run("info", write_png(tmp_path / "in.png"))
     assert result.exit_code == 130
     assert result.stderr == "refsr: error: interrupted\n"
+    from refsr_cli import cli
+    monkeypatch.setattr(cli, "parse_scales", interrupted)  # while the arguments are read
+    result = run("train", "--data", tmp_path, "--out", tmp_path / "run", "--stage", "trunk", "--scales", "2")
+    assert result.exit_code == 130
+    assert result.stderr == "refsr: error: interrupted\n"
 
 
 @pytest.fixture
