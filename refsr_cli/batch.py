@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import recorded_weights
 from .device import launcher_shard
 from .engine import Latent, Latents, Upscaler, walk_latent
 from .errors import RefsrError, name_trouble
@@ -137,7 +138,8 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     except OSError as e:
         raise RefsrError(f"{opt.out}: cannot create the output folder ({e.strerror or e})") from None
     record = {"refsr": software_tag(), "command": command, "scale": opt.scale, "temperature": opt.temperature,
-              "weights": opt.weights or "shipped", "weights_sha256": upscaler.weights_sha256,
+              "weights": recorded_weights(opt.weights, upscaler.weights_path),
+              "weights_sha256": upscaler.weights_sha256,
               "tile": opt.tile, "tile_pad": opt.tile_pad, "consistency_steps": opt.consistency_steps,
               "max_pixels": opt.max_pixels,
               "texture": opt.texture, "strength": opt.strength,

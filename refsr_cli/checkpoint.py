@@ -181,6 +181,20 @@ def load_weights(spec, scale: int | None = None) -> Weights:
     return Weights(model.eval(), path, metadata, sha256)
 
 
+def recorded_weights(spec: str | None, path: Path) -> str:
+    """--weights as the outputs' record names it, for their redo command: "shipped"; a local file as it was given;
+    a Hub reference pinned to the commit its file came from (owner/repo@COMMIT:FILE, from the cache's snapshot
+    folder), so that the redo loads these very weights after the repository has moved on."""
+    if spec is None:
+        return "shipped"
+    parts = Path(path).parts
+    if Path(spec).expanduser().exists() or "snapshots" not in parts:
+        return spec
+    from .hub import HUB_REF
+    at = len(parts) - 1 - parts[::-1].index("snapshots")
+    return f"{HUB_REF.match(spec)['repo']}@{parts[at + 1]}:{'/'.join(parts[at + 2:])}"
+
+
 def resolve_weights(spec: str | None, scale: int | None) -> Path:
     """The local file for --weights: an existing path, a Hub reference (downloaded into the HF cache; without
     :filename, the file of `scale`), or the shipped checkpoint for `scale` when spec is None."""

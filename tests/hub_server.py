@@ -3,7 +3,8 @@
 It answers `HEAD`/`GET {endpoint}/{owner}/{repo}/resolve/{revision}/{filename}` the way huggingface_hub 2.x expects
 (see `get_hf_file_metadata` and `hf_raise_for_status` in huggingface_hub):
 
-- every answer about a known repository carries `X-Repo-Commit` (the commit the revision points to);
+- every answer about a known repository carries `X-Repo-Commit` (the commit the revision points to); a revision
+  may be a branch or the hash of any commit made, as on the Hub;
 - an LFS file answers with a 302 to a "CDN" on another origin (a second server on another port), with
   `X-Linked-Etag` (its sha256) and `X-Linked-Size`; the client does not follow that redirect for HEAD and then GETs
   the CDN URL directly, as it does with the real Hub;
@@ -92,6 +93,7 @@ class FakeHub:
 
     def __init__(self):
         self.repos = {}  # repo id -> {revision: (commit hash, {filename: (bytes, is_lfs)})}
+        self.commits = {}  # (repo id, commit hash) -> (commit hash, {filename: (bytes, is_lfs)}): every commit made
         self.blobs = {}  # sha256 -> bytes, served by the CDN
         self.requests = []  # (role, method, path) of every request, in order
         self.cut_downloads = False  # when True, the CDN drops every download halfway
@@ -107,6 +109,7 @@ class FakeHub:
             digest.update(name.encode() + files[name])
         commit = digest.hexdigest()
         self.repos.setdefault(repo, {})[revision] = (commit, {name: (data, lfs) for name, data in files.items()})
+        self.commits[repo, commit] = self.repos[repo][revision]  # reachable by its hash after the revision moves on
         if lfs:
             for data in files.values():
                 self.blobs[hashlib.sha256(data).hexdigest()] = data
@@ -139,10 +142,11 @@ class FakeHub:
         if repo not in self.repos:
             # The real Hub answers 401 (not 404) to an anonymous request for a missing or private repository.
             return 401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, b"Repository not found"
-        if revision not in self.repos[repo]:
+        known = self.repos[repo].get(revision) or self.commits.get((repo, revision))  # a branch, or a commit's hash
+        if known is None:
             return (404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": f"Invalid rev id: {revision}"},
                     b"Invalid rev id")
-        commit, files = self.repos[repo][revision]
+        commit, files = known
         if filename not in files:
             return (404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": commit},
                     b"Entry not found")

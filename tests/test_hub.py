@@ -304,6 +304,30 @@ def test_cli_upscales_with_hub_weights(hub, tmp_path):
         assert png.size == (24, 24)
 
 
+def test_the_redo_of_hub_weights_loads_the_commit_it_used(hub, tmp_path, checkpoints, monkeypatch):
+    import json
+    import shlex
+    import numpy as np
+    image = write_png(tmp_path / "small.png", height=12, width=12)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["upscale", "small.png", "--scale", "2", "--weights", f"{REPO}:tiny.safetensors",
+                                       "-o", "out", "-q", "--tile-pad", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    used = hub.commit(REPO, "main")
+    record = json.loads(CliRunner().invoke(main, ["info", "--json", "out/small_x2.png"]).stdout)
+    assert record["weights"] == f"{REPO}@{used}:tiny.safetensors"
+    main_bytes, v1_bytes = checkpoints
+    hub.add_revision(REPO, "main", {"tiny.safetensors": v1_bytes})  # the repository moves on: other weights
+    words = shlex.split(record["redo"])
+    assert words[0] == "refsr"
+    (tmp_path / "redo").mkdir()
+    result = CliRunner().invoke(main, [*words[1:], "-o", "redo"])
+    assert result.exit_code == 0, result.output
+    first, again = (np.asarray(Image.open(p)) for p in ("out/small_x2.png", "redo/small_x2.png"))
+    assert np.array_equal(first, again)
+    assert image.exists()
+
+
 def test_cli_missing_repo_is_one_line_error(hub, tmp_path):
     image = write_png(tmp_path / "small.png", height=12, width=12)
     result = CliRunner().invoke(main, ["upscale", str(image), "--scale", "2", "--weights", "owner/missing",
