@@ -25,7 +25,7 @@ from .images import (check_record, check_side, expand_inputs, read_picture, read
 from .match import Transfer, correspond, prepare_reference
 from .options import BatchOptions
 from .outputs import Output, check_names, check_sidecars, outputs_of, plan_outputs
-from .provenance import sheet_label
+from .provenance import sheet_labels
 from .report import Reporter, Terminated, reraise_signal, signals_held
 from .sheet import contact_sheet, sheet_window
 
@@ -262,7 +262,7 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     if sheet:  # only the same window of each output is kept
         window = sheet_window(picture.rgb, opt.scale)
         crops = [image[window].copy() for image in decoded(plan, picture, variants, transfer, tick)]
-        labels = [sheet_label(v.fields, opt.temperature) for v in variants]
+        labels = sheet_labels([v.fields for v in variants], opt.temperature)
         publish(sheet, lambda provenance: write_picture(np.asarray(contact_sheet(crops, labels)), sheet.path,
                                                          None, provenance, opt.overwrite), sheet_fields(plan),
                 sheet=labels)
@@ -306,7 +306,7 @@ def sheet_fields(plan: Plan) -> dict:
         fields["seeds"] = list(dict.fromkeys(v.fields["seed"] for v in plan.variants))
     if plan.command in ("upscale", "sample") and "reference" in plan.variants[0].fields:
         fields["reference_list"] = list(dict.fromkeys(v.fields["reference"] for v in plan.variants))
-    fields["sheet"] = [sheet_label(v.fields, plan.opt.temperature) for v in plan.variants]
+    fields["sheet"] = sheet_labels([v.fields for v in plan.variants], plan.opt.temperature)
     return fields
 
 

@@ -233,15 +233,33 @@ def references_of(record: dict) -> list:
     return record.get("reference_list") or ([record["reference"]] if "reference" in record else [])
 
 
-def sheet_label(fields: dict, temperature: float) -> str:
-    """What a contact-sheet tile is, as the flag that redoes it: --seed N, --ref NAME, a walk's frame, or T = 0."""
+def sheet_labels(tiles: list, temperature: float) -> list:
+    """sheet_label of each tile's fields; references of one name (d1/r.png, d2/r.png) named with the nearest folders
+    that tell them apart."""
+    from pathlib import PurePath
+    paths = [PurePath(f["reference"]) for f in tiles if "reference" in f]
+
+    def told_apart(path):
+        same = [p.parts for p in set(paths) if p.name == path.name]
+        depth = next((d for d in range(1, len(path.parts)) if sum(s[-d:] == path.parts[-d:] for s in same) == 1),
+                     len(path.parts))
+        return "/".join(path.parts[-depth:])
+
+    return [sheet_label(f, temperature, told_apart(PurePath(f["reference"])) if "reference" in f else None)
+            for f in tiles]
+
+
+def sheet_label(fields: dict, temperature: float, reference: str | None = None) -> str:
+    """What a contact-sheet tile is, as the flag that redoes it: --seed N, --ref NAME (`reference`, else the
+    reference's file name), a walk's frame, or T = 0."""
     from pathlib import Path
     if "frame" in fields:
         return f"frame {fields['frame'] + 1}/{fields['frames']}"
     if "references" in fields:
         return "--match"
     if "reference" in fields:
-        return f"--ref {Path(fields['reference']).name}" + (f" --seed {fields['seed']}" if fields.get("seed") else "")
+        name = reference or Path(fields["reference"]).name
+        return f"--ref {name}" + (f" --seed {fields['seed']}" if fields.get("seed") else "")
     if "seed" in fields and temperature > 0:
         return f"--seed {fields['seed']}" + (f" T={temperature:g}" if temperature != 1 else "")
     return "T=0 (fidelity)"

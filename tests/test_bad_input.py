@@ -1545,3 +1545,15 @@ def test_a_name_ending_in_a_slash_is_never_written_as_a_file(tmp_path, checkpoin
     assert result.exit_code == 2
     one_error_line(result, "rows.json/", "folder")
     assert not (tmp_path / "rows.json").exists()
+
+
+def test_sheet_labels_tell_apart_references_of_one_name(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for folder in ("d1", "d2"):
+        (tmp_path / folder).mkdir()
+        write_png(tmp_path / folder / "r.png", 20, 20, seed=len(folder))
+    lr = write_png(tmp_path / "in.png")
+    result = run("upscale", lr, "--ref", "d1/r.png", "--ref", "d2/r.png", "--scale", 2, "--weights", checkpoint,
+                 "--sheet", "-o", tmp_path / "s", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip())["sheet"] == ["--ref d1/r.png", "--ref d2/r.png"]
