@@ -92,8 +92,10 @@ def check_sidecars(outputs: list, record: dict, written_too: bool = False) -> No
     images = [o for o in outputs if o.kind == "image"]
     for sidecar in (o for o in outputs if o.kind in ("animation", "map")):
         if sidecar.todo:
+            # An image made without --match-map is the same image: a map may be added beside it later.
+            ignoring = {"match_map"} if sidecar.kind == "map" else set()
             for image in images:
-                if (written_too or not image.todo) and not holds(image.path, record | image.variant.fields):
+                if (written_too or not image.todo) and not holds(image.path, record | image.variant.fields, ignoring):
                     what = (f"frame {image.variant.fields['frame']} of this walk" if sidecar.kind == "animation"
                             else "the image this run would write")
                     how = "kept by --skip-existing" if not image.todo else "changed since this run wrote it"
@@ -105,9 +107,15 @@ def check_sidecars(outputs: list, record: dict, written_too: bool = False) -> No
                              "this run writes them anew: move it away, or --overwrite")
 
 
-def holds(path: Path, provenance: dict) -> bool:
-    """Whether the file at `path` holds this provenance, as it reads back (lists, not tuples)."""
+def holds(path: Path, provenance: dict, ignoring: set = frozenset()) -> bool:
+    """Whether the file at `path` holds this provenance, as it reads back (lists, not tuples), but for the keys
+    `ignoring`."""
     try:
-        return read_provenance(path) == json.loads(json.dumps(provenance))
+        found = read_provenance(path)
     except (OSError, ValueError, SyntaxError):
         return False
+    expected = json.loads(json.dumps(provenance))
+    if not isinstance(found, dict):
+        return False
+    return {k: v for k, v in found.items() if k not in ignoring} == {k: v for k, v in expected.items()
+                                                                     if k not in ignoring}

@@ -1557,3 +1557,16 @@ def test_sheet_labels_tell_apart_references_of_one_name(tmp_path, checkpoint, mo
                  "--sheet", "-o", tmp_path / "s", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip())["sheet"] == ["--ref d1/r.png", "--ref d2/r.png"]
+
+
+def test_a_match_map_may_be_added_later_beside_its_image(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png", 24, 24)
+    ref = write_png(tmp_path / "r.png", 32, 32, seed=5)
+    out = tmp_path / "out"
+    args = ("--ref", ref, "--match", "--scale", 2, "--weights", checkpoint, "-o", out, "-q")
+    assert run("upscale", lr, *args).exit_code == 0
+    image = (out / "in_x2_match.png").read_bytes()
+    result = run("upscale", lr, *args, "--match-map", "--skip-existing")  # the same image, its map added
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["in_x2_match.png", "in_x2_match_map.png"]
+    assert (out / "in_x2_match.png").read_bytes() == image
