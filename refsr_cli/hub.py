@@ -10,12 +10,14 @@ import hashlib
 import importlib
 import json
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 from .checkpoint import default_filename, load_weights, texture_trained
 from .errors import RefsrError
+from .report import warning_line
 
 HUB_REF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?::(?P<filename>[\w./-]+))?$")
 
@@ -63,10 +65,14 @@ def import_hub():
     (HF_ENDPOINT=http://[::1, HF_HUB_ETAG_TIMEOUT=abc) raises a ValueError there: a RefsrError instead."""
     try:
         from huggingface_hub import constants
+        from huggingface_hub.utils import logging as hub_logging
         for module in ("file_download", "hf_api"):  # which parse HF_ENDPOINT (a port past 65535) on import
             importlib.import_module(f"huggingface_hub.{module}")
     except ValueError as e:
         raise RefsrError(f"huggingface_hub cannot start: {e} (check the HF_* environment variables)") from None
+    # Its log ("Trying to resume download...", five times, then "Max retries exceeded") is not refsr's one line: what
+    # failed is said in that line.
+    hub_logging.set_verbosity_error()
     return constants
 
 
@@ -78,9 +84,17 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
     where = f"{repo}{'@' + revision if revision else ''}:{filename}"
+    if revision is not None and not git_ref_name(revision):  # `@..` asked for a URL that had collapsed
+        raise RefsrError(f"{where}: {revision!r} is not a revision name (a branch, a tag or a commit's hash)")
     try:
-        with hub_fails_fast():
-            return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision, etag_timeout=HUB_TIMEOUT))
+        with hub_fails_fast(), warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            try:
+                return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision,
+                                            etag_timeout=HUB_TIMEOUT))
+            finally:  # huggingface_hub's warnings (too little free disk), each as refsr's one line
+                for warning in said:
+                    warning_line(f"{where}: {warning.message}")
     except RevisionNotFoundError:
         raise RefsrError(f"{where}: no such revision on the Hub") from None
     except LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base: "not cached", not "not on the Hub"
@@ -116,6 +130,8 @@ def hub_trouble(e: Exception) -> str:
     if isinstance(e, UnicodeError) or isinstance(e, ValueError) and "timeout" in first.lower():
         # HF_HUB_ETAG_TIMEOUT=-5, a token that is not ASCII
         return f"huggingface_hub refused a setting ({first}); check the HF_* environment variables and HF_TOKEN"
+    if isinstance(e, ValueError) and "too large" in first:  # past what its download without hf_xet takes
+        return f"the file is too large for huggingface_hub's download ({first})"
     if isinstance(e, ValueError):  # HFValidationError and its kin: owner/re..po, a ../ file name
         return f"not a valid Hub reference ({first})"
     # KeyError, AttributeError, TypeError: JSON that is not the Hub's ({} or a list where it expects an object)
@@ -250,12 +266,18 @@ def check_destination(repo: str, revision: str | None) -> None:
         # A branch that `--weights OWNER/REPO@BRANCH` could not name would hold weights nothing loads.
         named = HUB_REF.match(f"{repo}@{revision}")
         # and git's rules for a branch (git check-ref-format --branch), which the Hub enforces after create_repo
-        parts = revision.split("/")
-        refused_by_git = (revision == "HEAD" or revision.startswith("-") or ".." in revision or "//" in revision
-                          or revision.endswith((".lock", "/", ".")) or any(p.startswith(".") or not p for p in parts))
+        refused_by_git = revision == "HEAD" or revision.startswith("-") or not git_ref_name(revision)
         if named is None or named["revision"] != revision or refused_by_git:
             raise RefsrError(f"--revision {revision!r}: not a branch name --weights {repo}@BRANCH can load "
                              "(letters, digits, _ . / -)")
+
+
+def git_ref_name(revision: str) -> bool:
+    """Whether git could name a branch or tag so (git check-ref-format): no "..", no empty part or one that starts
+    with ".", no ".lock" or "." at the end."""
+    parts = revision.split("/")
+    return not (".." in revision or revision.endswith((".lock", ".")) or any(p.startswith(".") or not p
+                                                                             for p in parts))
 
 
 class Checkpoint(NamedTuple):

@@ -285,6 +285,40 @@ def test_download_cut_midway_is_a_refsr_error(hub):
     assert not list(hub.cache.rglob("tiny.safetensors"))
 
 
+def test_a_download_cut_midway_is_one_line_on_stderr(hub, tmp_path):
+    import subprocess
+    import sys
+    hub.cut_downloads = True  # huggingface_hub resumes it five times, logging each try
+    image = write_png(tmp_path / "small.png", height=12, width=12)
+    result = subprocess.run([sys.executable, "-m", "refsr_cli", "upscale", str(image), "--scale", "2", "--weights",
+                             f"{REPO}:tiny.safetensors", "-o", str(tmp_path / "out"), "-q", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("refsr: error: "), result.stderr
+    assert "download failed" in result.stderr
+
+
+def test_huggingface_hubs_warnings_are_refsrs_one_line(hub, tmp_path, monkeypatch, capsys):
+    import warnings
+    import huggingface_hub
+    real = huggingface_hub.hf_hub_download
+
+    def short_of_disk(*args, **kwargs):  # as huggingface_hub warns when the cache's disk is nearly full
+        warnings.warn("Not enough free disk space to download the file.\nThe target location only has 1 MB.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", short_of_disk)
+    resolve_weights(f"{REPO}:tiny.safetensors", 2)
+    err = capsys.readouterr().err
+    assert err.startswith("refsr: warning: ") and err.count("\n") == 1 and "free disk space" in err, err
+
+
+def test_a_revision_git_could_not_name_is_refused_without_a_request(hub):
+    message = hub_error(f"{REPO}@..:tiny.safetensors")
+    assert "not a revision name" in message
+    assert hub.requests == []
+
+
 def test_download_http_error_is_one_line(hub):
     # The Hub sends the client to the CDN, which has lost the file: huggingface_hub's error spans several lines.
     hub.blobs.clear()
