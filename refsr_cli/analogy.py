@@ -248,7 +248,12 @@ class Texture:
     t: float = 0.0
 
     def __post_init__(self):  # what the flags would refuse is refused here too (the Python API)
+        if not isinstance(self.bank, Bank):
+            raise RefsrError(f"Texture: give a bank (reference_bank, texture_bank), not {type(self.bank).__name__}")
+        if self.to is not None and not isinstance(self.to, Texture):
+            raise RefsrError(f"Texture: to= takes a Texture, not {type(self.to).__name__}")
         check_number("seed", self.seed, 0, MAX_SEED, integer=True)
+        self.seed = int(self.seed)  # numpy's integers too: torch's manual_seed takes only Python's
         check_number("temperature", self.temperature, 0, MAX_TEMPERATURE)
         check_number("strength", self.strength, 0, MAX_STRENGTH)
         check_number("t", self.t, 0, 1)

@@ -151,7 +151,7 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     latents = Latents(upscaler, opt.texture, opt.strength)
     if seeds is not None and not ref_paths:
         plan.variants = [Variant(f"s{seed}", {"seed": seed}, latents.prior(seed, opt.temperature))
-                         for seed in seeds]
+                         for seed in dict.fromkeys(seeds)]  # walk --seed 3 --seed 3: one seed, as a ref named twice
     add_reference_variants(report, plan, latents, ref_paths, seeds)
     if not plan.variants:  # no reference: the fidelity output (temperature 0), or a prior sample of --seed
         plan.variants = [Variant(f"s{opt.seed}", {"seed": opt.seed}, latents.prior(opt.seed, opt.temperature))
@@ -226,8 +226,9 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     """Every output of one input."""
     opt = plan.opt
     outputs = outputs_of(plan, stem)
-    report.counts["skipped"] += sum(not o.todo for o in outputs)
-    if not any(o.todo for o in outputs):
+    skipped = sum(not o.todo for o in outputs)  # counted once the input passes its checks: else it failed
+    if not skipped < len(outputs):
+        report.counts["skipped"] += skipped
         return
     # The input as the command line named it (a file of a folder: folder/name), like the references and weights: the
     # redo command of `refsr info` runs from where this one ran.
@@ -239,6 +240,7 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
             check_side(output.path, picture.rgb.shape[0] * opt.scale, picture.rgb.shape[1] * opt.scale)
         if output.todo and output.kind in ("image", "sheet"):
             check_record(output.path, record)
+    report.counts["skipped"] += skipped
     for message in picture.warnings:
         report.warn(message)
 

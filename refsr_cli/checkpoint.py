@@ -50,6 +50,8 @@ def atomic_save(tensors: dict, path, metadata: dict) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a checkpoint. Non-finite
     weights are refused before anything is written."""
     check_finite(tensors, path)
+    if Path(path).exists() and not Path(path).is_file():  # the rename would replace a folder's link or a FIFO
+        raise RefsrError(f"{path}: not a regular file (a folder, device or FIFO); a checkpoint is written as a file")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
@@ -60,6 +62,11 @@ def atomic_save(tensors: dict, path, metadata: dict) -> None:
 
 
 def save_model(model: RefVAE, path, **extra_metadata) -> None:
+    """`model` as a checkpoint load_weights reads back: its config, and `extra_metadata` (steps, stage...) beside it."""
+    if not isinstance(model, RefVAE):
+        raise RefsrError(f"save_model: give a RefVAE, not {type(model).__name__}")
+    if {"format", "config"} & set(extra_metadata):
+        raise RefsrError("save_model: the format and config are the model's own; name other metadata")
     metadata = {"format": FORMAT, "config": model.config.to_json(),
                 **{k: str(v) for k, v in extra_metadata.items()}}
     atomic_save(model.trainable_state_dict(), path, metadata)
@@ -203,6 +210,8 @@ def resolve_weights(spec: str | None, scale: int | None) -> Path:
         if not path.is_file():
             raise RefsrError(f"no shipped x{scale} weights ({path}); pass --weights FILE or a Hub reference")
         return path
+    if spec == "":
+        raise RefsrError("--weights '': an empty name, not a file or a Hub reference")
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_file():

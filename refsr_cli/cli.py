@@ -60,6 +60,18 @@ class Finite(click.ParamType):
         return number + 0.0  # -0.0 is 0 (and is recorded as 0)
 
 
+class NamedPath(click.Path):
+    """A file or folder argument that is not "": Path("") is the current folder, and `--out ''` trained there."""
+
+    def __init__(self, **kwargs):
+        super().__init__(path_type=Path, **kwargs)
+
+    def convert(self, value, param, ctx):
+        if str(value) == "":
+            self.fail("'': an empty name, not a file or folder", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class OutPath(click.Path):
     """-o (a folder or a file) and --json (a file). Not "-" (refsr writes no files to stdout) nor "" (which Path
     reads as the current folder); and not a name that ends in "/" (a folder, to the shell and to the user) where refsr
@@ -333,7 +345,7 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
               path_type=Path), help="Folder of HR training images (repeatable).")
 @click.option("--refs", "refs", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Folder of gallery references (artworks) for the texture stage's reference outputs.")
-@click.option("--out", type=click.Path(path_type=Path), default=TRAIN.out, show_default=True,
+@click.option("--out", type=NamedPath(), default=TRAIN.out, show_default=True,
               help="Run folder: the checkpoints, last.state.safetensors (for --resume), log.jsonl.")
 @click.option("--stage", type=click.Choice(["trunk", "texture"]), default=TRAIN.stage, show_default=True,
               help="trunk: the fidelity trunk of every --scales at once, pixel losses only (writes x2/x4/x8"
@@ -476,7 +488,7 @@ def walk(inputs, refs, seeds, steps, animate, **options):
 
 
 @main.command()
-@click.argument("outputs", nargs=-1, required=True, type=click.Path(path_type=Path),
+@click.argument("outputs", nargs=-1, required=True, type=NamedPath(),
                 metavar="IMAGE...")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image on stdout.")
 def info(outputs, as_json):
@@ -511,7 +523,7 @@ def info(outputs, as_json):
 
 
 @main.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="CHECKPOINT...")
+@click.argument("files", nargs=-1, required=True, type=NamedPath(), metavar="CHECKPOINT...")
 @click.argument("repo", metavar="OWNER/REPO")
 @click.option("--revision", default=None, help="Branch to commit to, created if needed. [default: main]")
 @click.option("--private", is_flag=True, help="Create the repository private (if it does not exist yet).")

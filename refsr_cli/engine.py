@@ -72,15 +72,23 @@ def tile_spans(length: int, tile: int):
     return [(start, min(start + tile, length)) for start in range(0, length, tile)]
 
 
-def check_image(image, name: str) -> None:
-    """An image as the engine takes one: an HxWx3 float array in [0, 1], as images.read_rgb gives (the commands
-    check their files; this is the Python API's check). A nan pixel would give a black output."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        raise RefsrError(f"{name}: give an HxWx3 RGB array, not {getattr(image, 'shape', type(image).__name__)}")
+def checked_image(image, name: str, channels: int | None = 3) -> np.ndarray:
+    """An image as the engine takes one: an HxWx3 (channels None: HxW) float array in [0, 1], as images.read_rgb
+    gives, returned as native float32 (the commands check their files; this is the Python API's check). A nan pixel
+    would give a black output, and uint8 pixels of 0-255 a white one."""
+    shape = getattr(image, "shape", type(image).__name__)
+    if not isinstance(image, np.ndarray) or (image.ndim != 2 if channels is None else
+                                             image.ndim != 3 or image.shape[2] != channels):
+        raise RefsrError(f"{name}: give an {'HxW' if channels is None else 'HxWx3 RGB'} array, not {shape}")
     if min(image.shape[:2]) < MIN_SIDE:
         raise RefsrError(f"{name}: {image.shape[1]}x{image.shape[0]} is too small (at least {MIN_SIDE} pixels a side)")
+    if image.dtype.kind != "f":
+        raise RefsrError(f"{name}: give floats in [0, 1], not {image.dtype} (divide 8-bit pixels by 255)")
     if not np.isfinite(image).all():
         raise RefsrError(f"{name}: holds pixels that are not finite numbers (nan or inf)")
+    if image.min() < 0 or image.max() > 1:
+        raise RefsrError(f"{name}: holds values from {image.min():g} to {image.max():g}; give floats in [0, 1]")
+    return image.astype(np.float32, copy=False)  # big-endian or float64 arrays too: torch takes native float32
 
 
 def check_draw(seed, temperature) -> None:
@@ -133,6 +141,8 @@ class Upscaler:
         """
         from .device import pick_device
         options = options or EngineOptions()
+        if not isinstance(options, EngineOptions):
+            raise RefsrError(f"options: give an EngineOptions, not {type(options).__name__}")
         if options.device not in DEVICES:
             raise RefsrError(f"device={options.device!r}: give one of {', '.join(DEVICES)}")
         device = pick_device(options.device)
@@ -152,7 +162,7 @@ class Upscaler:
     def reference_z(self, image: np.ndarray, temperature: float = BatchOptions.temperature,
                     seed: int = BatchOptions.seed) -> Latent:
         """z from a reference image, mu + temperature * sigma * eps (eps and the texture noise of `seed`)."""
-        check_image(image, "reference")
+        image = checked_image(image, "reference")
         check_draw(seed, temperature)
         size = self.model.config.ref_size
         ref = Image.fromarray((image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
@@ -164,7 +174,7 @@ class Upscaler:
         """The texture bank of a reference (HxWx3 float): the reference at several scales, each paired with this
         network's fidelity output of its LR (refsr_cli.analogy)."""
         from .analogy import bank_part, check_reference, make_bank, reference_pairs
-        check_image(image, name)
+        image = checked_image(image, name)
         check_reference(image, name)
         pairs = reference_pairs(image, self.scale, self.faithful, name)
         return make_bank([bank_part(sharp, faithful) for sharp, faithful in pairs], name)
@@ -213,9 +223,18 @@ class Upscaler:
         every output where they match.
 
         On a GPU out-of-memory error the image is started again with tiles of half the size."""
-        check_image(lr, "lr")
-        if not latents:
-            raise RefsrError("latents: give one or more (None for the faithful output)")
+        lr = checked_image(lr, "lr")
+        if alpha is not None:
+            alpha = checked_image(alpha, "alpha", channels=None)
+            if alpha.shape != lr.shape[:2]:
+                raise RefsrError(f"alpha: {alpha.shape} is not the lr's {lr.shape[:2]}")
+        from .analogy import Texture
+        if not isinstance(latents, (list, tuple)) or not latents:
+            raise RefsrError("latents: give a list of one or more (None for the faithful output)")
+        for latent in latents:
+            if latent is not None and not isinstance(latent, (Latent, Texture)):
+                raise RefsrError(f"latents: give None, Latents (prior_z, reference_z) or Textures, not "
+                                 f"{type(latent).__name__}")
         while True:
             try:
                 return self._upscale(lr, latents, transfer, alpha, grayscale, bits, on_tile)

@@ -133,6 +133,11 @@ class Picture:
     warnings: list = field(default_factory=list)
 
 
+def megapixels(count: int) -> str:
+    """A pixel count as a message says it: 64 Mpx; 0.001 Mpx, not 0, for a small --max-pixels."""
+    return f"{count / 1e6:,.0f} Mpx" if count >= 10 ** 7 else f"{count / 1e6:.3g} Mpx"
+
+
 def exif_transpose(data: np.ndarray, orientation: int) -> np.ndarray:
     """HxWxC uint8 or uint16 pixels turned upright by Pillow's ImageOps.exif_transpose, plane by plane (16-bit
     colour PNGs are decoded by pypng, so there is no Pillow image of the whole to hand it)."""
@@ -185,8 +190,8 @@ def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
         with Image.open(path) as im:  # reads the header only
             pixels = im.width * im.height
             if max_pixels and pixels > max_pixels:
-                raise RefsrError(f"{path}: {im.width}x{im.height} is {pixels / 1e6:.0f} Mpx, over the "
-                                 f"{max_pixels / 1e6:.0f} Mpx limit (upscale, sample and walk raise it with "
+                raise RefsrError(f"{path}: {im.width}x{im.height} is {megapixels(pixels)}, over the "
+                                 f"{megapixels(max_pixels)} limit (upscale, sample and walk raise it with "
                                  "--max-pixels)")
             if min(im.size) < MIN_SIDE:
                 raise RefsrError(f"{path}: {im.width}x{im.height} is too small (at least {MIN_SIDE}x{MIN_SIDE})")
@@ -221,7 +226,10 @@ def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     except PermissionError:
         raise RefsrError(f"{path}: permission denied") from None
     except (OSError, ValueError, SyntaxError, struct.error, zlib.error, EOFError) as e:
-        raise RefsrError(f"{path}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "MAX_TEXT_CHUNK" in reason:  # a whole image, with a text chunk larger than Pillow reads
+            raise RefsrError(f"{path}: holds a text chunk larger than Pillow reads ({reason})") from None
+        raise RefsrError(f"{path}: corrupt or truncated image ({reason})") from None
     except Exception as e:  # pypng's png.Error and other decoder failures
         raise RefsrError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 

@@ -1570,3 +1570,105 @@ def test_a_match_map_may_be_added_later_beside_its_image(tmp_path, checkpoint):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["in_x2_match.png", "in_x2_match_map.png"]
     assert (out / "in_x2_match.png").read_bytes() == image
+
+
+# --- the ninth sweep -----------------------------------------------------------------------------------------------
+
+def test_a_walk_between_one_seed_named_twice_is_refused(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png")
+    for seeds in (("3", "3"), ("0", "00")):
+        result = run("walk", lr, "--seed", seeds[0], "--seed", seeds[1], "--scale", 2, "--weights", checkpoint,
+                     "-o", tmp_path / "w")
+        assert result.exit_code == 2
+        one_error_line(result, "two different", "named twice")
+    assert not (tmp_path / "w").exists() or not list((tmp_path / "w").iterdir())
+
+
+def test_a_small_max_pixels_is_said_in_numbers_that_differ(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png", 32, 32)
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "--max-pixels", 1000, "-o", tmp_path / "o", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "is 0.00102 Mpx, over the 0.001 Mpx limit")
+
+
+def test_a_png_with_a_text_chunk_pillow_does_not_read_is_not_called_corrupt(tmp_path, checkpoint):
+    from PIL import Image, PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "A" * 20 * 1024 * 1024, zip=True)
+    Image.new("RGB", (24, 24)).save(tmp_path / "in.png", pnginfo=info)
+    result = run("upscale", tmp_path / "in.png", "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "in.png", "text chunk larger than Pillow reads")
+
+
+@pytest.mark.parametrize("args", [("train", "--stage", "trunk", "--scales", "2", "--data", ".", "--out", ""),
+                                  ("info", ""), ("push", "", "me/x")])
+def test_an_empty_name_is_not_the_current_folder(tmp_path, monkeypatch, args):
+    write_png(tmp_path / "in.png")
+    monkeypatch.chdir(tmp_path)
+    result = run(*args)
+    assert result.exit_code == 2
+    one_error_line(result, "'': an empty name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def test_empty_weights_are_an_empty_name(tmp_path):
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", "", "-o", tmp_path / "o")
+    assert result.exit_code == 2
+    one_error_line(result, "--weights '': an empty name")
+
+
+def test_an_input_refused_for_its_sidecar_counts_as_failed_not_skipped(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png")
+    args = ("walk", lr, "--scale", 2, "--seed", 1, "--seed", 2, "--weights", checkpoint, "--animate", "gif",
+            "-o", tmp_path / "w")
+    assert run(*args, "--steps", 3).exit_code == 0
+    result = run(*args, "--steps", 4, "--skip-existing")  # other frames: the kept animation tells of another walk
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == "0 written, 0 skipped, 1 failed"
+
+
+@pytest.mark.parametrize("image, fragment", [
+    (lambda lr: (lr * 255).astype(np.uint8), "not uint8"), (lambda lr: lr > 0.5, "not bool"),
+    (lambda lr: lr - 2, "give floats in [0, 1]"), (lambda lr: lr * 1000, "give floats in [0, 1]"),
+    (lambda lr: lr.astype(object), "not object")])
+def test_the_python_api_takes_floats_in_0_1_only(image, fragment):
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    for call in (lambda a: up.upscale(a, [None]), lambda a: up.reference_z(a)):
+        with pytest.raises(RefsrError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+            call(image(lr))
+
+
+def test_the_python_api_takes_what_numpy_gives_and_refuses_what_it_cannot_use(checkpoint):
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3))
+    same = up.upscale(lr.astype(np.float32), [None])[0]
+    assert np.array_equal(up.upscale(lr.astype(">f4"), [None])[0], same)  # big-endian, float64: the same image
+    assert np.array_equal(up.upscale(lr, [None])[0], same)
+    bank = up.reference_bank(np.random.default_rng(1).random((48, 48, 3)).astype(np.float32))
+    numpy_seed = up.upscale(lr, [Texture(bank, seed=np.int64(3), temperature=1)])[0]
+    assert np.array_equal(numpy_seed, up.upscale(lr, [Texture(bank, seed=3, temperature=1)])[0])
+    for bad, fragment in [(lambda: Texture(None), "give a bank"), (lambda: up.upscale(lr, [3]), "not int"),
+                          (lambda: up.upscale(lr, "abc"), "give a list"),
+                          (lambda: up.upscale(lr, (x for x in [None])), "give a list"),
+                          (lambda: up.upscale(lr, [None], alpha=np.zeros((3, 3))), "alpha"),
+                          (lambda: up.upscale(lr, [None], alpha=np.full((16, 16), np.nan)), "alpha"),
+                          (lambda: Upscaler.from_weights(checkpoint, scale=2, options="cpu"), "EngineOptions"),
+                          (lambda: save_model("x", "never.safetensors"), "give a RefVAE")]:
+        with pytest.raises(RefsrError, match=fragment):
+            bad()
+    assert not Path("never.safetensors").exists()
+
+
+def test_save_model_writes_only_what_load_weights_reads(tmp_path):
+    import os
+    from refsr_cli.errors import RefsrError
+    with pytest.raises(RefsrError, match="the model's own"):
+        save_model(tiny_model(2), tmp_path / "c.safetensors", config="{}")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    with pytest.raises(RefsrError, match="not a regular file"):
+        save_model(tiny_model(2), tmp_path / "fifo.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.safetensors"]
