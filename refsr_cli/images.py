@@ -219,19 +219,8 @@ def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
                     data = data[..., None] if data.ndim == 2 else data
     except RefsrError:
         raise
-    except UnidentifiedImageError:
-        raise RefsrError(f"{path}: not an image, or not a format Pillow reads") from None
-    except FileNotFoundError:
-        raise RefsrError(f"{path}: no such file") from None
-    except PermissionError:
-        raise RefsrError(f"{path}: permission denied") from None
-    except (OSError, ValueError, SyntaxError, struct.error, zlib.error, EOFError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "MAX_TEXT_CHUNK" in reason:  # a whole image, with a text chunk larger than Pillow reads
-            raise RefsrError(f"{path}: holds a text chunk larger than Pillow reads ({reason})") from None
-        raise RefsrError(f"{path}: corrupt or truncated image ({reason})") from None
-    except Exception as e:  # pypng's png.Error and other decoder failures
-        raise RefsrError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        raise decode_trouble(path, e) from None
 
     data = exif_transpose(data, orientation)
     values = data.astype(np.float32)
@@ -240,6 +229,22 @@ def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     return Picture(rgb=np.repeat(colour, 3, axis=2) if grayscale else colour,
                    alpha=values[..., -1] if has_alpha else None,
                    grayscale=grayscale, bits=bits, icc_profile=icc, warnings=warnings)
+
+
+def decode_trouble(path: Path, e: Exception) -> RefsrError:
+    """The one line for an image file Pillow (or pypng) could not read."""
+    if isinstance(e, UnidentifiedImageError):
+        return RefsrError(f"{path}: not an image, or not a format Pillow reads")
+    if isinstance(e, FileNotFoundError):
+        return RefsrError(f"{path}: no such file")
+    if isinstance(e, PermissionError):
+        return RefsrError(f"{path}: permission denied")
+    if isinstance(e, (OSError, ValueError, SyntaxError, struct.error, zlib.error, EOFError)):
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "MAX_TEXT_CHUNK" in reason:  # a whole image, with a text chunk larger than Pillow reads
+            return RefsrError(f"{path}: holds a text chunk larger than Pillow reads ({reason})")
+        return RefsrError(f"{path}: corrupt or truncated image ({reason})")
+    return RefsrError(f"{path}: cannot decode image ({type(e).__name__}: {e})")  # pypng's png.Error and others
 
 
 def read_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
