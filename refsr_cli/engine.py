@@ -164,6 +164,7 @@ class Upscaler:
         """z from a reference image, mu + temperature * sigma * eps (eps and the texture noise of `seed`)."""
         image = checked_image(image, "reference")
         check_draw(seed, temperature)
+        seed = int(seed)  # numpy's integers too: torch's manual_seed takes only Python's
         size = self.model.config.ref_size
         ref = Image.fromarray((image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
         mu, logvar = self.model.encode_reference(self._tensor(np.asarray(ref, dtype=np.float32) / 255))
@@ -190,6 +191,7 @@ class Upscaler:
         """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device, and the
         texture noise of the same seed; at temperature 0, the fidelity output."""
         check_draw(seed, temperature)
+        seed = int(seed)  # numpy's integers too: torch's manual_seed takes only Python's
         if temperature == 0:
             return Latent(None, seed)
         eps = torch.randn(1, self.model.config.z_dim, generator=torch.Generator().manual_seed(seed))
@@ -210,7 +212,7 @@ class Upscaler:
                 end = noise_tables([latent.noise_to], lr_size, config.stages, self.device)
                 t = latent.noise_t * math.pi / 2
                 noise = [math.cos(t) * a + math.sin(t) * b for a, b in zip(noise, end)]
-        return self.model.condition_cell(latent.z, noise)
+        return self.model.condition_cell(latent.z.to(self.device, self.dtype), noise)
 
     def tiles(self, height: int, width: int):
         return [(y, x) for y in tile_spans(height, self.tile) for x in tile_spans(width, self.tile)]
@@ -235,6 +237,14 @@ class Upscaler:
             if latent is not None and not isinstance(latent, (Latent, Texture)):
                 raise RefsrError(f"latents: give None, Latents (prior_z, reference_z) or Textures, not "
                                  f"{type(latent).__name__}")
+            if isinstance(latent, Latent):
+                self.check_latent(latent)
+        if transfer is not None and not isinstance(transfer, Transfer):
+            raise RefsrError(f"transfer: give a match.Transfer (correspond) or None, not {type(transfer).__name__}")
+        if on_tile is not None and not callable(on_tile):
+            raise RefsrError(f"on_tile: give a function or None, not {type(on_tile).__name__}")
+        if bits not in (8, 16):
+            raise RefsrError(f"bits={bits!r}: give 8 or 16")
         while True:
             try:
                 return self._upscale(lr, latents, transfer, alpha, grayscale, bits, on_tile)
@@ -247,6 +257,21 @@ class Upscaler:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self.warn(f"out of GPU memory; retrying with --tile {self.tile}")
+
+    def check_latent(self, latent: Latent) -> None:
+        """A Latent as prior_z and reference_z make one, else a RefsrError (a nan z gave a black image)."""
+        z = latent.z
+        if z is not None:
+            if not isinstance(z, torch.Tensor) or not z.is_floating_point() or tuple(z.shape) != (
+                    1, self.model.config.z_dim):
+                raise RefsrError(f"Latent: z must be a (1, {self.model.config.z_dim}) float tensor, not "
+                                 f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+            if not torch.isfinite(z).all():
+                raise RefsrError("Latent: z holds numbers that are not finite (nan or inf)")
+        check_number("noise_seed", latent.noise_seed, 0, MAX_SEED, integer=True)
+        if latent.noise_to is not None:
+            check_number("noise_to", latent.noise_to, 0, MAX_SEED, integer=True)
+        check_number("noise_t", latent.noise_t, 0, 1)
 
     def faithful(self, lr: np.ndarray) -> torch.Tensor:
         """The fidelity output of `lr` (HxWx3 float), back-projected, as a (1, 3, H*s, W*s) float32 CPU tensor: what

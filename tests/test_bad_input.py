@@ -1672,3 +1672,31 @@ def test_save_model_writes_only_what_load_weights_reads(tmp_path):
     with pytest.raises(RefsrError, match="not a regular file"):
         save_model(tiny_model(2), tmp_path / "fifo.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.safetensors"]
+
+
+# --- the tenth sweep -----------------------------------------------------------------------------------------------
+
+def test_prior_z_and_reference_z_take_numpy_seeds():
+    up = Upscaler(tiny_model(2), "cpu")
+    ref = np.random.default_rng(1).random((32, 32, 3)).astype(np.float32)
+    assert torch.equal(up.prior_z(np.int64(3), 1.0).z, up.prior_z(3, 1.0).z)
+    assert torch.equal(up.reference_z(ref, 1.0, np.uint8(3)).z, up.reference_z(ref, 1.0, 3).z)
+
+
+def test_upscale_refuses_latents_and_arguments_it_cannot_use():
+    from refsr_cli.engine import Latent
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    z = up.prior_z(0, 1.0).z
+    assert np.array_equal(up.upscale(lr, [Latent(z.double(), 0)])[0], up.upscale(lr, [Latent(z, 0)])[0])
+    for bad, fragment in [(Latent(torch.full_like(z, float("nan"))), "not finite"),  # was a black image
+                          (Latent("x"), "float tensor"), (Latent(torch.zeros(1, 3)), r"\(1, 8\)"),
+                          (Latent(z, 2 ** 70), "noise_seed"), (Latent(z, -1), "noise_seed"),
+                          (Latent(z, 3.5), "noise_seed"), (Latent(z, 0, 1, 2.0), "noise_t")]:
+        with pytest.raises(RefsrError, match=fragment):
+            up.upscale(lr, [bad])
+    for kwargs, fragment in [({"on_tile": 5}, "on_tile"), ({"transfer": "x"}, "transfer"), ({"bits": 12}, "bits"),
+                             ({"bits": "x"}, "bits")]:
+        with pytest.raises(RefsrError, match=fragment):
+            up.upscale(lr, [None], **kwargs)
