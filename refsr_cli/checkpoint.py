@@ -5,6 +5,7 @@ One way in, `load_weights(spec, scale)`: the model and its file's metadata, from
 `owner/repo[@revision][:filename]` (downloaded by refsr_cli.hub), or None for the shipped checkpoint of that scale.
 The engine, training, push and the Python API all load through it. Nothing here unpickles anything.
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def save_model(model: RefVAE, path, **extra_metadata) -> None:
     """`model` as a checkpoint load_weights reads back: its config, and `extra_metadata` (steps, stage...) beside it."""
     if not isinstance(model, RefVAE):
         raise RefsrError(f"save_model: give a RefVAE, not {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise RefsrError(f"save_model: give a file name, not {type(path).__name__}")
     if {"format", "config"} & set(extra_metadata):
         raise RefsrError("save_model: the format and config are the model's own; name other metadata")
     metadata = {"format": FORMAT, "config": model.config.to_json(),
@@ -195,10 +198,13 @@ def recorded_weights(spec: str | None, path: Path) -> str:
     if spec is None:
         return "shipped"
     parts = Path(path).parts
-    if Path(spec).expanduser().exists() or "snapshots" not in parts:
+    # The cache's models--OWNER--REPO/snapshots/COMMIT/FILE: the first "snapshots" after it (a file of the
+    # repository may lie in a folder of that name too).
+    at = next((i + 1 for i, part in enumerate(parts[:-2]) if part.startswith("models--")
+               and parts[i + 1] == "snapshots"), None)
+    if Path(spec).expanduser().exists() or at is None:
         return spec
     from .hub import HUB_REF
-    at = len(parts) - 1 - parts[::-1].index("snapshots")
     return f"{HUB_REF.match(spec)['repo']}@{parts[at + 1]}:{'/'.join(parts[at + 2:])}"
 
 

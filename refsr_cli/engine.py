@@ -65,6 +65,7 @@ class Latent(NamedTuple):
 # as fit (4 for a 128-pixel LR image at 8x). On the 2-core CPU this saves only 3 % a sample (its convolutions are
 # already large); on a GPU, where a 1 Mpx decode leaves the device half idle, batches pay more.
 DECODE_PIXELS = 1 << 22
+MAX_Z = 1e6  # the largest |z| entry the engine takes: a prior z at the largest temperature is within 1e3
 
 
 def tile_spans(length: int, tile: int):
@@ -266,8 +267,10 @@ class Upscaler:
                     1, self.model.config.z_dim):
                 raise RefsrError(f"Latent: z must be a (1, {self.model.config.z_dim}) float tensor, not "
                                  f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
-            if not torch.isfinite(z).all():
-                raise RefsrError("Latent: z holds numbers that are not finite (nan or inf)")
+            # In float32, as the network takes it (a float64 1e300 is an inf there); and bounded, far past any
+            # prior or reference z: 1e20 is finite, and overflowed inside the network (a black image).
+            if not torch.isfinite(z.float()).all() or z.float().abs().max() > MAX_Z:
+                raise RefsrError(f"Latent: z holds numbers that are not finite or past {MAX_Z:g} in size")
         check_number("noise_seed", latent.noise_seed, 0, MAX_SEED, integer=True)
         if latent.noise_to is not None:
             check_number("noise_to", latent.noise_to, 0, MAX_SEED, integer=True)

@@ -1700,3 +1700,28 @@ def test_upscale_refuses_latents_and_arguments_it_cannot_use():
                              ({"bits": "x"}, "bits")]:
         with pytest.raises(RefsrError, match=fragment):
             up.upscale(lr, [None], **kwargs)
+
+
+# --- the eleventh sweep --------------------------------------------------------------------------------------------
+
+def test_a_hub_file_in_a_folder_named_snapshots_is_pinned_to_its_commit(tmp_path):
+    from refsr_cli.checkpoint import recorded_weights
+    cached = tmp_path / "hub" / "models--me--repo" / "snapshots" / ("c" * 40) / "snapshots" / "w.safetensors"
+    assert recorded_weights("me/repo:snapshots/w.safetensors", cached) == f"me/repo@{'c' * 40}:snapshots/w.safetensors"
+    assert recorded_weights("me/repo", cached.parent.parent / "refsr-x2.safetensors") == (
+        f"me/repo@{'c' * 40}:refsr-x2.safetensors")
+    assert recorded_weights(None, cached) == "shipped"
+
+
+def test_a_z_too_large_for_the_network_is_refused_not_a_black_image(tmp_path):
+    from refsr_cli.engine import Latent
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    z = up.prior_z(1, 1.0).z
+    for huge in (torch.full_like(z, 1e300, dtype=torch.float64), z * 1e20, torch.full_like(z, 3e38)):
+        with pytest.raises(RefsrError, match="not finite or past"):
+            up.upscale(lr, [Latent(huge)])
+    with pytest.raises(RefsrError, match="give a file name"):
+        save_model(tiny_model(2), 5)
+    assert list(tmp_path.iterdir()) == []
