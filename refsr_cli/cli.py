@@ -100,8 +100,8 @@ class Commands(click.Group):
     standard output that cannot be written (`| head`, a full disk) ends the run without a traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        from .report import (SIGNALLED, Interrupted, StdoutClosed, Terminated, error_line, on_sigint, on_sigterm,
-                             stdout_lost, to_stderr)
+        from .report import (SIGNAL_EXITS, SIGNALLED, Interrupted, StdoutClosed, Terminated, error_line, on_sigint,
+                             on_sigterm, stdout_lost, to_stderr)
         # SIGTERM as Ctrl-C, from the first line of every command: the atomic writes clean up, and a signal that
         # comes before a command's own handling (while it imports) is still one line. Both are noted (SIGNALLED), for
         # an error that C code made of them. A SIGINT that is ignored (a job started in the background) stays so.
@@ -123,12 +123,10 @@ class Commands(click.Group):
         except click.UsageError as e:
             error_line(" ".join(e.format_message().split()))
             sys.exit(2)
-        except (click.Abort, Interrupted):
-            error_line("interrupted")
-            sys.exit(130)
-        except Terminated:
-            error_line("terminated")
-            sys.exit(143)
+        except (click.Abort, Interrupted, Terminated) as e:
+            line, code = SIGNAL_EXITS[signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT]
+            error_line(line)
+            sys.exit(code)
         except StdoutClosed as e:
             sys.exit(stdout_lost(e.error))
         except Exception as e:  # the last resort: never a traceback
@@ -179,10 +177,9 @@ def unexpected(e: Exception):
     looked (errors.name_trouble), exit 2; else a bug of ours, exit 1. After SIGINT or SIGTERM, the error C code
     made of the signal (report.reraise_signal): the signal's line and exit code."""
     from .errors import name_trouble
-    from .report import SIGNALLED
+    from .report import SIGNAL_EXITS, SIGNALLED
     if SIGNALLED:
-        terminated = SIGNALLED[0] == signal.SIGTERM
-        fail("terminated" if terminated else "interrupted", 143 if terminated else 130)
+        fail(*SIGNAL_EXITS[SIGNALLED[0]])
     if name_trouble(e):
         fail(name_trouble(e))
     fail(f"internal error, please report it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)

@@ -92,9 +92,11 @@ def checked_image(image, name: str, channels: int | None = 3) -> np.ndarray:
     return image.astype(np.float32, copy=False)  # big-endian or float64 arrays too: torch takes native float32
 
 
-def check_draw(seed, temperature) -> None:
+def check_draw(seed, temperature) -> int:
+    """The seed of a draw as an int (numpy's integers too: torch's manual_seed takes only Python's)."""
     check_number("seed", seed, 0, MAX_SEED, integer=True)
     check_number("temperature", temperature, 0, MAX_TEMPERATURE)
+    return int(seed)
 
 
 class Upscaler:
@@ -164,8 +166,7 @@ class Upscaler:
                     seed: int = BatchOptions.seed) -> Latent:
         """z from a reference image, mu + temperature * sigma * eps (eps and the texture noise of `seed`)."""
         image = checked_image(image, "reference")
-        check_draw(seed, temperature)
-        seed = int(seed)  # numpy's integers too: torch's manual_seed takes only Python's
+        seed = check_draw(seed, temperature)
         size = self.model.config.ref_size
         ref = Image.fromarray((image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
         mu, logvar = self.model.encode_reference(self._tensor(np.asarray(ref, dtype=np.float32) / 255))
@@ -191,8 +192,7 @@ class Upscaler:
     def prior_z(self, seed: int, temperature: float = SAMPLE_TEMPERATURE) -> Latent:
         """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device, and the
         texture noise of the same seed; at temperature 0, the fidelity output."""
-        check_draw(seed, temperature)
-        seed = int(seed)  # numpy's integers too: torch's manual_seed takes only Python's
+        seed = check_draw(seed, temperature)
         if temperature == 0:
             return Latent(None, seed)
         eps = torch.randn(1, self.model.config.z_dim, generator=torch.Generator().manual_seed(seed))
@@ -269,7 +269,8 @@ class Upscaler:
                                  f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
             # In float32, as the network takes it (a float64 1e300 is an inf there); and bounded, far past any
             # prior or reference z: 1e20 is finite, and overflowed inside the network (a black image).
-            if not torch.isfinite(z.float()).all() or z.float().abs().max() > MAX_Z:
+            z32 = z.float()
+            if not torch.isfinite(z32).all() or z32.abs().max() > MAX_Z:
                 raise RefsrError(f"Latent: z holds numbers that are not finite or past {MAX_Z:g} in size")
         check_number("noise_seed", latent.noise_seed, 0, MAX_SEED, integer=True)
         if latent.noise_to is not None:

@@ -98,6 +98,7 @@ class Terminated(BaseException):
 
 
 SIGNALLED = []  # SIGINT and SIGTERM as this process took them (cli.Commands.main starts each command empty)
+SIGNAL_EXITS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}  # line, exit code
 
 
 def on_sigterm(signum, frame):

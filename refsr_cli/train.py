@@ -216,7 +216,7 @@ def check_adam_state(optimizer, saved: dict) -> None:
         raise ValueError(f"{len(groups)} parameter groups, the optimizer {len(optimizer.param_groups)}")
     params = {}
     for group, mine in zip(groups, optimizer.param_groups):
-        changed = sorted(k for k in group.keys() & mine.keys() - {"params", "lr", "initial_lr"}
+        changed = sorted(k for k in (group.keys() & mine.keys()) - {"params", "lr", "initial_lr"}
                          if normalised(group[k]) != normalised(mine[k]))
         if changed or not group["lr"] > 0:
             raise ValueError("optimizer settings this run does not make: " + ", ".join(
