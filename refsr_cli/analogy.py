@@ -123,8 +123,12 @@ def reference_pairs(image: np.ndarray, scale: int, faithful, name: str) -> list:
         rh, rw = (int(round(n * size)) // multiple * multiple for n in (h, w))
         if min(rh, rw) < PATCH or min(rh, rw) < multiple:
             if factor == REFERENCE_SCALES[0]:  # too small at full size: no smaller scale can do better
-                raise RefsrError(f"{name}: too small to give texture at x{scale} (at least {max(PATCH, multiple)} "
-                                 "pixels on each side)")
+                # A long, thin reference is shrunk to REFERENCE_SIDE on its long side first: say so, or "too
+                # small" of a 2000-pixel image reads as a bug.
+                shrunk = (f" (its long side brought to {REFERENCE_SIDE}, its short one is {min(rh, rw)})"
+                          if max(h, w) > REFERENCE_SIDE else "")
+                raise RefsrError(f"{name}: {w}x{h} is too small to give texture at x{scale}{shrunk}: at least "
+                                 f"{max(PATCH, multiple)} pixels on each side")
             continue
         resized = pixels.resize((rw, rh), Image.BICUBIC) if (rh, rw) != (h, w) else pixels
         pairs.append(sharp_pair(np.asarray(resized, dtype=np.float32) / 255, scale, faithful))

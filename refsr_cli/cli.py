@@ -663,10 +663,17 @@ def print_evaluation(opt, ref_paths: list, result: dict) -> None:
     if opt.match_protocol is not None:
         fidelity = result["means"]["refsr"]
         for method, how in (("match", "--match"), ("protocol reference", "--ref without --match")):
-            got = result["means"][method]
-            to_stdout(f"{how} ({opt.match_protocol}) against the output without a reference: PSNR-Y "
-                      f"{got['psnr'] - fidelity['psnr']:+.2f} dB, LPIPS {got['lpips'] - fidelity['lpips']:+.4f} "
-                      f"({100 * (got['lpips'] / fidelity['lpips'] - 1):+.1f} %)")
+            to_stdout(f"{how} ({opt.match_protocol}) against the output without a reference: "
+                      f"{against_fidelity(result['means'][method], fidelity)}")
     if len(ref_paths) >= 2:
         to_stdout(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}; by VGG16 "
                   "feature statistics (what training's style term matches) and by AlexNet's (which no loss sees)")
+
+
+def against_fidelity(got: dict, fidelity: dict) -> str:
+    """PSNR-Y and LPIPS of `got` against the fidelity output's, as differences: rounded, then + 0.0, so that one
+    which rounds to nothing reads +0.0000, not -0.0000."""
+    psnr = round(got["psnr"] - fidelity["psnr"], 2) + 0.0
+    lpips = round(got["lpips"] - fidelity["lpips"], 4) + 0.0
+    share = round(100 * (got["lpips"] / fidelity["lpips"] - 1), 1) + 0.0 if fidelity["lpips"] else None
+    return f"PSNR-Y {psnr:+.2f} dB, LPIPS {lpips:+.4f}" + ("" if share is None else f" ({share:+.1f} %)")

@@ -89,7 +89,8 @@ def checked_image(image, name: str, channels: int | None = 3) -> np.ndarray:
         raise RefsrError(f"{name}: holds pixels that are not finite numbers (nan or inf)")
     if image.min() < 0 or image.max() > 1:
         raise RefsrError(f"{name}: holds values from {image.min():g} to {image.max():g}; give floats in [0, 1]")
-    return image.astype(np.float32, copy=False)  # big-endian or float64 arrays too: torch takes native float32
+    image = image.astype(np.float32, copy=False)  # big-endian or float64 arrays too: torch takes native float32
+    return image if image.flags.writeable else image.copy()  # torch warns of a read-only array it is given
 
 
 def check_draw(seed, temperature) -> int:

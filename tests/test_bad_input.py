@@ -1,6 +1,7 @@
 """Issue 29's classes beyond data loss: numbers that are not numbers (in options, losses and weight files), sidecars
 and redo commands that must tell the truth, and inputs that used to give a traceback or unbounded work."""
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1725,3 +1726,23 @@ def test_a_z_too_large_for_the_network_is_refused_not_a_black_image(tmp_path):
     with pytest.raises(RefsrError, match="give a file name"):
         save_model(tiny_model(2), 5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_array_is_taken_without_a_warning():
+    # torch.from_numpy warns ("not writable") of a read-only array, such as np.asarray gives of a PIL image.
+    up = Upscaler(tiny_model(2), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    frozen = lr.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(up.upscale(frozen, [None])[0], up.upscale(lr, [None])[0])
+        up.reference_z(frozen)
+
+
+def test_a_long_thin_reference_is_refused_saying_it_was_shrunk():
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    thin = np.random.default_rng(0).random((40, 2000, 3)).astype(np.float32)
+    with pytest.raises(RefsrError, match=r"2000x40 is too small .*long side brought to 512, its short one is 8"):
+        up.reference_bank(thin)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import smooth_image, write_png
 from refsr_cli.checkpoint import load_backbone, weights_dir
-from refsr_cli.cli import main
+from refsr_cli.cli import against_fidelity, main
 from refsr_cli.evaluate import diversity_score, feature_stats, reference_influence
 from refsr_cli.metrics import LPIPSAlex
 from refsr_cli.model import VGG16Features
@@ -275,3 +275,10 @@ def test_bad_flags_are_refused_before_measuring(tmp_path, checkpoint, case):
     lines = error_lines(result)
     assert len(lines) == 1 and fragment in lines[0], lines
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing overwritten
+
+
+def test_a_difference_that_rounds_to_nothing_reads_plus_zero():
+    fidelity = {"psnr": 30.0, "lpips": 0.25}
+    assert against_fidelity({"psnr": 29.999, "lpips": 0.24999}, fidelity) == "PSNR-Y +0.00 dB, LPIPS +0.0000 (+0.0 %)"
+    assert against_fidelity({"psnr": 31.0, "lpips": 0.2}, fidelity) == "PSNR-Y +1.00 dB, LPIPS -0.0500 (-20.0 %)"
+    assert against_fidelity({"psnr": 31.0, "lpips": 0.2}, {"psnr": 30.0, "lpips": 0.0}).endswith("LPIPS +0.2000")
