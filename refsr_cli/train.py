@@ -68,9 +68,7 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
     start = 0 if state is None else resume(state, optimizer, scaler, stage.critic)
     if start >= opt.steps:
         raise RefsrError(f"--resume: the run in {opt.out} is at step {start} already; give --steps above it")
-    weights = {"l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight, "imle": opt.imle_weight,
-               "content": opt.content_weight, "style": opt.style_weight, "kl": opt.kl_weight, "adv": opt.adv_weight,
-               "flat": opt.flat_weight}
+    weights = loss_weights(opt)
     log = RunLog(opt, start, progress) if rank == 0 else None
 
     def save(step):
@@ -114,6 +112,12 @@ def check_run_folder(opt: TrainOptions, state_path: Path) -> None:
         raise RefsrError("--resume continues the run in --out and --overwrite replaces it: choose one")
     if opt.resume and opt.init:
         raise RefsrError("--init starts a run from weights and --resume continues one from its state: choose one")
+    if opt.stage == "trunk" and opt.refs:
+        raise RefsrError("--refs: the trunk stage has no reference outputs (pixel losses only); give it to the "
+                         "texture stage")
+    if not any(weight > 0 for weight in loss_weights(opt).values()):
+        flags = ", ".join(f"--{name.replace('lr_cons', 'lr-consistency')}-weight" for name in loss_weights(opt))
+        raise RefsrError(f"every loss weight of the {opt.stage} stage is 0 ({flags}): it would learn nothing")
     inputs = {Path(p).resolve() for p in [*opt.data, *(opt.refs or []), opt.val] if p is not None}
     if opt.out.resolve() in inputs:
         raise RefsrError(f"--out {opt.out} is a folder of this run's images; give the run a folder of its own")
@@ -122,6 +126,17 @@ def check_run_folder(opt: TrainOptions, state_path: Path) -> None:
         raise RefsrError(f"--init {clash[0]}: this run would write over it; copy it out of {opt.out} first")
     if opt.resume and not state_path.is_file():
         raise RefsrError(f"--resume: no checkpoint to resume in {opt.out}")
+
+
+def loss_weights(opt: TrainOptions) -> dict:
+    """The weight of each loss term that opt's stage computes, by the term's name in its losses: the trunk's pixel
+    terms; the texture stage's, with its reference outputs' only when a share of the batch is decoded from one."""
+    weights = {"l1": opt.l1_weight, "lr_cons": opt.lr_consistency_weight}
+    if opt.stage == "texture":
+        weights |= {"imle": opt.imle_weight, "flat": opt.flat_weight, "adv": opt.adv_weight}
+        if opt.ref_share > 0:
+            weights |= {"content": opt.content_weight, "style": opt.style_weight, "kl": opt.kl_weight}
+    return weights
 
 
 def run_files(opt: TrainOptions, state_path: Path) -> list:

@@ -39,7 +39,7 @@ def options(data, out, **kw):
 
 def trunk_options(data, out, **kw):
     # A trunk a little wider than tiny_config's, which learns too slowly to show in a few steps.
-    fields = dict(stage="trunk", scales=(2, 4), steps=60, batch=4, lr_patch=8, save_every=20, learning_rate=5e-3,
+    fields = dict(stage="trunk", refs=None, scales=(2, 4), steps=60, batch=4, lr_patch=8, save_every=20, learning_rate=5e-3,
                   config=tiny_config(2, channels=16, lr_blocks=2, up_channels=(16, 16, 16)))
     return options(data, out, **(fields | kw))
 
@@ -463,3 +463,22 @@ def test_away_from_border_clears_the_margin_and_keeps_the_inside():
     mask = away_from_border(torch.ones(2, 1, 20, 24), 4)
     assert mask[..., 4:16, 4:20].min() == 1
     assert mask.sum() == 2 * 12 * 16  # everything else, the 4-pixel frame, is 0
+
+
+@pytest.mark.parametrize("stage, weights", [
+    ("texture", dict(l1_weight=0, lr_consistency_weight=0, imle_weight=0, content_weight=0, style_weight=0,
+                     kl_weight=0)),
+    # The reference outputs' terms count for nothing when no share of the batch is decoded from a reference.
+    ("texture", dict(l1_weight=0, lr_consistency_weight=0, imle_weight=0, ref_share=0)),
+    # Nor do the texture stage's terms in the trunk stage, which computes the pixel terms alone.
+    ("trunk", dict(l1_weight=0, lr_consistency_weight=0))])
+def test_a_run_that_would_learn_nothing_is_refused(data, tmp_path, stage, weights):
+    make = options if stage == "texture" else trunk_options
+    with pytest.raises(RefsrError, match=f"every loss weight of the {stage} stage is 0 .*--lr-consistency-weight"):
+        train(make(data, tmp_path / "run", **weights))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_trunk_stage_refuses_references(data, tmp_path):
+    with pytest.raises(RefsrError, match="--refs: the trunk stage has no reference outputs"):
+        train(trunk_options(data, tmp_path / "run", refs=[data[1]]))
