@@ -494,10 +494,12 @@ def load_training_state(path, recipe: dict) -> dict:
         raise RefsrError(f"--resume: {path} is not a training state this refsr reads")
     try:
         trained_with = json.loads(meta["recipe"])
-        if trained_with != recipe:
-            changed = sorted(k for k in recipe if trained_with.get(k) != recipe[k])
-            raise RefsrError(f"--resume: {path} was trained with {trained_with}; resume with the same options "
-                             f"({', '.join(changed)} differ)")
+        if trained_with != recipe:  # each flag that differs, as it was and as it is now
+            shown = lambda v: "none" if v is None else (t := json.dumps(v))[:40] + ("..." if len(t) > 40 else "")
+            changed = [f"--{k.replace('_', '-')} {shown(trained_with.get(k))}, not {shown(recipe.get(k))}"
+                       for k in sorted(set(recipe) | set(trained_with)) if trained_with.get(k) != recipe.get(k)]
+            raise RefsrError(f"--resume: {path} was trained with other options ({'; '.join(changed)}); resume with "
+                             "the same options")
         tensors = read_weights(path)
         part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not re.fullmatch(r"[0-9]{1,12}", meta["step"]):  # ASCII digits: int() reads other scripts' too

@@ -123,8 +123,12 @@ def test_a_run_is_not_overwritten_nor_resumed_with_another_recipe(data, tmp_path
     train(options(data, tmp_path / "run", steps=3))
     with pytest.raises(RefsrError, match="holds a run already"):
         train(options(data, tmp_path / "run", steps=3))
-    with pytest.raises(RefsrError, match="resume with the same options \\(batch differ\\)"):
+    with pytest.raises(RefsrError, match=r"other options \(--batch 4, not 2\); resume with the same options"):
         train(options(data, tmp_path / "run", steps=6, batch=2, resume=True))
+    # A flag only one of the two recipes has is named too, as "none" on the side that lacks it.
+    with pytest.raises(RefsrError, match=r'--scale 2, not none; --scales none, not \[2, 4\];.*--stage "texture", '
+                                         r'not "trunk"'):
+        train(trunk_options(data, tmp_path / "run", steps=6, batch=4, resume=True))
 
 
 def test_train_cli(data, tmp_path):
