@@ -57,6 +57,9 @@ class Bank:
     residual: torch.Tensor  # (3, N): A' - A of every image, flattened and concatenated (float32 or int8)
     step: float  # the residual's value of one unit (1.0 for float32, BANK_STEP for the shipped bank's int8)
     name: str  # what a message calls it (a reference's file, "the texture bank")
+    # The upscale factor its patches were made at (their texture's grain is that scale's): an Upscaler of another
+    # refuses it. None: made by hand, for any.
+    scale: int | None = None
 
 
 def luminance_cells(image: torch.Tensor) -> torch.Tensor:
@@ -92,8 +95,8 @@ def bank_part(sharp: torch.Tensor, faithful: torch.Tensor, stride: int = 1):
     return keyed_part(luminance_cells(faithful), residual_of(sharp, faithful), stride)
 
 
-def make_bank(parts, name: str, step: float = 1.0) -> Bank:
-    """One Bank from keyed_part results (residuals as float32, or as integers of `step` a unit)."""
+def make_bank(parts, name: str, step: float = 1.0, scale: int | None = None) -> Bank:
+    """One Bank from keyed_part results (residuals as float32, or as integers of `step` a unit), of `scale`."""
     keys, starts, widths, residuals, offset = [], [], [], [], 0
     for part_keys, ys, xs, residual in parts:
         width = residual.shape[-1]
@@ -107,7 +110,7 @@ def make_bank(parts, name: str, step: float = 1.0) -> Bank:
     keys = torch.cat(keys)
     residual = torch.cat(residuals, 1)
     return Bank(torch.cat([keys, (keys ** 2).sum(1, keepdim=True)], 1), torch.cat(starts), torch.cat(widths),
-                residual, step, name)
+                residual, step, name, scale)
 
 
 def reference_pairs(image: np.ndarray, scale: int, faithful, name: str) -> list:
@@ -329,4 +332,4 @@ def load_bank(path, scale: int) -> Bank:
         raise RefsrError(f"{name}: damaged ({(str(e).splitlines() or [''])[0]})") from None
     if not parts:
         raise RefsrError(f"{name}: holds no texture for x{scale}")
-    return make_bank(parts, "the texture bank", BANK_STEP)
+    return make_bank(parts, "the texture bank", BANK_STEP, scale)

@@ -181,7 +181,7 @@ class Upscaler:
         image = checked_image(image, name)
         check_reference(image, name)
         pairs = reference_pairs(image, self.scale, self.faithful, name)
-        return make_bank([bank_part(sharp, faithful) for sharp, faithful in pairs], name)
+        return make_bank([bank_part(sharp, faithful) for sharp, faithful in pairs], name, scale=self.scale)
 
     def texture_bank(self):
         """The shipped texture bank of this scale (weights/texture-bank-xS.safetensors), loaded on first use."""
@@ -241,6 +241,11 @@ class Upscaler:
                                  f"{type(latent).__name__}")
             if isinstance(latent, Latent):
                 self.check_latent(latent)
+            ends = [latent, latent.to] if isinstance(latent, Texture) else []
+            for bank in (end.bank for end in ends if end is not None):
+                if bank.scale not in (None, self.scale):
+                    raise RefsrError(f"Texture: {bank.name} is a bank of x{bank.scale}, and this Upscaler's scale is "
+                                     f"x{self.scale}; make the bank with this Upscaler")
         if transfer is not None and not isinstance(transfer, Transfer):
             raise RefsrError(f"transfer: give a match.Transfer (correspond) or None, not {type(transfer).__name__}")
         if on_tile is not None and not callable(on_tile):

@@ -1746,3 +1746,16 @@ def test_a_long_thin_reference_is_refused_saying_it_was_shrunk():
     thin = np.random.default_rng(0).random((40, 2000, 3)).astype(np.float32)
     with pytest.raises(RefsrError, match=r"2000x40 is too small .*long side brought to 512, its short one is 8"):
         up.reference_bank(thin)
+
+
+def test_a_texture_bank_of_another_scale_is_refused():
+    # Its patches carry that scale's grain; pasted at another scale they would silently give the wrong texture.
+    from refsr_cli.errors import RefsrError
+    x2, x4 = Upscaler(tiny_model(2), "cpu"), Upscaler(tiny_model(4), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    bank = x2.reference_bank(np.random.default_rng(1).random((64, 64, 3)).astype(np.float32), "r.png")
+    x2.upscale(lr, [Texture(bank)])
+    own = Texture(x4.reference_bank(np.random.default_rng(1).random((64, 64, 3)).astype(np.float32)))
+    for texture in (Texture(bank), Texture(own.bank, to=Texture(bank), t=0.5)):
+        with pytest.raises(RefsrError, match="r.png is a bank of x2, and this Upscaler's scale is x4"):
+            x4.upscale(lr, [texture])
