@@ -117,8 +117,13 @@ class Upscaler:
         check_number("tile", tile, MIN_TILE, math.inf, integer=True)  # the flags' bounds, for the Python API
         check_number("tile_pad", tile_pad, 0, math.inf, integer=True)
         check_number("consistency_steps", consistency_steps, 0, MAX_CONSISTENCY_STEPS, integer=True)
+        if not isinstance(model, RefVAE):
+            raise RefsrError(f"model: give a RefVAE (checkpoint.load_weights), not {type(model).__name__}")
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise RefsrError(f"device={device!r}: not a torch device (give 'cpu', 'cuda', 'cuda:1', 'mps')") from None
         self.warn = warn or warning_line
-        self.device = torch.device(device)
         self.dtype = torch.float16 if half else torch.float32
         # Channels-last: oneDNN's (and cuDNN's) preferred layout; a quarter off the decoder on a 2-core x86 CPU
         # (docs/benchmarks.md).

@@ -1759,3 +1759,12 @@ def test_a_texture_bank_of_another_scale_is_refused():
     for texture in (Texture(bank), Texture(own.bank, to=Texture(bank), t=0.5)):
         with pytest.raises(RefsrError, match="r.png is a bank of x2, and this Upscaler's scale is x4"):
             x4.upscale(lr, [texture])
+
+
+def test_an_upscaler_built_directly_refuses_what_it_cannot_run():
+    from refsr_cli.errors import RefsrError
+    with pytest.raises(RefsrError, match="model: give a RefVAE"):
+        Upscaler("weights/refsr-x2.safetensors", "cpu")
+    for device in ("gpu", 3.5, None):
+        with pytest.raises(RefsrError, match="not a torch device"):
+            Upscaler(tiny_model(2), device)
