@@ -114,7 +114,8 @@ def main() -> int:
             Image.fromarray((ref * 255).round().astype(np.uint8)).save(data / "ref.png")
             for stage in ("trunk", "texture"):
                 losses = []
-                options = TrainOptions(data=[data], refs=[data], out=Path(tmp) / stage, stage=stage, scale=args.scale, scales=(args.scale,),
+                options = TrainOptions(data=[data], refs=[data] if stage == "texture" else None,  # trunk: none
+                                       out=Path(tmp) / stage, stage=stage, scale=args.scale, scales=(args.scale,),
                                        steps=args.train_steps, batch=2, lr_patch=16, log_every=1, imle_samples=4,
                                        pool_size=4, perceptual_crop=64, init=None,
                                        device=str(device))
