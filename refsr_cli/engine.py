@@ -117,7 +117,8 @@ class Upscaler:
         check_number("tile", tile, MIN_TILE, math.inf, integer=True)  # the flags' bounds, for the Python API
         check_number("tile_pad", tile_pad, 0, math.inf, integer=True)
         check_number("consistency_steps", consistency_steps, 0, MAX_CONSISTENCY_STEPS, integer=True)
-        if not isinstance(model, RefVAE):
+        # A network with a config, as RefVAE is (not isinstance: the speed bench runs the paper's graph through this).
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise RefsrError(f"model: give a RefVAE (checkpoint.load_weights), not {type(model).__name__}")
         try:
             self.device = torch.device(device)
