@@ -25,6 +25,23 @@ def pick_device(name: str):
     return torch.device("cpu")
 
 
+def usable_device(device):
+    """`device` (a torch.device or its name) when this torch can run refsr there: the CPU, an MPS device, or a CUDA
+    device that exists; else a RefsrError (the Python API's check; the commands' --device is pick_device's)."""
+    import torch
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RefsrError(f"device={device!r}: not a torch device (give 'cpu', 'cuda', 'cuda:1' or 'mps')") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise RefsrError(f"device={str(device)!r}: no such CUDA device here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RefsrError("device='mps': MPS is not available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise RefsrError(f"device={str(device)!r}: refsr runs on 'cpu', 'cuda' or 'mps'")
+    return device
+
+
 def environment_int(name: str, minimum: int = 0) -> int | None:
     """The integer value of environment variable `name` (None when unset); a value that is not an integer of at
     least `minimum` stops the run with a line naming the variable."""

@@ -120,10 +120,8 @@ class Upscaler:
         # A network with a config, as RefVAE is (not isinstance: the speed bench runs the paper's graph through this).
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise RefsrError(f"model: give a RefVAE (checkpoint.load_weights), not {type(model).__name__}")
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise RefsrError(f"device={device!r}: not a torch device (give 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+        from .device import usable_device
+        self.device = usable_device(device)
         self.warn = warn or warning_line
         self.dtype = torch.float16 if half else torch.float32
         # Channels-last: oneDNN's (and cuDNN's) preferred layout; a quarter off the decoder on a 2-core x86 CPU

@@ -1768,3 +1768,8 @@ def test_an_upscaler_built_directly_refuses_what_it_cannot_run():
     for device in ("gpu", 3.5, None):
         with pytest.raises(RefsrError, match="not a torch device"):
             Upscaler(tiny_model(2), device)
+    # What this torch cannot run on (torch raised an AssertionError for CUDA, a RuntimeError for MPS).
+    for device, fragment in [("cuda:99", "no such CUDA device"), ("meta", "runs on 'cpu', 'cuda' or 'mps'")] + (
+            [] if torch.backends.mps.is_available() else [("mps", "MPS is not available")]):
+        with pytest.raises(RefsrError, match=fragment):
+            Upscaler(tiny_model(2), device)
