@@ -133,10 +133,6 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     if single is not None and planned > 1:
         raise RefsrError(f"-o {opt.out} names one file, but this run writes {planned}; give a folder")
     upscaler = Upscaler.from_weights(opt.weights, opt.scale, opt, report.warn)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RefsrError(f"{opt.out}: cannot create the output folder ({e.strerror or e})") from None
     record = {"refsr": software_tag(), "command": command, "scale": opt.scale, "temperature": opt.temperature,
               "weights": recorded_weights(opt.weights, upscaler.weights_path),
               "weights_sha256": upscaler.weights_sha256,
@@ -160,6 +156,10 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
         if len(plan.variants) != 2:
             raise RefsrError(f"a walk goes between two different seeds or references, and this one has "
                              f"{len(plan.variants)} (one named twice counts once)")
+        ends = [v.fields.get("reference_sha256") for v in plan.variants]
+        if ends[0] is not None and ends[0] == ends[1]:  # two names of one image: every frame the same
+            raise RefsrError(f"--ref {ref_paths[0]} and --ref {ref_paths[1]} are the same image; a walk goes between "
+                             "two different ones")
         plan.variants = walk_variants(plan.variants, opt.walk, from_prior=seeds is not None)
     if opt.sheet and len(plan.variants) > MAX_SHEET_TILES:
         raise RefsrError(f"--sheet: a contact sheet holds at most {MAX_SHEET_TILES} tiles (each 256 px at 100 %), "
@@ -168,6 +168,10 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
             and (any(v.latent is not None for v in plan.variants) or opt.temperature > 0)):
         report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "
                     "and reference gives the fidelity output")
+    try:  # last: a run refused above leaves no empty folder behind
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RefsrError(f"{opt.out}: cannot create the output folder ({e.strerror or e})") from None
     return plan
 
 
@@ -203,7 +207,8 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
                 continue
             source = latents.reference(image, str(path))
         except RefsrError as e:
-            if len(ref_paths) == 1:  # the one reference: its line is the run's error, not one of two
+            if len(ref_paths) == 1 or opt.walk is not None:  # the one reference, or an end of a walk (which cannot
+                # go on without it): its line is the run's error
                 raise RefsrError(f"reference {e}") from None
             report.failed(f"reference {e}")
             continue

@@ -1773,3 +1773,18 @@ def test_an_upscaler_built_directly_refuses_what_it_cannot_run():
             [] if torch.backends.mps.is_available() else [("mps", "MPS is not available")]):
         with pytest.raises(RefsrError, match=fragment):
             Upscaler(tiny_model(2), device)
+
+
+def test_a_walk_stops_on_an_end_it_cannot_use_in_one_line_and_leaves_no_folder(tmp_path, checkpoint):
+    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
+    good, thin = write_png(tmp_path / "good.png", 48, 48, seed=1), write_png(tmp_path / "thin.png", 40, 2000, seed=2)
+    result = walk(lr, checkpoint, out, "--ref", thin, "--ref", good)
+    assert result.exit_code == 2
+    one_error_line(result, "thin.png: 2000x40 is too small", "long side brought to 512")  # not also "has 1"
+    # Two names of one image: every frame would be the same.
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(good.read_bytes())
+    result = walk(lr, checkpoint, out, "--ref", good, "--ref", copy)
+    assert result.exit_code == 2
+    one_error_line(result, "good.png and --ref", "copy.png are the same image")
+    assert not out.exists()  # a refused run made no output folder either
