@@ -117,6 +117,9 @@ def failure_line(lr_path: Path, e: Exception) -> str:
         return str(e)
     if isinstance(e, OSError):
         return f"{lr_path}: cannot write the output ({e.strerror or e})"
+    if isinstance(e, MemoryError):  # numpy's words: "Unable to allocate 25.7 GiB for an array ..."
+        return (f"{lr_path}: out of memory ({str(e).split(' for ')[0] or 'MemoryError'}); lower --max-pixels, or "
+                "upscale at a smaller --scale")
     # A loop of links at an output's name (a RuntimeError of Path.resolve), or a bug of ours.
     return f"{lr_path}: {name_trouble(e) or f'internal error, please report it ({type(e).__name__}: {e})'}"
 
@@ -243,8 +246,10 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     for output in outputs:
         if output.todo and output.kind in ("image", "animation"):
             check_side(output.path, picture.rgb.shape[0] * opt.scale, picture.rgb.shape[1] * opt.scale)
-        if output.todo and output.kind in ("image", "sheet"):
-            check_record(output.path, record)
+        if output.todo and output.kind in ("image", "sheet"):  # the whole record each will carry: --match's and a
+            # sheet's lists of references are most of it
+            fields = output.variant.fields if output.kind == "image" else sheet_fields(plan)
+            check_record(output.path, record | fields)
     report.counts["skipped"] += skipped
     for message in picture.warnings:
         report.warn(message)

@@ -223,6 +223,9 @@ class Evaluation:
             except RefsrError as e:
                 reraise_signal()
                 error = str(e)
+            except MemoryError as e:
+                reraise_signal()
+                error = f"{path}: out of memory ({str(e).split(' for ')[0] or 'MemoryError'}); give smaller images"
             except Exception as e:  # a bug of ours: still one line, and the other images are measured
                 reraise_signal()
                 reason = (str(e).strip().splitlines() or [""])[0]

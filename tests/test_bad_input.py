@@ -1788,3 +1788,30 @@ def test_a_walk_stops_on_an_end_it_cannot_use_in_one_line_and_leaves_no_folder(t
     assert result.exit_code == 2
     one_error_line(result, "good.png and --ref", "copy.png are the same image")
     assert not out.exists()  # a refused run made no output folder either
+
+
+def test_running_out_of_memory_is_one_line_naming_what_to_lower():
+    from refsr_cli.batch import failure_line
+    line = failure_line(Path("huge.png"), MemoryError("Unable to allocate 25.7 GiB for an array with shape (96000, "
+                                                      "96000, 3) and data type uint8"))
+    assert line == ("huge.png: out of memory (Unable to allocate 25.7 GiB); lower --max-pixels, or upscale at a "
+                    "smaller --scale")
+
+
+@pytest.mark.parametrize("flags", [("--match",), ("--sheet",)])
+def test_a_jpeg_record_too_large_for_its_references_is_refused_before_the_work(tmp_path, checkpoint, monkeypatch,
+                                                                               flags):
+    import refsr_cli.images
+    lr = write_png(tmp_path / "in.png", 16, 16)
+    refs = tmp_path / ("r" * 200)
+    refs.mkdir()
+    for i in range(4):
+        write_png(refs / f"{'n' * 200}{i}.png", 48, 48, seed=i)
+    # The run's record alone fits; with its four long reference names it does not.
+    monkeypatch.setattr(refsr_cli.images, "JPEG_MAX_EXIF", 2500)
+    decoded = []
+    monkeypatch.setattr(Upscaler, "upscale", lambda self, *a, **k: decoded.append(1) or [])
+    result = run("upscale", lr, "--ref", refs, *flags, "--format", "jpg", "--scale", 2, "--weights", checkpoint,
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 1 and "more than a JPEG's EXIF holds (2500)" in result.stderr, result.stderr
+    assert decoded == [] and "matching" not in result.stderr
