@@ -254,9 +254,20 @@ class Texture:
     to: "Texture | None" = None
     t: float = 0.0
 
-    def __post_init__(self):  # what the flags would refuse is refused here too (the Python API)
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        """What the flags would refuse, refused here too (the Python API); run again by Upscaler.upscale, as a
+        field may be set after the Texture is made. A bank made by hand must hold finite numbers (a nan: black)."""
         if not isinstance(self.bank, Bank):
             raise RefsrError(f"Texture: give a bank (reference_bank, texture_bank), not {type(self.bank).__name__}")
+        residual = self.bank.residual
+        step = self.bank.step
+        if (not isinstance(residual, torch.Tensor) or not isinstance(step, (int, float)) or not math.isfinite(step)
+                or step <= 0
+                or (residual.is_floating_point() and not torch.isfinite(residual).all())):
+            raise RefsrError(f"Texture: {self.bank.name}'s residual or step is not finite numbers")
         if self.to is not None and not isinstance(self.to, Texture):
             raise RefsrError(f"Texture: to= takes a Texture, not {type(self.to).__name__}")
         check_number("seed", self.seed, 0, MAX_SEED, integer=True)

@@ -246,10 +246,13 @@ class Upscaler:
             if isinstance(latent, Latent):
                 self.check_latent(latent)
             ends = [latent, latent.to] if isinstance(latent, Texture) else []
-            for bank in (end.bank for end in ends if end is not None):
-                if bank.scale not in (None, self.scale):
-                    raise RefsrError(f"Texture: {bank.name} is a bank of x{bank.scale}, and this Upscaler's scale is "
-                                     f"x{self.scale}; make the bank with this Upscaler")
+            for end in (end for end in ends if end is not None):
+                if not isinstance(end, Texture):
+                    raise RefsrError(f"Texture: to= takes a Texture, not {type(end).__name__}")
+                end.check()  # again: a field may have been set since it was made
+                if end.bank.scale not in (None, self.scale):
+                    raise RefsrError(f"Texture: {end.bank.name} is a bank of x{end.bank.scale}, and this Upscaler's "
+                                     f"scale is x{self.scale}; make the bank with this Upscaler")
         if transfer is not None and not isinstance(transfer, Transfer):
             raise RefsrError(f"transfer: give a match.Transfer (correspond) or None, not {type(transfer).__name__}")
         if on_tile is not None and not callable(on_tile):

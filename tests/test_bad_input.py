@@ -1815,3 +1815,23 @@ def test_a_jpeg_record_too_large_for_its_references_is_refused_before_the_work(t
                  "-o", tmp_path / "out")
     assert result.exit_code == 1 and "more than a JPEG's EXIF holds (2500)" in result.stderr, result.stderr
     assert decoded == [] and "matching" not in result.stderr
+
+
+def test_a_texture_is_checked_again_when_used_and_a_hand_made_bank_must_be_finite():
+    import dataclasses
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    bank = up.reference_bank(np.random.default_rng(1).random((48, 48, 3)).astype(np.float32))
+    for bad in (dataclasses.replace(bank, residual=torch.full_like(bank.residual, float("nan"))),
+                dataclasses.replace(bank, step=float("nan"))):
+        with pytest.raises(RefsrError, match="not finite numbers"):
+            up.upscale(lr, [Texture(bad)])
+    texture = Texture(bank)
+    texture.strength = float("nan")  # set after it was made: a black image before
+    with pytest.raises(RefsrError, match="strength"):
+        up.upscale(lr, [texture])
+    texture = Texture(bank)
+    texture.bank = "x"
+    with pytest.raises(RefsrError, match="give a bank"):
+        up.upscale(lr, [texture])

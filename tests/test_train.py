@@ -486,3 +486,6 @@ def test_a_run_that_would_learn_nothing_is_refused(data, tmp_path, stage, weight
 def test_the_trunk_stage_refuses_references(data, tmp_path):
     with pytest.raises(RefsrError, match="--refs: the trunk stage has no reference outputs"):
         train(trunk_options(data, tmp_path / "run", refs=[data[1]]))
+    for share in (dict(ref_share=0), dict(ref_mix=0)):  # nor does a texture run that would take none from them
+        with pytest.raises(RefsrError, match="--refs: with --ref-share .* no reference is taken from them"):
+            train(options(data, tmp_path / "run", **share))
