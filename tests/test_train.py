@@ -473,7 +473,7 @@ def test_away_from_border_clears_the_margin_and_keeps_the_inside():
     ("texture", dict(l1_weight=0, lr_consistency_weight=0, imle_weight=0, content_weight=0, style_weight=0,
                      kl_weight=0)),
     # The reference outputs' terms count for nothing when no share of the batch is decoded from a reference.
-    ("texture", dict(l1_weight=0, lr_consistency_weight=0, imle_weight=0, ref_share=0)),
+    ("texture", dict(l1_weight=0, lr_consistency_weight=0, imle_weight=0, ref_share=0, refs=None)),
     # Nor do the texture stage's terms in the trunk stage, which computes the pixel terms alone.
     ("trunk", dict(l1_weight=0, lr_consistency_weight=0))])
 def test_a_run_that_would_learn_nothing_is_refused(data, tmp_path, stage, weights):
