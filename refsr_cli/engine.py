@@ -81,6 +81,7 @@ def checked_image(image, name: str, channels: int | None = 3) -> np.ndarray:
     if not isinstance(image, np.ndarray) or (image.ndim != 2 if channels is None else
                                              image.ndim != 3 or image.shape[2] != channels):
         raise RefsrError(f"{name}: give an {'HxW' if channels is None else 'HxWx3 RGB'} array, not {shape}")
+    image = np.asarray(image)  # the data the network gets: a masked array's checks would skip its masked values
     if min(image.shape[:2]) < MIN_SIDE:
         raise RefsrError(f"{name}: {image.shape[1]}x{image.shape[0]} is too small (at least {MIN_SIDE} pixels a side)")
     if image.dtype.kind != "f":

@@ -1835,3 +1835,19 @@ def test_a_texture_is_checked_again_when_used_and_a_hand_made_bank_must_be_finit
     texture.bank = "x"
     with pytest.raises(RefsrError, match="give a bank"):
         up.upscale(lr, [texture])
+
+
+def test_a_masked_array_is_checked_on_the_data_the_network_gets():
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    bad = lr.copy()
+    bad[3, 3, 0] = np.nan  # masked, it hid from the checks and gave a black image
+    for call in (lambda: up.upscale(np.ma.masked_invalid(bad), [None]),
+                 lambda: up.upscale(lr, [None], alpha=np.ma.masked_invalid(bad[..., 0]))):
+        with pytest.raises(RefsrError, match="not finite"):
+            call()
+    big = lr.copy()
+    big[0, 0] = 255.0
+    with pytest.raises(RefsrError, match=r"give floats in \[0, 1\]"):
+        up.upscale(np.ma.masked_greater(big, 1), [None])
