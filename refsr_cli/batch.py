@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .checkpoint import recorded_weights
 from .device import launcher_shard
 from .engine import Latent, Latents, Upscaler, walk_latent
-from .errors import RefsrError, name_trouble
+from .errors import RefsrError, allocation, name_trouble
 from .files import AppearedMeanwhile, read_unchanged
 from .images import (check_record, check_side, expand_inputs, read_picture, read_rgb, software_tag, unique_stems,
                      write_animation, write_picture)
@@ -118,7 +118,7 @@ def failure_line(lr_path: Path, e: Exception) -> str:
     if isinstance(e, OSError):
         return f"{lr_path}: cannot write the output ({e.strerror or e})"
     if isinstance(e, MemoryError):  # numpy's words: "Unable to allocate 25.7 GiB for an array ..."
-        return (f"{lr_path}: out of memory ({str(e).split(' for ')[0] or 'MemoryError'}); lower --max-pixels, or "
+        return (f"{lr_path}: out of memory ({allocation(e)}); lower --max-pixels, or "
                 "upscale at a smaller --scale")
     # A loop of links at an output's name (a RuntimeError of Path.resolve), or a bug of ours.
     return f"{lr_path}: {name_trouble(e) or f'internal error, please report it ({type(e).__name__}: {e})'}"

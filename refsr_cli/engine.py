@@ -247,9 +247,7 @@ class Upscaler:
             if isinstance(latent, Latent):
                 self.check_latent(latent)
             ends = [latent, latent.to] if isinstance(latent, Texture) else []
-            for end in (end for end in ends if end is not None):
-                if not isinstance(end, Texture):
-                    raise RefsrError(f"Texture: to= takes a Texture, not {type(end).__name__}")
+            for end in (end for end in ends if end is not None):  # latent.check() has made sure `to` is a Texture
                 end.check()  # again: a field may have been set since it was made
                 if end.bank.scale not in (None, self.scale):
                     raise RefsrError(f"Texture: {end.bank.name} is a bank of x{end.bank.scale}, and this Upscaler's "

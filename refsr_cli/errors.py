@@ -16,3 +16,9 @@ def name_trouble(e: Exception) -> str | None:
     if isinstance(e, RuntimeError) and str(e).startswith("Symlink loop"):
         return f"a loop of symbolic links ({str(e).removeprefix('Symlink loop from ')})"
     return None
+
+
+def allocation(e: MemoryError) -> str:
+    """What a MemoryError could not allocate, in numpy's words without the array's details ("Unable to allocate
+    25.7 GiB"), for an out-of-memory line."""
+    return str(e).split(" for ")[0] or "MemoryError"

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .checkpoint import load_backbone, weights_dir
 from .engine import Latents, Upscaler
-from .errors import RefsrError
+from .errors import RefsrError, allocation
 from .images import IMAGE_SUFFIXES, MIN_SIDE, expand_inputs, read_rgb, source_images
 from .match import correspond, prepare_reference
 from .metrics import LPIPSVGG, LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
@@ -225,7 +225,7 @@ class Evaluation:
                 error = str(e)
             except MemoryError as e:
                 reraise_signal()
-                error = f"{path}: out of memory ({str(e).split(' for ')[0] or 'MemoryError'}); give smaller images"
+                error = f"{path}: out of memory ({allocation(e)}); give smaller images"
             except Exception as e:  # a bug of ours: still one line, and the other images are measured
                 reraise_signal()
                 reason = (str(e).strip().splitlines() or [""])[0]

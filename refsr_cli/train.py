@@ -118,8 +118,9 @@ def check_run_folder(opt: TrainOptions, state_path: Path) -> None:
     if opt.refs and not (opt.ref_share > 0 and opt.ref_mix > 0):  # no reference output would come from them
         raise RefsrError(f"--refs: with --ref-share {opt.ref_share:g} and --ref-mix {opt.ref_mix:g} no reference "
                          "is taken from them; raise both above 0, or leave --refs out")
-    if not any(weight > 0 for weight in loss_weights(opt).values()):
-        flags = ", ".join(f"--{name.replace('lr_cons', 'lr-consistency')}-weight" for name in loss_weights(opt))
+    weights = loss_weights(opt)
+    if not any(weight > 0 for weight in weights.values()):
+        flags = ", ".join(f"--{name.replace('lr_cons', 'lr-consistency')}-weight" for name in weights)
         raise RefsrError(f"every loss weight of the {opt.stage} stage is 0 ({flags}): it would learn nothing")
     inputs = {Path(p).resolve() for p in [*opt.data, *(opt.refs or []), opt.val] if p is not None}
     if opt.out.resolve() in inputs:
