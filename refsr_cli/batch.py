@@ -256,7 +256,9 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
 
     def publish(output: Output, write, fields: dict, **extra) -> None:
         """One file written and reported, with SIGINT and SIGTERM held between the two."""
-        provenance = record | fields
+        # The tile the image was made with: after a GPU out-of-memory retry it is smaller than --tile, and tiles
+        # change the last grey level, so the redo must ask for it.
+        provenance = record | {"tile": plan.upscaler.tile} | fields
         with signals_held():
             write(provenance)
             report.wrote({"input": str(lr_path), "output": str(output.path), "scale": opt.scale, **fields, **extra})
@@ -273,7 +275,7 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     tick = report.task(lr_path.name, len(plan.upscaler.tiles(h, w)) * len(variants))
     if sheet:  # only the same window of each output is kept
         window = sheet_window(picture.rgb, opt.scale)
-        crops = [image[window].copy() for image in decoded(plan, picture, variants, transfer, tick)]
+        crops = sheet_crops(plan, picture, variants, transfer, tick, window)
         labels = sheet_labels([v.fields for v in variants], opt.temperature)
         publish(sheet, lambda provenance: write_picture(np.asarray(contact_sheet(crops, labels)), sheet.path,
                                                          None, provenance, opt.overwrite), sheet_fields(plan),
@@ -293,6 +295,17 @@ def decoded(plan: Plan, picture, variants: list, transfer, tick):
         yield from plan.upscaler.upscale(picture.rgb, [v.latent for v in variants[start:start + chunk]],
                                          transfer=transfer, alpha=picture.alpha, grayscale=picture.grayscale,
                                          bits=picture.bits, on_tile=tick)
+
+
+def sheet_crops(plan: Plan, picture, variants: list, transfer, tick, window) -> list:
+    """The same window of each variant's output, all made with one tile size (the sheet's record gives one): a crop
+    made before a GPU out-of-memory retry halved the tiles is made again."""
+    crops, tiles = [None] * len(variants), [None] * len(variants)
+    while stale := [i for i, tile in enumerate(tiles) if tile != plan.upscaler.tile]:
+        # decoded() runs the next chunk only once this one's outputs are taken: the tile now is the one they had
+        for i, image in zip(stale, decoded(plan, picture, [variants[i] for i in stale], transfer, tick)):
+            crops[i], tiles[i] = image[window].copy(), plan.upscaler.tile
+    return crops
 
 
 def write_sidecars(plan: Plan, outputs: list, transfer, publish, record: dict) -> None:

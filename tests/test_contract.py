@@ -209,3 +209,57 @@ def test_info_reads_the_header_of_an_output_of_any_size(tmp_path):
     code = f"from refsr_cli.provenance import read_provenance; print(read_provenance({str(tmp_path / 'big.png')!r}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and "'x': 1" in result.stdout, result.stderr
+
+
+def test_the_record_names_the_tile_an_out_of_memory_retry_used(tmp_path, checkpoint, monkeypatch):
+    """A GPU out-of-memory error halves the tiles, for this input and the next; tiles change the last grey level,
+    so each record gives the tile its image was made with, and its redo makes the same pixels."""
+    import shlex
+    import torch
+    from refsr_cli.model import RefVAE
+    monkeypatch.chdir(tmp_path)
+    for seed, name in enumerate(("a.png", "b.png")):
+        write_png(tmp_path / name, 40, 40, seed=seed)
+    original = RefVAE.encode_lr
+
+    def small_memory(self, x):
+        if x.shape[-1] > 24:  # a 16-pixel tile and its 4 pixels of context on each side fit
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, x)
+    monkeypatch.setattr(RefVAE, "encode_lr", small_memory)
+    args = ["--seed", 3, "--temperature", 1, "--tile", 64, "--tile-pad", 4, *common(checkpoint, "first")]
+    assert run("upscale", "a.png", "b.png", *args).exit_code == 0
+    monkeypatch.setattr(RefVAE, "encode_lr", original)  # the redo runs where memory is plenty
+    for name in ("a_x2_s3.png", "b_x2_s3.png"):
+        command = json.loads(run("info", f"first/{name}", "--json").stdout)["redo"]
+        assert "--tile 16" in command, command
+        assert run(*shlex.split(command)[1:], "-o", "again", "-q").exit_code == 0
+        assert np.array_equal(np.asarray(Image.open(f"first/{name}")), np.asarray(Image.open(f"again/{name}")))
+
+
+def test_a_sheet_is_made_with_one_tile_size_when_memory_runs_out_halfway(tmp_path, checkpoint, monkeypatch):
+    """Its outputs are decoded a chunk at a time; a retry in the second chunk halves the tiles, and the first
+    chunk's crop is made again with them, so that the sheet's redo gives the same pixels."""
+    import shlex
+    import torch
+    from refsr_cli import batch
+    from refsr_cli.model import RefVAE
+    monkeypatch.chdir(tmp_path)
+    write_png(tmp_path / "a.png", 40, 40)
+    original, calls = RefVAE.encode_lr, []
+
+    def memory_runs_out_later(self, x):
+        calls.append(x.shape[-1])
+        if len(calls) > 1 and x.shape[-1] > 24:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, x)
+    monkeypatch.setattr(RefVAE, "encode_lr", memory_runs_out_later)
+    monkeypatch.setattr(batch, "OUTPUTS_BUDGET", 1)  # one output a chunk
+    args = ["--n", 3, "--seed", 5, "--sheet", "--tile", 64, "--tile-pad", 4, *common(checkpoint, "first")]
+    assert run("sample", "a.png", *args).exit_code == 0
+    assert calls[:2] == [40, 40] and calls[-1] <= 24  # the first chunk ran with whole tiles, the last with halved
+    monkeypatch.setattr(RefVAE, "encode_lr", original)
+    command = json.loads(run("info", "first/a_x2_sheet.png", "--json").stdout)["redo"]
+    assert "--tile 16" in command, command
+    assert run(*shlex.split(command)[1:], "-o", "again", "-q").exit_code == 0
+    assert np.array_equal(np.asarray(Image.open("first/a_x2_sheet.png")), np.asarray(Image.open("again/a_x2_sheet.png")))
