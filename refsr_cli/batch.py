@@ -20,8 +20,8 @@ from .device import launcher_shard
 from .engine import Latent, Latents, Upscaler, walk_latent
 from .errors import RefsrError, allocation, name_trouble
 from .files import AppearedMeanwhile, read_unchanged
-from .images import (check_record, check_side, expand_inputs, read_picture, read_rgb, software_tag, unique_stems,
-                     write_animation, write_picture)
+from .images import (check_animation, check_record, check_side, expand_inputs, read_picture, read_rgb, software_tag,
+                     unique_stems, write_animation, write_picture)
 from .match import Transfer, correspond, prepare_reference
 from .options import BatchOptions
 from .outputs import Output, check_names, check_sidecars, outputs_of, plan_outputs
@@ -246,6 +246,8 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     for output in outputs:
         if output.todo and output.kind in ("image", "animation"):
             check_side(output.path, picture.rgb.shape[0] * opt.scale, picture.rgb.shape[1] * opt.scale)
+        if output.todo and output.kind == "animation":
+            check_animation(output.path, opt.walk, picture.rgb.shape[0] * opt.scale, picture.rgb.shape[1] * opt.scale)
         if output.todo and output.kind in ("image", "sheet"):  # the whole record each will carry: --match's and a
             # sheet's lists of references are most of it
             fields = output.variant.fields if output.kind == "image" else sheet_fields(plan)

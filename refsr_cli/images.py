@@ -375,6 +375,21 @@ def check_record(path, provenance: dict) -> None:
                          f"holds ({JPEG_MAX_EXIF}); write PNG, WebP or TIFF (or give fewer references)")
 
 
+# Pillow's GIF and WebP writers take every frame at once, so an animation's frames are all held until it is
+# written: up to 8 bytes a pixel of each (noise frames of 800x800: GIF 5.0, WebP 7.5; bench/animation_memory.py).
+ANIMATION_BYTES_PER_PIXEL = 8
+ANIMATION_BUDGET = 1 << 32  # bytes: 16 frames of a 720x720 photo at 8x
+
+
+def check_animation(path, frames: int, height: int, width: int) -> None:
+    """Refuse, before any work, an animation whose frames would not fit ANIMATION_BUDGET."""
+    need = frames * height * width * ANIMATION_BYTES_PER_PIXEL
+    if need > ANIMATION_BUDGET:
+        raise RefsrError(f"{path}: {frames} frames of {width}x{height} would take about {need / 2 ** 30:.1f} GiB of "
+                         f"memory to animate, more than {ANIMATION_BUDGET >> 30} GiB; give fewer --steps, or leave "
+                         f"out --animate (the frames are written without it)")
+
+
 def write_animation(frames, path, provenance: dict, replace: bool = True) -> None:
     """The image files `frames`, in order, as one looping animated WebP or GIF (10 frames a second), written
     atomically. 8-bit RGB, whatever the frames' depth (a 16-bit grey frame is scaled, not clipped), with the Software

@@ -263,3 +263,18 @@ def test_a_sheet_is_made_with_one_tile_size_when_memory_runs_out_halfway(tmp_pat
     assert "--tile 16" in command, command
     assert run(*shlex.split(command)[1:], "-o", "again", "-q").exit_code == 0
     assert np.array_equal(np.asarray(Image.open("first/a_x2_sheet.png")), np.asarray(Image.open("again/a_x2_sheet.png")))
+
+
+def test_an_animation_too_large_to_hold_is_refused_before_its_input_is_worked_on(tmp_path, checkpoint, monkeypatch):
+    """Pillow's writers take every frame at once: a walk's animation is bounded like its images and sheets. The
+    input that would pass the bound fails on its own, before any frame; the next input is still done."""
+    from refsr_cli import images
+    monkeypatch.setattr(images, "ANIMATION_BUDGET", 3 * 32 * 32 * 8, raising=False)  # 8 bytes a frame pixel
+    small, large = write_png(tmp_path / "small.png", 16, 16), write_png(tmp_path / "large.png", 32, 32)
+    out = tmp_path / "out"
+    result = run("walk", large, small, "--seed", 1, "--seed", 2, "--steps", 3, "--animate", "gif",
+                 *common(checkpoint, out))
+    assert result.exit_code == 1
+    one_error_line(result, "large_x2_walk.gif", "3 frames of 64x64", "--steps")
+    assert sorted(p.name for p in out.iterdir()) == ["small_x2_walk.gif", "small_x2_walk000.png",
+                                                     "small_x2_walk001.png", "small_x2_walk002.png"]
