@@ -197,15 +197,19 @@ def recorded_weights(spec: str | None, path: Path) -> str:
     folder), so that the redo loads these very weights after the repository has moved on."""
     if spec is None:
         return "shipped"
-    parts = Path(path).parts
-    # The cache's models--OWNER--REPO/snapshots/COMMIT/FILE: the first "snapshots" after it (a file of the
-    # repository may lie in a folder of that name too).
-    at = next((i + 1 for i, part in enumerate(parts[:-2]) if part.startswith("models--")
-               and parts[i + 1] == "snapshots"), None)
-    if Path(spec).expanduser().exists() or at is None:
+    from .hub import HUB_REF, import_hub
+    match = HUB_REF.match(spec)
+    if Path(spec).expanduser().exists() or match is None:
         return spec
-    from .hub import HUB_REF
-    return f"{HUB_REF.match(spec)['repo']}@{parts[at + 1]}:{'/'.join(parts[at + 2:])}"
+    # The file as hf_hub_download gives it: HF_HUB_CACHE/models--OWNER--REPO/snapshots/COMMIT/FILE. Read relative to
+    # the cache, not by looking for such names in the path: the cache's own path, or the repository's folders, may
+    # hold them too.
+    snapshots = Path(import_hub().HF_HUB_CACHE) / f"models--{match['repo'].replace('/', '--')}" / "snapshots"
+    try:
+        commit, *file = Path(path).relative_to(snapshots).parts
+    except ValueError:
+        return spec
+    return f"{match['repo']}@{commit}:{'/'.join(file)}"
 
 
 def resolve_weights(spec: str | None, scale: int | None) -> Path:

@@ -1705,8 +1705,10 @@ def test_upscale_refuses_latents_and_arguments_it_cannot_use():
 
 # --- the eleventh sweep --------------------------------------------------------------------------------------------
 
-def test_a_hub_file_in_a_folder_named_snapshots_is_pinned_to_its_commit(tmp_path):
+def test_a_hub_file_in_a_folder_named_snapshots_is_pinned_to_its_commit(tmp_path, monkeypatch):
+    from huggingface_hub import constants
     from refsr_cli.checkpoint import recorded_weights
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     cached = tmp_path / "hub" / "models--me--repo" / "snapshots" / ("c" * 40) / "snapshots" / "w.safetensors"
     assert recorded_weights("me/repo:snapshots/w.safetensors", cached) == f"me/repo@{'c' * 40}:snapshots/w.safetensors"
     assert recorded_weights("me/repo", cached.parent.parent / "refsr-x2.safetensors") == (

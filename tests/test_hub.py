@@ -362,6 +362,23 @@ def test_the_redo_of_hub_weights_loads_the_commit_it_used(hub, tmp_path, checkpo
     assert image.exists()
 
 
+def test_a_cache_inside_a_folder_shaped_like_a_snapshot_still_pins_the_commit(hub, tmp_path, monkeypatch):
+    """The pin is read relative to HF_HUB_CACHE: a cache that itself lies under models--owner--repo/snapshots/X/
+    (an odd HF_HOME) named X as the commit, and a redo that does not exist."""
+    import json
+    cache = tmp_path / "models--owner--repo" / "snapshots" / "notacommit" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    write_png(tmp_path / "small.png", height=12, width=12)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["upscale", "small.png", "--scale", "2", "--weights", f"{REPO}:tiny.safetensors",
+                                       "-o", "out", "-q", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert next(cache.glob("models--owner--repo/snapshots/*/tiny.safetensors"))  # downloaded there
+    record = json.loads(CliRunner().invoke(main, ["info", "--json", "out/small_x2.png"]).stdout)
+    assert record["weights"] == f"{REPO}@{hub.commit(REPO, 'main')}:tiny.safetensors"
+
+
 def test_cli_missing_repo_is_one_line_error(hub, tmp_path):
     image = write_png(tmp_path / "small.png", height=12, width=12)
     result = CliRunner().invoke(main, ["upscale", str(image), "--scale", "2", "--weights", "owner/missing",
