@@ -113,13 +113,14 @@ def run(report: Reporter, command: str, inputs, refs, seeds, opt: BatchOptions) 
 
 def failure_line(lr_path: Path, e: Exception) -> str:
     """The line for an input that failed."""
+    if isinstance(e, MemoryError):  # numpy's words: "Unable to allocate 25.7 GiB for an array ..."; the engine's
+        # OutOfMemory too
+        return (f"{lr_path}: out of memory ({allocation(e)}); lower --max-pixels, or "
+                "upscale at a smaller --scale")
     if isinstance(e, (RefsrError, AppearedMeanwhile)):
         return str(e)
     if isinstance(e, OSError):
         return f"{lr_path}: cannot write the output ({e.strerror or e})"
-    if isinstance(e, MemoryError):  # numpy's words: "Unable to allocate 25.7 GiB for an array ..."
-        return (f"{lr_path}: out of memory ({allocation(e)}); lower --max-pixels, or "
-                "upscale at a smaller --scale")
     # A loop of links at an output's name (a RuntimeError of Path.resolve), or a bug of ours.
     return f"{lr_path}: {name_trouble(e) or f'internal error, please report it ({type(e).__name__}: {e})'}"
 

@@ -70,6 +70,9 @@ def save_model(model: RefVAE, path, **extra_metadata) -> None:
         raise RefsrError(f"save_model: give a file name, not {type(path).__name__}")
     if {"format", "config"} & set(extra_metadata):
         raise RefsrError("save_model: the format and config are the model's own; name other metadata")
+    if os.fsdecode(path).endswith(("/", os.sep)):  # Path() drops the slash: "runs/" would be written as a file "runs"
+        raise RefsrError(f"save_model: {os.fsdecode(path)} names a folder; give the file (folder/name.safetensors)")
+    path = Path(path).expanduser()  # as load_weights reads it
     metadata = {"format": FORMAT, "config": model.config.to_json(),
                 **{k: str(v) for k, v in extra_metadata.items()}}
     atomic_save(model.trainable_state_dict(), path, metadata)
@@ -223,7 +226,11 @@ def resolve_weights(spec: str | None, scale: int | None) -> Path:
     if spec == "":
         raise RefsrError("--weights '': an empty name, not a file or a Hub reference")
     path = Path(spec).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # a name past 255 bytes: the system refuses to look
+        raise RefsrError(f"{spec}: {e.strerror or e}") from None
+    if exists:
         if not path.is_file():
             raise RefsrError(f"{spec}: is not a file")
         return path

@@ -11,7 +11,7 @@ from PIL import Image
 
 from .analogy import TEXTURE_BANK, Matcher, Texture, TexturePlan, load_bank
 from .checkpoint import load_weights
-from .errors import RefsrError
+from .errors import OutOfMemory, RefsrError
 from .match import Transfer
 from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
 from .images import MIN_SIDE
@@ -94,6 +94,12 @@ def checked_image(image, name: str, channels: int | None = 3) -> np.ndarray:
     return image if image.flags.writeable else image.copy()  # torch warns of a read-only array it is given
 
 
+def check_flag(name: str, value) -> None:
+    """A yes-or-no argument of the Python API as a bool (numpy's too): "no" is a true string, 1 a number."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise RefsrError(f"{name}={value!r}: give True or False")
+
+
 def check_draw(seed, temperature) -> int:
     """The seed of a draw as an int (numpy's integers too: torch's manual_seed takes only Python's)."""
     check_number("seed", seed, 0, MAX_SEED, integer=True)
@@ -118,6 +124,7 @@ class Upscaler:
         check_number("tile", tile, MIN_TILE, math.inf, integer=True)  # the flags' bounds, for the Python API
         check_number("tile_pad", tile_pad, 0, math.inf, integer=True)
         check_number("consistency_steps", consistency_steps, 0, MAX_CONSISTENCY_STEPS, integer=True)
+        check_flag("half", half)
         # A network with a config, as RefVAE is (not isinstance: the speed bench runs the paper's graph through this).
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise RefsrError(f"model: give a RefVAE (checkpoint.load_weights), not {type(model).__name__}")
@@ -152,6 +159,7 @@ class Upscaler:
         options = options or EngineOptions()
         if not isinstance(options, EngineOptions):
             raise RefsrError(f"options: give an EngineOptions, not {type(options).__name__}")
+        check_flag("half", options.half)
         if options.device not in DEVICES:
             raise RefsrError(f"device={options.device!r}: give one of {', '.join(DEVICES)}")
         device = pick_device(options.device)
@@ -258,9 +266,12 @@ class Upscaler:
             raise RefsrError(f"on_tile: give a function or None, not {type(on_tile).__name__}")
         if bits not in (8, 16):
             raise RefsrError(f"bits={bits!r}: give 8 or 16")
+        check_flag("grayscale", grayscale)
         while True:
             try:
                 return self._upscale(lr, latents, transfer, alpha, grayscale, bits, on_tile)
+            except MemoryError as e:  # the output arrays, in the computer's memory (a GPU's is the case below)
+                raise OutOfMemory(f"lr: {lr.shape[1]}x{lr.shape[0]} at x{self.scale}", e) from None
             except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; MPS raises a plain RuntimeError
                 if "out of memory" not in str(e):
                     raise
@@ -275,6 +286,10 @@ class Upscaler:
         """A Latent as prior_z and reference_z make one, else a RefsrError (a nan z gave a black image)."""
         z = latent.z
         if z is not None:
+            # A plain tensor with data: a nested one has no shape to check, a meta one no numbers.
+            if isinstance(z, torch.Tensor) and (z.is_nested or z.layout != torch.strided or z.is_meta):
+                raise RefsrError("Latent: z must be a plain (strided) tensor with data, not a nested, sparse or "
+                                 "meta one")
             if not isinstance(z, torch.Tensor) or not z.is_floating_point() or tuple(z.shape) != (
                     1, self.model.config.z_dim):
                 raise RefsrError(f"Latent: z must be a (1, {self.model.config.z_dim}) float tensor, not "
@@ -292,7 +307,7 @@ class Upscaler:
     def faithful(self, lr: np.ndarray) -> torch.Tensor:
         """The fidelity output of `lr` (HxWx3 float), back-projected, as a (1, 3, H*s, W*s) float32 CPU tensor: what
         the texture analogy matches and pastes onto (refsr_cli.analogy)."""
-        image = self._upscale(lr, [None], None, None, False, None, None)[0]
+        image = self._upscale(checked_image(lr, "lr"), [None], None, None, False, None, None)[0]
         return torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
 
     @torch.inference_mode()

@@ -21,4 +21,15 @@ def name_trouble(e: Exception) -> str | None:
 def allocation(e: MemoryError) -> str:
     """What a MemoryError could not allocate, in numpy's words without the array's details ("Unable to allocate
     25.7 GiB"), for an out-of-memory line."""
+    if isinstance(e, OutOfMemory):
+        return e.allocation
     return str(e).split(" for ")[0] or "MemoryError"
+
+
+class OutOfMemory(RefsrError, MemoryError):
+    """The computer's memory ran out for an image: a RefsrError, as the Python API's errors are, and still the
+    MemoryError it was (the commands' line for it names what to lower)."""
+
+    def __init__(self, what: str, e: MemoryError):
+        self.allocation = allocation(e)
+        super().__init__(f"{what}: out of memory ({self.allocation})")

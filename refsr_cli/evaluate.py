@@ -220,12 +220,12 @@ class Evaluation:
             error = None
             try:
                 rows += self.image_rows(index, judges)
+            except MemoryError as e:  # numpy's, or the engine's OutOfMemory (a RefsrError too)
+                reraise_signal()
+                error = f"{path}: out of memory ({allocation(e)}); give smaller images"
             except RefsrError as e:
                 reraise_signal()
                 error = str(e)
-            except MemoryError as e:
-                reraise_signal()
-                error = f"{path}: out of memory ({allocation(e)}); give smaller images"
             except Exception as e:  # a bug of ours: still one line, and the other images are measured
                 reraise_signal()
                 reason = (str(e).strip().splitlines() or [""])[0]

@@ -213,9 +213,13 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
     branch `revision`, if needed. Returns the commit's URL. Everything is checked before the first request (a
     RefsrError: nothing was sent); what fails after it is an UploadFailed."""
     import_hub()
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     check_destination(repo, revision)
+    token = get_token()  # HF_TOKEN, else the one `hf auth login` stored; it goes into an HTTP header, as ASCII
+    if token is not None and not (token.isascii() and token.isprintable()):
+        raise RefsrError("the Hub token (HF_TOKEN, or the one `hf auth login` stored) holds characters no token "
+                         "has (control characters, or not ASCII); set it again")
     # A licence id goes into the card's YAML as it is: a newline there would add keys of its own.
     if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", license):
         raise RefsrError(f"--license {license!r}: not a Hub licence id (lowercase letters, digits and . + -, as in "

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from conftest import write_png
+from conftest import one_error_line, write_png
 from hub_server import FakeHub
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import file_download as hf_file_download
@@ -465,6 +465,17 @@ def test_push_without_a_token_is_one_line_error(hub, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("refsr: error: me/upscaler") and "HF_TOKEN" in lines[0]
     assert "me/upscaler" not in hub.repos
+
+
+@pytest.mark.parametrize("token", ["hf_caf\u00e9", "hf_a\x07b"])
+def test_a_token_no_header_can_carry_is_refused_before_any_request(hub, tmp_path, monkeypatch, token):
+    """Nothing was sent, so nothing could start: exit 2, not the 1 of an upload that failed."""
+    monkeypatch.setenv("HF_TOKEN", token)
+    x4 = tiny_x4_checkpoint(tmp_path / "x4.safetensors")
+    result = push(x4, "me/upscaler")
+    assert result.exit_code == 2, result.output
+    one_error_line(result, "Hub token", "set it again")
+    assert hub.count() == 0
 
 
 def test_push_refuses_what_it_cannot_push_before_any_request(hub, tmp_path, monkeypatch, checkpoints):
