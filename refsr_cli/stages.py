@@ -342,9 +342,11 @@ def check_memory(opt: TrainOptions, config: RefVAEConfig, device, stage: str) ->
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > total / 2:
         held = f"--pool-size {opt.pool_size} crops and " if stage == "texture" else ""
+        gib = needed / 2 ** 30
+        gib = f"{gib:.1f}" if gib < 1e6 else f"{gib:.1e}"  # a 20-digit --lr-patch: not a 35-digit number
         raise RefsrError(f"{held}--batch {opt.batch} of --lr-patch {p} at x{scale}"
                          + (f" (--imle-samples {opt.imle_samples})" if stage == "texture" else "")
-                         + f" would take about {needed / 2**30:.1f} GiB, more than half the {total / 2**30:.0f} GiB "
+                         + f" would take about {gib} GiB, more than half the {total / 2**30:.0f} GiB "
                          f"of {device.type}: lower them")
 
 
