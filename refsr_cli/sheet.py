@@ -1,11 +1,14 @@
 """Contact sheets: many upscalings of one image side by side, cropped at the same place at 100 %, each labelled, so
 that a person can pick a sample or a reference by eye and re-run just that one (`sample --sheet`, `upscale --sheet`,
 and the model card's comparisons)."""
+import math
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 LABEL_HEIGHT = 18
 GAP = 4
+MAX_LABEL_WIDTH = 128  # a cell is widened for its label up to this (the tiles of a tiny image left no room at all)
 
 
 def busiest_window(image: np.ndarray, size: int) -> tuple:
@@ -36,11 +39,16 @@ def sheet_window(lr: np.ndarray, scale: int, crop: int = 256) -> tuple:
 def contact_sheet(tiles, labels, columns: int = 4) -> Image.Image:
     """One RGB image of `tiles` (HxWxC uint8 or uint16, all the same size), `columns` to a row, each with its label
     underneath. Alpha is dropped; 16-bit tiles are shown at 8 bits."""
-    h, w = tiles[0].shape[:2]
+    h, tile_width = tiles[0].shape[:2]
     columns = max(1, min(columns, len(tiles)))
     rows = -(-len(tiles) // columns)
+    font = ImageFont.load_default()
+    widest = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label, font=font) for label in labels)
+    w = tile_width  # a cell: its tile, and room for its label
+    if widest > tile_width:
+        w = max(tile_width, min(math.ceil(widest) + 4, MAX_LABEL_WIDTH))
     sheet = Image.new("RGB", (columns * (w + GAP) + GAP, rows * (h + LABEL_HEIGHT + GAP) + GAP), "white")
-    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    draw = ImageDraw.Draw(sheet)
     for i, (tile, label) in enumerate(zip(tiles, labels)):
         if tile.dtype == np.uint16:
             tile = (tile // 257).astype(np.uint8)

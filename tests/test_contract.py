@@ -278,3 +278,16 @@ def test_an_animation_too_large_to_hold_is_refused_before_its_input_is_worked_on
     one_error_line(result, "large_x2_walk.gif", "3 frames of 64x64", "--steps")
     assert sorted(p.name for p in out.iterdir()) == ["small_x2_walk.gif", "small_x2_walk000.png",
                                                      "small_x2_walk001.png", "small_x2_walk002.png"]
+
+
+def test_the_labels_of_a_sheet_of_a_tiny_image_are_not_cut_to_nothing(tmp_path, checkpoint):
+    """8-pixel tiles left no room for "--seed 0": each cell is widened for its label (up to 128 pixels)."""
+    from refsr_cli.sheet import GAP, LABEL_HEIGHT
+    lr, out = write_png(tmp_path / "tiny.png", 4, 4), tmp_path / "out"
+    assert run("sample", lr, "--n", 2, "--seed", 0, "--sheet", *common(checkpoint, out)).exit_code == 0
+    sheet = np.asarray(Image.open(out / "tiny_x2_sheet.png").convert("L"))
+    label_rows = sheet[GAP + 8:GAP + 8 + LABEL_HEIGHT]
+    inked = np.flatnonzero((label_rows < 128).any(axis=0))
+    assert len(inked) and inked.max() - inked.min() > 40  # two labels of 8 characters, not two cut to "…"
+    first_cell = inked[inked < sheet.shape[1] // 2]
+    assert first_cell.max() - first_cell.min() > 30  # "--seed 0" whole, about 45 pixels in the default font
