@@ -204,6 +204,14 @@ def test_train_sizes_that_cannot_fit_are_refused_up_front(tmp_path, checkpoint, 
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
 
 
+def test_a_train_size_past_all_memory_is_said_in_a_short_number(tmp_path, checkpoint):
+    import re
+    result = run(*train_args(tmp_path, "--init", checkpoint, "--lr-patch", 10 ** 19))
+    assert result.exit_code == 2, result.output
+    one_error_line(result, "--lr-patch 10000000000000000000", "e+")
+    assert not re.search(r"\d{12}\.", result.stderr)  # not the GiB in 35 digits
+
+
 def test_running_out_of_memory_in_train_is_one_line(tmp_path, checkpoint, monkeypatch):
     from refsr_cli.stages import TextureStage
 
@@ -1853,3 +1861,61 @@ def test_a_masked_array_is_checked_on_the_data_the_network_gets():
     big[0, 0] = 255.0
     with pytest.raises(RefsrError, match=r"give floats in \[0, 1\]"):
         up.upscale(np.ma.masked_greater(big, 1), [None])
+
+
+# --- the thirteenth sweep: the Python API's gaps of sweep 12b ---------------------------------------------------
+
+def test_save_model_writes_where_load_weights_reads(tmp_path, monkeypatch):
+    """A trailing slash names a folder (Path() drops it: a file "newdir" was written); ~ is the home folder, as
+    load_weights reads it (a folder named "~" was made)."""
+    from refsr_cli.errors import RefsrError
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for folder in ("newdir/", f"{tmp_path}/newdir/"):
+        with pytest.raises(RefsrError, match="names a folder"):
+            save_model(tiny_model(2), folder)
+    assert list(tmp_path.iterdir()) == []
+    save_model(tiny_model(2), "~/w.safetensors")
+    assert (tmp_path / "home" / "w.safetensors").is_file() and not (tmp_path / "~").exists()
+    assert load_weights("~/w.safetensors", 2).model.config.scale == 2
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_the_python_api_refuses_what_the_flags_cannot_give(tmp_path):
+    """Each a RefsrError naming the argument: "no" is a true string, a 300-character name one the system will not
+    look up, a meta or nested z one without numbers or a shape, and faithful() took any array."""
+    from refsr_cli.engine import Latent
+    from refsr_cli.errors import RefsrError
+    with pytest.raises(RefsrError, match="half='no'"):
+        Upscaler.from_weights(scale=2, options=EngineOptions(device="cpu", half="no"))
+    with pytest.raises(RefsrError, match="File name too long"):
+        Upscaler.from_weights(str(tmp_path / ("a" * 300)), scale=2)
+    up = Upscaler(tiny_model(2), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    with pytest.raises(RefsrError, match="grayscale='no'"):
+        up.upscale(lr, [None], grayscale="no")
+    z = up.prior_z(1, 1.0).z
+    for odd in (torch.empty(z.shape, device="meta"), torch.nested.nested_tensor([z[0]]), z.to_sparse()):
+        with pytest.raises(RefsrError, match="Latent: z"):
+            up.upscale(lr, [Latent(odd)])
+    with pytest.raises(RefsrError, match="lr: holds pixels that are not finite"):
+        up.faithful(np.full((16, 16, 3), np.nan, np.float32))
+    with pytest.raises(RefsrError, match="HxWx3"):
+        up.faithful(lr[..., 0])
+
+
+def test_running_out_of_memory_in_the_api_is_a_refsr_error_and_still_a_memory_error(monkeypatch):
+    from refsr_cli.batch import failure_line
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+
+    def no_memory(*args):
+        raise MemoryError("Unable to allocate 25.7 GiB for an array with shape (96000, 96000, 3) and data type uint8")
+    monkeypatch.setattr(up, "_upscale", no_memory)
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    with pytest.raises(RefsrError, match=r"lr: 16x16 at x2: out of memory \(Unable to allocate 25.7 GiB\)$") as e:
+        up.upscale(lr, [None])
+    assert isinstance(e.value, MemoryError)
+    # The commands' line for it still names the file and what to lower.
+    assert failure_line(Path("huge.png"), e.value) == ("huge.png: out of memory (Unable to allocate 25.7 GiB); "
+                                                       "lower --max-pixels, or upscale at a smaller --scale")
