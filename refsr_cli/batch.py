@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .checkpoint import recorded_weights
 from .device import launcher_shard
 from .engine import Latent, Latents, Upscaler, walk_latent
-from .errors import RefsrError, allocation, name_trouble
+from .errors import OutOfMemory, RefsrError, memory_trouble, name_trouble
 from .files import AppearedMeanwhile, read_unchanged
 from .images import (check_animation, check_record, check_side, expand_inputs, read_picture, read_rgb, software_tag,
                      unique_stems, write_animation, write_picture)
@@ -113,9 +113,8 @@ def run(report: Reporter, command: str, inputs, refs, seeds, opt: BatchOptions) 
 
 def failure_line(lr_path: Path, e: Exception) -> str:
     """The line for an input that failed."""
-    if isinstance(e, MemoryError):  # numpy's words: "Unable to allocate 25.7 GiB for an array ..."; the engine's
-        # OutOfMemory too
-        return (f"{lr_path}: out of memory ({allocation(e)}); lower --max-pixels, or "
+    if memory_trouble(e) is not None:  # numpy's MemoryError, the engine's OutOfMemory, torch's CPU allocator's
+        return (f"{lr_path}: {memory_trouble(e)}; lower --max-pixels, or "
                 "upscale at a smaller --scale")
     if isinstance(e, (RefsrError, AppearedMeanwhile)):
         return str(e)
@@ -210,7 +209,11 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
                 del image  # its float copy, before the next reference is read
                 continue
             source = latents.reference(image, str(path))
-        except RefsrError as e:
+        except (RefsrError, MemoryError, RuntimeError) as e:
+            if memory_trouble(e) is not None:  # the computer's memory ran out for it (reading it, or its bank)
+                e = OutOfMemory(str(path), e)
+            elif not isinstance(e, RefsrError):  # a bug of ours
+                raise
             if len(ref_paths) == 1 or opt.walk is not None:  # the one reference, or an end of a walk (which cannot
                 # go on without it): its line is the run's error
                 raise RefsrError(f"reference {e}") from None

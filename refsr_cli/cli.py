@@ -176,12 +176,14 @@ def unexpected(e: Exception):
     """The one line for an error no handler expected: a file name the system refuses where no check of refsr's
     looked (errors.name_trouble), exit 2; else a bug of ours, exit 1. After SIGINT or SIGTERM, the error C code
     made of the signal (report.reraise_signal): the signal's line and exit code."""
-    from .errors import name_trouble
+    from .errors import memory_trouble, name_trouble
     from .report import SIGNAL_EXITS, SIGNALLED
     if SIGNALLED:
         fail(*SIGNAL_EXITS[SIGNALLED[0]])
     if name_trouble(e):
         fail(name_trouble(e))
+    if memory_trouble(e):  # where no handler of the work expected it (the planning of a run)
+        fail(memory_trouble(e))
     fail(f"internal error, please report it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)
 
 
@@ -449,9 +451,11 @@ def train(quiet, **options):
         fail(f"{stopped} before the run's first checkpoint: nothing to resume", code)
     except torch.cuda.OutOfMemoryError:
         fail("out of GPU memory; lower --batch or --lr-patch (the last checkpoint is kept)")
-    except RuntimeError as e:
-        if "can't allocate memory" in str(e):  # the CPU allocator's words
-            fail("out of memory; lower --batch, --lr-patch or --pool-size (the last checkpoint is kept)")
+    except (RuntimeError, MemoryError) as e:
+        from .errors import memory_trouble
+        if memory_trouble(e):  # torch's CPU allocator, or numpy's
+            fail(f"{memory_trouble(e)}; lower --batch, --lr-patch or --pool-size (the last "
+                 "checkpoint is kept)")
         unexpected(e)
     except Exception as e:
         unexpected(e)

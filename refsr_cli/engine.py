@@ -2,6 +2,7 @@
 latent, each output made consistent with its input by back-projection."""
 import functools
 import math
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from .analogy import TEXTURE_BANK, Matcher, Texture, TexturePlan, load_bank
 from .checkpoint import load_weights
-from .errors import OutOfMemory, RefsrError
+from .errors import OutOfMemory, RefsrError, memory_trouble
 from .match import Transfer
 from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
 from .images import MIN_SIDE
@@ -92,6 +93,18 @@ def checked_image(image, name: str, channels: int | None = 3) -> np.ndarray:
         raise RefsrError(f"{name}: holds values from {image.min():g} to {image.max():g}; give floats in [0, 1]")
     image = image.astype(np.float32, copy=False)  # big-endian or float64 arrays too: torch takes native float32
     return image if image.flags.writeable else image.copy()  # torch warns of a read-only array it is given
+
+
+@contextmanager
+def memory_said(lr: np.ndarray, scale: int):
+    """The computer's memory running out for `lr` (numpy's MemoryError, or torch's CPU allocator's RuntimeError) as
+    an OutOfMemory; a GPU's is left to the retry with smaller tiles."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if memory_trouble(e) is None:
+            raise
+        raise OutOfMemory(f"lr: {lr.shape[1]}x{lr.shape[0]} at x{scale}", e) from None
 
 
 def check_flag(name: str, value) -> None:
@@ -269,9 +282,8 @@ class Upscaler:
         check_flag("grayscale", grayscale)
         while True:
             try:
-                return self._upscale(lr, latents, transfer, alpha, grayscale, bits, on_tile)
-            except MemoryError as e:  # the output arrays, in the computer's memory (a GPU's is the case below)
-                raise OutOfMemory(f"lr: {lr.shape[1]}x{lr.shape[0]} at x{self.scale}", e) from None
+                with memory_said(lr, self.scale):
+                    return self._upscale(lr, latents, transfer, alpha, grayscale, bits, on_tile)
             except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; MPS raises a plain RuntimeError
                 if "out of memory" not in str(e):
                     raise
@@ -307,7 +319,9 @@ class Upscaler:
     def faithful(self, lr: np.ndarray) -> torch.Tensor:
         """The fidelity output of `lr` (HxWx3 float), back-projected, as a (1, 3, H*s, W*s) float32 CPU tensor: what
         the texture analogy matches and pastes onto (refsr_cli.analogy)."""
-        image = self._upscale(checked_image(lr, "lr"), [None], None, None, False, None, None)[0]
+        lr = checked_image(lr, "lr")
+        with memory_said(lr, self.scale):
+            image = self._upscale(lr, [None], None, None, False, None, None)[0]
         return torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
 
     @torch.inference_mode()

@@ -1,3 +1,6 @@
+import re
+
+
 class RefsrError(Exception):
     """A problem the user can fix (bad input, missing weights...): the CLI prints it as one line, no traceback."""
 
@@ -18,18 +21,27 @@ def name_trouble(e: Exception) -> str | None:
     return None
 
 
-def allocation(e: MemoryError) -> str:
-    """What a MemoryError could not allocate, in numpy's words without the array's details ("Unable to allocate
-    25.7 GiB"), for an out-of-memory line."""
+def memory_trouble(e: BaseException) -> str | None:
+    """"out of memory", with what could not be allocated in numpy's words without the array's details ("out of
+    memory (Unable to allocate 25.7 GiB)"), when `e` is the computer's memory running out: numpy's or Pillow's
+    MemoryError, the engine's OutOfMemory, or the RuntimeError of torch's CPU allocator ("can't allocate memory: you
+    tried to allocate 339738624 bytes"). None for any other error."""
     if isinstance(e, OutOfMemory):
-        return e.allocation
-    return str(e).split(" for ")[0] or "MemoryError"
+        return e.trouble
+    if isinstance(e, MemoryError):  # Pillow's says nothing
+        asked = str(e).split(" for ")[0]
+    elif isinstance(e, RuntimeError) and "can't allocate memory" in str(e):
+        asked = re.search(r"allocate (\d+) bytes", str(e))
+        asked = asked and f"Unable to allocate {int(asked[1]) / 2 ** 30:.2f} GiB"
+    else:
+        return None
+    return f"out of memory ({asked})" if asked else "out of memory"
 
 
 class OutOfMemory(RefsrError, MemoryError):
-    """The computer's memory ran out for an image: a RefsrError, as the Python API's errors are, and still the
-    MemoryError it was (the commands' line for it names what to lower)."""
+    """The computer's memory ran out for an image: a RefsrError, as the Python API's errors are, and still a
+    MemoryError (the commands' line for it names what to lower)."""
 
-    def __init__(self, what: str, e: MemoryError):
-        self.allocation = allocation(e)
-        super().__init__(f"{what}: out of memory ({self.allocation})")
+    def __init__(self, what: str, e: BaseException):
+        self.trouble = memory_trouble(e) or "out of memory"
+        super().__init__(f"{what}: {self.trouble}")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .checkpoint import load_backbone, weights_dir
 from .engine import Latents, Upscaler
-from .errors import RefsrError, allocation
+from .errors import RefsrError, memory_trouble
 from .images import IMAGE_SUFFIXES, MIN_SIDE, expand_inputs, read_rgb, source_images
 from .match import correspond, prepare_reference
 from .metrics import LPIPSVGG, LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
@@ -192,6 +192,16 @@ class Judges:
                 for k, f in self.views.items()}
 
 
+def image_error(path, e: Exception) -> str:
+    """The line for an image that could not be measured."""
+    if memory_trouble(e) is not None:  # numpy's MemoryError, the engine's OutOfMemory, torch's CPU allocator's
+        return f"{path}: {memory_trouble(e)}; give smaller images"
+    if isinstance(e, RefsrError):
+        return str(e)
+    reason = (str(e).strip().splitlines() or [""])[0]  # a bug of ours
+    return f"{path}: internal error, please report it ({type(e).__name__}: {reason})"
+
+
 @dataclass
 class Evaluation:
     """One `refsr eval` run, planned: rows of {image, method, psnr, ssim, lpips, lpips_vgg, lr_psnr[, diversity |
@@ -220,16 +230,9 @@ class Evaluation:
             error = None
             try:
                 rows += self.image_rows(index, judges)
-            except MemoryError as e:  # numpy's, or the engine's OutOfMemory (a RefsrError too)
+            except Exception as e:  # one line, and the other images are measured
                 reraise_signal()
-                error = f"{path}: out of memory ({allocation(e)}); give smaller images"
-            except RefsrError as e:
-                reraise_signal()
-                error = str(e)
-            except Exception as e:  # a bug of ours: still one line, and the other images are measured
-                reraise_signal()
-                reason = (str(e).strip().splitlines() or [""])[0]
-                error = f"{path}: internal error, please report it ({type(e).__name__}: {reason})"
+                error = image_error(path, e)
             if error is not None:
                 failed.append({"image": path.name, "error": error})
                 if on_error is not None:

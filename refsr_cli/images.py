@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import RefsrError, name_trouble
+from .errors import OutOfMemory, RefsrError, name_trouble
 from .files import atomic_path
 from .options import DEFAULT_MAX_PIXELS
 from .provenance import PROVENANCE_KEY, SOFTWARE, embedded_text, software_tag
@@ -181,7 +181,13 @@ def _high_depth_grey(path, values: np.ndarray) -> np.ndarray:
 
 def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     """Read an image for processing; every problem becomes a RefsrError naming the file and the reason."""
-    path = Path(path)
+    try:
+        return _read_picture(Path(path), max_pixels)
+    except MemoryError as e:  # decoding it, or its float copy: a large image under a raised --max-pixels
+        raise OutOfMemory(str(path), e) from None
+
+
+def _read_picture(path: Path, max_pixels: int) -> Picture:
     if path.is_dir():
         raise RefsrError(f"{path}: is a folder, not an image")
     if path.exists() and not path.is_file():
@@ -217,7 +223,7 @@ def read_picture(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
                     target = ("LA" if has_alpha else "L") if grayscale else ("RGBA" if has_alpha else "RGB")
                     data, bits = np.asarray(im.convert(target)), 8
                     data = data[..., None] if data.ndim == 2 else data
-    except RefsrError:
+    except (RefsrError, MemoryError):
         raise
     except Exception as e:
         raise decode_trouble(path, e) from None

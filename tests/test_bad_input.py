@@ -1919,3 +1919,68 @@ def test_running_out_of_memory_in_the_api_is_a_refsr_error_and_still_a_memory_er
     # The commands' line for it still names the file and what to lower.
     assert failure_line(Path("huge.png"), e.value) == ("huge.png: out of memory (Unable to allocate 25.7 GiB); "
                                                        "lower --max-pixels, or upscale at a smaller --scale")
+
+
+CPU_ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 339738624 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_torch_running_out_of_the_computers_memory_is_the_out_of_memory_line(tmp_path, checkpoint, monkeypatch):
+    """Torch's CPU allocator raises a RuntimeError, not a MemoryError: it was "internal error, please report it"
+    in upscale, sample, walk and eval; and in the Python API a raw RuntimeError."""
+    from PIL import Image
+    from conftest import smooth_image
+    from refsr_cli.errors import OutOfMemory
+    from refsr_cli.model import RefVAE
+
+    def exhausted(self, x):
+        raise RuntimeError(CPU_ALLOCATOR)
+    monkeypatch.setattr(RefVAE, "encode_lr", exhausted)
+    lr = write_png(tmp_path / "in.png", 16, 16)
+    line = "in.png: out of memory (Unable to allocate 0.32 GiB); lower --max-pixels"
+    for command in (["upscale", lr], ["sample", lr, "--n", 2], ["walk", lr, "--seed", 1, "--seed", 2, "--steps", 2]):
+        result = run(*command, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
+        assert result.exit_code == 1, result.output
+        one_error_line(result, line)
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    Image.fromarray(smooth_image(48, 40)).save(hr / "a.png")
+    result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--device", "cpu")
+    assert result.exit_code == 2
+    one_error_line(result, "a.png: out of memory (Unable to allocate 0.32 GiB); give smaller images")
+    up = Upscaler(tiny_model(2), "cpu")
+    with pytest.raises(OutOfMemory, match=r"lr: 16x16 at x2: out of memory \(Unable to allocate 0.32 GiB\)"):
+        up.faithful(np.zeros((16, 16, 3), np.float32))
+
+
+def test_a_reference_memory_cannot_hold_is_named_in_one_line(tmp_path, checkpoint, monkeypatch):
+    """Decoding it (Pillow's MemoryError was "cannot decode image (MemoryError: )"), its float copy (numpy's was
+    "internal error", exit 1), or its texture bank (torch's): the reference's one line, exit 2."""
+    from PIL import Image
+    from refsr_cli import images
+    from refsr_cli.model import RefVAE
+    lr, ref = write_png(tmp_path / "in.png", 16, 16), write_png(tmp_path / "ref.png", 40, 40, seed=1)
+    real_convert, real_transpose = Image.Image.convert, images.exif_transpose
+
+    def convert(self, *args, **kwargs):
+        if self.size == (40, 40):
+            raise MemoryError()
+        return real_convert(self, *args, **kwargs)
+
+    def transpose(data, orientation):
+        if data.shape[0] == 40:
+            raise MemoryError("Unable to allocate 4.47 GiB for an array with shape (20000, 20000, 3) and data type "
+                              "float32")
+        return real_transpose(data, orientation)
+
+    def exhausted(self, x):
+        raise RuntimeError(CPU_ALLOCATOR)
+    for target, name, fake, what in ((Image.Image, "convert", convert, ""),
+                                     (images, "exif_transpose", transpose, " (Unable to allocate 4.47 GiB)"),
+                                     (RefVAE, "encode_lr", exhausted, " (Unable to allocate 0.32 GiB)")):
+        with monkeypatch.context() as patched:
+            patched.setattr(target, name, fake)
+            result = run("upscale", lr, "--ref", ref, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out")
+        assert result.exit_code == 2, result.output
+        one_error_line(result, "reference", "ref.png: out of memory" + what)
+    assert not (tmp_path / "out").exists()
