@@ -143,6 +143,8 @@ class Upscaler:
             raise RefsrError(f"model: give a RefVAE (checkpoint.load_weights), not {type(model).__name__}")
         from .device import usable_device
         self.device = usable_device(device)
+        if half and self.device.type == "cpu":
+            raise RefsrError("half=True needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
         self.warn = warn or warning_line
         self.dtype = torch.float16 if half else torch.float32
         # Channels-last: oneDNN's (and cuDNN's) preferred layout; a quarter off the decoder on a 2-core x86 CPU
@@ -176,7 +178,7 @@ class Upscaler:
         if options.device not in DEVICES:
             raise RefsrError(f"device={options.device!r}: give one of {', '.join(DEVICES)}")
         device = pick_device(options.device)
-        if options.half and device.type == "cpu":
+        if options.half and device.type == "cpu":  # (Upscaler() too) before the weights are loaded
             raise RefsrError("--half needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
         loaded = load_weights(weights, scale)
         return cls(loaded.model, device, tile=options.tile, tile_pad=options.tile_pad,

@@ -1984,3 +1984,9 @@ def test_a_reference_memory_cannot_hold_is_named_in_one_line(tmp_path, checkpoin
         assert result.exit_code == 2, result.output
         one_error_line(result, "reference", "ref.png: out of memory" + what)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_upscaler_built_directly_refuses_half_precision_on_the_cpu():
+    from refsr_cli.errors import RefsrError
+    with pytest.raises(RefsrError, match="half=True needs a GPU"):
+        Upscaler(tiny_model(2), "cpu", half=True)
