@@ -666,8 +666,11 @@ def print_evaluation(opt, ref_paths: list, result: dict) -> None:
     to_stdout(captured.get().rstrip("\n"))
     if opt.match_protocol is not None:
         fidelity = result["means"]["refsr"]
+        # The refsr row: the output without a reference, which at a --temperature above 0 is a prior sample.
+        against = ("the output without a reference" if opt.temperature == 0 else
+                   f"the refsr row (a prior sample at --temperature {opt.temperature:g})")
         for method, how in (("match", "--match"), ("protocol reference", "--ref without --match")):
-            to_stdout(f"{how} ({opt.match_protocol}) against the output without a reference: "
+            to_stdout(f"{how} ({opt.match_protocol}) against {against}: "
                       f"{against_fidelity(result['means'][method], fidelity)}")
     if len(ref_paths) >= 2:
         to_stdout(f"reference influence with K = {len(ref_paths)}: chance is {1 / len(ref_paths):.2f}; by VGG16 "

@@ -182,6 +182,11 @@ def test_eval_measures_match_under_a_protocol(tmp_path):
             assert gain > 1 and means["match"]["confidence"] > 0.3
         else:
             assert abs(gain) < 0.1 and means["match"]["confidence"] < 0.1
+    # At a --temperature above 0 the refsr row is a prior sample: the line says so.
+    result = run("eval", folder, "--scale", 4, "--weights", weights, "--match-protocol", "warp", "--baseline", "none",
+                 "--temperature", 1)
+    assert result.exit_code == 0, result.output
+    assert "--match (warp) against the refsr row (a prior sample at --temperature 1): PSNR-Y" in result.stdout
 
 
 def test_a_bad_reference_is_reported_and_the_others_used(tmp_path, checkpoint):
