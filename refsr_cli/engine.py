@@ -178,7 +178,7 @@ class Upscaler:
         if options.device not in DEVICES:
             raise RefsrError(f"device={options.device!r}: give one of {', '.join(DEVICES)}")
         device = pick_device(options.device)
-        if options.half and device.type == "cpu":  # (Upscaler() too) before the weights are loaded
+        if options.half and device.type == "cpu":  # before the weights are loaded (Upscaler() checks it too)
             raise RefsrError("--half needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
         loaded = load_weights(weights, scale)
         return cls(loaded.model, device, tile=options.tile, tile_pad=options.tile_pad,

@@ -22,8 +22,8 @@ def name_trouble(e: Exception) -> str | None:
 
 
 def memory_trouble(e: BaseException) -> str | None:
-    """"out of memory", with what could not be allocated in numpy's words without the array's details ("out of
-    memory (Unable to allocate 25.7 GiB)"), when `e` is the computer's memory running out: numpy's or Pillow's
+    """The words for `e` when it is the computer's memory running out, with what could not be allocated in numpy's
+    words without the array's details ("out of memory (Unable to allocate 25.7 GiB)"): numpy's or Pillow's
     MemoryError, the engine's OutOfMemory, or the RuntimeError of torch's CPU allocator ("can't allocate memory: you
     tried to allocate 339738624 bytes"). None for any other error."""
     if isinstance(e, OutOfMemory):
