@@ -43,6 +43,9 @@ MAX_CANDIDATES = 32  # temperature 4 and above
 REFERENCE_SIDE = 512  # a reference's long side in its bank (a reference's scale is arbitrary; this bounds the search)
 REFERENCE_SCALES = (1.0, 0.5)  # the reference at several scales: texture at the scale that fits the input
 CHROMA = 0.5  # share of a reference's colour residual pasted with its luminance residual (the LR pins colour hardest)
+# The largest residual value a bank may hold: A' - A of pixels in [0, 1] lies within [-1, 1]. A hand-made bank's 1e300
+# (finite in float64) overflowed into a black image.
+MAX_RESIDUAL = 2.0
 FLAT, TEXTURED = 0.005, 0.03  # a patch's detail (cell standard deviation less a plane): no pasted texture, all of it
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 
@@ -264,10 +267,12 @@ class Texture:
             raise RefsrError(f"Texture: give a bank (reference_bank, texture_bank), not {type(self.bank).__name__}")
         residual = self.bank.residual
         step = self.bank.step
-        if (not isinstance(residual, torch.Tensor) or not isinstance(step, (int, float)) or not math.isfinite(step)
-                or step <= 0
-                or (residual.is_floating_point() and not torch.isfinite(residual).all())):
-            raise RefsrError(f"Texture: {self.bank.name}'s residual or step is not finite numbers")
+        if (not isinstance(residual, torch.Tensor) or residual.is_meta or residual.layout != torch.strided
+                or isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step)
+                or step <= 0 or (residual.is_floating_point() and not torch.isfinite(residual).all())
+                or residual.numel() and max(-float(residual.amin()), float(residual.amax())) * step > MAX_RESIDUAL):
+            raise RefsrError(f"Texture: {self.bank.name}'s residual or step is not finite numbers (within "
+                             f"+-{MAX_RESIDUAL:g} a pixel)")
         if self.to is not None and not isinstance(self.to, Texture):
             raise RefsrError(f"Texture: to= takes a Texture, not {type(self.to).__name__}")
         check_number("seed", self.seed, 0, MAX_SEED, integer=True)

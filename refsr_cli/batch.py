@@ -209,8 +209,16 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
                 del image  # its float copy, before the next reference is read
                 continue
             source = latents.reference(image, str(path))
+            fields = {"reference": str(path), "reference_sha256": sha256}
+            if seeds is not None:  # sample --ref: --n draws from each reference
+                drawn = [Variant(f"{stem}_s{seed}", fields | {"seed": seed}, latents.draw(source, seed,
+                                                                                         opt.temperature))
+                         for seed in seeds]
+            else:  # another --seed is another grain (and draw): another name
+                drawn = [Variant(f"{stem}_s{opt.seed}" if opt.seed else stem, fields | {"seed": opt.seed},
+                                 latents.draw(source, opt.seed, opt.temperature))]
         except (RefsrError, MemoryError, RuntimeError) as e:
-            if memory_trouble(e) is not None:  # the computer's memory ran out for it (reading it, or its bank)
+            if memory_trouble(e) is not None:  # the computer's memory ran out for it (reading it, its bank or z)
                 e = OutOfMemory(str(path), e)
             elif not isinstance(e, RefsrError):  # a bug of ours
                 raise
@@ -219,13 +227,7 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
                 raise RefsrError(f"reference {e}") from None
             report.failed(f"reference {e}")
             continue
-        fields = {"reference": str(path), "reference_sha256": sha256}
-        if seeds is not None:  # sample --ref: --n draws from each reference
-            plan.variants += [Variant(f"{stem}_s{seed}", fields | {"seed": seed},
-                                      latents.draw(source, seed, opt.temperature)) for seed in seeds]
-        else:  # another --seed is another grain (and draw): another name
-            plan.variants.append(Variant(f"{stem}_s{opt.seed}" if opt.seed else stem, fields | {"seed": opt.seed},
-                                         latents.draw(source, opt.seed, opt.temperature)))
+        plan.variants += drawn
     if matched:  # one output per input from all the references together
         plan.variants.append(Variant("match", {"references": [str(p) for p, _ in matched],
                                                "references_sha256": [sha256 for _, sha256 in matched],
@@ -272,8 +274,13 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     transfer = None
     if plan.match_refs and any(o.todo and o.kind in ("image", "map", "sheet") for o in outputs):
         report.say(f"{lr_path.name}: matching {len(plan.match_refs)} reference(s)")
-        # On the CPU in float32 whatever the device: matching is done there (refsr_cli.match).
-        transfer = correspond(torch.from_numpy(picture.rgb).permute(2, 0, 1)[None], plan.match_refs, opt.scale)
+        try:  # on the CPU in float32 whatever the device: matching is done there (refsr_cli.match)
+            transfer = correspond(torch.from_numpy(picture.rgb).permute(2, 0, 1)[None], plan.match_refs, opt.scale)
+        except (MemoryError, RuntimeError) as e:  # the references' share of it, not the input's
+            if memory_trouble(e) is None:
+                raise
+            raise RefsrError(f"{lr_path}: {memory_trouble(e)} matching its {len(plan.match_refs)} reference(s); "
+                             "give fewer or smaller references") from None
     images = [o for o in outputs if o.kind == "image" and o.todo]
     sheet = next((o for o in outputs if o.kind == "sheet" and o.todo), None)
     variants = plan.variants if sheet else [o.variant for o in images]

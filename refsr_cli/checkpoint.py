@@ -51,15 +51,18 @@ def atomic_save(tensors: dict, path, metadata: dict) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a checkpoint. Non-finite
     weights are refused before anything is written."""
     check_finite(tensors, path)
-    if Path(path).exists() and not Path(path).is_file():  # the rename would replace a folder's link or a FIFO
-        raise RefsrError(f"{path}: not a regular file (a folder, device or FIFO); a checkpoint is written as a file")
     try:
+        if Path(path).exists() and not Path(path).is_file():  # the rename would replace a folder's link or a FIFO
+            raise RefsrError(f"{path}: not a regular file (a folder, device or FIFO); a checkpoint is written as a "
+                             "file")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
     except (SafetensorError, OSError) as e:  # a full disk, a folder gone: safetensors says "I/O error: ..."
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("I/O error: ")[-1]
         raise RefsrError(f"cannot write {path} ({reason}); what was there is kept") from None
+    except ValueError as e:  # a NUL in the name
+        raise RefsrError(f"cannot write {path} ({e})") from None
 
 
 def save_model(model: RefVAE, path, **extra_metadata) -> None:
@@ -70,9 +73,10 @@ def save_model(model: RefVAE, path, **extra_metadata) -> None:
         raise RefsrError(f"save_model: give a file name, not {type(path).__name__}")
     if {"format", "config"} & set(extra_metadata):
         raise RefsrError("save_model: the format and config are the model's own; name other metadata")
-    if os.fsdecode(path).endswith(("/", os.sep)):  # Path() drops the slash: "runs/" would be written as a file "runs"
-        raise RefsrError(f"save_model: {os.fsdecode(path)} names a folder; give the file (folder/name.safetensors)")
-    path = Path(path).expanduser()  # as load_weights reads it
+    # Path() drops a trailing / or /.: "runs/" would be written as a file "runs".
+    if os.fsdecode(path).endswith(("/", os.sep)) or os.path.basename(os.fsdecode(path)) in ("", ".", ".."):
+        raise RefsrError(f"save_model: {os.fsdecode(path)!r} names a folder; give the file (folder/name.safetensors)")
+    path = expanded(path)  # as load_weights reads it
     metadata = {"format": FORMAT, "config": model.config.to_json(),
                 **{k: str(v) for k, v in extra_metadata.items()}}
     atomic_save(model.trainable_state_dict(), path, metadata)
@@ -194,6 +198,14 @@ def load_weights(spec, scale: int | None = None) -> Weights:
     return Weights(model.eval(), path, metadata, sha256)
 
 
+def expanded(name) -> Path:
+    """A file name with ~ or ~user as that home folder, as a shell gives it; a user without one is refused."""
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        raise RefsrError(f"{os.fsdecode(name)}: {os.fsdecode(name).split('/')[0]} is no home folder here") from None
+
+
 def recorded_weights(spec: str | None, path: Path) -> str:
     """--weights as the outputs' record names it, for their redo command: "shipped"; a local file as it was given;
     a Hub reference pinned to the commit its file came from (owner/repo@COMMIT:FILE, from the cache's snapshot
@@ -202,12 +214,13 @@ def recorded_weights(spec: str | None, path: Path) -> str:
         return "shipped"
     from .hub import HUB_REF, import_hub
     match = HUB_REF.match(spec)
-    if Path(spec).expanduser().exists() or match is None:
+    if expanded(spec).exists() or match is None:
         return spec
-    # The file as hf_hub_download gives it: HF_HUB_CACHE/models--OWNER--REPO/snapshots/COMMIT/FILE. Read relative to
-    # the cache, not by looking for such names in the path: the cache's own path, or the repository's folders, may
-    # hold them too.
-    snapshots = Path(import_hub().HF_HUB_CACHE) / f"models--{match['repo'].replace('/', '--')}" / "snapshots"
+    # The file as hf_hub_download gives it: HF_HUB_CACHE/models--OWNER--REPO/snapshots/COMMIT/FILE, with the cache
+    # expanded and resolved as it does (a relative, linked or ~ cache). Read relative to the cache, not by looking for
+    # such names in the path: the cache's own path, or the repository's folders, may hold them too.
+    cache = expanded(import_hub().HF_HUB_CACHE).resolve()
+    snapshots = cache / f"models--{match['repo'].replace('/', '--')}" / "snapshots"
     try:
         commit, *file = Path(path).relative_to(snapshots).parts
     except ValueError:
@@ -225,7 +238,7 @@ def resolve_weights(spec: str | None, scale: int | None) -> Path:
         return path
     if spec == "":
         raise RefsrError("--weights '': an empty name, not a file or a Hub reference")
-    path = Path(spec).expanduser()
+    path = expanded(spec)
     try:
         exists = path.exists()
     except OSError as e:  # a name past 255 bytes: the system refuses to look

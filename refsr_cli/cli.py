@@ -449,13 +449,14 @@ def train(quiet, **options):
         if (Path(options["out"]) / STATE_FILE).is_file():
             fail(f"{stopped}; the last checkpoint is kept, continue with --resume", code)
         fail(f"{stopped} before the run's first checkpoint: nothing to resume", code)
-    except torch.cuda.OutOfMemoryError:
-        fail("out of GPU memory; lower --batch or --lr-patch (the last checkpoint is kept)")
     except (RuntimeError, MemoryError) as e:
         from .errors import memory_trouble
+        kept = ("the last checkpoint is kept" if (Path(options["out"]) / STATE_FILE).is_file() else
+                "before the run's first checkpoint")
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            fail(f"out of GPU memory; lower --batch or --lr-patch ({kept})")
         if memory_trouble(e):  # torch's CPU allocator, or numpy's
-            fail(f"{memory_trouble(e)}; lower --batch, --lr-patch or --pool-size (the last "
-                 "checkpoint is kept)")
+            fail(f"{memory_trouble(e)}; lower --batch, --lr-patch or --pool-size ({kept})")
         unexpected(e)
     except Exception as e:
         unexpected(e)
@@ -511,6 +512,11 @@ def info(outputs, as_json):
             continue
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors of unreadable and foreign files
             error_line(f"{path}: not a readable image ({e})")
+            code = 1
+            continue
+        except MemoryError as e:  # a large foreign PNG: Pillow decodes it to reach text chunks after its pixels
+            from .errors import memory_trouble
+            error_line(f"{path}: {memory_trouble(e)} reading it")
             code = 1
             continue
         if as_json:

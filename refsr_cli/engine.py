@@ -2,7 +2,6 @@
 latent, each output made consistent with its input by back-projection."""
 import functools
 import math
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -95,29 +94,18 @@ def checked_image(image, name: str, channels: int | None = 3) -> np.ndarray:
     return image if image.flags.writeable else image.copy()  # torch warns of a read-only array it is given
 
 
-@contextmanager
-def memory_said(lr: np.ndarray, scale: int):
-    """The computer's memory running out for `lr` (numpy's MemoryError, or torch's CPU allocator's RuntimeError) as
-    an OutOfMemory; a GPU's is left to the retry with smaller tiles."""
-    try:
-        yield
-    except (MemoryError, RuntimeError) as e:
-        if memory_trouble(e) is None:
-            raise
-        raise OutOfMemory(f"lr: {lr.shape[1]}x{lr.shape[0]} at x{scale}", e) from None
-
-
 def check_flag(name: str, value) -> None:
     """A yes-or-no argument of the Python API as a bool (numpy's too): "no" is a true string, 1 a number."""
     if not isinstance(value, (bool, np.bool_)):
         raise RefsrError(f"{name}={value!r}: give True or False")
 
 
-def check_draw(seed, temperature) -> int:
-    """The seed of a draw as an int (numpy's integers too: torch's manual_seed takes only Python's)."""
+def check_draw(seed, temperature) -> tuple:
+    """The seed of a draw as an int and its temperature as a float (numpy's numbers and Fractions too: torch's
+    manual_seed takes only Python's ints, and a tensor is not multiplied by a Fraction)."""
     check_number("seed", seed, 0, MAX_SEED, integer=True)
     check_number("temperature", temperature, 0, MAX_TEMPERATURE)
-    return int(seed)
+    return int(seed), float(temperature)
 
 
 class Upscaler:
@@ -134,9 +122,8 @@ class Upscaler:
     def __init__(self, model: RefVAE, device, *, tile: int = EngineOptions.tile, tile_pad: int = EngineOptions.tile_pad,
                  consistency_steps: int = EngineOptions.consistency_steps, half: bool = EngineOptions.half,
                  weights_path=None, weights_sha256=None, texture_trained: bool = True, warn=None):
-        check_number("tile", tile, MIN_TILE, math.inf, integer=True)  # the flags' bounds, for the Python API
-        check_number("tile_pad", tile_pad, 0, math.inf, integer=True)
-        check_number("consistency_steps", consistency_steps, 0, MAX_CONSISTENCY_STEPS, integer=True)
+        self.tile, self.tile_pad, self.consistency_steps = tile, tile_pad, consistency_steps
+        self.check_settings()
         check_flag("half", half)
         # A network with a config, as RefVAE is (not isinstance: the speed bench runs the paper's graph through this).
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
@@ -151,7 +138,6 @@ class Upscaler:
         # (docs/benchmarks.md).
         self.model = model.to(self.device, self.dtype).to(memory_format=torch.channels_last).eval()
         self.scale = model.config.scale
-        self.tile, self.tile_pad, self.consistency_steps = tile, tile_pad, consistency_steps
         self.weights_path = weights_path  # the checkpoint file, when loaded from one (for the outputs' provenance)
         self.weights_sha256 = weights_sha256  # its sha256, as it was read
         self.texture_trained = texture_trained  # checkpoint.texture_trained: whether z and references matter
@@ -185,6 +171,36 @@ class Upscaler:
                    consistency_steps=options.consistency_steps, half=options.half, weights_path=loaded.path,
                    weights_sha256=loaded.sha256, texture_trained=loaded.texture_trained, warn=warn)
 
+    def check_settings(self) -> None:
+        """The tiles and back-projection as the flags bound them, for the Python API: when made, and again before
+        each image (a field may have been set since: a negative tile returned an uninitialised buffer)."""
+        check_number("tile", self.tile, MIN_TILE, math.inf, integer=True)
+        check_number("tile_pad", self.tile_pad, 0, math.inf, integer=True)
+        check_number("consistency_steps", self.consistency_steps, 0, MAX_CONSISTENCY_STEPS, integer=True)
+
+    def within_memory(self, what: str, work):
+        """work() under the out-of-memory rules. A GPU's: started again with tiles of half the size, which stay for
+        the images after it (a record gives the tile it was made with). The computer's (numpy's MemoryError, or
+        torch's CPU allocator's RuntimeError): an OutOfMemory naming `what`."""
+        while True:
+            try:
+                try:
+                    return work()
+                except (MemoryError, RuntimeError) as e:
+                    if memory_trouble(e) is None:
+                        raise
+                    raise OutOfMemory(what, e) from None
+            except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; MPS raises a plain RuntimeError
+                if "out of memory" not in str(e):
+                    raise
+                if self.tile // 2 < MIN_TILE:
+                    raise RefsrError(f"{what}: out of GPU memory even with {self.tile}-pixel tiles; try --device "
+                                     "cpu") from None
+                self.tile //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.warn(f"out of GPU memory; retrying with --tile {self.tile}")
+
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         """HxWxC array -> (1, C, H, W) tensor, channels-last (the HWC memory as it is)."""
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(
@@ -195,10 +211,11 @@ class Upscaler:
                     seed: int = BatchOptions.seed) -> Latent:
         """z from a reference image, mu + temperature * sigma * eps (eps and the texture noise of `seed`)."""
         image = checked_image(image, "reference")
-        seed = check_draw(seed, temperature)
+        seed, temperature = check_draw(seed, temperature)
         size = self.model.config.ref_size
-        ref = Image.fromarray((image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
-        mu, logvar = self.model.encode_reference(self._tensor(np.asarray(ref, dtype=np.float32) / 255))
+        resized = self.within_memory(f"reference: {image.shape[1]}x{image.shape[0]}", lambda: Image.fromarray(
+            (image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC))
+        mu, logvar = self.model.encode_reference(self._tensor(np.asarray(resized, dtype=np.float32) / 255))
         eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed)).to(mu)
         return Latent(mu + temperature * torch.exp(0.5 * logvar) * eps, seed)
 
@@ -208,8 +225,10 @@ class Upscaler:
         from .analogy import bank_part, check_reference, make_bank, reference_pairs
         image = checked_image(image, name)
         check_reference(image, name)
-        pairs = reference_pairs(image, self.scale, self.faithful, name)
-        return make_bank([bank_part(sharp, faithful) for sharp, faithful in pairs], name, scale=self.scale)
+        self.check_settings()
+        return self.within_memory(f"{name}: {image.shape[1]}x{image.shape[0]}", lambda: make_bank(
+            [bank_part(sharp, faithful) for sharp, faithful in reference_pairs(image, self.scale, self.faithful,
+                                                                                name)], name, scale=self.scale))
 
     def texture_bank(self):
         """The shipped texture bank of this scale (weights/texture-bank-xS.safetensors), loaded on first use."""
@@ -221,7 +240,7 @@ class Upscaler:
     def prior_z(self, seed: int, temperature: float = SAMPLE_TEMPERATURE) -> Latent:
         """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device, and the
         texture noise of the same seed; at temperature 0, the fidelity output."""
-        seed = check_draw(seed, temperature)
+        seed, temperature = check_draw(seed, temperature)
         if temperature == 0:
             return Latent(None, seed)
         eps = torch.randn(1, self.model.config.z_dim, generator=torch.Generator().manual_seed(seed))
@@ -277,24 +296,19 @@ class Upscaler:
                                      f"scale is x{self.scale}; make the bank with this Upscaler")
         if transfer is not None and not isinstance(transfer, Transfer):
             raise RefsrError(f"transfer: give a match.Transfer (correspond) or None, not {type(transfer).__name__}")
+        if transfer is not None and (transfer.scale != self.scale or
+                                     tuple(transfer.confidence.shape) != tuple(lr.shape[:2])):
+            raise RefsrError(f"transfer: made for a {transfer.confidence.shape[1]}x{transfer.confidence.shape[0]} "
+                             f"image at x{transfer.scale}, and this is a {lr.shape[1]}x{lr.shape[0]} one at "
+                             f"x{self.scale}: correspond() this lr at this scale")
         if on_tile is not None and not callable(on_tile):
             raise RefsrError(f"on_tile: give a function or None, not {type(on_tile).__name__}")
         if bits not in (8, 16):
             raise RefsrError(f"bits={bits!r}: give 8 or 16")
         check_flag("grayscale", grayscale)
-        while True:
-            try:
-                with memory_said(lr, self.scale):
-                    return self._upscale(lr, latents, transfer, alpha, grayscale, bits, on_tile)
-            except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; MPS raises a plain RuntimeError
-                if "out of memory" not in str(e):
-                    raise
-                if self.tile // 2 < MIN_TILE:
-                    raise RefsrError(f"out of GPU memory even with {self.tile}-pixel tiles; try --device cpu")
-                self.tile //= 2
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                self.warn(f"out of GPU memory; retrying with --tile {self.tile}")
+        self.check_settings()
+        return self.within_memory(f"lr: {lr.shape[1]}x{lr.shape[0]} at x{self.scale}", lambda: self._upscale(
+            lr, latents, transfer, alpha, grayscale, bits, on_tile))
 
     def check_latent(self, latent: Latent) -> None:
         """A Latent as prior_z and reference_z make one, else a RefsrError (a nan z gave a black image)."""
@@ -322,8 +336,9 @@ class Upscaler:
         """The fidelity output of `lr` (HxWx3 float), back-projected, as a (1, 3, H*s, W*s) float32 CPU tensor: what
         the texture analogy matches and pastes onto (refsr_cli.analogy)."""
         lr = checked_image(lr, "lr")
-        with memory_said(lr, self.scale):
-            image = self._upscale(lr, [None], None, None, False, None, None)[0]
+        self.check_settings()
+        image = self.within_memory(f"lr: {lr.shape[1]}x{lr.shape[0]} at x{self.scale}", lambda: self._upscale(
+            lr, [None], None, None, False, None, None))[0]
         return torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
 
     @torch.inference_mode()

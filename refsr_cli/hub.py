@@ -70,9 +70,9 @@ def import_hub():
             importlib.import_module(f"huggingface_hub.{module}")
     except ValueError as e:
         raise RefsrError(f"huggingface_hub cannot start: {e} (check the HF_* environment variables)") from None
-    # Its log ("Trying to resume download...", five times, then "Max retries exceeded") is not refsr's one line: what
-    # failed is said in that line.
-    hub_logging.set_verbosity_error()
+    # Its log, errors too ("Trying to resume download...", five times, then "Max retries exceeded"; "Could not cache
+    # non-existence of file. Will ignore error and continue"), is not refsr's one line: what failed is said there.
+    hub_logging.set_verbosity(hub_logging.CRITICAL + 1)
     return constants
 
 

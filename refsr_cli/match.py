@@ -40,6 +40,7 @@ from PIL import Image
 
 from .errors import RefsrError
 from .model import downscale
+from .options import MAX_SEED, SCALES, check_number
 
 PATCH = 5  # LR pixels per side of a matched patch
 BRUTE_PAIRS = 1 << 24  # query x reference pixels compared exhaustively on the coarsest pyramid level
@@ -59,6 +60,9 @@ def prepare_reference(image: np.ndarray, scale: int, name: str = "reference") ->
     """HxWx3 float reference -> (1, 3, H, W) tensor, downscaled to at most MAX_REFERENCE_PIXELS and cropped to a
     multiple of the scale; uint8 or uint16 where the pixels are exactly 8- or 16-bit values (reference_pixels gives
     them back as float32, bit for bit), else float32. `name`: what an error calls it (the file)."""
+    from .engine import checked_image  # (the engine imports this module)
+    check_scale(scale)
+    image = checked_image(image, name)
     h, w = image.shape[:2]
     if h * w > MAX_REFERENCE_PIXELS:
         factor = math.sqrt(MAX_REFERENCE_PIXELS / (h * w))
@@ -445,9 +449,37 @@ class Transfer:
         return (sr * (1 - strongest) + aligned * strongest).to(device, dtype)
 
 
+def check_scale(scale) -> None:
+    check_number("scale", scale, min(SCALES), max(SCALES), integer=True)
+    if scale not in SCALES:
+        raise RefsrError(f"scale={scale!r}: give one of {', '.join(map(str, SCALES))}")
+
+
+def check_pixels(tensor, name: str, dtypes: tuple) -> None:
+    """A (1, 3, H, W) image tensor of one of `dtypes`, its float pixels finite and in [0, 1] (a nan pixel in a
+    reference or the LR image blended a black output), else a RefsrError naming it."""
+    if (not isinstance(tensor, torch.Tensor) or tensor.is_meta or tensor.layout != torch.strided or tensor.ndim != 4
+            or tuple(tensor.shape[:2]) != (1, 3) or 0 in tensor.shape or tensor.dtype not in dtypes):
+        raise RefsrError(f"{name}: give a (1, 3, H, W) tensor of {' or '.join(str(t) for t in dtypes)}, not "
+                         f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}"
+                         f"{' ' + str(tensor.dtype) if isinstance(tensor, torch.Tensor) else ''}")
+    if tensor.is_floating_point() and not (torch.isfinite(tensor).all() and 0 <= tensor.min() and tensor.max() <= 1):
+        raise RefsrError(f"{name}: holds pixels that are not numbers in [0, 1]")
+
+
 def correspond(lr: torch.Tensor, references: list, scale: int, seed: int = 0) -> Transfer:
     """The Transfer of LR image `lr` (1, 3, h, w) from HR references (each (1, 3, H, W), from prepare_reference)."""
-    generator = torch.Generator().manual_seed(seed)
+    check_scale(scale)
+    check_number("seed", seed, 0, MAX_SEED, integer=True)
+    check_pixels(lr, "lr", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    if not isinstance(references, (list, tuple)) or not references:
+        raise RefsrError("references: give a list of one or more prepare_reference tensors")
+    for i, reference in enumerate(references):
+        check_pixels(reference, f"references[{i}]", (torch.uint8, torch.uint16, torch.float32))
+        if min(reference.shape[-2:]) < PATCH * scale:
+            raise RefsrError(f"references[{i}]: too small to match at x{scale} (at least {PATCH * scale} pixels on "
+                             "each side; prepare_reference checks it)")
+    generator = torch.Generator().manual_seed(int(seed))
     lr = lr.float().cpu()
     # A flat LR window matches any flat reference window, yet the reference may hold detail there that its
     # downscale hides (grain, fine stripes): only where the LR image has structure is a match evidence.

@@ -90,10 +90,12 @@ def check_sidecars(outputs: list, record: dict, written_too: bool = False) -> No
     of the files: one replaced meanwhile is not taken). And a sidecar --skip-existing keeps beside images this run
     writes must be this run's too."""
     images = [o for o in outputs if o.kind == "image"]
+    # The tile changes an output's last grey level only, and a GPU out-of-memory retry halves it within one run: a
+    # walk's frames made before the retry and after it are still this walk's (each record gives its own tile).
     for sidecar in (o for o in outputs if o.kind in ("animation", "map")):
         if sidecar.todo:
             # An image made without --match-map is the same image: a map may be added beside it later.
-            ignoring = {"match_map"} if sidecar.kind == "map" else set()
+            ignoring = {"tile", "match_map"} if sidecar.kind == "map" else {"tile"}
             for image in images:
                 if (written_too or not image.todo) and not holds(image.path, record | image.variant.fields, ignoring):
                     what = (f"frame {image.variant.fields['frame']} of this walk" if sidecar.kind == "animation"
@@ -102,7 +104,7 @@ def check_sidecars(outputs: list, record: dict, written_too: bool = False) -> No
                     raise RefsrError(f"{image.path}: {how}, but not {what} (another run's, or not refsr's); "
                                      f"{sidecar.path.name} tells only of this run's images: move it away, or "
                                      "--overwrite")
-        elif any(image.todo for image in images) and not holds(sidecar.path, record | sidecar.fields):
+        elif any(image.todo for image in images) and not holds(sidecar.path, record | sidecar.fields, {"tile"}):
             raise RefsrError(f"{sidecar.path}: kept by --skip-existing, but it tells of another run's images, and "
                              "this run writes them anew: move it away, or --overwrite")
 

@@ -55,8 +55,17 @@ def contact_sheet(tiles, labels, columns: int = 4) -> Image.Image:
         tile = np.repeat(tile[..., :1], 3, axis=2) if tile.shape[2] <= 2 else tile[..., :3]
         x, y = GAP + (i % columns) * (w + GAP), GAP + (i // columns) * (h + LABEL_HEIGHT + GAP)
         sheet.paste(Image.fromarray(np.ascontiguousarray(tile)), (x, y))
-        text = label
-        while text and draw.textlength(text, font=font) > w:  # long reference names: cut, keep the start
-            text = text[:-1]
-        draw.text((x + 2, y + h + 3), text if text == label else text[:-1] + "…", fill="black", font=font)
+        draw.text((x + 2, y + h + 3), fitted(draw, font, label, w), fill="black", font=font)
     return sheet
+
+
+def fitted(draw, font, label: str, width: int) -> str:
+    """`label` as it fits `width` pixels: whole, or cut in its middle, where two long names of references (or two
+    long seeds) most likely agree: "--ref holiday_phot…beach_002.png"."""
+    if draw.textlength(label, font=font) <= width:
+        return label
+    for keep in range(len(label) - 1, 0, -1):
+        text = label[:(keep + 1) // 2] + "…" + label[len(label) - keep // 2:]
+        if draw.textlength(text, font=font) <= width - 2:  # drawn 2 pixels in
+            return text
+    return "…"

@@ -1990,3 +1990,177 @@ def test_an_upscaler_built_directly_refuses_half_precision_on_the_cpu():
     from refsr_cli.errors import RefsrError
     with pytest.raises(RefsrError, match="half=True needs a GPU"):
         Upscaler(tiny_model(2), "cpu", half=True)
+
+
+# --- sweep 13b ------------------------------------------------------------------------------------------------------
+
+def gpu_out_of_memory_above(pixels):
+    """RefVAE.encode_lr as a GPU with room for `pixels` LR pixels a tile would run it."""
+    from refsr_cli.model import RefVAE
+    original = RefVAE.encode_lr
+
+    def encode_lr(self, x):
+        if x.shape[-1] * x.shape[-2] > pixels:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, x)
+    return encode_lr
+
+
+def test_a_walk_animates_its_frames_when_a_retry_halved_the_tiles(tmp_path, checkpoint, monkeypatch):
+    """Its frames record the tile each was made with; the check that the animation is made of this walk's frames
+    took them for another run's. And the next input, which never ran out, too."""
+    from refsr_cli.model import RefVAE
+    monkeypatch.setattr(RefVAE, "encode_lr", gpu_out_of_memory_above(600))
+    big, small = write_png(tmp_path / "a.png", 40, 40), write_png(tmp_path / "b.png", 16, 16)
+    out = tmp_path / "out"
+    result = run("walk", big, small, "--seed", 1, "--seed", 2, "--steps", 3, "--animate", "gif", "--scale", 2,
+                 "--weights", checkpoint, "--tile", 32, "--tile-pad", 0, "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert (out / "a_x2_walk.gif").is_file() and (out / "b_x2_walk.gif").is_file()
+
+
+def test_a_reference_bank_is_made_again_with_smaller_tiles_when_the_gpu_runs_out(tmp_path, checkpoint, monkeypatch):
+    from refsr_cli.model import RefVAE
+    monkeypatch.setattr(RefVAE, "encode_lr", gpu_out_of_memory_above(600))
+    lr, ref = write_png(tmp_path / "in.png", 16, 16), write_png(tmp_path / "ref.png", 64, 64, seed=3)
+    result = run("upscale", lr, "--ref", ref, "--scale", 2, "--weights", checkpoint, "--tile", 32, "--tile-pad", 0,
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "retrying with --tile 16" in result.stderr
+    up = Upscaler(tiny_model(2), "cpu", tile=32, tile_pad=0)
+    assert up.faithful(np.random.default_rng(0).random((40, 40, 3)).astype(np.float32)).shape == (1, 3, 80, 80)
+    assert up.tile == 16
+
+
+def test_memory_running_out_for_a_reference_or_file_names_it(tmp_path, checkpoint, monkeypatch):
+    """info (a foreign PNG Pillow decodes to reach its text), a reference of the learned texture (its z), eval
+    --ref, train's images, and --match's references (the input was blamed, and --max-pixels)."""
+    from PIL import Image
+    from refsr_cli import batch, train_data
+    lr, ref = write_png(tmp_path / "in.png", 16, 16), write_png(tmp_path / "ref.png", 40, 40, seed=3)
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    write_png(hr / "a.png", 48, 40)
+    real_convert = Image.Image.convert
+
+    def no_room_for_40(self, *args, **kwargs):
+        if self.size == (40, 40):
+            raise MemoryError("Unable to allocate 4.47 GiB for an array with shape (20000, 20000, 3)")
+        return real_convert(self, *args, **kwargs)
+    with monkeypatch.context() as patched:
+        patched.setattr(Image.Image, "convert", no_room_for_40)
+        patched.setattr(Image.Image, "resize", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+        result = run("upscale", lr, "--ref", ref, "--texture", "learned", "--scale", 2, "--weights", checkpoint,
+                     "-o", tmp_path / "out")
+        assert result.exit_code == 2, result.output
+        one_error_line(result, "reference", "ref.png: out of memory")
+        result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--ref", ref, "--device", "cpu")
+        assert result.exit_code == 2, result.output
+        one_error_line(result, "reference", "ref.png: out of memory", "give smaller references")
+    with monkeypatch.context() as patched:
+        patched.setattr(train_data, "read_rgb", lambda p: (_ for _ in ()).throw(MemoryError("Unable to allocate "
+                                                                                             "7.5 GiB for x")))
+        result = run(*train_args(tmp_path, "--init", checkpoint))
+        assert result.exit_code == 2, result.output
+        one_error_line(result, "out of memory (Unable to allocate 7.5 GiB)", "training holds its images in memory")
+        assert "--batch" not in result.stderr
+    with monkeypatch.context() as patched:
+        patched.setattr(batch, "correspond", lambda *a: (_ for _ in ()).throw(RuntimeError(CPU_ALLOCATOR)))
+        result = run("upscale", lr, "--ref", ref, "--match", "--scale", 2, "--weights", checkpoint, "-o",
+                     tmp_path / "m", "-q")
+        assert result.exit_code == 1, result.output
+        one_error_line(result, "in.png: out of memory (Unable to allocate 0.32 GiB) matching its 1 reference(s)",
+                       "fewer or smaller references")
+    foreign = tmp_path / "foreign.png"
+    Image.new("RGB", (8, 8)).save(foreign)
+    with monkeypatch.context() as patched:
+        patched.setattr(Image.Image, "load", lambda self: (_ for _ in ()).throw(MemoryError()))
+        result = run("info", foreign, foreign)
+    assert result.exit_code == 1
+    assert result.stderr.count("foreign.png: out of memory") == 2, result.stderr  # each named; the next still read
+
+
+def test_matching_through_the_python_api_refuses_what_would_give_a_black_image():
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.match import correspond, prepare_reference
+    up = Upscaler(tiny_model(2), "cpu")
+    rng = np.random.default_rng(0)
+    lr = rng.random((20, 20, 3)).astype(np.float32)
+    lr_t = torch.from_numpy(lr).permute(2, 0, 1)[None]
+    ref = prepare_reference(rng.random((48, 48, 3)).astype(np.float32), 2)
+    for bad, fragment in (((lr_t * float("nan"), [ref], 2), "lr: holds pixels"),
+                          ((lr_t, [ref.float() * float("nan")], 2), r"references\[0\]: holds pixels"),
+                          ((lr, [ref], 2), "lr: give a"), ((lr_t, [ref], 0), "scale=0"),
+                          ((lr_t, ref, 2), "references: give a list"), ((lr_t, [np.zeros(3)], 2), r"references\[0\]")):
+        with pytest.raises(RefsrError, match=fragment):
+            correspond(*bad)
+    with pytest.raises(RefsrError, match="seed"):
+        correspond(lr_t, [ref], 2, seed=2 ** 64)
+    with pytest.raises(RefsrError, match="not finite"):
+        prepare_reference(np.full((48, 48, 3), np.nan, np.float32), 2)
+    with pytest.raises(RefsrError, match="HxWx3"):
+        prepare_reference([[1]], 2)
+    for other, fragment in ((correspond(lr_t, [ref], 4), "at x4"), (correspond(lr_t[..., :10, :10], [ref], 2), "10x10")):
+        with pytest.raises(RefsrError, match=f"transfer: made for .*{fragment}"):
+            up.upscale(lr, [None], transfer=other)
+
+
+def test_a_hand_made_bank_past_any_pixel_value_is_refused():
+    import copy
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    rng = np.random.default_rng(0)
+    lr = rng.random((16, 16, 3)).astype(np.float32)
+    bank = up.reference_bank(rng.random((48, 48, 3)).astype(np.float32))
+    for field, value in (("residual", bank.residual.double() * 1e300), ("step", 1e300), ("step", True),
+                         ("residual", torch.empty(bank.residual.shape, device="meta"))):
+        odd = copy.copy(bank)
+        setattr(odd, field, value)
+        with pytest.raises(RefsrError, match="residual or step"):
+            up.upscale(lr, [Texture(odd, 1, 1.0)])
+    assert up.upscale(lr, [Texture(bank, 1, 1.0)])[0].std() > 0  # the bank as made still works
+
+
+def test_weights_and_checkpoint_names_the_system_refuses_are_one_line(tmp_path, checkpoint):
+    from refsr_cli.errors import RefsrError
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", "~nosuchuser/x.safetensors",
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    one_error_line(result, "~nosuchuser is no home folder here")
+    for call in (lambda: load_weights("~nosuchuser/x.safetensors", 2),
+                 lambda: save_model(tiny_model(2), "~nosuchuser/x.safetensors")):
+        with pytest.raises(RefsrError, match="no home folder"):
+            call()
+    for name, fragment in (("x" * 300 + ".safetensors", "File name too long"), ("a\x00b.safetensors", "null"),
+                           ("dir/.", "names a folder"), ("dir/..", "names a folder")):
+        with pytest.raises(RefsrError, match=fragment):
+            save_model(tiny_model(2), f"{tmp_path}/{name}")  # (a Path would drop the /.)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "tiny-x2.safetensors"]
+
+
+def test_a_sheet_label_too_long_is_cut_in_its_middle_where_two_names_still_differ():
+    from PIL import Image, ImageDraw, ImageFont
+    from refsr_cli.sheet import fitted
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), ImageFont.load_default()
+    a, b = (fitted(draw, font, f"--ref holiday_photos_2024_summer_beach_sunset_view_00{i}.png", 128) for i in (1, 2))
+    assert a != b and a.startswith("--ref ho") and a.endswith("1.png") and "…" in a
+    assert draw.textlength(a, font=font) <= 126
+    assert fitted(draw, font, "--seed 3", 128) == "--seed 3"
+
+
+def test_the_python_apis_numbers_are_taken_as_the_flags_take_them():
+    """A Fraction temperature raised a raw TypeError in the tensor arithmetic; a tile set after the Upscaler was made
+    returned an uninitialised buffer."""
+    from fractions import Fraction
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    assert torch.equal(up.prior_z(1, Fraction(1, 2)).z, up.prior_z(1, 0.5).z)
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    assert torch.equal(up.reference_z(lr, Fraction(1, 2), 3).z, up.reference_z(lr, 0.5, 3).z)
+    for field, value in (("tile", -5), ("tile", 8.5), ("tile_pad", -3), ("consistency_steps", float("nan"))):
+        odd = Upscaler(tiny_model(2), "cpu")
+        setattr(odd, field, value)
+        with pytest.raises(RefsrError, match=field):
+            odd.upscale(lr, [None])
+        with pytest.raises(RefsrError, match=field):
+            odd.faithful(lr)

@@ -362,6 +362,43 @@ def test_the_redo_of_hub_weights_loads_the_commit_it_used(hub, tmp_path, checkpo
     assert image.exists()
 
 
+@pytest.mark.parametrize("kind", ["relative", "linked"])
+def test_a_relative_or_linked_cache_still_pins_the_commit(hub, tmp_path, monkeypatch, kind):
+    """huggingface_hub resolves the cache folder; the pin compared the path it gave with the cache as named."""
+    import json
+    (tmp_path / "real").mkdir()
+    if kind == "linked":
+        (tmp_path / "link").symlink_to(tmp_path / "real")
+    cache = "real/cache" if kind == "relative" else str(tmp_path / "link" / "cache")
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", cache)
+    write_png(tmp_path / "small.png", height=12, width=12)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["upscale", "small.png", "--scale", "2", "--weights", f"{REPO}:tiny.safetensors",
+                                       "-o", "out", "-q", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(CliRunner().invoke(main, ["info", "--json", "out/small_x2.png"]).stdout)
+    assert record["weights"] == f"{REPO}@{hub.commit(REPO, 'main')}:tiny.safetensors"
+
+
+def test_the_hubs_own_error_log_is_not_a_second_line(hub, tmp_path):
+    """A cache where huggingface_hub cannot note a missing file: it logged an error ("Could not cache non-existence
+    of file") before refsr's one line."""
+    import os
+    import subprocess
+    import sys
+    marker = hub.cache / "models--owner--repo" / ".no_exist"
+    marker.parent.mkdir(parents=True)
+    marker.touch()  # a file where it makes a folder
+    # In a process of its own: its log goes to the process's stderr, which CliRunner does not capture.
+    done = subprocess.run([sys.executable, "-m", "refsr_cli", "upscale", str(write_png(tmp_path / "small.png", 12, 12)),
+                           "--scale", "2", "--weights", f"{REPO}:missing.safetensors", "-o", str(tmp_path / "out")],
+                          env=os.environ | {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(hub.cache)},
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "no such file in that Hub repository" in done.stderr, done.stderr
+
+
 def test_a_cache_inside_a_folder_shaped_like_a_snapshot_still_pins_the_commit(hub, tmp_path, monkeypatch):
     """The pin is read relative to HF_HUB_CACHE: a cache that itself lies under models--owner--repo/snapshots/X/
     (an odd HF_HOME) named X as the commit, and a redo that does not exist."""
