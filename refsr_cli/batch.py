@@ -174,7 +174,8 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     try:  # last: a run refused above leaves no empty folder behind
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RefsrError(f"{opt.out}: cannot create the output folder ({e.strerror or e})") from None
+        reason = (in_the_way(folder) if isinstance(e, FileExistsError) else None) or e.strerror or e
+        raise RefsrError(f"{opt.out}: cannot create the output folder ({reason})") from None
     return plan
 
 
@@ -192,6 +193,17 @@ def check_flags(opt: BatchOptions, refs, seeds) -> None:
         raise RefsrError("--match-map writes the map beside the images, which --sheet does not write: choose one")
     if opt.walk is not None and seeds is not None and opt.temperature == 0:
         raise RefsrError("a walk between seeds needs a --temperature above 0 (at 0 every seed gives the same image)")
+
+
+def in_the_way(folder: Path) -> str | None:
+    """What stops mkdir making `folder` where it says only "File exists": a file, or a link to nothing, at the
+    folder's name or at one above it."""
+    for path in (folder, *folder.parents):
+        if path.is_symlink() and not path.exists():
+            return f"{path} is a link to nothing"
+        if path.exists() and not path.is_dir():
+            return f"{path} is a file, not a folder"
+    return None
 
 
 def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_paths: list, seeds) -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import RefsrError
+from .errors import RefsrError, memory_named
 from .files import atomic_path, read_unchanged
 from .model import RefVAE, RefVAEConfig, check_size
 from .options import SCALES, check_number
@@ -127,7 +127,8 @@ def load_backbone(module: torch.nn.Module, *names: str) -> None:
         if not path.is_file():
             raise RefsrError(f"backbone weights {path} are missing (see weights/README.md to rebuild them)")
         try:
-            state.update({k: v.float() for k, v in load_file(str(path)).items()})
+            with memory_named(str(path)):
+                state.update({k: v.float() for k, v in load_file(str(path)).items()})
         except (SafetensorError, OSError) as e:  # a git-lfs pointer, a truncated copy
             raise RefsrError(f"backbone weights {path} are damaged ({e}); reinstall refsr, or see weights/README.md "
                              "to rebuild them") from None
@@ -183,8 +184,9 @@ def load_weights(spec, scale: int | None = None) -> Weights:
             raise RefsrError(f"scale={scale!r}: give one of {', '.join(map(str, SCALES))}")
     path = resolve_weights(None if spec is None else str(spec), scale)
     # Config, weights and metadata of one file, as it was when hashed (a train may be saving there).
-    (config, state, metadata), sha256 = read_unchanged(path, lambda p: (read_config(p), read_weights(p),
-                                                                        read_metadata(p)))
+    with memory_named(str(path)):  # (safetensors maps the file: an mmap the memory limit refuses)
+        (config, state, metadata), sha256 = read_unchanged(path, lambda p: (read_config(p), read_weights(p),
+                                                                            read_metadata(p)))
     if scale is not None and config.scale != scale:
         raise RefsrError(f"{path}: a x{config.scale} checkpoint, but --scale {scale} was asked for")
     model = build_model(config)

@@ -180,10 +180,11 @@ def unexpected(e: Exception):
     from .report import SIGNAL_EXITS, SIGNALLED
     if SIGNALLED:
         fail(*SIGNAL_EXITS[SIGNALLED[0]])
+    if memory_trouble(e):  # where no handler of the work expected it (the planning of a run); before a file's
+        # ENOMEM is taken for trouble with its name
+        fail(memory_trouble(e))
     if name_trouble(e):
         fail(name_trouble(e))
-    if memory_trouble(e):  # where no handler of the work expected it (the planning of a run)
-        fail(memory_trouble(e))
     fail(f"internal error, please report it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)
 
 

@@ -1,4 +1,6 @@
+import errno
 import re
+from contextlib import contextmanager
 
 
 class RefsrError(Exception):
@@ -24,15 +26,18 @@ def name_trouble(e: Exception) -> str | None:
 def memory_trouble(e: BaseException) -> str | None:
     """The words for `e` when it is the computer's memory running out, with what could not be allocated in numpy's
     words without the array's details ("out of memory (Unable to allocate 25.7 GiB)"): numpy's or Pillow's
-    MemoryError, the engine's OutOfMemory, or the RuntimeError of torch's CPU allocator ("can't allocate memory: you
-    tried to allocate 339738624 bytes"). None for any other error."""
+    MemoryError, the engine's OutOfMemory, the RuntimeError of torch's CPU allocator ("can't allocate memory: you
+    tried to allocate 339738624 bytes") or of its loading a file ("unable to mmap 11087128 bytes from file ...:
+    Cannot allocate memory (12)"), an OSError of ENOMEM. None for any other error."""
     if isinstance(e, OutOfMemory):
         return e.trouble
     if isinstance(e, MemoryError):  # Pillow's says nothing
         asked = str(e).split(" for ")[0]
-    elif isinstance(e, RuntimeError) and "can't allocate memory" in str(e):
-        asked = re.search(r"allocate (\d+) bytes", str(e))
+    elif isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "Cannot allocate memory" in str(e)):
+        asked = re.search(r"(\d+) bytes", str(e))
         asked = asked and f"Unable to allocate {int(asked[1]) / 2 ** 30:.2f} GiB"
+    elif isinstance(e, OSError) and e.errno == errno.ENOMEM:
+        asked = None
     else:
         return None
     return f"out of memory ({asked})" if asked else "out of memory"
@@ -45,3 +50,14 @@ class OutOfMemory(RefsrError, MemoryError):
     def __init__(self, what: str, e: BaseException):
         self.trouble = memory_trouble(e) or "out of memory"
         super().__init__(f"{what}: {self.trouble}")
+
+
+@contextmanager
+def memory_named(what: str):
+    """The computer's memory running out in the block (memory_trouble) as an OutOfMemory naming `what`."""
+    try:
+        yield
+    except (MemoryError, RuntimeError, OSError) as e:
+        if memory_trouble(e) is None:
+            raise
+        raise OutOfMemory(what, e) from None

@@ -19,6 +19,18 @@ class AppearedMeanwhile(FileExistsError):
     """The target of an exclusive write (replace=False) was created by someone else while it was being written."""
 
 
+def held_folder(folder: Path) -> int | None:
+    """A descriptor of `folder`, for atomic_path: should the folder be renamed or moved while a file is written into
+    it (the write then fails), the temporary is still removed from it, wherever it went, not looked for under the
+    old name. None where the system cannot remove a file through one (Windows) or the folder cannot be opened."""
+    if os.unlink not in os.supports_dir_fd:
+        return None
+    try:
+        return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a folder that can be written to but not read (mode -wx): mkstemp says what is wrong, if anything
+        return None
+
+
 @contextmanager
 def atomic_path(path, replace: bool = True):
     """Yields a temporary path in the target's folder; on success it becomes `path`, on any error or interruption it
@@ -26,7 +38,13 @@ def atomic_path(path, replace: bool = True):
     (AppearedMeanwhile) when a file of that name appeared meanwhile (another process writing into the same folder):
     a check made before the work began cannot see it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{short_stem(path)}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
+    folder = held_folder(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{short_stem(path)}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
+    except BaseException:
+        if folder is not None:
+            os.close(folder)
+        raise
     try:
         os.close(fd)
         yield tmp
@@ -38,8 +56,17 @@ def atomic_path(path, replace: bool = True):
         else:
             publish_exclusively(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        try:
+            if folder is not None:
+                os.unlink(os.path.basename(tmp), dir_fd=folder)
+            else:
+                os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
+    finally:
+        if folder is not None:
+            os.close(folder)
 
 
 NAME_MAX = 255  # bytes in one file name: Linux's, macOS's and Windows' file systems alike

@@ -2164,3 +2164,41 @@ def test_the_python_apis_numbers_are_taken_as_the_flags_take_them():
             odd.upscale(lr, [None])
         with pytest.raises(RefsrError, match=field):
             odd.faithful(lr)
+
+
+# --- sweep 13c ------------------------------------------------------------------------------------------------------
+
+def test_memory_running_out_while_weights_load_names_the_file(tmp_path, checkpoint, monkeypatch):
+    """safetensors maps the file; under a memory limit torch's "unable to mmap ... Cannot allocate memory (12)" was
+    'internal error', exit 1. And an ENOMEM OSError was taken for trouble with a file's name."""
+    from PIL import Image
+    from refsr_cli import checkpoint as checkpoints
+    from refsr_cli.errors import memory_trouble
+
+    def no_room(path):
+        raise RuntimeError(f"unable to mmap 11087128 bytes from file <{path}>: Cannot allocate memory (12)")
+    monkeypatch.setattr(checkpoints, "read_weights", no_room)
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", checkpoint, "-o",
+                 tmp_path / "out")
+    assert result.exit_code == 2
+    one_error_line(result, "tiny-x2.safetensors: out of memory (Unable to allocate 0.01 GiB)")
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    Image.new("RGB", (48, 40)).save(hr / "a.png")
+    monkeypatch.undo()
+    monkeypatch.setattr(checkpoints, "load_file", no_room)  # the weights', then the backbones' (LPIPS, VGG16)
+    result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--device", "cpu")
+    assert result.exit_code == 2
+    one_error_line(result, ".safetensors: out of memory")
+    assert memory_trouble(OSError(12, "Cannot allocate memory", "k")) == "out of memory"
+
+
+def test_a_file_in_the_way_of_the_output_folder_is_named(tmp_path, checkpoint):
+    lr = write_png(tmp_path / "in.png")
+    (tmp_path / "afile").touch()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out, fragment in ((tmp_path / "afile" / "x.png", "afile is a file, not a folder"),
+                          (tmp_path / "dangling", "dangling is a link to nothing")):
+        result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out)
+        assert result.exit_code == 2
+        one_error_line(result, "cannot create the output folder", fragment)

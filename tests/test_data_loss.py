@@ -145,3 +145,30 @@ def test_a_killed_save_leaves_nothing_the_next_run_keeps(tmp_path, checkpoint):
         (out / name).write_text(text)
     remove_stale_temporaries(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(mine)
+
+
+def test_a_folder_moved_while_a_file_is_written_into_it_keeps_no_temporary(tmp_path, checkpoint, monkeypatch):
+    """The temporary was removed by its old name, so it stayed in the moved folder: it is removed through the
+    folder, wherever the folder went. And a command says the one line for each input."""
+    from refsr_cli import images
+    real = images.atomic_path
+    out, moved = tmp_path / "out", tmp_path / "moved"
+    lr = write_png(tmp_path / "in.png", 16, 16)
+    out.mkdir()
+
+    class Moving:
+        def __init__(self, path, replace=True):
+            self.context = real(path, replace)
+
+        def __enter__(self):
+            tmp = self.context.__enter__()
+            out.rename(moved)  # as another process might, while the file is being written
+            return tmp
+
+        def __exit__(self, *exc):
+            return self.context.__exit__(*exc)
+    monkeypatch.setattr(images, "atomic_path", Moving)
+    result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out, "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "in.png: cannot write the output")
+    assert list(moved.iterdir()) == []  # no temporary where the folder went
