@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .checkpoint import recorded_weights
 from .device import launcher_shard
 from .engine import Latent, Latents, Upscaler, walk_latent
-from .errors import OutOfMemory, RefsrError, memory_trouble, name_trouble
+from .errors import OutOfMemory, RefsrError, memory_named, memory_trouble, name_trouble
 from .files import AppearedMeanwhile, read_unchanged
 from .images import (check_animation, check_record, check_side, expand_inputs, read_picture, read_rgb, software_tag,
                      unique_stems, write_animation, write_picture)
@@ -214,26 +214,22 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
     matched = []
     for path, stem in zip(ref_paths, unique_stems(ref_paths)):  # each reference read and encoded once
         try:
-            image, sha256 = read_unchanged(path, lambda p: read_rgb(p, opt.max_pixels))
-            if opt.match:
-                plan.match_refs.append(prepare_reference(image, opt.scale, str(path)))
-                matched.append((path, sha256))
-                del image  # its float copy, before the next reference is read
-                continue
-            source = latents.reference(image, str(path))
-            fields = {"reference": str(path), "reference_sha256": sha256}
-            if seeds is not None:  # sample --ref: --n draws from each reference
-                drawn = [Variant(f"{stem}_s{seed}", fields | {"seed": seed}, latents.draw(source, seed,
-                                                                                         opt.temperature))
-                         for seed in seeds]
-            else:  # another --seed is another grain (and draw): another name
-                drawn = [Variant(f"{stem}_s{opt.seed}" if opt.seed else stem, fields | {"seed": opt.seed},
-                                 latents.draw(source, opt.seed, opt.temperature))]
-        except (RefsrError, MemoryError, RuntimeError) as e:
-            if memory_trouble(e) is not None:  # the computer's memory ran out for it (reading it, its bank or z)
-                e = OutOfMemory(str(path), e)
-            elif not isinstance(e, RefsrError):  # a bug of ours
-                raise
+            with memory_named(str(path)):  # reading it, its bank or its z
+                image, sha256 = read_unchanged(path, lambda p: read_rgb(p, opt.max_pixels))
+                if opt.match:
+                    plan.match_refs.append(prepare_reference(image, opt.scale, str(path)))
+                    matched.append((path, sha256))
+                    del image  # its float copy, before the next reference is read
+                    continue
+                source = latents.reference(image, str(path))
+                fields = {"reference": str(path), "reference_sha256": sha256}
+                if seeds is not None:  # sample --ref: --n draws from each reference
+                    drawn = [Variant(f"{stem}_s{seed}", fields | {"seed": seed},
+                                     latents.draw(source, seed, opt.temperature)) for seed in seeds]
+                else:  # another --seed is another grain (and draw): another name
+                    drawn = [Variant(f"{stem}_s{opt.seed}" if opt.seed else stem, fields | {"seed": opt.seed},
+                                     latents.draw(source, opt.seed, opt.temperature))]
+        except RefsrError as e:
             if len(ref_paths) == 1 or opt.walk is not None:  # the one reference, or an end of a walk (which cannot
                 # go on without it): its line is the run's error
                 raise RefsrError(f"reference {e}") from None
@@ -287,12 +283,12 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     if plan.match_refs and any(o.todo and o.kind in ("image", "map", "sheet") for o in outputs):
         report.say(f"{lr_path.name}: matching {len(plan.match_refs)} reference(s)")
         try:  # on the CPU in float32 whatever the device: matching is done there (refsr_cli.match)
-            transfer = correspond(torch.from_numpy(picture.rgb).permute(2, 0, 1)[None], plan.match_refs, opt.scale)
-        except (MemoryError, RuntimeError) as e:  # the references' share of it, not the input's
-            if memory_trouble(e) is None:
-                raise
-            raise RefsrError(f"{lr_path}: {memory_trouble(e)} matching its {len(plan.match_refs)} reference(s); "
-                             "give fewer or smaller references") from None
+            with memory_named(str(lr_path)):
+                transfer = correspond(torch.from_numpy(picture.rgb).permute(2, 0, 1)[None], plan.match_refs,
+                                      opt.scale)
+        except OutOfMemory as e:  # the references' share of it, not the input's (a RefsrError, not a MemoryError)
+            raise RefsrError(f"{e} matching its {len(plan.match_refs)} reference(s); give fewer or smaller "
+                             "references") from None
     images = [o for o in outputs if o.kind == "image" and o.todo]
     sheet = next((o for o in outputs if o.kind == "sheet" and o.todo), None)
     variants = plan.variants if sheet else [o.variant for o in images]

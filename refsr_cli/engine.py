@@ -11,7 +11,7 @@ from PIL import Image
 
 from .analogy import TEXTURE_BANK, Matcher, Texture, TexturePlan, load_bank
 from .checkpoint import load_weights
-from .errors import OutOfMemory, RefsrError, memory_trouble
+from .errors import RefsrError, memory_named
 from .match import Transfer
 from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
 from .images import MIN_SIDE
@@ -184,12 +184,8 @@ class Upscaler:
         torch's CPU allocator's RuntimeError): an OutOfMemory naming `what`."""
         while True:
             try:
-                try:
+                with memory_named(what):
                     return work()
-                except (MemoryError, RuntimeError) as e:
-                    if memory_trouble(e) is None:
-                        raise
-                    raise OutOfMemory(what, e) from None
             except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one; MPS raises a plain RuntimeError
                 if "out of memory" not in str(e):
                     raise

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .checkpoint import load_backbone, weights_dir
 from .engine import Latents, Upscaler
-from .errors import OutOfMemory, RefsrError, memory_trouble
+from .errors import RefsrError, memory_named, memory_trouble
 from .images import IMAGE_SUFFIXES, MIN_SIDE, expand_inputs, read_rgb, source_images
 from .match import correspond, prepare_reference
 from .metrics import LPIPSVGG, LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
@@ -155,17 +155,15 @@ def plan_evaluation(opt: EvalOptions) -> "Evaluation":
     references = []
     for path in ref_paths:
         try:
-            image = read_rgb(path)
-            if len(ref_paths) >= 2 and min(image.shape[:2]) < STATS_MIN_SIDE:
-                raise RefsrError(f"{path}: too small for the reference influence (at least {STATS_MIN_SIDE} pixels "
-                                 "on each side)")
-            references.append((latents.draw(latents.reference(image, str(path)), opt.seed, 0.0), image))
-        except (RefsrError, MemoryError, RuntimeError) as e:
-            if memory_trouble(e) is not None:  # reading it, its bank or its z
-                raise RefsrError(f"reference {OutOfMemory(str(path), e)}; give smaller references") from None
-            if not isinstance(e, RefsrError):  # a bug of ours
-                raise
-            raise RefsrError(f"reference {e}") from None
+            with memory_named(str(path)):  # reading it, its bank or its z
+                image = read_rgb(path)
+                if len(ref_paths) >= 2 and min(image.shape[:2]) < STATS_MIN_SIDE:
+                    raise RefsrError(f"{path}: too small for the reference influence (at least {STATS_MIN_SIDE} "
+                                     "pixels on each side)")
+                references.append((latents.draw(latents.reference(image, str(path)), opt.seed, 0.0), image))
+        except RefsrError as e:
+            hint = "; give smaller references" if isinstance(e, MemoryError) else ""
+            raise RefsrError(f"reference {e}{hint}") from None
     return Evaluation(opt, paths, ref_paths, upscaler, latents.prior(opt.seed, opt.temperature),
                       [latents.prior(opt.seed + i, opt.sample_temperature) for i in range(opt.samples)], references,
                       lambda image, name: latents.draw(latents.reference(image, name), opt.seed, 0.0))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import OutOfMemory, RefsrError
+from .errors import OutOfMemory, RefsrError, memory_named
 from .images import read_rgb, source_images
 
 
@@ -23,12 +23,12 @@ def load_training_images(folders, min_side: int) -> list:
     images = []
     for p in paths:
         try:
-            rgb = read_rgb(p)
-            if min(rgb.shape[:2]) >= min_side:
-                images.append((rgb * 255).round().astype(np.uint8))
-        except MemoryError as e:  # numpy's, or read_rgb's OutOfMemory: not a training step's
-            raise RefsrError(f"{OutOfMemory(str(p), e)}; training holds its images in memory: give smaller "
-                             "ones") from None
+            with memory_named(str(p)):
+                rgb = read_rgb(p)
+                if min(rgb.shape[:2]) >= min_side:
+                    images.append((rgb * 255).round().astype(np.uint8))
+        except OutOfMemory as e:  # not a training step's: a plain RefsrError, or train would say "lower --batch"
+            raise RefsrError(f"{e}; training holds its images in memory: give smaller ones") from None
     if not images:
         raise RefsrError(f"no image of {', '.join(map(str, folders))} is at least {min_side} px on its short side")
     return images
