@@ -279,16 +279,7 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
             write(provenance)
             report.wrote({"input": str(lr_path), "output": str(output.path), "scale": opt.scale, **fields, **extra})
 
-    transfer = None
-    if plan.match_refs and any(o.todo and o.kind in ("image", "map", "sheet") for o in outputs):
-        report.say(f"{lr_path.name}: matching {len(plan.match_refs)} reference(s)")
-        try:  # on the CPU in float32 whatever the device: matching is done there (refsr_cli.match)
-            with memory_named(str(lr_path)):
-                transfer = correspond(torch.from_numpy(picture.rgb).permute(2, 0, 1)[None], plan.match_refs,
-                                      opt.scale)
-        except OutOfMemory as e:  # the references' share of it, not the input's (a RefsrError, not a MemoryError)
-            raise RefsrError(f"{e} matching its {len(plan.match_refs)} reference(s); give fewer or smaller "
-                             "references") from None
+    transfer = matched(report, plan, lr_path, picture.rgb, outputs)
     images = [o for o in outputs if o.kind == "image" and o.todo]
     sheet = next((o for o in outputs if o.kind == "sheet" and o.todo), None)
     variants = plan.variants if sheet else [o.variant for o in images]
@@ -305,6 +296,19 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
         publish(output, lambda provenance: write_picture(image, output.path, picture.icc_profile, provenance,
                                                          opt.overwrite), output.variant.fields)
     write_sidecars(plan, outputs, transfer, publish, record)
+
+
+def matched(report: Reporter, plan: Plan, lr_path: Path, rgb: np.ndarray, outputs: list) -> Transfer | None:
+    """With --match, the input's correspondence with the references, when an output still to write needs it."""
+    if not plan.match_refs or not any(o.todo and o.kind in ("image", "map", "sheet") for o in outputs):
+        return None
+    report.say(f"{lr_path.name}: matching {len(plan.match_refs)} reference(s)")
+    try:  # on the CPU in float32 whatever the device: matching is done there (refsr_cli.match)
+        with memory_named(str(lr_path)):
+            return correspond(torch.from_numpy(rgb).permute(2, 0, 1)[None], plan.match_refs, plan.opt.scale)
+    except OutOfMemory as e:  # the references' share of it, not the input's (a RefsrError, not a MemoryError)
+        raise RefsrError(f"{e} matching its {len(plan.match_refs)} reference(s); give fewer or smaller "
+                         "references") from None
 
 
 def decoded(plan: Plan, picture, variants: list, transfer, tick):
