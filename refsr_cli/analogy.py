@@ -265,14 +265,7 @@ class Texture:
         field may be set after the Texture is made. A bank made by hand must hold finite numbers (a nan: black)."""
         if not isinstance(self.bank, Bank):
             raise RefsrError(f"Texture: give a bank (reference_bank, texture_bank), not {type(self.bank).__name__}")
-        residual = self.bank.residual
-        step = self.bank.step
-        if (not isinstance(residual, torch.Tensor) or residual.is_meta or residual.layout != torch.strided
-                or isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step)
-                or step <= 0 or (residual.is_floating_point() and not torch.isfinite(residual).all())
-                or residual.numel() and max(-float(residual.amin()), float(residual.amax())) * step > MAX_RESIDUAL):
-            raise RefsrError(f"Texture: {self.bank.name}'s residual or step is not finite numbers (within "
-                             f"+-{MAX_RESIDUAL:g} a pixel)")
+        check_bank(self.bank)
         if self.to is not None and not isinstance(self.to, Texture):
             raise RefsrError(f"Texture: to= takes a Texture, not {type(self.to).__name__}")
         check_number("seed", self.seed, 0, MAX_SEED, integer=True)
@@ -280,6 +273,31 @@ class Texture:
         check_number("temperature", self.temperature, 0, MAX_TEMPERATURE)
         check_number("strength", self.strength, 0, MAX_STRENGTH)
         check_number("t", self.t, 0, 1)
+
+
+def check_bank(bank: Bank) -> None:
+    """A Bank as make_bank builds one, for a bank made or changed by hand (the Python API): keys of WINDOW^2 + 1
+    finite floats, each patch's start and row length inside the residual, and residual values that paste() takes
+    to float32 within +-MAX_RESIDUAL a pixel (a float64 1e300, or a step of 1e300, pasted a black image). Else a
+    RefsrError; out-of-range patches raised IndexErrors deep inside."""
+    keys, starts, widths, residual, step = bank.keys, bank.starts, bank.widths, bank.residual, bank.step
+    tensors = (keys, starts, widths, residual)
+    if (not all(isinstance(t, torch.Tensor) and not t.is_meta and t.layout == torch.strided for t in tensors)
+            or keys.dtype != torch.float32 or keys.ndim != 2 or keys.shape[1] != WINDOW * WINDOW + 1
+            or not len(keys) or starts.dtype != torch.int64 or widths.dtype != torch.int64
+            or starts.shape != (len(keys),) or widths.shape != (len(keys),)
+            or residual.ndim != 2 or residual.shape[0] != 3
+            or residual.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8)):
+        raise RefsrError(f"Texture: {bank.name} is not a bank as make_bank builds one (keys, starts, widths and a "
+                         "(3, N) residual)")
+    far = starts + (PATCH - 1) * widths + PATCH - 1  # each patch's last residual index
+    if not torch.isfinite(keys).all() or starts.min() < 0 or widths.min() < PATCH or far.max() >= residual.shape[1]:
+        raise RefsrError(f"Texture: {bank.name}'s keys are not finite, or its patches lie outside its residual")
+    values = residual.float()  # as paste() takes them
+    if (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0
+            or not torch.isfinite(values).all() or values.abs().max() * step > MAX_RESIDUAL):
+        raise RefsrError(f"Texture: {bank.name}'s residual or step is not finite numbers (within +-{MAX_RESIDUAL:g} "
+                         "a pixel)")
 
 
 class TexturePlan:

@@ -91,6 +91,7 @@ def run(report: Reporter, command: str, inputs, refs, seeds, opt: BatchOptions) 
         shard = opt.shard or launched
         plan = make_plan(report, command, lr_paths, refs, seeds, opt)
     except RefsrError as e:
+        reraise_signal()  # an interruption C code turned into an error of its own ("damaged")
         report.error(str(e))
         return 2
     # Names come from the whole list, so that a sharded run writes exactly the files an unsharded one would.
@@ -98,6 +99,7 @@ def run(report: Reporter, command: str, inputs, refs, seeds, opt: BatchOptions) 
     try:
         check_names(plan, named)
     except RefsrError as e:
+        reraise_signal()
         report.error(str(e))
         return 2
     if shard is not None:
@@ -230,6 +232,7 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
                     drawn = [Variant(f"{stem}_s{opt.seed}" if opt.seed else stem, fields | {"seed": opt.seed},
                                      latents.draw(source, opt.seed, opt.temperature))]
         except RefsrError as e:
+            reraise_signal()  # not a reference passed over: the user's Ctrl-C, which C code made an error
             if len(ref_paths) == 1 or opt.walk is not None:  # the one reference, or an end of a walk (which cannot
                 # go on without it): its line is the run's error
                 raise RefsrError(f"reference {e}") from None

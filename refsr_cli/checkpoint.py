@@ -52,6 +52,9 @@ def atomic_save(tensors: dict, path, metadata: dict) -> None:
     weights are refused before anything is written."""
     check_finite(tensors, path)
     try:
+        if weights_dir().resolve() in (Path(path).resolve().parent, Path(path).parent.resolve()):
+            raise RefsrError(f"{path}: in refsr's own weights folder, which refsr never writes (its shipped "
+                             "weights); save elsewhere")
         if Path(path).exists() and not Path(path).is_file():  # the rename would replace a folder's link or a FIFO
             raise RefsrError(f"{path}: not a regular file (a folder, device or FIFO); a checkpoint is written as a "
                              "file")
@@ -182,7 +185,9 @@ def load_weights(spec, scale: int | None = None) -> Weights:
         check_number("scale", scale, min(SCALES), max(SCALES), integer=True)
         if scale not in SCALES:
             raise RefsrError(f"scale={scale!r}: give one of {', '.join(map(str, SCALES))}")
-    path = resolve_weights(None if spec is None else str(spec), scale)
+    # A path-like object or bytes as the name it stands for (str() of one is "<P object at ...>").
+    path = resolve_weights(None if spec is None else os.fsdecode(spec) if isinstance(spec, (bytes, os.PathLike))
+                           else str(spec), scale)
     # Config, weights and metadata of one file, as it was when hashed (a train may be saving there).
     with memory_named(str(path)):  # (safetensors maps the file: an mmap the memory limit refuses)
         (config, state, metadata), sha256 = read_unchanged(path, lambda p: (read_config(p), read_weights(p),
@@ -257,4 +262,8 @@ def resolve_weights(spec: str | None, scale: int | None) -> Path:
         raise RefsrError(f"{spec}: no such file (and not a Hub reference owner/repo[@revision][:filename])")
     if match["filename"] is None and scale is None:
         raise RefsrError(f"{spec}: name the scale, or the file in the repository ({spec}:FILE)")
-    return download_from_hub(match["repo"], match["filename"] or default_filename(scale), match["revision"])
+    path = download_from_hub(match["repo"], match["filename"] or default_filename(scale), match["revision"])
+    if not path.is_file():  # the cache's copy made a FIFO or a link to /dev/zero (by hand): read, it would hang
+        raise RefsrError(f"{spec}: the Hugging Face cache's copy {path} is not a regular file; remove it to download "
+                         "it again")
+    return path

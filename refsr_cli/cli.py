@@ -167,7 +167,11 @@ def parse_shard(value: str | None):
 
 
 def fail(message: str, code: int = 2):
-    from .report import error_line
+    """The command's one error line and exit code; after SIGINT or SIGTERM, the signal's, whatever the error: C
+    code (safetensors', Pillow's) can turn the interruption into an error of its own ("damaged")."""
+    from .report import SIGNAL_EXITS, SIGNALLED, error_line
+    if SIGNALLED and code not in (130, 143):
+        message, code = SIGNAL_EXITS[SIGNALLED[0]]
     error_line(message)
     sys.exit(code)
 
@@ -499,7 +503,7 @@ def info(outputs, as_json):
     (with sha256), and, as `redo`, the command that makes the same image again when run from the folder the
     original command ran in (it writes into the current folder; add -o to choose another)."""
     from .provenance import DamagedRecord, read_provenance, redo_command
-    from .report import error_line, one_line, to_stdout
+    from .report import error_line, one_line, reraise_signal, to_stdout
     code = 0
     for path in outputs:
         try:
@@ -507,17 +511,16 @@ def info(outputs, as_json):
             if record is None:
                 raise DamagedRecord("no refsr provenance (not an output of refsr)")
             command = redo_command(record)
-        except DamagedRecord as e:
-            error_line(f"{path}: {e}")
-            code = 1
-            continue
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors of unreadable and foreign files
-            error_line(f"{path}: not a readable image ({e})")
-            code = 1
-            continue
-        except MemoryError as e:  # a large foreign PNG: Pillow decodes it to reach text chunks after its pixels
+        except (DamagedRecord, OSError, ValueError, SyntaxError, MemoryError) as e:
             from .errors import memory_trouble
-            error_line(f"{path}: {memory_trouble(e)} reading it")
+            reraise_signal()  # a Ctrl-C that Pillow made an error of its own: not this file's trouble
+            if isinstance(e, DamagedRecord):
+                error_line(f"{path}: {e}")
+            elif isinstance(e, MemoryError):  # a large foreign PNG: Pillow decodes it to reach text chunks after
+                # its pixels
+                error_line(f"{path}: {memory_trouble(e)} reading it")
+            else:  # PIL's errors of unreadable and foreign files
+                error_line(f"{path}: not a readable image ({e})")
             code = 1
             continue
         if as_json:

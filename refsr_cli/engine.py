@@ -2,6 +2,7 @@
 latent, each output made consistent with its input by back-projection."""
 import functools
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -122,8 +123,6 @@ class Upscaler:
     def __init__(self, model: RefVAE, device, *, tile: int = EngineOptions.tile, tile_pad: int = EngineOptions.tile_pad,
                  consistency_steps: int = EngineOptions.consistency_steps, half: bool = EngineOptions.half,
                  weights_path=None, weights_sha256=None, texture_trained: bool = True, warn=None):
-        self.tile, self.tile_pad, self.consistency_steps = tile, tile_pad, consistency_steps
-        self.check_settings()
         check_flag("half", half)
         # A network with a config, as RefVAE is (not isinstance: the speed bench runs the paper's graph through this).
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
@@ -142,6 +141,8 @@ class Upscaler:
         self.weights_sha256 = weights_sha256  # its sha256, as it was read
         self.texture_trained = texture_trained  # checkpoint.texture_trained: whether z and references matter
         self._bank = None  # texture_bank()
+        self.tile, self.tile_pad, self.consistency_steps = tile, tile_pad, consistency_steps
+        self.check_settings()
 
     @classmethod
     def from_weights(cls, weights=None, scale: int | None = 8, options: EngineOptions | None = None,
@@ -177,6 +178,13 @@ class Upscaler:
         check_number("tile", self.tile, MIN_TILE, math.inf, integer=True)
         check_number("tile_pad", self.tile_pad, 0, math.inf, integer=True)
         check_number("consistency_steps", self.consistency_steps, 0, MAX_CONSISTENCY_STEPS, integer=True)
+        # As Python ints: numpy's small or unsigned ones wrapped around in the tiles' arithmetic (y0 - pad).
+        self.tile, self.tile_pad, self.consistency_steps = int(self.tile), int(self.tile_pad), int(
+            self.consistency_steps)
+        config = getattr(self.model, "config", None)
+        if getattr(config, "scale", None) != self.scale or self.dtype not in (torch.float32, torch.float16):
+            raise RefsrError("Upscaler: its scale, model or precision was changed after it was made; make another "
+                             "(Upscaler.from_weights)")
 
     def within_memory(self, what: str, work):
         """work() under the out-of-memory rules. A GPU's: started again with tiles of half the size, which stay for
@@ -292,15 +300,13 @@ class Upscaler:
                                      f"scale is x{self.scale}; make the bank with this Upscaler")
         if transfer is not None and not isinstance(transfer, Transfer):
             raise RefsrError(f"transfer: give a match.Transfer (correspond) or None, not {type(transfer).__name__}")
-        if transfer is not None and (transfer.scale != self.scale or
-                                     tuple(transfer.confidence.shape) != tuple(lr.shape[:2])):
-            raise RefsrError(f"transfer: made for a {transfer.confidence.shape[1]}x{transfer.confidence.shape[0]} "
-                             f"image at x{transfer.scale}, and this is a {lr.shape[1]}x{lr.shape[0]} one at "
-                             f"x{self.scale}: correspond() this lr at this scale")
+        if transfer is not None:
+            transfer.check(lr.shape[:2], self.scale)
         if on_tile is not None and not callable(on_tile):
             raise RefsrError(f"on_tile: give a function or None, not {type(on_tile).__name__}")
-        if bits not in (8, 16):
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in (8, 16):
             raise RefsrError(f"bits={bits!r}: give 8 or 16")
+        bits = int(bits)  # a numpy integer too: the outputs' dtype is looked up by it
         check_flag("grayscale", grayscale)
         self.check_settings()
         return self.within_memory(f"lr: {lr.shape[1]}x{lr.shape[0]} at x{self.scale}", lambda: self._upscale(
@@ -316,8 +322,8 @@ class Upscaler:
                                  "meta one")
             if not isinstance(z, torch.Tensor) or not z.is_floating_point() or tuple(z.shape) != (
                     1, self.model.config.z_dim):
-                raise RefsrError(f"Latent: z must be a (1, {self.model.config.z_dim}) float tensor, not "
-                                 f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+                given = f"{tuple(z.shape)} {z.dtype}" if isinstance(z, torch.Tensor) else type(z).__name__
+                raise RefsrError(f"Latent: z must be a (1, {self.model.config.z_dim}) float tensor, not {given}")
             # In float32, as the network takes it (a float64 1e300 is an inf there); and bounded, far past any
             # prior or reference z: 1e20 is finite, and overflowed inside the network (a black image).
             z32 = z.float()

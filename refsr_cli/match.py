@@ -416,6 +416,23 @@ class Transfer:
     matches: list
     scale: int
 
+    def check(self, lr_size: tuple, scale: int) -> None:
+        """A Transfer as correspond() makes one for an LR image of `lr_size` (h, w) at `scale`, else a RefsrError:
+        checked by Upscaler.upscale, as its fields may be set after it was made (a nan gain: a black image)."""
+        h, w = lr_size
+        if self.scale != scale or not isinstance(self.matches, list) or not self.matches:
+            raise RefsrError(f"transfer: made at x{self.scale} with {type(self.matches).__name__} matches; give "
+                             f"correspond()'s Transfer of this lr at x{scale}")
+        for i, m in enumerate(self.matches):
+            shapes = {"positions": (h, w, 2), "gain": (1, 3, h, w), "offset": (1, 3, h, w), "confidence": (h, w)}
+            fields = ({k: getattr(m, k, None) for k in shapes} if isinstance(m, ReferenceMatch) else {})
+            if not fields or any(not isinstance(t, torch.Tensor) or tuple(t.shape) != shapes[k] or t.is_meta
+                                 or not t.is_floating_point() or not torch.isfinite(t).all()
+                                 for k, t in fields.items()):
+                raise RefsrError(f"transfer: match {i} is not one correspond() made for this {w}x{h} lr (finite "
+                                 "positions, gain, offset and confidence of its size)")
+            check_pixels(m.reference, f"transfer: match {i}'s reference", (torch.uint8, torch.uint16, torch.float32))
+
     @property
     def confidence(self) -> torch.Tensor:
         """(h, w): per LR pixel, the most confident reference's confidence (what --match-map writes)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FORMAT, atomic_save, not_finite, read_metadata, read_weights, stored_config
+from .checkpoint import FORMAT, atomic_save, not_finite, read_metadata, read_weights, stored_config, weights_dir
 from .device import environment_int, launcher, pick_device
 from .errors import RefsrError
 from .files import atomic_path
@@ -66,7 +66,16 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
     optimizers = [optimizer] + ([stage.critic.optimizer] if stage.critic is not None else [])
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     start = 0 if state is None else resume(state, optimizer, scaler, stage.critic)
+    # A run killed between a save's two writes (the state, then the checkpoints) has checkpoints of an earlier step,
+    # or none: they are made again from the state, which --resume reads.
+    behind = state is not None and stale_checkpoints(opt, state_path, start)
+    if behind and rank == 0:
+        claimed.check(start)
+        stage.export(start)
+        claimed.saved()
     if start >= opt.steps:
+        if behind:  # what the killed run was saving, now saved: the run is done
+            return stage.module
         raise RefsrError(f"--resume: the run in {opt.out} is at step {start} already; give --steps above it")
     weights = loss_weights(opt)
     log = RunLog(opt, start, progress) if rank == 0 else None
@@ -122,6 +131,9 @@ def check_run_folder(opt: TrainOptions, state_path: Path) -> None:
     if not any(weight > 0 for weight in weights.values()):
         flags = ", ".join(f"--{name.replace('lr_cons', 'lr-consistency')}-weight" for name in weights)
         raise RefsrError(f"every loss weight of the {opt.stage} stage is 0 ({flags}): it would learn nothing")
+    if opt.out.resolve() == weights_dir().resolve():  # its checkpoints would be refused there, after the work
+        raise RefsrError(f"--out {opt.out}: refsr's own weights folder, which refsr never writes; give the run a "
+                         "folder of its own")
     inputs = {Path(p).resolve() for p in [*opt.data, *(opt.refs or []), opt.val] if p is not None}
     if opt.out.resolve() in inputs:
         raise RefsrError(f"--out {opt.out} is a folder of this run's images; give the run a folder of its own")
@@ -154,6 +166,17 @@ def saved_files(opt: TrainOptions, state_path: Path) -> list:
     checkpoints = ([opt.out / f"x{s}.safetensors" for s in opt.scales] if opt.stage == "trunk"
                    else [opt.out / "last.safetensors"])
     return [state_path, *checkpoints]
+
+
+def stale_checkpoints(opt: TrainOptions, state_path: Path, step: int) -> bool:
+    """Whether a checkpoint of this run is missing, or of another step than its training state's `step`."""
+    for path in saved_files(opt, state_path)[1:]:
+        try:
+            if not path.is_file() or read_metadata(path).get("step") != str(step):
+                return True
+        except RefsrError:  # unreadable: not what the run saved
+            return True
+    return False
 
 
 def claim_run_folder(opt: TrainOptions, state_path: Path) -> "Claimed":

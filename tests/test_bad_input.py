@@ -2100,8 +2100,9 @@ def test_matching_through_the_python_api_refuses_what_would_give_a_black_image()
         prepare_reference(np.full((48, 48, 3), np.nan, np.float32), 2)
     with pytest.raises(RefsrError, match="HxWx3"):
         prepare_reference([[1]], 2)
-    for other, fragment in ((correspond(lr_t, [ref], 4), "at x4"), (correspond(lr_t[..., :10, :10], [ref], 2), "10x10")):
-        with pytest.raises(RefsrError, match=f"transfer: made for .*{fragment}"):
+    for other, fragment in ((correspond(lr_t, [ref], 4), "made at x4"),
+                            (correspond(lr_t[..., :10, :10], [ref], 2), "not one correspond.. made for this 20x20 lr")):
+        with pytest.raises(RefsrError, match=f"transfer: .*{fragment}"):
             up.upscale(lr, [None], transfer=other)
 
 
@@ -2112,11 +2113,19 @@ def test_a_hand_made_bank_past_any_pixel_value_is_refused():
     rng = np.random.default_rng(0)
     lr = rng.random((16, 16, 3)).astype(np.float32)
     bank = up.reference_bank(rng.random((48, 48, 3)).astype(np.float32))
-    for field, value in (("residual", bank.residual.double() * 1e300), ("step", 1e300), ("step", True),
-                         ("residual", torch.empty(bank.residual.shape, device="meta"))):
+    for field, value, fragment in (("residual", bank.residual.double() * 1e300, "residual or step"),
+                                   ("step", 1e300, "residual or step"), ("step", True, "residual or step"),
+                                   ("residual", bank.residual.double() * 1e39, "residual or step"),  # inf in float32
+                                   ("residual", torch.empty(bank.residual.shape, device="meta"), "not a bank"),
+                                   ("residual", bank.residual[:, :100], "outside its residual"),
+                                   ("starts", bank.starts.float(), "not a bank"),
+                                   ("starts", bank.starts - 10 ** 6, "outside its residual"),
+                                   ("keys", bank.keys[:, :5], "not a bank"), ("keys", bank.keys[:0], "not a bank"),
+                                   ("residual", bank.residual[:2], "not a bank"),
+                                   ("residual", bank.residual.to(torch.complex64), "not a bank")):
         odd = copy.copy(bank)
         setattr(odd, field, value)
-        with pytest.raises(RefsrError, match="residual or step"):
+        with pytest.raises(RefsrError, match=fragment):
             up.upscale(lr, [Texture(odd, 1, 1.0)])
     assert up.upscale(lr, [Texture(bank, 1, 1.0)])[0].std() > 0  # the bank as made still works
 
@@ -2202,3 +2211,136 @@ def test_a_file_in_the_way_of_the_output_folder_is_named(tmp_path, checkpoint):
         result = run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out)
         assert result.exit_code == 2
         one_error_line(result, "cannot create the output folder", fragment)
+
+
+# --- sweep 14b ------------------------------------------------------------------------------------------------------
+
+def test_a_transfer_changed_after_it_was_made_is_refused_not_a_black_image():
+    import copy
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.match import Transfer, correspond, prepare_reference
+    up = Upscaler(tiny_model(2), "cpu")
+    rng = np.random.default_rng(0)
+    lr = rng.random((16, 16, 3)).astype(np.float32)
+    made = correspond(torch.from_numpy(lr).permute(2, 0, 1)[None], [prepare_reference(
+        rng.random((48, 48, 3)).astype(np.float32), 2)], 2)
+    for field in ("gain", "offset", "confidence", "positions"):
+        odd = copy.deepcopy(made)
+        getattr(odd.matches[0], field).fill_(float("nan"))
+        with pytest.raises(RefsrError, match="transfer: match 0"):
+            up.upscale(lr, [None], transfer=odd)
+    odd = copy.deepcopy(made)
+    odd.matches[0].reference = odd.matches[0].reference.float() * float("nan")
+    with pytest.raises(RefsrError, match="match 0's reference"):
+        up.upscale(lr, [None], transfer=odd)
+    for odd in (Transfer([], 2), Transfer(["x"], 2)):
+        with pytest.raises(RefsrError, match="transfer"):
+            up.upscale(lr, [None], transfer=odd)
+    assert up.upscale(lr, [None], transfer=made)[0].std() > 0
+
+
+def test_the_upscalers_own_numbers_are_taken_as_python_ints():
+    """bits as a tensor passed `in (8, 16)` and gave 8-bit output where 16 was asked for; numpy's small or unsigned
+    tile_pad wrapped around in the tiles' arithmetic; a scale or precision set after it was made raised deep
+    inside."""
+    from refsr_cli.errors import RefsrError
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    up = Upscaler(tiny_model(2), "cpu")
+    for bits in (torch.tensor(16), np.array(16), 16.0):
+        with pytest.raises(RefsrError, match="bits="):
+            up.upscale(lr, [None], bits=bits)
+    assert up.upscale(lr, [None], bits=np.int64(16))[0].dtype == np.uint16
+    small = Upscaler(tiny_model(2), "cpu", tile=np.int8(16), tile_pad=np.uint8(4))
+    assert np.array_equal(small.upscale(lr, [None])[0], Upscaler(tiny_model(2), "cpu", tile=16, tile_pad=4).upscale(
+        lr, [None])[0])
+    for field, value in (("scale", 4), ("dtype", torch.float64)):
+        odd = Upscaler(tiny_model(2), "cpu")
+        setattr(odd, field, value)
+        with pytest.raises(RefsrError, match="changed after it was made"):
+            odd.upscale(lr, [None])
+
+
+def test_the_shipped_weights_are_never_written_and_paths_are_taken_as_paths(tmp_path, monkeypatch):
+    """On a copy of the weights folder, which refsr takes for its own: code that did write there (as this test's
+    failing run did, before the fix) must not be able to touch the checkout's."""
+    import os
+    import shutil
+    from refsr_cli import checkpoint, train
+    from refsr_cli.errors import RefsrError
+    own = tmp_path / "weights"
+    own.mkdir()
+    for real in checkpoint.weights_dir().iterdir():  # the backbones linked, the weights to write at copied
+        (own / real.name).symlink_to(real)
+    shipped = own / "refsr-x2.safetensors"
+    shipped.unlink()
+    shutil.copy(checkpoint.weights_dir() / shipped.name, shipped)
+    monkeypatch.setattr(checkpoint, "weights_dir", lambda: own)
+    monkeypatch.setattr(train, "weights_dir", lambda: own, raising=False)
+    weights_dir = checkpoint.weights_dir
+    before = shipped.read_bytes()
+    loaded = load_weights(shipped, 2)
+    with pytest.raises(RefsrError, match="refsr's own weights folder"):
+        save_model(loaded.model, loaded.path)
+    assert shipped.read_bytes() == before
+
+    class Named:
+        def __fspath__(self):
+            return str(shipped)
+    assert load_weights(Named(), 2).sha256 == loaded.sha256
+    assert load_weights(os.fsencode(shipped), 2).sha256 == loaded.sha256
+    result = run(*train_args(tmp_path, "--out", weights_dir()))
+    assert result.exit_code == 2
+    one_error_line(result, "refsr's own weights folder")
+    assert shipped.read_bytes() == before
+
+
+def test_a_cache_copy_that_is_not_a_file_is_refused_not_read(tmp_path, monkeypatch):
+    """A FIFO or a link to /dev/zero where the Hub cache's file was: reading it would hang."""
+    import os
+    from refsr_cli import hub
+    from refsr_cli.checkpoint import resolve_weights
+    from refsr_cli.errors import RefsrError
+    fifo = tmp_path / "w.safetensors"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(hub, "download_from_hub", lambda repo, filename, revision: fifo)
+    with pytest.raises(RefsrError, match="not a regular file; remove it"):
+        resolve_weights("owner/repo:w.safetensors", 2)
+
+
+# --- sweep 14a ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["plan", "reference", "info", "eval"])
+def test_an_interruption_c_code_turned_into_an_error_is_still_the_signals(tmp_path, checkpoint, monkeypatch, where):
+    """SIGTERM while safetensors read the texture bank came back as its error: "texture bank ...: damaged", exit 2,
+    for a shipped file that is whole. The signal's line and exit code win over any error that follows it."""
+    import signal
+    from refsr_cli import engine, evaluate, provenance, report
+    from refsr_cli.errors import RefsrError
+
+    def interrupted(*args, **kwargs):
+        report.SIGNALLED.append(signal.SIGTERM)  # as the handler notes it; C code then raises its own error
+        raise RefsrError("texture bank weights/texture-bank-x2.safetensors: damaged (could not determine the shape)")
+
+    def unreadable(path):
+        report.SIGNALLED.append(signal.SIGTERM)
+        raise ValueError("broken PNG")  # Pillow's, as info reports a foreign file
+    lr = write_png(tmp_path / "in.png", 16, 16)
+    if where == "plan":
+        monkeypatch.setattr(engine, "load_bank", interrupted)
+        result = run("sample", lr, "--n", 2, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
+    elif where == "reference":
+        monkeypatch.setattr(engine.Upscaler, "reference_bank", interrupted)
+        refs = [write_png(tmp_path / f"r{i}.png", 40, 40, seed=i) for i in range(2)]
+        result = run("upscale", lr, "--ref", refs[0], "--ref", refs[1], "--scale", 2, "--weights", checkpoint, "-o",
+                     tmp_path / "out", "-q")
+    elif where == "info":
+        monkeypatch.setattr(provenance, "read_provenance", unreadable)
+        result = run("info", lr, lr)
+    else:
+        monkeypatch.setattr(evaluate, "read_rgb", interrupted)  # the reference's
+        hr = tmp_path / "hr"
+        hr.mkdir()
+        write_png(hr / "a.png", 48, 40)
+        result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--ref", lr, "--device", "cpu")
+    assert result.exit_code == 143, result.output
+    one_error_line(result, "terminated")

@@ -172,3 +172,29 @@ def test_a_folder_moved_while_a_file_is_written_into_it_keeps_no_temporary(tmp_p
     assert result.exit_code == 1
     one_error_line(result, "in.png: cannot write the output")
     assert list(moved.iterdir()) == []  # no temporary where the folder went
+
+
+def test_a_run_killed_between_its_state_and_its_checkpoint_is_finished_by_resume(tmp_path, checkpoint, monkeypatch):
+    """A save writes the training state, then the checkpoint: killed between the two at the last step, the run
+    said "continue with --resume", and --resume refused ("at step 1 already"), the step's checkpoint never
+    written."""
+    from refsr_cli.checkpoint import read_metadata
+    from refsr_cli.stages import TextureStage
+    from test_bad_input import train_args
+    out = tmp_path / "run"
+    real = TextureStage.export
+
+    def killed(self, step):
+        raise KeyboardInterrupt  # the signal, as it arrives between the two writes
+    monkeypatch.setattr(TextureStage, "export", killed)
+    args = train_args(tmp_path)
+    result = run(*args, "--init", checkpoint)
+    assert result.exit_code == 130, result.output
+    assert (out / "last.state.safetensors").is_file() and not (out / "last.safetensors").exists()
+    monkeypatch.setattr(TextureStage, "export", real)
+    result = run(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert read_metadata(out / "last.safetensors")["step"] == "1"
+    result = run(*args, "--resume")  # and now there is nothing left to do
+    assert result.exit_code == 2
+    one_error_line(result, "at step 1 already")
