@@ -293,9 +293,13 @@ def check_bank(bank: Bank) -> None:
     far = starts + (PATCH - 1) * widths + PATCH - 1  # each patch's last residual index
     if not torch.isfinite(keys).all() or starts.min() < 0 or widths.min() < PATCH or far.max() >= residual.shape[1]:
         raise RefsrError(f"Texture: {bank.name}'s keys are not finite, or its patches lie outside its residual")
-    values = residual.float()  # as paste() takes them
+    if residual.is_floating_point():
+        values = residual.float()  # as paste() takes them (a float64 1e39 is an inf there); float32 is not copied
+        largest = float(values.abs().max()) if torch.isfinite(values).all() else math.inf
+    else:  # the shipped bank's int8: no float copy of it each call
+        largest = max(-int(residual.min()), int(residual.max()))
     if (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0
-            or not torch.isfinite(values).all() or values.abs().max() * step > MAX_RESIDUAL):
+            or largest * step > MAX_RESIDUAL):
         raise RefsrError(f"Texture: {bank.name}'s residual or step is not finite numbers (within +-{MAX_RESIDUAL:g} "
                          "a pixel)")
 
