@@ -32,7 +32,7 @@ from PIL import Image
 
 from .errors import RefsrError
 from .match import patch_descriptors, top_matches
-from .options import MAX_SEED, MAX_STRENGTH, MAX_TEMPERATURE, BatchOptions, check_number
+from .options import MAX_SEED, MAX_STRENGTH, MAX_TEMPERATURE, BatchOptions, check_number, finite
 
 CELL = 4  # output pixels a side of a descriptor cell
 WINDOW = 4  # cells a side of a patch
@@ -290,15 +290,17 @@ def check_bank(bank: Bank) -> None:
             or residual.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8)):
         raise RefsrError(f"Texture: {bank.name} is not a bank as make_bank builds one (keys, starts, widths and a "
                          "(3, N) residual)")
-    far = starts + (PATCH - 1) * widths + PATCH - 1  # each patch's last residual index
-    if not torch.isfinite(keys).all() or starts.min() < 0 or widths.min() < PATCH or far.max() >= residual.shape[1]:
+    size = residual.shape[1]
+    # Bounded before the sum: int64 starts or widths near 2^63 wrapped around to a small index.
+    if (not torch.isfinite(keys).all() or starts.min() < 0 or starts.max() >= size or widths.min() < PATCH
+            or widths.max() > size or (starts + (PATCH - 1) * widths + PATCH - 1).max() >= size):
         raise RefsrError(f"Texture: {bank.name}'s keys are not finite, or its patches lie outside its residual")
     if residual.is_floating_point():
         values = residual.float()  # as paste() takes them (a float64 1e39 is an inf there); float32 is not copied
         largest = float(values.abs().max()) if torch.isfinite(values).all() else math.inf
     else:  # the shipped bank's int8: no float copy of it each call
         largest = max(-int(residual.min()), int(residual.max()))
-    if (isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0
+    if (isinstance(step, bool) or not isinstance(step, (int, float)) or not finite(step) or step <= 0
             or largest * step > MAX_RESIDUAL):
         raise RefsrError(f"Texture: {bank.name}'s residual or step is not finite numbers (within +-{MAX_RESIDUAL:g} "
                          "a pixel)")

@@ -87,6 +87,12 @@ def checked_image(image, name: str, channels: int | None = 3) -> np.ndarray:
         raise RefsrError(f"{name}: {image.shape[1]}x{image.shape[0]} is too small (at least {MIN_SIDE} pixels a side)")
     if image.dtype.kind != "f":
         raise RefsrError(f"{name}: give floats in [0, 1], not {image.dtype} (divide 8-bit pixels by 255)")
+    with memory_named(f"{name}: {image.shape[1]}x{image.shape[0]}"):  # its checks' and copy's arrays
+        return checked_values(image, name)
+
+
+def checked_values(image: np.ndarray, name: str) -> np.ndarray:
+    """checked_image's pixels: finite, in [0, 1], as a writable native float32 array."""
     if not np.isfinite(image).all():
         raise RefsrError(f"{name}: holds pixels that are not finite numbers (nan or inf)")
     if image.min() < 0 or image.max() > 1:
@@ -182,11 +188,18 @@ class Upscaler:
         self.tile, self.tile_pad, self.consistency_steps = int(self.tile), int(self.tile_pad), int(
             self.consistency_steps)
         config = getattr(self.model, "config", None)
-        if getattr(config, "scale", None) != self.scale or self.dtype not in (torch.float32, torch.float16):
-            raise RefsrError("Upscaler: its scale, model or precision was changed after it was made; make another "
-                             "(Upscaler.from_weights)")
+        weight = next(self.model.parameters(), None) if isinstance(self.model, torch.nn.Module) else None
+        device = self.device if isinstance(self.device, torch.device) else None
+        # The model where the engine puts its tensors, in its precision ("cuda" is the weights' "cuda:0"); float16
+        # only on a GPU.
+        placed = (weight is not None and device is not None and weight.dtype == self.dtype
+                  and weight.device.type == device.type and device.index in (None, weight.device.index))
+        if (getattr(config, "scale", None) != self.scale or self.dtype not in (torch.float32, torch.float16)
+                or not placed or device.type == "cpu" and self.dtype != torch.float32 or not callable(self.warn)):
+            raise RefsrError("Upscaler: its scale, model, device, precision or warn was changed after it was made; "
+                             "make another (Upscaler.from_weights)")
 
-    def within_memory(self, what: str, work):
+    def _within_memory(self, what: str, work):
         """work() under the out-of-memory rules. A GPU's: started again with tiles of half the size, which stay for
         the images after it (a record gives the tile it was made with). The computer's (numpy's MemoryError, or
         torch's CPU allocator's RuntimeError): an OutOfMemory naming `what`."""
@@ -217,7 +230,7 @@ class Upscaler:
         image = checked_image(image, "reference")
         seed, temperature = check_draw(seed, temperature)
         size = self.model.config.ref_size
-        resized = self.within_memory(f"reference: {image.shape[1]}x{image.shape[0]}", lambda: Image.fromarray(
+        resized = self._within_memory(f"reference: {image.shape[1]}x{image.shape[0]}", lambda: Image.fromarray(
             (image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC))
         mu, logvar = self.model.encode_reference(self._tensor(np.asarray(resized, dtype=np.float32) / 255))
         eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed)).to(mu)
@@ -230,7 +243,7 @@ class Upscaler:
         image = checked_image(image, name)
         check_reference(image, name)
         self.check_settings()
-        return self.within_memory(f"{name}: {image.shape[1]}x{image.shape[0]}", lambda: make_bank(
+        return self._within_memory(f"{name}: {image.shape[1]}x{image.shape[0]}", lambda: make_bank(
             [bank_part(sharp, faithful) for sharp, faithful in reference_pairs(image, self.scale, self.faithful,
                                                                                 name)], name, scale=self.scale))
 
@@ -309,7 +322,7 @@ class Upscaler:
         bits = int(bits)  # a numpy integer too: the outputs' dtype is looked up by it
         check_flag("grayscale", grayscale)
         self.check_settings()
-        return self.within_memory(f"lr: {lr.shape[1]}x{lr.shape[0]} at x{self.scale}", lambda: self._upscale(
+        return self._within_memory(f"lr: {lr.shape[1]}x{lr.shape[0]} at x{self.scale}", lambda: self._upscale(
             lr, latents, transfer, alpha, grayscale, bits, on_tile))
 
     def check_latent(self, latent: Latent) -> None:
@@ -339,7 +352,7 @@ class Upscaler:
         the texture analogy matches and pastes onto (refsr_cli.analogy)."""
         lr = checked_image(lr, "lr")
         self.check_settings()
-        image = self.within_memory(f"lr: {lr.shape[1]}x{lr.shape[0]} at x{self.scale}", lambda: self._upscale(
+        image = self._within_memory(f"lr: {lr.shape[1]}x{lr.shape[0]} at x{self.scale}", lambda: self._upscale(
             lr, [None], None, None, False, None, None))[0]
         return torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
 

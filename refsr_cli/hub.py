@@ -9,13 +9,14 @@ when a Hub reference is used: `refsr upscale` of a local file never pays for it.
 import hashlib
 import importlib
 import json
+import os
 import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from .checkpoint import default_filename, load_weights, texture_trained
+from .checkpoint import default_filename, expanded, load_weights, texture_trained
 from .errors import RefsrError
 from .report import warning_line
 
@@ -86,6 +87,11 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     where = f"{repo}{'@' + revision if revision else ''}:{filename}"
     if revision is not None and not git_ref_name(revision):  # `@..` asked for a URL that had collapsed
         raise RefsrError(f"{where}: {revision!r} is not a revision name (a branch, a tag or a commit's hash)")
+    try:  # as huggingface_hub will, with a RuntimeError of its own for a user without a home
+        expanded(constants.HF_HUB_CACHE)
+    except RefsrError as e:
+        raise RefsrError(f"{where}: cannot use the Hugging Face cache ({e}); HF_HOME or HF_HUB_CACHE choose another "
+                         "folder") from None
     try:
         with hub_fails_fast(), warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
@@ -112,6 +118,12 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     except RepositoryNotFoundError:
         raise RefsrError(f"{where}: no such Hub repository (or it is private)") from None
     except (OSError, *http_client_errors()) as e:
+        token = os.path.abspath(os.path.expanduser(constants.HF_TOKEN_PATH))
+        # Its token file (HF_TOKEN_PATH) a folder or unreadable, in a folder that is one (else HF_HOME is the trouble)
+        if (isinstance(e, OSError) and e.filename is not None and os.path.abspath(e.filename) == token
+                and os.path.isdir(os.path.dirname(token))):
+            raise RefsrError(f"{where}: cannot read the Hub token file ({e.strerror}: {e.filename}); HF_TOKEN_PATH "
+                             "names it") from None
         if isinstance(e, OSError) and e.filename is not None:  # the cache's folder, not the network
             raise RefsrError(f"{where}: cannot use the Hugging Face cache ({e.strerror}: {e.filename}); HF_HOME or "
                              "HF_HUB_CACHE choose another folder") from None
@@ -274,6 +286,8 @@ def check_destination(repo: str, revision: str | None) -> None:
         if named is None or named["revision"] != revision or refused_by_git:
             raise RefsrError(f"--revision {revision!r}: not a branch name --weights {repo}@BRANCH can load "
                              "(letters, digits, _ . / -)")
+        if re.fullmatch(r"[0-9a-f]{40}", revision):  # @HASH would name this branch and a commit alike
+            raise RefsrError(f"--revision {revision}: a branch named like a commit's hash; name it otherwise")
 
 
 def git_ref_name(revision: str) -> bool:

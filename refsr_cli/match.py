@@ -54,6 +54,8 @@ TEXTURED = 0.02  # LR standard deviation in a window above which a match there c
 LK_RIDGE = 1e-5  # keeps flat windows, whose shift is undetermined, where they are
 COHERENT_LOW = 0.5  # share of agreeing neighbours below which a local match is not trusted at all
 CONTRAST_C = 1e-4  # SSIM's C2 on [0, 1] images, about (0.01)^2: patches flatter than that count as flat
+GAIN_RANGE = (0.5, 2.0)  # a reference's local contrast against the LR image's, as far as it is corrected
+MAX_POSITION = 1e6  # reference LR pixels: far past any position in a reference of MAX_REFERENCE_PIXELS
 
 
 def prepare_reference(image: np.ndarray, scale: int, name: str = "reference") -> torch.Tensor:
@@ -354,7 +356,7 @@ def global_fit(lr: torch.Tensor, aligned: torch.Tensor):
         mx, my = (x * w).sum(-1) / n, (y * w).sum(-1) / n
         var = (((x - mx[..., None]) ** 2) * w).sum(-1) / n
         cov = ((x - mx[..., None]) * (y - my[..., None]) * w).sum(-1) / n
-        gain = (cov / var.clamp_min(1e-6)).clamp(0.5, 2.0)
+        gain = (cov / var.clamp_min(1e-6)).clamp(*GAIN_RANGE)
         offset = my - gain * mx
         error = (y - gain[..., None] * x - offset[..., None]).abs()
         keep = error <= error.median(-1, keepdim=True).values
@@ -395,7 +397,7 @@ def local_fit(lr: torch.Tensor, aligned: torch.Tensor, sigma: float = WINDOW_SIG
     cov = window(lr * aligned, sigma) - mu_l * mu_a
     c1 = (0.01) ** 2
     ssim = ((2 * mu_l * mu_a + c1) * (2 * cov + CONTRAST_C)) / ((mu_l ** 2 + mu_a ** 2 + c1) * (var_l + var_a + CONTRAST_C))
-    gain = ((cov + CONTRAST_C / 2) / (var_a + CONTRAST_C / 2)).clamp(0.5, 2.0)
+    gain = ((cov + CONTRAST_C / 2) / (var_a + CONTRAST_C / 2)).clamp(*GAIN_RANGE)
     return ssim.mean(1, keepdim=True), gain, mu_l - gain * mu_a
 
 
@@ -423,14 +425,18 @@ class Transfer:
         if self.scale != scale or not isinstance(self.matches, list) or not self.matches:
             raise RefsrError(f"transfer: made at x{self.scale} with {type(self.matches).__name__} matches; give "
                              f"correspond()'s Transfer of this lr at x{scale}")
+        # Each field's shape and range as correspond() makes it, in float32 as blend() takes it: a position of
+        # 3e38, finite, blended a black image.
+        shapes = {"positions": (h, w, 2), "gain": (1, 3, h, w), "offset": (1, 3, h, w), "confidence": (h, w)}
+        ranges = {"positions": (-MAX_POSITION, MAX_POSITION), "gain": GAIN_RANGE, "offset": (-2, 2),
+                  "confidence": (0, 1)}
         for i, m in enumerate(self.matches):
-            shapes = {"positions": (h, w, 2), "gain": (1, 3, h, w), "offset": (1, 3, h, w), "confidence": (h, w)}
             fields = ({k: getattr(m, k, None) for k in shapes} if isinstance(m, ReferenceMatch) else {})
             if not fields or any(not isinstance(t, torch.Tensor) or tuple(t.shape) != shapes[k] or t.is_meta
-                                 or not t.is_floating_point() or not torch.isfinite(t).all()
-                                 for k, t in fields.items()):
-                raise RefsrError(f"transfer: match {i} is not one correspond() made for this {w}x{h} lr (finite "
-                                 "positions, gain, offset and confidence of its size)")
+                                 or t.layout != torch.strided or not t.is_floating_point()
+                                 or not in_range(t.float(), *ranges[k]) for k, t in fields.items()):
+                raise RefsrError(f"transfer: match {i} is not one correspond() made for this {w}x{h} lr (positions, "
+                                 "gain, offset and confidence of its size, in their ranges)")
             check_pixels(m.reference, f"transfer: match {i}'s reference", (torch.uint8, torch.uint16, torch.float32))
 
     @property
@@ -464,6 +470,10 @@ class Transfer:
             strongest = torch.maximum(strongest, confidence)
         aligned = total / weights.clamp_min(1e-8)
         return (sr * (1 - strongest) + aligned * strongest).to(device, dtype)
+
+
+def in_range(t: torch.Tensor, low: float, high: float) -> bool:
+    return bool(torch.isfinite(t).all()) and (t.numel() == 0 or low <= float(t.min()) and float(t.max()) <= high)
 
 
 def check_scale(scale) -> None:

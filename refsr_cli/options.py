@@ -31,11 +31,19 @@ MAX_IMLE_SAMPLES = 32  # --imle-samples: the nearest-sample search decodes at mo
 MAX_TEMPERATURE = 10.0  # --temperature: far past where the texture stops changing (analogy: 4; the learned z: ~3)
 
 
+def finite(value) -> bool:
+    """math.isfinite, and False for a number past any float (10**400: math.isfinite raised OverflowError)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_number(name: str, value, low: float, high: float, integer: bool = False) -> None:
     """A value given through the Python API as its flag would take it: a finite number in [low, high] (a whole one
     for `integer`), else a RefsrError naming it (nan would give a black image, 2^70 an overflow deep inside)."""
     kind = numbers.Integral if integer else numbers.Real  # numpy's numbers too
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, kind) or not finite(value) or not low <= value <= high:
         top = str(int(high)) if integer and high != math.inf else f"{high:g}"
         bounds = f"{low:g} or more" if high == math.inf else f"from {low:g} to {top}"
         raise RefsrError(f"{name}={value!r}: give {'a whole number' if integer else 'a number'} {bounds}")

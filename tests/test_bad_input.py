@@ -2344,3 +2344,86 @@ def test_an_interruption_c_code_turned_into_an_error_is_still_the_signals(tmp_pa
         result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--ref", lr, "--device", "cpu")
     assert result.exit_code == 143, result.output
     one_error_line(result, "terminated")
+
+
+# --- sweep 15b ------------------------------------------------------------------------------------------------------
+
+def test_numbers_past_any_float_are_refused_by_name():
+    """math.isfinite(10**400) raised OverflowError before the range was checked."""
+    from fractions import Fraction
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    bank = up.reference_bank(np.random.default_rng(0).random((48, 48, 3)).astype(np.float32))
+    for call, name in ((lambda: up.prior_z(10 ** 400), "seed"), (lambda: up.prior_z(1, Fraction(10 ** 400, 3)),
+                                                                  "temperature"),
+                       (lambda: Upscaler(tiny_model(2), "cpu", tile=10 ** 400), "tile"),
+                       (lambda: load_weights(None, 10 ** 400), "scale")):
+        with pytest.raises(RefsrError, match=name):
+            call()
+    import copy
+    odd = copy.copy(bank)
+    odd.step = 10 ** 400
+    with pytest.raises(RefsrError, match="residual or step"):
+        up.upscale(np.zeros((16, 16, 3), np.float32), [Texture(odd, 1, 1.0)])
+
+
+def test_a_hand_made_bank_or_transfer_past_its_ranges_is_refused():
+    """int64 starts or widths near 2^63 wrapped around past the bank's bounds check (IndexError); a finite position
+    of 3e38 in a Transfer blended a black image."""
+    import copy
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.match import correspond, prepare_reference
+    up = Upscaler(tiny_model(2), "cpu")
+    rng = np.random.default_rng(0)
+    lr = rng.random((16, 16, 3)).astype(np.float32)
+    bank = up.reference_bank(rng.random((48, 48, 3)).astype(np.float32))
+    for field, value in (("widths", torch.full_like(bank.widths, 1229782938247303442)),
+                         ("starts", torch.full_like(bank.starts, 2 ** 63 - 10))):
+        odd = copy.copy(bank)
+        setattr(odd, field, value)
+        with pytest.raises(RefsrError, match="outside its residual"):
+            up.upscale(lr, [Texture(odd, 1, 1.0)])
+    made = correspond(torch.from_numpy(lr).permute(2, 0, 1)[None], [prepare_reference(
+        rng.random((48, 48, 3)).astype(np.float32), 2)], 2)
+    for field, value in (("positions", 3e38), ("positions", 1e300), ("gain", 3e38), ("confidence", 2.0)):
+        odd = copy.deepcopy(made)
+        tensor = getattr(odd.matches[0], field)
+        setattr(odd.matches[0], field, torch.full_like(tensor, value, dtype=torch.float64))
+        with pytest.raises(RefsrError, match="in their ranges"):
+            up.upscale(lr, [None], transfer=odd)
+
+
+def test_an_upscaler_whose_model_or_device_was_changed_is_refused():
+    """A model moved to the meta device returned an uninitialised image; others raised deep inside."""
+    from refsr_cli.errors import RefsrError
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    for change in (lambda u: u.model.to("meta"), lambda u: u.model.double(), lambda u: setattr(u, "dtype", torch.float16),
+                   lambda u: setattr(u, "device", torch.device("meta")), lambda u: setattr(u, "device", "banana"),
+                   lambda u: setattr(u, "warn", None)):
+        odd = Upscaler(tiny_model(2), "cpu")
+        change(odd)
+        with pytest.raises(RefsrError, match="changed after it was made"):
+            odd.upscale(lr, [None])
+
+
+def test_an_image_memory_cannot_check_is_out_of_memory_naming_it(monkeypatch):
+    from refsr_cli.errors import OutOfMemory
+    up = Upscaler(tiny_model(2), "cpu")
+    real = np.isfinite
+
+    def no_room(values, *args, **kwargs):
+        if getattr(values, "shape", ())[:2] == (40, 40):
+            raise MemoryError("Unable to allocate 17.9 GiB for an array with shape (40000, 40000, 3)")
+        return real(values, *args, **kwargs)
+    monkeypatch.setattr(np, "isfinite", no_room)
+    with pytest.raises(OutOfMemory, match=r"lr: 40x40: out of memory \(Unable to allocate 17.9 GiB\)"):
+        up.upscale(np.zeros((40, 40, 3), np.float32), [None])
+
+
+def test_the_hub_cache_under_a_user_without_a_home_is_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.hub import download_from_hub
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "~nosuchuser/cache")
+    with pytest.raises(RefsrError, match="cannot use the Hugging Face cache .~nosuchuser/cache: ~nosuchuser is no home"):
+        download_from_hub("owner/repo", "w.safetensors", None)

@@ -591,3 +591,17 @@ def test_a_malformed_hub_setting_is_one_line(tmp_path, checkpoints, variable, va
         lines = done.stderr.strip().splitlines()
         assert done.returncode == code and len(lines) == 1, done.stderr
         assert lines[0].startswith("refsr: error: huggingface_hub cannot start") and "HF_" in lines[0]
+
+
+def test_a_token_file_that_cannot_be_read_is_named_and_a_hash_shaped_branch_refused(hub, tmp_path, monkeypatch):
+    from refsr_cli.errors import RefsrError
+    folder = tmp_path / "tokdir"
+    folder.mkdir()
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(folder))
+    with pytest.raises(RefsrError, match="cannot read the Hub token file .* HF_TOKEN_PATH names it"):
+        resolve_weights(f"{REPO}:tiny.safetensors", 2)
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    result = push(tiny_x4_checkpoint(tmp_path / "x4.safetensors"), REPO, "--revision", "a" * 40)
+    assert result.exit_code == 2
+    one_error_line(result, "named like a commit's hash")
+    assert hub.count("POST") == 0
