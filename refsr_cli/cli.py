@@ -333,9 +333,19 @@ def sample(inputs, count, seed, refs, **options):
     sys.exit(run_inference("sample", inputs, refs or None, range(seed, seed + count), **options))
 
 
+def torch_imported():
+    """torch, imported with SIGINT and SIGTERM held until it is: its C++ start-up imports Python modules, and a
+    KeyboardInterrupt raised in one aborted the process (exit 134, a C++ trace) instead of its one line."""
+    from .report import signals_held
+    with signals_held():
+        import torch
+    return torch
+
+
 def run_inference(command, inputs, refs, seeds, scale, **options) -> int:
     from dataclasses import asdict
 
+    torch_imported()
     from .batch import run_batch
     engine = engine_settings(options)
     return run_batch(command, inputs, refs, seeds, BatchOptions(scale=int(scale), **asdict(engine), **options))
@@ -419,8 +429,7 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(quiet, **options):
     """Train refsr's networks on a folder of HR photos; checkpoints load directly with --weights."""
-    import torch
-
+    torch = torch_imported()
     from .errors import RefsrError
     from .train import STATE_FILE, train as run_training
     options["scale"] = int(options["scale"])
@@ -550,6 +559,7 @@ def push(files, repo, revision, private, message, no_card, license_id):
     Exit code 0: pushed (the commit's URL is printed); 2: nothing was sent (a file that is not a refsr checkpoint,
     two of one scale, a bad repository or branch name); 1: the Hub refused the push or it failed on the way (no
     token, no connection), after the repository or the branch may have been created."""
+    torch_imported()
     from .errors import RefsrError
     from .hub import UploadFailed, push as push_to_hub
     try:
@@ -602,6 +612,7 @@ def evaluate(baseline, json_path, scale, **options):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    torch_imported()
     from .errors import RefsrError
     from .evaluate import plan_evaluation
     from .report import say_line

@@ -23,7 +23,7 @@ import torch
 from .checkpoint import FORMAT, atomic_save, not_finite, read_metadata, read_weights, stored_config, weights_dir
 from .device import environment_int, launcher, pick_device
 from .errors import RefsrError
-from .files import atomic_path
+from .files import atomic_path, held_folder
 from .options import TrainOptions
 from .stages import TextureStage, TrunkStage
 
@@ -88,6 +88,7 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
         claimed.check(step)
         # The training state first: --resume reads only it, so a kill between the writes loses nothing.
         save_training_state(state_path, stage, step, optimizer, scaler, recipe(opt))
+        claimed.check_folder(step)  # (the writes would make it anew: a run's files in a folder of their own)
         stage.export(step)
         claimed.saved()
 
@@ -193,7 +194,11 @@ def claim_run_folder(opt: TrainOptions, state_path: Path) -> "Claimed":
         state_path.unlink(missing_ok=True)
         (opt.out / "log.jsonl").unlink(missing_ok=True)
     remove_stale_temporaries(opt.out)
-    return Claimed(saved_files(opt, state_path))
+    for path in saved_files(opt, state_path):  # refused now, not at the first save after hours of steps
+        if path.exists() and not path.is_file():  # as atomic_save would refuse it
+            raise RefsrError(f"{path}: not a regular file (a folder, device or FIFO) where this run saves; move it "
+                             "away, or give another --out")
+    return Claimed(opt.out, saved_files(opt, state_path))
 
 
 class Claimed:
@@ -201,10 +206,18 @@ class Claimed:
     differs at the next save was written by another process meanwhile (the run lock keeps out only refsr's): it is
     kept, and the run stops rather than replace it."""
 
-    def __init__(self, paths: list):
+    def __init__(self, folder: Path, paths: list):
+        self.folder, self.folder_seen = folder, folder_identity(folder)
         self.seen = {p: identity(p) for p in paths}
 
+    def check_folder(self, step: int) -> None:
+        """The run folder as claimed: one removed or moved meanwhile is not made anew by the next write."""
+        if folder_identity(self.folder) != self.folder_seen:
+            raise RefsrError(f"{self.folder} was removed or moved while this run trained; it stops at step {step}, "
+                             "and what it saved before is wherever the folder went (--resume it there)")
+
     def check(self, step: int) -> None:
+        self.check_folder(step)
         for path, seen in self.seen.items():
             if identity(path) != seen:
                 raise RefsrError(f"{path} changed while this run trained (another process wrote it?); it is kept and "
@@ -220,6 +233,15 @@ def identity(path: Path):
         return signature(os.lstat(path))
     except FileNotFoundError:
         return None
+
+
+def folder_identity(folder: Path):
+    """Which folder `folder` names (through a link, as the run writes into it): None for none."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def identity_of(file) -> tuple:
@@ -343,10 +365,20 @@ def run_lock(out: Path):
                 raise busy  # the run that held it removed it meanwhile: a newer run may hold the path's file
         except FileNotFoundError:
             raise busy from None
+        folder = held_folder(out)  # to remove the lock from the folder wherever it was moved meanwhile
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
+            try:
+                if folder is not None:
+                    os.unlink(path.name, dir_fd=folder)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+            finally:
+                if folder is not None:
+                    os.close(folder)
     finally:
         os.close(fd)
 

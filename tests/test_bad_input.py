@@ -2427,3 +2427,26 @@ def test_the_hub_cache_under_a_user_without_a_home_is_one_line(tmp_path, monkeyp
     monkeypatch.setattr(constants, "HF_HUB_CACHE", "~nosuchuser/cache")
     with pytest.raises(RefsrError, match="cannot use the Hugging Face cache .~nosuchuser/cache: ~nosuchuser is no home"):
         download_from_hub("owner/repo", "w.safetensors", None)
+
+
+# --- sweep 15a ------------------------------------------------------------------------------------------------------
+
+def test_torch_is_imported_with_signals_held(monkeypatch):
+    """A Ctrl-C raised inside torch's C++ start-up aborted the process (exit 134): the signal waits for the import."""
+    import builtins
+    import signal
+    from refsr_cli import cli, report
+    held, real = [], builtins.__import__
+
+    def watching(name, *args, **kwargs):
+        if name == "torch":
+            held.append(signal.getsignal(signal.SIGINT) is not report.on_sigint)
+        return real(name, *args, **kwargs)
+    signal.signal(signal.SIGINT, report.on_sigint)  # as Commands.main sets it
+    try:
+        monkeypatch.setattr(builtins, "__import__", watching)
+        cli.torch_imported()
+    finally:
+        monkeypatch.setattr(builtins, "__import__", real)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert held == [True]

@@ -198,3 +198,31 @@ def test_a_run_killed_between_its_state_and_its_checkpoint_is_finished_by_resume
     result = run(*args, "--resume")  # and now there is nothing left to do
     assert result.exit_code == 2
     one_error_line(result, "at step 1 already")
+
+
+def test_a_train_whose_folder_goes_away_does_not_make_it_anew(tmp_path, checkpoint, monkeypatch):
+    """Removed between a save's state and its checkpoint, the run folder was made again by the checkpoint's write,
+    holding that file alone; and a moved one kept its lock file. A checkpoint's name taken by a folder is refused
+    before any step, not at the first save."""
+    from refsr_cli import train
+    from test_bad_input import train_args
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    real = train.save_training_state
+
+    def then_moved(path, *args):
+        real(path, *args)
+        out.rename(moved)  # as a user's mv, while the run saves
+    monkeypatch.setattr(train, "save_training_state", then_moved)
+    result = run(*train_args(tmp_path, "--init", checkpoint))
+    assert result.exit_code == 2, result.output
+    one_error_line(result, "was removed or moved while this run trained", "--resume it there")
+    assert not out.exists()
+    assert sorted(p.name for p in moved.iterdir()) == ["last.state.safetensors", "log.jsonl"]  # no lock left
+    monkeypatch.undo()
+    (tmp_path / "other" / "last.safetensors").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    result = run(*train_args(tmp_path / "b", "--init", checkpoint, "--out", tmp_path / "other", "--overwrite",
+                             "--steps", 5, "--save-every", 5))
+    assert result.exit_code == 2, result.output
+    one_error_line(result, "last.safetensors: not a regular file")
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["last.safetensors"]
