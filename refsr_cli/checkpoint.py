@@ -72,7 +72,11 @@ def save_model(model: RefVAE, path, **extra_metadata) -> None:
     """`model` as a checkpoint load_weights reads back: its config, and `extra_metadata` (steps, stage...) beside it."""
     if not isinstance(model, RefVAE):
         raise RefsrError(f"save_model: give a RefVAE, not {type(model).__name__}")
-    if not isinstance(path, (str, os.PathLike)):
+    try:  # a path-like object as the name it stands for (its __fspath__ may give bytes, or anything)
+        path = os.fsdecode(path) if isinstance(path, os.PathLike) else path
+    except TypeError:
+        raise RefsrError(f"save_model: {type(path).__name__}'s __fspath__ gives no file name") from None
+    if not isinstance(path, str):
         raise RefsrError(f"save_model: give a file name, not {type(path).__name__}")
     if {"format", "config"} & set(extra_metadata):
         raise RefsrError("save_model: the format and config are the model's own; name other metadata")
@@ -80,8 +84,13 @@ def save_model(model: RefVAE, path, **extra_metadata) -> None:
     if os.fsdecode(path).endswith(("/", os.sep)) or os.path.basename(os.fsdecode(path)) in ("", ".", ".."):
         raise RefsrError(f"save_model: {os.fsdecode(path)!r} names a folder; give the file (folder/name.safetensors)")
     path = expanded(path)  # as load_weights reads it
-    metadata = {"format": FORMAT, "config": model.config.to_json(),
-                **{k: str(v) for k, v in extra_metadata.items()}}
+    if any(t.is_meta for t in model.state_dict().values()):
+        raise RefsrError("save_model: the model's weights are on the meta device (no numbers to save)")
+    try:
+        metadata = {"format": FORMAT, "config": model.config.to_json(),
+                    **{k: str(v) for k, v in extra_metadata.items()}}
+    except ValueError as e:  # an int past Python's 4300 digits for str()
+        raise RefsrError(f"save_model: metadata that cannot be written as text ({e})") from None
     atomic_save(model.trainable_state_dict(), path, metadata)
 
 
@@ -186,8 +195,11 @@ def load_weights(spec, scale: int | None = None) -> Weights:
         if scale not in SCALES:
             raise RefsrError(f"scale={scale!r}: give one of {', '.join(map(str, SCALES))}")
     # A path-like object or bytes as the name it stands for (str() of one is "<P object at ...>").
-    path = resolve_weights(None if spec is None else os.fsdecode(spec) if isinstance(spec, (bytes, os.PathLike))
-                           else str(spec), scale)
+    try:
+        name = None if spec is None else os.fsdecode(spec) if isinstance(spec, (bytes, os.PathLike)) else str(spec)
+    except TypeError:  # an __fspath__ that gives no name
+        raise RefsrError(f"weights: {type(spec).__name__}'s __fspath__ gives no file name") from None
+    path = resolve_weights(name, scale)
     # Config, weights and metadata of one file, as it was when hashed (a train may be saving there).
     with memory_named(str(path)):  # (safetensors maps the file: an mmap the memory limit refuses)
         (config, state, metadata), sha256 = read_unchanged(path, lambda p: (read_config(p), read_weights(p),

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .analogy import TEXTURE_BANK, Matcher, Texture, TexturePlan, load_bank
-from .checkpoint import load_weights
+from .checkpoint import load_weights, not_finite
 from .errors import RefsrError, memory_named
 from .match import Transfer
 from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
@@ -137,6 +137,8 @@ class Upscaler:
         self.device = usable_device(device)
         if half and self.device.type == "cpu":
             raise RefsrError("half=True needs a GPU (CUDA or MPS); float16 on the CPU is slower, not faster")
+        if warn is not None and not callable(warn):
+            raise RefsrError(f"warn: give a function of one line, or None, not {type(warn).__name__}")
         self.warn = warn or warning_line
         self.dtype = torch.float16 if half else torch.float32
         # Channels-last: oneDNN's (and cuDNN's) preferred layout; a quarter off the decoder on a 2-core x86 CPU
@@ -188,16 +190,20 @@ class Upscaler:
         self.tile, self.tile_pad, self.consistency_steps = int(self.tile), int(self.tile_pad), int(
             self.consistency_steps)
         config = getattr(self.model, "config", None)
-        weight = next(self.model.parameters(), None) if isinstance(self.model, torch.nn.Module) else None
+        weights = list(self.model.parameters()) if isinstance(self.model, torch.nn.Module) else []
         device = self.device if isinstance(self.device, torch.device) else None
-        # The model where the engine puts its tensors, in its precision ("cuda" is the weights' "cuda:0"); float16
-        # only on a GPU.
-        placed = (weight is not None and device is not None and weight.dtype == self.dtype
-                  and weight.device.type == device.type and device.index in (None, weight.device.index))
+        # Every weight where the engine puts its tensors, in its precision ("cuda" is the weights' "cuda:0", and
+        # "cpu:0" their "cpu"); float16 only on a GPU.
+        placed = weights and device is not None and all(
+            w.dtype == self.dtype and w.device.type == device.type
+            and (device.type == "cpu" or device.index in (None, w.device.index)) for w in weights)
         if (getattr(config, "scale", None) != self.scale or self.dtype not in (torch.float32, torch.float16)
                 or not placed or device.type == "cpu" and self.dtype != torch.float32 or not callable(self.warn)):
-            raise RefsrError("Upscaler: its scale, model, device, precision or warn was changed after it was made; "
-                             "make another (Upscaler.from_weights)")
+            raise RefsrError("Upscaler: its scale, model, device, precision or warn is not as made (changed since, "
+                             "or given so); make another (Upscaler.from_weights)")
+        bad = not_finite(dict(self.model.named_parameters()))
+        if bad is not None:  # a model handed in, or changed since: a nan weight gave a black image
+            raise RefsrError(f"Upscaler: its model's weights are not all finite numbers ({bad} holds nan or inf)")
 
     def _within_memory(self, what: str, work):
         """work() under the out-of-memory rules. A GPU's: started again with tiles of half the size, which stay for
@@ -229,6 +235,7 @@ class Upscaler:
         """z from a reference image, mu + temperature * sigma * eps (eps and the texture noise of `seed`)."""
         image = checked_image(image, "reference")
         seed, temperature = check_draw(seed, temperature)
+        self.check_settings()
         size = self.model.config.ref_size
         resized = self._within_memory(f"reference: {image.shape[1]}x{image.shape[0]}", lambda: Image.fromarray(
             (image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC))
@@ -249,6 +256,7 @@ class Upscaler:
 
     def texture_bank(self):
         """The shipped texture bank of this scale (weights/texture-bank-xS.safetensors), loaded on first use."""
+        self.check_settings()
         if self._bank is None:
             from .checkpoint import weights_dir
             self._bank = load_bank(weights_dir() / TEXTURE_BANK.format(scale=self.scale), self.scale)
@@ -258,6 +266,7 @@ class Upscaler:
         """z ~ N(0, temperature^2 I), drawn on the CPU so that a seed gives the same z on every device, and the
         texture noise of the same seed; at temperature 0, the fidelity output."""
         seed, temperature = check_draw(seed, temperature)
+        self.check_settings()
         if temperature == 0:
             return Latent(None, seed)
         eps = torch.randn(1, self.model.config.z_dim, generator=torch.Generator().manual_seed(seed))

@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 from .checkpoint import default_filename, expanded, load_weights, texture_trained
@@ -85,6 +85,8 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
     where = f"{repo}{'@' + revision if revision else ''}:{filename}"
+    if filename.endswith("/") or PurePosixPath(filename).name in ("", ".", ".."):  # a folder, not a file of it
+        raise RefsrError(f"{where}: {filename!r} is not a file name in the repository")
     if revision is not None and not git_ref_name(revision):  # `@..` asked for a URL that had collapsed
         raise RefsrError(f"{where}: {revision!r} is not a revision name (a branch, a tag or a commit's hash)")
     try:  # as huggingface_hub will, with a RuntimeError of its own for a user without a home

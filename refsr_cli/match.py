@@ -506,6 +506,9 @@ def correspond(lr: torch.Tensor, references: list, scale: int, seed: int = 0) ->
         if min(reference.shape[-2:]) < PATCH * scale:
             raise RefsrError(f"references[{i}]: too small to match at x{scale} (at least {PATCH * scale} pixels on "
                              "each side; prepare_reference checks it)")
+        if reference.shape[-2] * reference.shape[-1] > MAX_REFERENCE_PIXELS:  # memory: prepare_reference bounds it
+            raise RefsrError(f"references[{i}]: {reference.shape[-1]}x{reference.shape[-2]} is more than "
+                             f"{MAX_REFERENCE_PIXELS} pixels; give prepare_reference's tensor")
     generator = torch.Generator().manual_seed(int(seed))
     lr = lr.float().cpu()
     # A flat LR window matches any flat reference window, yet the reference may hold detail there that its

@@ -2256,7 +2256,7 @@ def test_the_upscalers_own_numbers_are_taken_as_python_ints():
     for field, value in (("scale", 4), ("dtype", torch.float64)):
         odd = Upscaler(tiny_model(2), "cpu")
         setattr(odd, field, value)
-        with pytest.raises(RefsrError, match="changed after it was made"):
+        with pytest.raises(RefsrError, match="is not as made"):
             odd.upscale(lr, [None])
 
 
@@ -2402,7 +2402,7 @@ def test_an_upscaler_whose_model_or_device_was_changed_is_refused():
                    lambda u: setattr(u, "warn", None)):
         odd = Upscaler(tiny_model(2), "cpu")
         change(odd)
-        with pytest.raises(RefsrError, match="changed after it was made"):
+        with pytest.raises(RefsrError, match="is not as made"):
             odd.upscale(lr, [None])
 
 
@@ -2450,3 +2450,62 @@ def test_torch_is_imported_with_signals_held(monkeypatch):
         monkeypatch.setattr(builtins, "__import__", real)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     assert held == [True]
+
+
+# --- sweep 16b ------------------------------------------------------------------------------------------------------
+
+def test_an_upscalers_model_is_checked_whole_before_each_image():
+    """Non-finite weights of a model handed in, or a later submodule moved to float64 or the meta device, gave a
+    black image or a raw error; reference_z, prior_z and texture_bank did not check at all; cpu:0 was refused."""
+    from refsr_cli.errors import RefsrError
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    nan = tiny_model(2)
+    with torch.no_grad():
+        next(nan.parameters()).fill_(float("nan"))
+    with pytest.raises(RefsrError, match="not all finite"):
+        Upscaler(nan, "cpu")
+    for change in (lambda m: m.trunk.tails.double(), lambda m: m.trunk.tails.to("meta")):
+        up = Upscaler(tiny_model(2), "cpu")
+        change(up.model)
+        for call in (lambda: up.upscale(lr, [None]), lambda: up.reference_z(lr), lambda: up.prior_z(1),
+                     lambda: up.texture_bank()):
+            with pytest.raises(RefsrError, match="is not as made"):
+                call()
+    assert Upscaler(tiny_model(2), "cpu:0").upscale(lr, [None])[0].shape == (32, 32, 3)
+    with pytest.raises(RefsrError, match="warn: give a function"):
+        Upscaler(tiny_model(2), "cpu", warn="x")
+
+
+def test_save_model_and_correspond_refuse_what_they_cannot_take(tmp_path):
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.match import correspond
+
+    class Bytes:
+        def __fspath__(self):
+            return os.fsencode(str(tmp_path / "b.safetensors"))
+
+    class Number:
+        def __fspath__(self):
+            return 5
+    import os
+    save_model(tiny_model(2), Bytes())
+    assert (tmp_path / "b.safetensors").is_file()
+    for call, fragment in ((lambda: save_model(tiny_model(2), Number()), "gives no file name"),
+                           (lambda: load_weights(Number(), 2), "gives no file name"),
+                           (lambda: save_model(tiny_model(2), tmp_path / "s.safetensors", step=10 ** 5000),
+                            "cannot be written as text"),
+                           (lambda: save_model(tiny_model(2).to("meta"), tmp_path / "m.safetensors"), "meta"),
+                           (lambda: correspond(torch.rand(1, 3, 20, 20), [torch.zeros(
+                               (1, 3, 40, 10 ** 6), dtype=torch.uint8).expand(1, 3, 40, 10 ** 6)], 2),
+                            "more than")):
+        with pytest.raises(RefsrError, match=fragment):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors"]
+
+
+def test_a_hub_file_name_that_names_no_file_is_refused():
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.hub import download_from_hub
+    for name in (".", "sub/..", "sub/"):
+        with pytest.raises(RefsrError, match="is not a file name in the repository"):
+            download_from_hub("owner/repo", name, None)
