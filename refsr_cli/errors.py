@@ -23,6 +23,14 @@ def name_trouble(e: Exception) -> str | None:
     return None
 
 
+def in_units(size: int) -> str:
+    """A number of bytes in the unit that fits it (a small allocation read "0.00 GiB")."""
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{size / 1024:.1f} KiB"
+
+
 def memory_trouble(e: BaseException) -> str | None:
     """The words for `e` when it is the computer's memory running out, with what could not be allocated in numpy's
     words without the array's details ("out of memory (Unable to allocate 25.7 GiB)"): numpy's or Pillow's
@@ -35,7 +43,9 @@ def memory_trouble(e: BaseException) -> str | None:
         asked = str(e).split(" for ")[0]
     elif isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "Cannot allocate memory" in str(e)):
         asked = re.search(r"(\d+) bytes", str(e))
-        asked = asked and f"Unable to allocate {int(asked[1]) / 2 ** 30:.2f} GiB"
+        asked = asked and f"Unable to allocate {in_units(int(asked[1]))}"
+    elif isinstance(e, ImportError) and "failed to map segment" in str(e):  # a library loaded under a memory limit
+        asked = "loading a library"
     elif isinstance(e, OSError) and e.errno == errno.ENOMEM:
         asked = None
     else:

@@ -230,7 +230,11 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     check_destination(repo, revision)
-    token = get_token()  # HF_TOKEN, else the one `hf auth login` stored; it goes into an HTTP header, as ASCII
+    try:
+        token = get_token()  # HF_TOKEN, else the one `hf auth login` stored; it goes into an HTTP header, as ASCII
+    except (OSError, ValueError) as e:  # a folder at HF_TOKEN_PATH, a file that is not text (UnicodeDecodeError)
+        raise RefsrError(f"cannot read the Hub token file ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+                         "HF_TOKEN_PATH names it") from None
     if token is not None and not (token.isascii() and token.isprintable()):
         raise RefsrError("the Hub token (HF_TOKEN, or the one `hf auth login` stored) holds characters no token "
                          "has (control characters, or not ASCII); set it again")

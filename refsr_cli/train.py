@@ -66,18 +66,18 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
     optimizers = [optimizer] + ([stage.critic.optimizer] if stage.critic is not None else [])
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     start = 0 if state is None else resume(state, optimizer, scaler, stage.critic)
-    # A run killed between a save's two writes (the state, then the checkpoints) has checkpoints of an earlier step,
-    # or none: they are made again from the state, which --resume reads.
-    behind = state is not None and stale_checkpoints(opt, state_path, start)
-    if behind and rank == 0:
-        claimed.check(start)
-        stage.export(start)
-        claimed.saved()
+    behind = state is not None and export_behind(opt, stage, state_path, start, rank, claimed)
     if start >= opt.steps:
         if behind:  # what the killed run was saving, now saved: the run is done
             return stage.module
         raise RefsrError(f"--resume: the run in {opt.out} is at step {start} already; give --steps above it")
     weights = loss_weights(opt)
+    if opt.overwrite and not opt.resume and rank == 0:
+        # A fresh run, past every check that could refuse it (its --init, its memory, its data): the old run's state
+        # and log, which would mislead a --resume, go now, not when the folder was claimed (a refused run took them).
+        state_path.unlink(missing_ok=True)
+        (opt.out / "log.jsonl").unlink(missing_ok=True)
+        claimed.saved()
     log = RunLog(opt, start, progress) if rank == 0 else None
 
     def save(step):
@@ -169,6 +169,18 @@ def saved_files(opt: TrainOptions, state_path: Path) -> list:
     return [state_path, *checkpoints]
 
 
+def export_behind(opt: TrainOptions, stage, state_path: Path, step: int, rank: int, claimed) -> bool:
+    """A resumed run killed between a save's two writes (the state, then the checkpoints) has checkpoints of an
+    earlier step, or none: they are made again from the state, which --resume reads. Whether they were."""
+    if not stale_checkpoints(opt, state_path, step):
+        return False
+    if rank == 0:
+        claimed.check(step)
+        stage.export(step)
+        claimed.saved()
+    return True
+
+
 def stale_checkpoints(opt: TrainOptions, state_path: Path, step: int) -> bool:
     """Whether a checkpoint of this run is missing, or of another step than its training state's `step`."""
     for path in saved_files(opt, state_path)[1:]:
@@ -190,9 +202,6 @@ def claim_run_folder(opt: TrainOptions, state_path: Path) -> "Claimed":
         if held:
             raise RefsrError(f"{opt.out} holds a run already ({held[0].name}): --resume it, --overwrite it, or give "
                              "another --out")
-    if opt.overwrite and not opt.resume:  # a fresh run: the old one's state and log would mislead a --resume
-        state_path.unlink(missing_ok=True)
-        (opt.out / "log.jsonl").unlink(missing_ok=True)
     remove_stale_temporaries(opt.out)
     for path in saved_files(opt, state_path):  # refused now, not at the first save after hours of steps
         if path.exists() and not path.is_file():  # as atomic_save would refuse it

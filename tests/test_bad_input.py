@@ -1937,7 +1937,7 @@ def test_torch_running_out_of_the_computers_memory_is_the_out_of_memory_line(tmp
         raise RuntimeError(CPU_ALLOCATOR)
     monkeypatch.setattr(RefVAE, "encode_lr", exhausted)
     lr = write_png(tmp_path / "in.png", 16, 16)
-    line = "in.png: out of memory (Unable to allocate 0.32 GiB); lower --max-pixels"
+    line = "in.png: out of memory (Unable to allocate 324.0 MiB); lower --max-pixels"
     for command in (["upscale", lr], ["sample", lr, "--n", 2], ["walk", lr, "--seed", 1, "--seed", 2, "--steps", 2]):
         result = run(*command, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out", "-q")
         assert result.exit_code == 1, result.output
@@ -1947,9 +1947,9 @@ def test_torch_running_out_of_the_computers_memory_is_the_out_of_memory_line(tmp
     Image.fromarray(smooth_image(48, 40)).save(hr / "a.png")
     result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--device", "cpu")
     assert result.exit_code == 2
-    one_error_line(result, "a.png: out of memory (Unable to allocate 0.32 GiB); give smaller images")
+    one_error_line(result, "a.png: out of memory (Unable to allocate 324.0 MiB); give smaller images")
     up = Upscaler(tiny_model(2), "cpu")
-    with pytest.raises(OutOfMemory, match=r"lr: 16x16 at x2: out of memory \(Unable to allocate 0.32 GiB\)"):
+    with pytest.raises(OutOfMemory, match=r"lr: 16x16 at x2: out of memory \(Unable to allocate 324.0 MiB\)"):
         up.faithful(np.zeros((16, 16, 3), np.float32))
 
 
@@ -1977,7 +1977,7 @@ def test_a_reference_memory_cannot_hold_is_named_in_one_line(tmp_path, checkpoin
         raise RuntimeError(CPU_ALLOCATOR)
     for target, name, fake, what in ((Image.Image, "convert", convert, ""),
                                      (images, "exif_transpose", transpose, " (Unable to allocate 4.47 GiB)"),
-                                     (RefVAE, "encode_lr", exhausted, " (Unable to allocate 0.32 GiB)")):
+                                     (RefVAE, "encode_lr", exhausted, " (Unable to allocate 324.0 MiB)")):
         with monkeypatch.context() as patched:
             patched.setattr(target, name, fake)
             result = run("upscale", lr, "--ref", ref, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "out")
@@ -2069,7 +2069,7 @@ def test_memory_running_out_for_a_reference_or_file_names_it(tmp_path, checkpoin
         result = run("upscale", lr, "--ref", ref, "--match", "--scale", 2, "--weights", checkpoint, "-o",
                      tmp_path / "m", "-q")
         assert result.exit_code == 1, result.output
-        one_error_line(result, "in.png: out of memory (Unable to allocate 0.32 GiB) matching its 1 reference(s)",
+        one_error_line(result, "in.png: out of memory (Unable to allocate 324.0 MiB) matching its 1 reference(s)",
                        "fewer or smaller references")
     foreign = tmp_path / "foreign.png"
     Image.new("RGB", (8, 8)).save(foreign)
@@ -2190,7 +2190,7 @@ def test_memory_running_out_while_weights_load_names_the_file(tmp_path, checkpoi
     result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", checkpoint, "-o",
                  tmp_path / "out")
     assert result.exit_code == 2
-    one_error_line(result, "tiny-x2.safetensors: out of memory (Unable to allocate 0.01 GiB)")
+    one_error_line(result, "tiny-x2.safetensors: out of memory (Unable to allocate 10.6 MiB)")
     hr = tmp_path / "hr"
     hr.mkdir()
     Image.new("RGB", (48, 40)).save(hr / "a.png")
@@ -2509,3 +2509,23 @@ def test_a_hub_file_name_that_names_no_file_is_refused():
     for name in (".", "sub/..", "sub/"):
         with pytest.raises(RefsrError, match="is not a file name in the repository"):
             download_from_hub("owner/repo", name, None)
+
+
+# --- sweep 16a ------------------------------------------------------------------------------------------------------
+
+def test_a_token_file_push_cannot_read_is_one_line_before_any_request(tmp_path, monkeypatch, checkpoint):
+    """A token file that is not text was 'internal error', exit 1; a library that cannot be loaded under a memory
+    limit is out of memory, not a bug; a small allocation is said in MiB, not '0.00 GiB'."""
+    from huggingface_hub import constants
+    from refsr_cli.errors import memory_trouble
+    token = tmp_path / "token"
+    token.write_bytes(b"\xff\xfe")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token))
+    result = run("push", checkpoint, "me/repo")
+    assert result.exit_code == 2, result.output
+    one_error_line(result, "cannot read the Hub token file", "HF_TOKEN_PATH")
+    assert memory_trouble(ImportError("libtorch_cpu.so: failed to map segment from shared object")) == (
+        "out of memory (loading a library)")
+    assert memory_trouble(RuntimeError("can't allocate memory: you tried to allocate 4096 bytes")) == (
+        "out of memory (Unable to allocate 4.0 KiB)")

@@ -226,3 +226,18 @@ def test_a_train_whose_folder_goes_away_does_not_make_it_anew(tmp_path, checkpoi
     assert result.exit_code == 2, result.output
     one_error_line(result, "last.safetensors: not a regular file")
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["last.safetensors"]
+
+
+def test_a_refused_overwrite_keeps_the_old_runs_state_and_log(tmp_path, checkpoint):
+    """--overwrite removed the old run's state and log when it claimed the folder, before the checks that then
+    refused the run (its memory, its --init): exit 2, and the old run could no longer be resumed."""
+    from test_bad_input import train_args
+    out = tmp_path / "run"
+    args = train_args(tmp_path, "--init", checkpoint)  # (makes its photos once)
+    assert run(*args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"last.state.safetensors", "log.jsonl"} <= set(before)
+    result = run(*args, "--overwrite", "--lr-patch", 100000)
+    assert result.exit_code == 2
+    one_error_line(result, "--lr-patch 100000")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
