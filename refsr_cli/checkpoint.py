@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from .errors import RefsrError, memory_named
 from .files import atomic_path, read_unchanged
 from .model import RefVAE, RefVAEConfig, check_size
-from .options import SCALES, check_number
+from .options import check_scale
 
 FORMAT = "refsr-refvae"
 
@@ -191,9 +191,7 @@ def load_weights(spec, scale: int | None = None) -> Weights:
     if spec is None and scale is None:
         raise RefsrError("name the weights, or the scale of the shipped weights to load")
     if scale is not None:  # the Python API's: "2" or 2.0 named another file, and blamed the file
-        check_number("scale", scale, min(SCALES), max(SCALES), integer=True)
-        if scale not in SCALES:
-            raise RefsrError(f"scale={scale!r}: give one of {', '.join(map(str, SCALES))}")
+        check_scale(scale)
     # A path-like object or bytes as the name it stands for (str() of one is "<P object at ...>").
     try:
         name = None if spec is None else os.fsdecode(spec) if isinstance(spec, (bytes, os.PathLike)) else str(spec)

@@ -40,7 +40,7 @@ from PIL import Image
 
 from .errors import RefsrError
 from .model import downscale
-from .options import MAX_SEED, SCALES, check_number
+from .options import MAX_SEED, check_number, check_scale
 
 PATCH = 5  # LR pixels per side of a matched patch
 BRUTE_PAIRS = 1 << 24  # query x reference pixels compared exhaustively on the coarsest pyramid level
@@ -474,12 +474,6 @@ class Transfer:
 
 def in_range(t: torch.Tensor, low: float, high: float) -> bool:
     return bool(torch.isfinite(t).all()) and (t.numel() == 0 or low <= float(t.min()) and float(t.max()) <= high)
-
-
-def check_scale(scale) -> None:
-    check_number("scale", scale, min(SCALES), max(SCALES), integer=True)
-    if scale not in SCALES:
-        raise RefsrError(f"scale={scale!r}: give one of {', '.join(map(str, SCALES))}")
 
 
 def check_pixels(tensor, name: str, dtypes: tuple) -> None:

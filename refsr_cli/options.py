@@ -49,6 +49,13 @@ def check_number(name: str, value, low: float, high: float, integer: bool = Fals
         raise RefsrError(f"{name}={value!r}: give {'a whole number' if integer else 'a number'} {bounds}")
 
 
+def check_scale(scale) -> None:
+    """An upscale factor of the Python API, as --scale takes it: one of SCALES ("2" or 2.0 named another file)."""
+    check_number("scale", scale, min(SCALES), max(SCALES), integer=True)
+    if scale not in SCALES:
+        raise RefsrError(f"scale={scale!r}: give one of {', '.join(map(str, SCALES))}")
+
+
 @dataclass
 class EngineOptions:
     """How the inference engine runs a model: tiles, back-projection, device and precision."""
