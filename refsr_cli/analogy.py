@@ -23,6 +23,7 @@ The search runs once on the whole image (its cost grows with the output's area o
 tile then pastes its own part, so tiled outputs equal untiled ones.
 """
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import RefsrError
+from .files import safetensors_name
 from .match import patch_descriptors, top_matches
 from .options import MAX_SEED, MAX_STRENGTH, MAX_TEMPERATURE, BatchOptions, check_number, finite
 
@@ -300,10 +302,11 @@ def check_bank(bank: Bank) -> None:
         largest = float(values.abs().max()) if torch.isfinite(values).all() else math.inf
     else:  # the shipped bank's int8: no float copy of it each call
         largest = max(-int(residual.min()), int(residual.max()))
-    if (isinstance(step, bool) or not isinstance(step, (int, float)) or not finite(step) or step <= 0
-            or largest * step > MAX_RESIDUAL):
+    if (isinstance(step, bool) or not isinstance(step, numbers.Real) or not finite(step) or step <= 0
+            or largest * float(step) > MAX_RESIDUAL):
         raise RefsrError(f"Texture: {bank.name}'s residual or step is not finite numbers (within +-{MAX_RESIDUAL:g} "
                          "a pixel)")
+    bank.step = float(step)  # numpy's numbers too, as a Python float: paste() multiplies a tensor by it
 
 
 class TexturePlan:
@@ -354,7 +357,7 @@ def load_bank(path, scale: int) -> Bank:
     name = f"texture bank {path}"
     parts = []
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(safetensors_name(path), "pt") as f:
             names = sorted({k.rsplit(".", 1)[0] for k in f.keys() if k.startswith(f"x{scale}.")},
                            key=lambda k: int(k.split(".")[1]) if k.split(".")[1].isdigit() else -1)
             for prefix in names:

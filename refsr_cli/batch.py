@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .checkpoint import recorded_weights
 from .device import launcher_shard
 from .engine import Latent, Latents, Upscaler, walk_latent
-from .errors import OutOfMemory, RefsrError, memory_named, memory_trouble, name_trouble
+from .errors import OutOfMemory, RefsrError, engine_errors_named, memory_named, memory_trouble, name_trouble
 from .files import AppearedMeanwhile, read_unchanged
 from .images import (check_animation, check_record, check_side, expand_inputs, read_picture, read_rgb, software_tag,
                      unique_stems, write_animation, write_picture)
@@ -290,12 +290,12 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     tick = report.task(lr_path.name, len(plan.upscaler.tiles(h, w)) * len(variants))
     if sheet:  # only the same window of each output is kept
         window = sheet_window(picture.rgb, opt.scale)
-        crops = sheet_crops(plan, picture, variants, transfer, tick, window)
+        crops = sheet_crops(plan, lr_path, picture, variants, transfer, tick, window)
         labels = sheet_labels([v.fields for v in variants], opt.temperature)
         publish(sheet, lambda provenance: write_picture(np.asarray(contact_sheet(crops, labels)), sheet.path,
                                                          None, provenance, opt.overwrite), sheet_fields(plan),
                 sheet=labels)
-    for output, image in zip(images, [] if sheet else decoded(plan, picture, variants, transfer, tick)):
+    for output, image in zip(images, [] if sheet else decoded(plan, lr_path, picture, variants, transfer, tick)):
         publish(output, lambda provenance: write_picture(image, output.path, picture.icc_profile, provenance,
                                                          opt.overwrite), output.variant.fields)
     write_sidecars(plan, outputs, transfer, publish, record)
@@ -314,24 +314,27 @@ def matched(report: Reporter, plan: Plan, lr_path: Path, rgb: np.ndarray, output
                          "references") from None
 
 
-def decoded(plan: Plan, picture, variants: list, transfer, tick):
+def decoded(plan: Plan, lr_path: Path, picture, variants: list, transfer, tick):
     """The outputs of `variants` for one input picture, one by one, decoded a chunk of them at a time: the outputs
     of one pass are held in memory until written, so they are bounded (sample --n 100 on a photo)."""
     h, w = picture.rgb.shape[:2]
     chunk = max(1, OUTPUTS_BUDGET // (h * w * plan.opt.scale ** 2 * 4 * picture.bits // 8))
     for start in range(0, len(variants), chunk):
-        yield from plan.upscaler.upscale(picture.rgb, [v.latent for v in variants[start:start + chunk]],
-                                         transfer=transfer, alpha=picture.alpha, grayscale=picture.grayscale,
-                                         bits=picture.bits, on_tile=tick)
+        with engine_errors_named(lr_path):
+            images = plan.upscaler.upscale(picture.rgb, [v.latent for v in variants[start:start + chunk]],
+                                           transfer=transfer, alpha=picture.alpha, grayscale=picture.grayscale,
+                                           bits=picture.bits, on_tile=tick)
+        yield from images
 
 
-def sheet_crops(plan: Plan, picture, variants: list, transfer, tick, window) -> list:
+def sheet_crops(plan: Plan, lr_path: Path, picture, variants: list, transfer, tick, window) -> list:
     """The same window of each variant's output, all made with one tile size (the sheet's record gives one): a crop
     made before a GPU out-of-memory retry halved the tiles is made again."""
     crops, tiles = [None] * len(variants), [None] * len(variants)
     while stale := [i for i, tile in enumerate(tiles) if tile != plan.upscaler.tile]:
         # decoded() runs the next chunk only once this one's outputs are taken: the tile now is the one they had
-        for i, image in zip(stale, decoded(plan, picture, [variants[i] for i in stale], transfer, tick)):
+        remade = decoded(plan, lr_path, picture, [variants[i] for i in stale], transfer, tick)
+        for i, image in zip(stale, remade):
             crops[i], tiles[i] = image[window].copy(), plan.upscaler.tile
     return crops
 

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import RefsrError, memory_named
-from .files import atomic_path, read_unchanged
+from .files import atomic_path, read_unchanged, safetensors_name
 from .model import RefVAE, RefVAEConfig, check_size
 from .options import check_scale
 
@@ -51,6 +51,7 @@ def atomic_save(tensors: dict, path, metadata: dict) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a checkpoint. Non-finite
     weights are refused before anything is written."""
     check_finite(tensors, path)
+    safetensors_name(path)  # (its temporary's name is made of it)
     try:
         if weights_dir().resolve() in (Path(path).resolve().parent, Path(path).parent.resolve()):
             raise RefsrError(f"{path}: in refsr's own weights folder, which refsr never writes (its shipped "
@@ -59,13 +60,27 @@ def atomic_save(tensors: dict, path, metadata: dict) -> None:
             raise RefsrError(f"{path}: not a regular file (a folder, device or FIFO); a checkpoint is written as a "
                              "file")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        check_unshared(tensors, path)
         with atomic_path(path) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+            save_file(tensors, tmp, metadata=metadata)
     except (SafetensorError, OSError) as e:  # a full disk, a folder gone: safetensors says "I/O error: ..."
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("I/O error: ")[-1]
         raise RefsrError(f"cannot write {path} ({reason}); what was there is kept") from None
     except ValueError as e:  # a NUL in the name
         raise RefsrError(f"cannot write {path} ({e})") from None
+
+
+def check_unshared(tensors: dict, path) -> None:
+    """Each tensor in memory of its own, as safetensors writes them: weights tied by hand (one set to another) were
+    refused by save_file in a many-line RuntimeError."""
+    owners = {}
+    for name, tensor in tensors.items():
+        if tensor.numel():  # (every empty tensor's memory is at 0)
+            other = owners.setdefault(tensor.untyped_storage().data_ptr(), name)
+            if other != name:
+                raise RefsrError(f"cannot write {path}: weights {other} and {name} share memory (tied); a checkpoint "
+                                 "holds each weight as its own tensor (give each its own: .clone())")
 
 
 def save_model(model: RefVAE, path, **extra_metadata) -> None:
@@ -96,7 +111,7 @@ def save_model(model: RefVAE, path, **extra_metadata) -> None:
 
 def read_metadata(path) -> dict:
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(safetensors_name(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise RefsrError(f"{path}: not a readable safetensors checkpoint ({e})") from None
@@ -105,7 +120,7 @@ def read_metadata(path) -> dict:
 def read_weights(path) -> dict:
     """Every tensor of a safetensors file, refused in one line when unreadable or not all finite."""
     try:
-        tensors = load_file(str(path))
+        tensors = load_file(safetensors_name(path))
     except (SafetensorError, OSError) as e:
         raise RefsrError(f"{path}: cannot read the weights ({e})") from None
     check_finite(tensors, path)
@@ -140,7 +155,7 @@ def load_backbone(module: torch.nn.Module, *names: str) -> None:
             raise RefsrError(f"backbone weights {path} are missing (see weights/README.md to rebuild them)")
         try:
             with memory_named(str(path)):
-                state.update({k: v.float() for k, v in load_file(str(path)).items()})
+                state.update({k: v.float() for k, v in load_file(safetensors_name(path)).items()})
         except (SafetensorError, OSError) as e:  # a git-lfs pointer, a truncated copy
             raise RefsrError(f"backbone weights {path} are damaged ({e}); reinstall refsr, or see weights/README.md "
                              "to rebuild them") from None

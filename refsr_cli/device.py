@@ -31,7 +31,7 @@ def usable_device(device):
     import torch
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError, OverflowError):  # (an index past int64: "Overflow when unpacking")
         raise RefsrError(f"device={device!r}: not a torch device (give 'cpu', 'cuda', 'cuda:1' or 'mps')") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise RefsrError(f"device={str(device)!r}: no such CUDA device here")

@@ -115,6 +115,16 @@ def check_draw(seed, temperature) -> tuple:
     return int(seed), float(temperature)
 
 
+def model_tensors(model: torch.nn.Module) -> dict:
+    """Every tensor the model computes with, by name: its parameters, its buffers (the VGG's mean and std), and any
+    tensor set on a module as a plain attribute (a weight deleted and set again by hand), which neither lists."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for prefix, module in model.named_modules():
+        tensors.update({f"{prefix}.{name}".lstrip("."): value for name, value in vars(module).items()
+                        if isinstance(value, torch.Tensor)})
+    return tensors
+
+
 class Upscaler:
     """Runs a RefVAE on images of any size, a tile at a time.
 
@@ -191,7 +201,8 @@ class Upscaler:
         self.tile, self.tile_pad, self.consistency_steps = int(self.tile), int(self.tile_pad), int(
             self.consistency_steps)
         config = getattr(self.model, "config", None)
-        weights = list(self.model.parameters()) if isinstance(self.model, torch.nn.Module) else []
+        tensors = model_tensors(self.model) if isinstance(self.model, torch.nn.Module) else {}
+        weights = [t for t in tensors.values() if t.is_floating_point()]
         device = self.device if isinstance(self.device, torch.device) else None
         # Every weight where the engine puts its tensors, in its precision ("cuda" is the weights' "cuda:0", and
         # "cpu:0" their "cpu"); float16 only on a GPU.
@@ -202,7 +213,7 @@ class Upscaler:
                 or not placed or device.type == "cpu" and self.dtype != torch.float32 or not callable(self.warn)):
             raise RefsrError("Upscaler: its scale, model, device, precision or warn is not as made (changed since, "
                              "or given so); make another (Upscaler.from_weights)")
-        bad = not_finite(dict(self.model.named_parameters())) if finite else None
+        bad = not_finite(tensors) if finite else None
         if bad is not None:  # a model handed in, or changed since: a nan weight gave a black image
             raise RefsrError(f"Upscaler: its model's weights are not all finite numbers ({bad} holds nan or inf)")
 
@@ -242,7 +253,17 @@ class Upscaler:
             (image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC))
         mu, logvar = self.model.encode_reference(self._tensor(np.asarray(resized, dtype=np.float32) / 255))
         eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed)).to(mu)
-        return Latent(mu + temperature * torch.exp(0.5 * logvar) * eps, seed)
+        return Latent(self.finite_output(mu + temperature * torch.exp(0.5 * logvar) * eps, "its reference's z"),
+                      seed)
+
+    def finite_output(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """`tensor`, what the network computed, when it is all finite numbers; else a RefsrError. Finite weights can
+        still overflow (3e38 in one layer; float16's 65504 sooner): the nan gave a black image."""
+        if not torch.isfinite(tensor).all():
+            half = "; try full precision (leave out --half)" if self.dtype == torch.float16 else ""
+            raise RefsrError(f"the network's weights overflow in {str(self.dtype).removeprefix('torch.')} "
+                             f"arithmetic: {what} is not finite numbers{half}")
+        return tensor
 
     def reference_bank(self, image: np.ndarray, name: str = "reference"):
         """The texture bank of a reference (HxWx3 float): the reference at several scales, each paired with this
@@ -319,8 +340,8 @@ class Upscaler:
             for end in (end for end in ends if end is not None):  # latent.check() has made sure `to` is a Texture
                 end.check()  # again: a field may have been set since it was made
                 if end.bank.scale not in (None, self.scale):
-                    raise RefsrError(f"Texture: {end.bank.name} is a bank of x{end.bank.scale}, and this Upscaler's "
-                                     f"scale is x{self.scale}; make the bank with this Upscaler")
+                    raise RefsrError(f"Texture: {end.bank.name}'s scale is {end.bank.scale!r}, and this Upscaler's "
+                                     f"is {self.scale}; make the bank with this Upscaler")
         if transfer is not None and not isinstance(transfer, Transfer):
             raise RefsrError(f"transfer: give a match.Transfer (correspond) or None, not {type(transfer).__name__}")
         if transfer is not None:
@@ -420,7 +441,7 @@ class Upscaler:
                     moved = [k for k, texture in enumerate(pasted) if texture.any()]
                     if moved:
                         sr[moved] = back_project(sr[moved], patch, s, self.consistency_steps)
-                sr = sr[keep].float()
+                sr = self.finite_output(sr[keep].float(), "its output")
                 if grayscale:
                     sr = (sr * self.LUMA.to(sr.device)).sum(1, keepdim=True)
                 if extra is not None:

@@ -71,3 +71,15 @@ def memory_named(what: str):
         if memory_trouble(e) is None:
             raise
         raise OutOfMemory(what, e) from None
+
+
+@contextmanager
+def engine_errors_named(what):
+    """The engine's RefsrErrors in the block (it knows arrays, not their files: "the network's weights overflow")
+    as lines naming `what`, the input they were made for; the computer's memory is left to the caller's line."""
+    try:
+        yield
+    except OutOfMemory:
+        raise
+    except RefsrError as e:
+        raise RefsrError(f"{what}: {e}") from None

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .checkpoint import load_backbone, weights_dir
 from .engine import Latents, Upscaler
-from .errors import RefsrError, memory_named, memory_trouble
+from .errors import RefsrError, engine_errors_named, memory_named, memory_trouble
 from .images import IMAGE_SUFFIXES, MIN_SIDE, expand_inputs, read_rgb, source_images
 from .match import correspond, prepare_reference
 from .metrics import LPIPSVGG, LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
@@ -248,8 +248,11 @@ class Evaluation:
         opt, path, scale = self.opt, self.paths[index], self.opt.scale
         hr, lr, match_ref = protocol_images(self.paths, index, scale, opt.match_protocol)
         lr_array = np.asarray(lr, dtype=np.float32) / 255
-        upscale = lambda zs, transfer=None: [Image.fromarray(a) for a in self.upscaler.upscale(lr_array, zs,
-                                                                                               transfer=transfer)]
+
+        def upscale(zs, transfer=None):
+            with engine_errors_named(path):
+                return [Image.fromarray(a) for a in self.upscaler.upscale(lr_array, zs, transfer=transfer)]
+
         rows = []
         if opt.baseline:
             rows.append({"image": path.name, "method": "bicubic",

@@ -117,3 +117,17 @@ def sha256_of(path) -> str | None:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def safetensors_name(path) -> str:
+    """`path` as safetensors' Rust code opens it: a str that is valid UTF-8, else a RefsrError saying so. A name
+    that is not (bytes of another encoding, as os.fsdecode gives them) was said to be "not a readable safetensors
+    checkpoint"."""
+    from .errors import RefsrError
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RefsrError(f"{path}: safetensors can open only file names that are valid UTF-8, and this one is not; "
+                         "rename it (or its folder)") from None
+    return name

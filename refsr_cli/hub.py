@@ -230,6 +230,9 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     check_destination(repo, revision)
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:  # huggingface_hub would refuse the first request: nothing is sent either way
+        raise RefsrError(f"{repo}: offline mode (HF_HUB_OFFLINE=1) is on, and push needs the Hub; unset it")
     try:
         token = get_token()  # HF_TOKEN, else the one `hf auth login` stored; it goes into an HTTP header, as ASCII
     except (OSError, ValueError) as e:  # a folder at HF_TOKEN_PATH, a file that is not text (UnicodeDecodeError)

@@ -113,18 +113,26 @@ def check(record: dict) -> dict:
             raise DamagedRecord(f"its refsr record's {key!r} is {short(value)}, outside {BOUNDS[key]}")
         if key in CHOICES and value not in CHOICES[key]:
             raise DamagedRecord(f"its refsr record's {key!r} is {short(value)}, not one of {CHOICES[key]}")
-    for key in ("input", "weights", "reference"):
-        if key in record and not record[key].strip():
-            raise DamagedRecord(f"its refsr record's {key!r} is empty")
     for end in (record.get("from"), record.get("to")):
         # A walk end is a reference (named as `walk --ref` named it), or else a seed.
         if end is not None and not (of_type(end["reference"], str) if "reference" in end
                                     else of_type(end.get("seed"), int) and 0 <= end["seed"] <= MAX_SEED):
             raise DamagedRecord(f"its refsr record's walk end {short(end)} is neither a seed nor a reference")
+    for key, name in file_names(record):
+        # No file has such a name: the redo would name another (bash ends a word at a NUL) or be refused.
+        if not name.strip() or "\0" in name:
+            raise DamagedRecord(f"its refsr record's {key!r} names no file ({short(name)})")
     combination = contradiction(record)
     if combination:
         raise DamagedRecord(f"its refsr record holds {combination}, which no refsr command writes")
     return record
+
+
+def file_names(record: dict) -> list:
+    """(key, name) of every file a record names: the input, weights and references, a walk's ends' included."""
+    names = [(key, record[key]) for key in ("input", "weights", "reference") if key in record]
+    names += [(key, name) for key in ("references", "reference_list") for name in record.get(key, [])]
+    return names + [(key, record[key]["reference"]) for key in ("from", "to") if "reference" in record.get(key, {})]
 
 
 def contradiction(record: dict) -> str | None:
@@ -134,12 +142,21 @@ def contradiction(record: dict) -> str | None:
         return "--match without references, with a temperature, or without their sha256"
     if "animate" in record and "sheet" in record:
         return "an animation and a contact sheet"
+    walk_keys = sorted({"frame", "frames", "from", "to", "animate"} & set(record))
+    if walk_keys and record["command"] != "walk":
+        return f"a walk's {walk_keys[0]!r} in a record of {record['command']!r}"
+    if "frame" in record and ("sheet" in record or "animate" in record or record["frame"] >= record.get("frames", 0)):
+        return "a walk's frame in a contact sheet or an animation, or past the walk's frames"
     ends = [record.get("from"), record.get("to")]
     if all(isinstance(e, dict) for e in ends):
         if ("reference" in ends[0]) != ("reference" in ends[1]):
             return "a walk from a reference to a seed"
         if "reference" not in ends[0] and record["temperature"] == 0:
             return "a walk between seeds at temperature 0"
+        same = [key for key in (("reference", "reference_sha256") if "reference" in ends[0] else ("seed",))
+                if key in ends[0] and ends[0][key] == ends[1].get(key)]
+        if same:  # walk refuses one seed or reference given twice, by name or by content
+            return "a walk from one end to itself"
     seeds = record.get("seeds")
     if isinstance(seeds, list) and seeds and seeds != list(range(seeds[0], seeds[0] + len(seeds))):
         return "seeds that are not --seed, --seed + 1, ..."  # sample --n N --seed S draws S .. S + N - 1

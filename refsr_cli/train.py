@@ -23,7 +23,7 @@ import torch
 from .checkpoint import FORMAT, atomic_save, not_finite, read_metadata, read_weights, stored_config, weights_dir
 from .device import environment_int, launcher, pick_device
 from .errors import RefsrError
-from .files import atomic_path, held_folder
+from .files import atomic_path, held_folder, safetensors_name
 from .options import TrainOptions
 from .stages import TextureStage, TrunkStage
 
@@ -204,6 +204,7 @@ def claim_run_folder(opt: TrainOptions, state_path: Path) -> "Claimed":
                              "another --out")
     remove_stale_temporaries(opt.out)
     for path in saved_files(opt, state_path):  # refused now, not at the first save after hours of steps
+        safetensors_name(path)
         if path.exists() and not path.is_file():  # as atomic_save would refuse it
             raise RefsrError(f"{path}: not a regular file (a folder, device or FIFO) where this run saves; move it "
                              "away, or give another --out")

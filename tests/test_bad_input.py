@@ -598,7 +598,24 @@ def test_resume_at_or_past_its_steps_says_so(tmp_path):
     ({"command": "sample", "seeds": [2, 3, 5], "temperature": 1.0}, "seeds that are not"),
     ({"command": "walk", "frames": 3, "temperature": 1.0, "from": {"seed": 1}, "to": {"seed": 3}, "animate": "gif",
       "sheet": ["a"]}, "an animation and a contact sheet"),
-    ({"input": ""}, "'input' is empty"),
+    ({"input": ""}, "'input' names no file"),
+    # sweep 17a: names and walks no command line writes, whose redo was refused or made another file
+    ({"input": "a\0b.png"}, "'input' names no file"),
+    ({"command": "walk", "frames": 3, "temperature": 0, "from": {"reference": ""}, "to": {"reference": "b.png"}},
+     "'from' names no file"),
+    ({"references": [""], "references_sha256": ["0"]}, "'references' names no file"),
+    ({"command": "sample", "reference_list": ["a.png", " "], "sheet": ["a", "b"]}, "'reference_list' names no file"),
+    ({"command": "walk", "frames": 3, "temperature": 1.0, "from": {"seed": 1}, "to": {"seed": 1}},
+     "a walk from one end to itself"),
+    ({"command": "walk", "frames": 3, "temperature": 0, "from": {"reference": "a.png"}, "to": {"reference": "a.png"}},
+     "a walk from one end to itself"),
+    ({"command": "walk", "frames": 3, "temperature": 0, "from": {"reference": "a.png", "reference_sha256": "1"},
+      "to": {"reference": "b.png", "reference_sha256": "1"}}, "a walk from one end to itself"),
+    ({"command": "walk", "frames": 3, "frame": 5, "temperature": 1.0, "from": {"seed": 1}, "to": {"seed": 2}},
+     "past the walk's frames"),
+    ({"command": "walk", "frames": 3, "frame": 1, "temperature": 1.0, "from": {"seed": 1}, "to": {"seed": 2},
+      "sheet": ["a"]}, "a walk's frame in a contact sheet"),
+    ({"frame": 1}, "a walk's 'frame' in a record of 'upscale'"),
 ])
 def test_info_refuses_records_no_command_line_writes(tmp_path, checkpoint, changes, fragment):
     result = run("info", image_with_record(tmp_path, checkpoint, changes))
@@ -1767,7 +1784,7 @@ def test_a_texture_bank_of_another_scale_is_refused():
     x2.upscale(lr, [Texture(bank)])
     own = Texture(x4.reference_bank(np.random.default_rng(1).random((64, 64, 3)).astype(np.float32)))
     for texture in (Texture(bank), Texture(own.bank, to=Texture(bank), t=0.5)):
-        with pytest.raises(RefsrError, match="r.png is a bank of x2, and this Upscaler's scale is x4"):
+        with pytest.raises(RefsrError, match="r.png's scale is 2, and this Upscaler's is 4"):
             x4.upscale(lr, [texture])
 
 
@@ -2529,3 +2546,98 @@ def test_a_token_file_push_cannot_read_is_one_line_before_any_request(tmp_path, 
         "out of memory (loading a library)")
     assert memory_trouble(RuntimeError("can't allocate memory: you tried to allocate 4096 bytes")) == (
         "out of memory (Unable to allocate 4.0 KiB)")
+
+
+# --- sweep 17b ------------------------------------------------------------------------------------------------------
+
+def test_weights_that_overflow_are_refused_not_a_black_image(tmp_path):
+    """Finite weights can still overflow float32 inside the network (3e38 in one layer): its nan output was cast to
+    an all-black image, exit 0; a reference's z came out nan."""
+    from refsr_cli.errors import RefsrError
+    model = tiny_model(2)
+    with torch.no_grad():
+        model.trunk.head.weight.fill_(3e38)
+        model.ref_to_posterior.weight.fill_(3e38)
+    up = Upscaler(model, "cpu")  # finite: nothing to refuse before the work
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    for call in (lambda: up.upscale(lr, [None]), lambda: up.faithful(lr), lambda: up.reference_z(lr)):
+        with pytest.raises(RefsrError, match="weights overflow in float32 arithmetic"):
+            call()
+    save_model(model, tmp_path / "big.safetensors")
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", tmp_path / "big.safetensors",
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert "in.png: the network's weights overflow" in result.output
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_an_upscalers_buffers_and_hand_set_tensors_are_checked_too():
+    """named_parameters() leaves out buffers (the VGG's mean and std) and a weight deleted and set again as a plain
+    tensor: float64 ones raised torch's own RuntimeError, nan ones gave a nan z or a black image."""
+    from refsr_cli.errors import RefsrError
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+
+    def reset_head(model, tensor):
+        del model.trunk.head.weight
+        model.trunk.head.weight = tensor
+
+    for change, fragment in (
+            (lambda m: setattr(m.vgg, "mean", m.vgg.mean.double()), "is not as made"),
+            (lambda m: m.vgg.mean.fill_(float("nan")), r"vgg\.mean holds nan"),
+            (lambda m: reset_head(m, m.trunk.head.weight.detach().double()), "is not as made"),
+            (lambda m: reset_head(m, m.trunk.head.weight.detach().clone().fill_(float("nan"))),
+             r"trunk\.head\.weight holds nan")):
+        up = Upscaler(tiny_model(2), "cpu")
+        with torch.no_grad():
+            change(up.model)
+        for call in (lambda: up.upscale(lr, [None]), lambda: up.reference_z(lr)):
+            with pytest.raises(RefsrError, match=fragment):
+                call()
+
+
+def test_the_python_api_refuses_odd_devices_tied_weights_and_banks_by_name(tmp_path):
+    from refsr_cli.errors import RefsrError
+    with pytest.raises(RefsrError, match="not a torch device"):
+        Upscaler(tiny_model(2), 2 ** 70)  # torch's ValueError "Overflow when unpacking long long"
+    tied = tiny_model(2)
+    tied.cond_body[2].conv1.weight = tied.fuse_body[0].conv1.weight
+    with pytest.raises(RefsrError, match=r"weights .*conv1\.weight and .*conv1\.weight share memory \(tied\)"):
+        save_model(tied, tmp_path / "tied.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    # A bank's step as numpy's float32 is a number like any other; a scale given as text is named as it is.
+    up = Upscaler(tiny_model(2), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    bank = up.reference_bank(np.random.default_rng(1).random((64, 64, 3)).astype(np.float32))
+    expected = up.upscale(lr, [Texture(bank, seed=1)])[0]
+    bank.step = np.float32(bank.step)
+    assert np.array_equal(up.upscale(lr, [Texture(bank, seed=1)])[0], expected)
+    bank.scale = "2"
+    with pytest.raises(RefsrError, match="scale is '2', and this Upscaler's is 2"):
+        up.upscale(lr, [Texture(bank, seed=1)])
+
+
+def test_a_file_name_safetensors_cannot_open_is_said_so(tmp_path, checkpoint):
+    """safetensors opens only UTF-8 names: a good checkpoint under a Latin-1 name was 'not a readable safetensors
+    checkpoint', and save_model wrote files under such names that nothing could read back."""
+    import os
+    from refsr_cli.errors import RefsrError
+    latin = Path(os.fsdecode(os.fsencode(tmp_path) + b"/w\xff.safetensors"))
+    latin.write_bytes(checkpoint.read_bytes())
+    names = sorted(p.name for p in tmp_path.iterdir())
+    result = refsr_process("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", latin,
+                           "-o", tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "safetensors can open only file names that are valid UTF-8" in (
+        result.stderr), result.stderr
+    with pytest.raises(RefsrError, match="valid UTF-8"):
+        save_model(tiny_model(2), tmp_path / "s\udcff.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + ["in.png"])
+
+
+def test_push_in_offline_mode_sends_nothing_and_says_so(checkpoint, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = run("push", checkpoint, "me/repo")
+    assert result.exit_code == 2, result.output  # 2: nothing was sent (1 is a push that failed on the way)
+    one_error_line(result, "me/repo: offline mode (HF_HUB_OFFLINE=1) is on, and push needs the Hub")
