@@ -1,5 +1,6 @@
 """The inference engine: a RefVAE run on images of any size, a tile at a time, the LR image encoded once for every
 latent, each output made consistent with its input by back-projection."""
+import copy
 import functools
 import math
 import numbers
@@ -125,6 +126,25 @@ def model_tensors(model: torch.nn.Module) -> dict:
     return tensors
 
 
+_BUILT_SHAPES = {}  # (model class, repr of its config) -> built_shapes
+
+
+def built_shapes(model: torch.nn.Module) -> dict:
+    """The names and shapes of every tensor of a model of `model`'s class and config, as model_tensors lists them:
+    built on the meta device, nothing allocated (10 ms for the x8 network, once)."""
+    key = (type(model), repr(model.config))
+    if key not in _BUILT_SHAPES:
+        try:
+            with torch.device("meta"):
+                built = type(model)(copy.deepcopy(model.config))
+        except Exception:  # a config changed by hand into one no model is built of, whatever the error it raises
+            return {}
+        if len(_BUILT_SHAPES) >= 8:
+            _BUILT_SHAPES.clear()
+        _BUILT_SHAPES[key] = {k: tuple(t.shape) for k, t in model_tensors(built).items()}
+    return _BUILT_SHAPES[key]
+
+
 class Upscaler:
     """Runs a RefVAE on images of any size, a tile at a time.
 
@@ -202,15 +222,17 @@ class Upscaler:
             self.consistency_steps)
         config = getattr(self.model, "config", None)
         tensors = model_tensors(self.model) if isinstance(self.model, torch.nn.Module) else {}
-        weights = [t for t in tensors.values() if t.is_floating_point()]
         device = self.device if isinstance(self.device, torch.device) else None
-        # Every weight where the engine puts its tensors, in its precision ("cuda" is the weights' "cuda:0", and
-        # "cpu:0" their "cpu"); float16 only on a GPU.
-        placed = weights and device is not None and all(
-            w.dtype == self.dtype and w.device.type == device.type
-            and (device.type == "cpu" or device.index in (None, w.device.index)) for w in weights)
+        # Every tensor a plain one where the engine puts its own, in its precision ("cuda" is the weights' "cuda:0",
+        # and "cpu:0" their "cpu"); float16 only on a GPU. An int or sparse weight raised deep inside.
+        placed = tensors and device is not None and all(
+            w.layout == torch.strided and w.dtype == self.dtype and w.device.type == device.type
+            and (device.type == "cpu" or device.index in (None, w.device.index)) for w in tensors.values())
+        # And the names and shapes its config builds: a submodule swapped for another raised deep inside.
+        built = config is not None and built_shapes(self.model) == {k: tuple(t.shape) for k, t in tensors.items()}
         if (getattr(config, "scale", None) != self.scale or self.dtype not in (torch.float32, torch.float16)
-                or not placed or device.type == "cpu" and self.dtype != torch.float32 or not callable(self.warn)):
+                or not placed or not built or device.type == "cpu" and self.dtype != torch.float32
+                or not callable(self.warn)):
             raise RefsrError("Upscaler: its scale, model, device, precision or warn is not as made (changed since, "
                              "or given so); make another (Upscaler.from_weights)")
         bad = not_finite(tensors) if finite else None
@@ -427,7 +449,9 @@ class Upscaler:
             batches += [textured[i:i + group] for i in range(0, len(textured), group)]
             for members in batches:
                 if members[0] in conditions:  # decoded by the network
-                    sr = self.decode_together(patch, code, [conditions[i] for i in members], (py0, px0))
+                    # Checked before the blend and the back-projection, whose clamp makes an overflow's inf a 0 or 1.
+                    sr = self.finite_output(self.decode_together(patch, code, [conditions[i] for i in members],
+                                                                 (py0, px0)), "its output")
                     if transfer is not None:
                         sr = transfer.blend(sr, py0, px0)
                     sr = back_project(sr, patch, s, self.consistency_steps)
@@ -441,7 +465,7 @@ class Upscaler:
                     moved = [k for k, texture in enumerate(pasted) if texture.any()]
                     if moved:
                         sr[moved] = back_project(sr[moved], patch, s, self.consistency_steps)
-                sr = self.finite_output(sr[keep].float(), "its output")
+                sr = sr[keep].float()
                 if grayscale:
                     sr = (sr * self.LUMA.to(sr.device)).sum(1, keepdim=True)
                 if extra is not None:

@@ -77,6 +77,22 @@ def import_hub():
     return constants
 
 
+def hub_token() -> str | None:
+    """The token huggingface_hub will send: HF_TOKEN, else the one `hf auth login` stored (at HF_TOKEN_PATH). One
+    it cannot read, or that is no token, is a RefsrError saying which (huggingface_hub's own error blamed the HF_*
+    settings, or was a traceback)."""
+    from huggingface_hub import get_token
+    try:
+        token = get_token()
+    except (OSError, ValueError) as e:  # a folder at HF_TOKEN_PATH, a file that is not text (UnicodeDecodeError)
+        raise RefsrError(f"cannot read the Hub token file ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+                         "HF_TOKEN_PATH names it") from None
+    if token is not None and not (token.isascii() and token.isprintable()):  # it goes into an HTTP header
+        raise RefsrError("the Hub token (HF_TOKEN, or the one `hf auth login` stored) holds characters no token "
+                         "has (control characters, or not ASCII); set it again")
+    return token
+
+
 def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     """The file from the Hugging Face cache, downloaded there if needed; an error within seconds when the Hub
     cannot be reached and the file is not cached (HUB_TIMEOUT; HF_HUB_ETAG_TIMEOUT, when set, takes precedence)."""
@@ -133,6 +149,11 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RefsrError(f"{where}: download failed ({reason}); set HF_HUB_OFFLINE=1 to use the cache only") from None
     except (ValueError, OverflowError, KeyError, AttributeError, TypeError) as e:
+        if isinstance(e, UnicodeError):  # the token, when it is the trouble (a token file that is not text), says so
+            try:
+                hub_token()
+            except RefsrError as trouble:
+                raise RefsrError(f"{where}: {trouble}") from None
         raise RefsrError(f"{where}: {hub_trouble(e)}") from None
 
 
@@ -226,21 +247,13 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
     """Upload refsr checkpoints (and a generated README.md) to `repo` in one commit; creates the repository, and the
     branch `revision`, if needed. Returns the commit's URL. Everything is checked before the first request (a
     RefsrError: nothing was sent); what fails after it is an UploadFailed."""
-    import_hub()
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    constants = import_hub()
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     check_destination(repo, revision)
-    from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:  # huggingface_hub would refuse the first request: nothing is sent either way
         raise RefsrError(f"{repo}: offline mode (HF_HUB_OFFLINE=1) is on, and push needs the Hub; unset it")
-    try:
-        token = get_token()  # HF_TOKEN, else the one `hf auth login` stored; it goes into an HTTP header, as ASCII
-    except (OSError, ValueError) as e:  # a folder at HF_TOKEN_PATH, a file that is not text (UnicodeDecodeError)
-        raise RefsrError(f"cannot read the Hub token file ({(str(e).splitlines() or [type(e).__name__])[0]}); "
-                         "HF_TOKEN_PATH names it") from None
-    if token is not None and not (token.isascii() and token.isprintable()):
-        raise RefsrError("the Hub token (HF_TOKEN, or the one `hf auth login` stored) holds characters no token "
-                         "has (control characters, or not ASCII); set it again")
+    hub_token()  # (checked before the first request)
     # A licence id goes into the card's YAML as it is: a newline there would add keys of its own.
     if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", license):
         raise RefsrError(f"--license {license!r}: not a Hub licence id (lowercase letters, digits and . + -, as in "

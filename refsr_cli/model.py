@@ -331,7 +331,9 @@ class RefVAE(nn.Module):
         feats = self.ref_reduce(self.vgg(ref))
         feats = F.adaptive_avg_pool2d(feats, (g, g)).flatten(1)
         mu, logvar = self.ref_to_posterior(feats).chunk(2, dim=1)
-        return mu, logvar.clamp(-12.0, 6.0)
+        # An overflow's inf is kept, not clamped to a plausible sigma: the engine refuses the z it gives, and
+        # training stops on its loss.
+        return mu, logvar.clamp(-12.0, 6.0).where(torch.isfinite(logvar), logvar)
 
     def encode_lr(self, lr: torch.Tensor):
         """lr (B, 3, h, w) in [0, 1] -> (F_mu, F_sigma, the trunk's output): everything that does not depend on z,

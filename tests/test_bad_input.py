@@ -2563,6 +2563,20 @@ def test_weights_that_overflow_are_refused_not_a_black_image(tmp_path):
     for call in (lambda: up.upscale(lr, [None]), lambda: up.faithful(lr), lambda: up.reference_z(lr)):
         with pytest.raises(RefsrError, match="weights overflow in float32 arithmetic"):
             call()
+    # Sweep 18b: an overflow to +-inf, not nan, was clamped to 0 or 1 by the back-projection (or the transfer's
+    # blend) before the check saw it; one in the texture branch, or in a reference's logvar, alike.
+    for layer, calls in (("trunk.tails.x2.3", (lambda u: u.upscale(lr, [None]), lambda u: u.faithful(lr))),
+                         ("to_rgb", (lambda u: u.upscale(lr, [u.prior_z(3)]),)),
+                         ("ref_to_posterior", (lambda u: u.reference_z(lr, 1.0),))):
+        over = tiny_model(2)
+        with torch.no_grad():
+            weight = over.get_submodule(layer).weight
+            (weight[len(weight) // 2:] if layer == "ref_to_posterior" else weight).fill_(3e38)  # (its logvar half)
+        for steps in (0, 4):
+            up = Upscaler(over, "cpu", consistency_steps=steps)
+            for call in calls:
+                with pytest.raises(RefsrError, match="weights overflow"):
+                    call(up)
     save_model(model, tmp_path / "big.safetensors")
     result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", tmp_path / "big.safetensors",
                  "-o", tmp_path / "out")
@@ -2582,6 +2596,10 @@ def test_an_upscalers_buffers_and_hand_set_tensors_are_checked_too():
         model.trunk.head.weight = tensor
 
     for change, fragment in (
+            # sweep 18b: an int or sparse weight, a submodule swapped for another
+            (lambda m: reset_head(m, m.trunk.head.weight.detach().to(torch.int32)), "is not as made"),
+            (lambda m: reset_head(m, m.trunk.head.weight.detach().to_sparse()), "is not as made"),
+            (lambda m: setattr(m.trunk, "head", torch.nn.Identity()), "is not as made"),
             (lambda m: setattr(m.vgg, "mean", m.vgg.mean.double()), "is not as made"),
             (lambda m: m.vgg.mean.fill_(float("nan")), r"vgg\.mean holds nan"),
             (lambda m: reset_head(m, m.trunk.head.weight.detach().double()), "is not as made"),
@@ -2641,3 +2659,18 @@ def test_push_in_offline_mode_sends_nothing_and_says_so(checkpoint, monkeypatch)
     result = run("push", checkpoint, "me/repo")
     assert result.exit_code == 2, result.output  # 2: nothing was sent (1 is a push that failed on the way)
     one_error_line(result, "me/repo: offline mode (HF_HUB_OFFLINE=1) is on, and push needs the Hub")
+
+
+def test_a_token_file_a_download_cannot_read_is_named(tmp_path, monkeypatch):
+    """It was blamed on 'the HF_* environment variables and HF_TOKEN', where push names the file."""
+    from huggingface_hub import constants
+    token = tmp_path / "token"
+    token.write_bytes(b"\xff\xfe")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    result = run("upscale", write_png(tmp_path / "in.png"), "--scale", 2, "--weights", "owner/repo:w.safetensors",
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    one_error_line(result, "owner/repo:w.safetensors: cannot read the Hub token file", "HF_TOKEN_PATH")
