@@ -23,14 +23,13 @@ from .files import AppearedMeanwhile, read_unchanged
 from .images import (check_animation, check_record, check_side, expand_inputs, read_picture, read_rgb, software_tag,
                      unique_stems, write_animation, write_picture)
 from .match import Transfer, correspond, prepare_reference
-from .options import BatchOptions
+from .options import MAX_SHEET_TILES, BatchOptions
 from .outputs import Output, check_names, check_sidecars, outputs_of, plan_outputs
 from .provenance import sheet_labels
 from .report import Reporter, Terminated, reraise_signal, signals_held
 from .sheet import contact_sheet, sheet_window
 
 OUTPUTS_BUDGET = 1 << 30  # bytes of finished outputs held at once; more latents are decoded in several passes
-MAX_SHEET_TILES = 100  # a sheet's tiles are held until it is written: 100 of 256 px are 20 Mpx
 
 
 @dataclass
@@ -216,7 +215,7 @@ def add_reference_variants(report: Reporter, plan: Plan, latents: Latents, ref_p
     matched = []
     for path, stem in zip(ref_paths, unique_stems(ref_paths)):  # each reference read and encoded once
         try:
-            with memory_named(str(path)):  # reading it, its bank or its z
+            with engine_errors_named(path), memory_named(str(path)):  # reading it, its bank or its z
                 image, sha256 = read_unchanged(path, lambda p: read_rgb(p, opt.max_pixels))
                 if opt.match:
                     plan.match_refs.append(prepare_reference(image, opt.scale, str(path)))

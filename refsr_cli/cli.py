@@ -511,7 +511,7 @@ def info(outputs, as_json):
     """How refsr made IMAGE...: version, weights and their sha256, scale, seed, temperature, reference and input
     (with sha256), and, as `redo`, the command that makes the same image again when run from the folder the
     original command ran in (it writes into the current folder; add -o to choose another)."""
-    from .provenance import DamagedRecord, read_provenance, redo_command
+    from .provenance import DamagedRecord, check_written_as, read_provenance, redo_command
     from .report import error_line, one_line, reraise_signal, to_stdout
     code = 0
     for path in outputs:
@@ -520,6 +520,7 @@ def info(outputs, as_json):
             if record is None:
                 raise DamagedRecord("no refsr provenance (not an output of refsr)")
             command = redo_command(record)
+            check_written_as(record, path)
         except (DamagedRecord, OSError, ValueError, SyntaxError, MemoryError) as e:
             from .errors import memory_trouble
             reraise_signal()  # a Ctrl-C that Pillow made an error of its own: not this file's trouble

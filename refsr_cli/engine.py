@@ -455,16 +455,9 @@ class Upscaler:
                     if transfer is not None:
                         sr = transfer.blend(sr, py0, px0)
                     sr = back_project(sr, patch, s, self.consistency_steps)
-                else:  # textures: the fidelity output of the padded tile, each with its texture pasted on
-                    region = (py0 * s, py1 * s, px0 * s, px1 * s)
-                    base = faithful[..., region[0]:region[1], region[2]:region[3]]
-                    pasted = [textures.texture(place[i], *region) for i in members]
-                    sr = torch.cat([base + texture for texture in pasted]).to(self.device, self.dtype)
-                    # Where nothing was pasted (a flat tile, strength 0) the output is the fidelity output as it is,
-                    # to the bit; elsewhere it is made consistent with the input again.
-                    moved = [k for k, texture in enumerate(pasted) if texture.any()]
-                    if moved:
-                        sr[moved] = back_project(sr[moved], patch, s, self.consistency_steps)
+                else:  # textures by analogy
+                    sr = self.textured_tile(faithful, textures, [place[i] for i in members], patch,
+                                            (py0 * s, py1 * s, px0 * s, px1 * s))
                 sr = sr[keep].float()
                 if grayscale:
                     sr = (sr * self.LUMA.to(sr.device)).sum(1, keepdim=True)
@@ -477,6 +470,19 @@ class Upscaler:
                     if on_tile is not None:
                         on_tile()
         return outputs
+
+    def textured_tile(self, faithful, textures, indices, patch, region):
+        """One padded tile (`region` of the output) of textures by analogy: the fidelity output, with each of
+        `textures`' textures `indices` pasted on."""
+        base = faithful[..., region[0]:region[1], region[2]:region[3]]
+        pasted = [textures.texture(k, *region) for k in indices]
+        sr = torch.cat([base + texture for texture in pasted]).to(self.device, self.dtype)
+        # Where nothing was pasted (a flat tile, strength 0) the output is the fidelity output as it is, to the bit;
+        # elsewhere it is made consistent with the input again.
+        moved = [k for k, texture in enumerate(pasted) if texture.any()]
+        if moved:
+            sr[moved] = back_project(sr[moved], patch, self.scale, self.consistency_steps)
+        return sr
 
     def decode_together(self, patch, code, conditions, origin):
         """The outputs of several latents' conditions on one encoded patch, as one batch: the texture branch runs

@@ -46,6 +46,9 @@ def memory_trouble(e: BaseException) -> str | None:
         asked = asked and f"Unable to allocate {in_units(int(asked[1]))}"
     elif isinstance(e, ImportError) and "failed to map segment" in str(e):  # a library loaded under a memory limit
         asked = "loading a library"
+    elif isinstance(e, RuntimeError) and "could not create a primitive" in str(e):  # oneDNN's, when the memory
+        # for a convolution's kernel cannot be had (under a memory limit: 2 runs in 3, the other an allocator's error)
+        asked = "oneDNN could not create a primitive"
     elif isinstance(e, OSError) and e.errno == errno.ENOMEM:
         asked = None
     else:
@@ -82,4 +85,6 @@ def engine_errors_named(what):
     except OutOfMemory:
         raise
     except RefsrError as e:
+        if str(e).startswith(f"{what}: "):  # (one the engine was told the name of)
+            raise
         raise RefsrError(f"{what}: {e}") from None

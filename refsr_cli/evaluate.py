@@ -155,7 +155,7 @@ def plan_evaluation(opt: EvalOptions) -> "Evaluation":
     references = []
     for path in ref_paths:
         try:
-            with memory_named(str(path)):  # reading it, its bank or its z
+            with engine_errors_named(path), memory_named(str(path)):  # reading it, its bank or its z
                 image = read_rgb(path)
                 if len(ref_paths) >= 2 and min(image.shape[:2]) < STATS_MIN_SIDE:
                     raise RefsrError(f"{path}: too small for the reference influence (at least {STATS_MIN_SIDE} "

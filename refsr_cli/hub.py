@@ -149,17 +149,17 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RefsrError(f"{where}: download failed ({reason}); set HF_HUB_OFFLINE=1 to use the cache only") from None
     except (ValueError, OverflowError, KeyError, AttributeError, TypeError) as e:
-        if isinstance(e, UnicodeError):  # the token, when it is the trouble (a token file that is not text), says so
-            try:
-                hub_token()
-            except RefsrError as trouble:
-                raise RefsrError(f"{where}: {trouble}") from None
         raise RefsrError(f"{where}: {hub_trouble(e)}") from None
 
 
 def hub_trouble(e: Exception) -> str:
     """What a failure of huggingface_hub that is neither the network's nor an HTTP status says."""
     first = (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, UnicodeError):  # the token, when it is the trouble (a token file that is not text), says so
+        try:
+            hub_token()
+        except RefsrError as trouble:
+            return str(trouble)
     if isinstance(e, OverflowError):  # HF_HUB_ETAG_TIMEOUT=1e10: past what a socket takes
         return "a timeout too large for the network (check HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT)"
     if isinstance(e, UnicodeError) or isinstance(e, ValueError) and "timeout" in first.lower():

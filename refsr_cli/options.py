@@ -20,6 +20,7 @@ MAX_MEASURED_SAMPLES = 100  # eval --samples and train --val-samples: samples de
 MAX_COPIES = 1_000_000  # --shard K/N and a launcher's world size: more copies than any cluster runs
 WALK_FRAMES = 8  # walk --steps: frames, both ends included
 MAX_WALK_FRAMES = 1000
+MAX_SHEET_TILES = 100  # --sheet: a sheet's tiles are held until it is written: 100 of 256 px are 20 Mpx
 OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff")  # --format: the formats that can carry refsr's record (not BMP)
 DEFAULT_MAX_PIXELS = 64_000_000  # an LR image this large is already a 4 Gpx output at 8x
 TEXTURES = ("analogy", "learned")  # where a sample's or a reference output's detail comes from (BatchOptions.texture)

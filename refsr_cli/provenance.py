@@ -7,8 +7,8 @@ back (with Pillow alone: no numpy either).
 import json
 import shlex
 
-from .options import (MAX_CONSISTENCY_STEPS, MAX_FLAG_INT, MAX_SEED, MAX_STRENGTH, MAX_TEMPERATURE, MAX_WALK_FRAMES, MIN_TILE,
-                      OUTPUT_FORMATS, SCALES, TEXTURES, BatchOptions)
+from .options import (MAX_CONSISTENCY_STEPS, MAX_FLAG_INT, MAX_SEED, MAX_SHEET_TILES, MAX_STRENGTH, MAX_TEMPERATURE,
+                      MAX_WALK_FRAMES, MIN_TILE, OUTPUT_FORMATS, SCALES, TEXTURES, BatchOptions)
 from .report import ESCAPES
 
 SOFTWARE = "refsr"  # the Software tag of every output: how a folder's earlier outputs are told from its inputs
@@ -42,6 +42,24 @@ def read_provenance(path) -> dict | None:
     except RecursionError:  # JSON nested thousands deep: not a record refsr wrote
         raise DamagedRecord("its refsr record is nested too deep to be one refsr wrote") from None
     return data if isinstance(data, dict) and "refsr" in data else None
+
+
+def check_written_as(record: dict, path) -> None:
+    """DamagedRecord when a checked record describes a file of another format than the one at `path` (a PNG whose
+    record says --format tiff: its redo writes a TIFF). Records older than their "format" key are not asked."""
+    from PIL import Image
+    if "animate" in record:
+        expected = record["animate"].upper()  # GIF, WEBP
+    elif "map" in record:
+        expected = "PNG"  # a --match-map is a PNG whatever the images' --format
+    elif "format" in record:
+        expected = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}[record["format"]]
+    else:
+        return
+    with Image.open(path) as im:
+        found = im.format
+    if found != expected:
+        raise DamagedRecord(f"its refsr record describes a {expected} file, and this one is a {found}")
 
 
 def record_int(digits: str) -> int:
@@ -128,6 +146,13 @@ def check(record: dict) -> dict:
     return record
 
 
+# Keys that only some commands' records hold: another's would have its redo drop them (a --match map redone as a
+# plain image) or be refused.
+ONLY_IN = {"frame": ("walk",), "frames": ("walk",), "from": ("walk",), "to": ("walk",), "animate": ("walk",),
+           "references": ("upscale",), "references_sha256": ("upscale",), "match_map": ("upscale",),
+           "map": ("upscale",), "seeds": ("sample",), "reference_list": ("upscale", "sample")}
+
+
 def file_names(record: dict) -> list:
     """(key, name) of every file a record names: the input, weights and references, a walk's ends' included."""
     names = [(key, record[key]) for key in ("input", "weights", "reference") if key in record]
@@ -142,11 +167,27 @@ def contradiction(record: dict) -> str | None:
         return "--match without references, with a temperature, or without their sha256"
     if "animate" in record and "sheet" in record:
         return "an animation and a contact sheet"
-    walk_keys = sorted({"frame", "frames", "from", "to", "animate"} & set(record))
-    if walk_keys and record["command"] != "walk":
-        return f"a walk's {walk_keys[0]!r} in a record of {record['command']!r}"
+    command = record["command"]
+    owned = [key for key in sorted(set(record) & set(ONLY_IN)) if command not in ONLY_IN[key]]
+    if owned:
+        return f"{owned[0]!r} in a record of {command!r}"
     if "frame" in record and ("sheet" in record or "animate" in record or record["frame"] >= record.get("frames", 0)):
         return "a walk's frame in a contact sheet or an animation, or past the walk's frames"
+    seeds = record.get("seeds")
+    if seeds and seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        return "seeds that are not --seed, --seed + 1, ..."  # sample --n N --seed S draws S .. S + N - 1
+    if "map" in record and "references" not in record:
+        return "a --match-map without --match's references"
+    if "sheet" in record:  # one label a tile, as many tiles as its redo would make, and no more than --sheet takes
+        if record.get("match_map") or "map" in record:
+            return "a --match-map and a contact sheet"
+        each = len(seeds or [0]) if command == "sample" else 1  # (sample --ref: --n draws of each reference)
+        tiles = record.get("frames", 0) if command == "walk" else each * max(1, len(record.get("reference_list", [])))
+        if len(record["sheet"]) != tiles or tiles > MAX_SHEET_TILES:
+            return (f"a contact sheet of {len(record['sheet'])} labels for {tiles} tiles (--sheet takes at most "
+                    f"{MAX_SHEET_TILES})")
+    elif "seeds" in record or "reference_list" in record:
+        return "a contact sheet's seeds or references without its labels"
     ends = [record.get("from"), record.get("to")]
     if all(isinstance(e, dict) for e in ends):
         if ("reference" in ends[0]) != ("reference" in ends[1]):
@@ -157,9 +198,6 @@ def contradiction(record: dict) -> str | None:
                 if key in ends[0] and ends[0][key] == ends[1].get(key)]
         if same:  # walk refuses one seed or reference given twice, by name or by content
             return "a walk from one end to itself"
-    seeds = record.get("seeds")
-    if isinstance(seeds, list) and seeds and seeds != list(range(seeds[0], seeds[0] + len(seeds))):
-        return "seeds that are not --seed, --seed + 1, ..."  # sample --n N --seed S draws S .. S + N - 1
     return None
 
 

@@ -83,8 +83,7 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
     def save(step):
         bad = not_finite(stage.trained_state())
         if bad is not None:  # a step that diverged: the last checkpoint saved stays the run's
-            raise RefsrError(f"step {step}: the weights are no longer finite numbers ({bad}); nothing was saved and "
-                             "the last checkpoint is kept: lower --learning-rate")
+            raise Diverged(step, f"step {step}: the weights are no longer finite numbers ({bad}); nothing was saved")
         claimed.check(step)
         # The training state first: --resume reads only it, so a kill between the writes loses nothing.
         save_training_state(state_path, stage, step, optimizer, scaler, recipe(opt))
@@ -107,6 +106,8 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
                 log.after(step + 1, {"loss": loss} | notes | terms, list(notes), optimizer.param_groups[0]["lr"],
                           stage.validate if opt.val else None, lambda: save(step + 1))
         return stage.module
+    except Diverged as e:
+        raise RefsrError(diverged_line(opt, e, e.step == 0, state_path.is_file())) from None
     finally:
         if log is not None:
             log.close()
@@ -425,12 +426,31 @@ def start_distributed(device: torch.device):
     return dist.get_rank(), world, device
 
 
+class Diverged(RefsrError):
+    """A step whose loss, or whose weights after it, are not finite numbers; run() says what is kept."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(what)
+        self.step = step
+
+
+def diverged_line(opt: TrainOptions, e: Diverged, first: bool, checkpointed: bool) -> str:
+    """What a run that diverged at step `e.step` says: what it keeps, and what to change."""
+    if checkpointed:
+        return f"{e}; the last checkpoint is kept: lower --learning-rate or check the data"
+    if first:  # no step taken: not the learning rate, but what the run started from
+        start = ", ".join(map(str, opt.init)) if opt.init else "a fresh model" if opt.stage == "trunk" else (
+            f"the shipped x{opt.scale} weights")
+        return (f"{e}, at the run's first step, before any checkpoint: the weights it starts from ({start}) or the "
+                "data give numbers that are not finite")
+    return f"{e}, before the run's first checkpoint: lower --learning-rate or check the data"
+
+
 def descend(loss, optimizer, module, world: int, step: int, scaler=None) -> None:
     """One optimizer step of `module` on `loss`, with the gradients averaged over the ranks (through the AMP loss
     scaler, when given: a no-op off CUDA); a non-finite loss stops the run."""
     if not torch.isfinite(loss):
-        raise RefsrError(f"step {step}: the loss is {loss.item()}; the last checkpoint is kept: lower "
-                         "--learning-rate or check the data")
+        raise Diverged(step, f"step {step}: the loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler else loss).backward()
     average_gradients(module, world)

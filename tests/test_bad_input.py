@@ -615,7 +615,20 @@ def test_resume_at_or_past_its_steps_says_so(tmp_path):
      "past the walk's frames"),
     ({"command": "walk", "frames": 3, "frame": 1, "temperature": 1.0, "from": {"seed": 1}, "to": {"seed": 2},
       "sheet": ["a"]}, "a walk's frame in a contact sheet"),
-    ({"frame": 1}, "a walk's 'frame' in a record of 'upscale'"),
+    ({"frame": 1}, "'frame' in a record of 'upscale'"),
+    # sweep 18a: sheets whose redo is refused or makes other tiles, keys another command's redo drops, a format that
+    # is not the file's
+    ({"references": ["r.png"], "references_sha256": ["0"], "match_map": True, "sheet": ["a"]},
+     "a --match-map and a contact sheet"),
+    ({"command": "sample", "temperature": 1.0, "seeds": list(range(101)), "sheet": ["x"] * 101},
+     "a contact sheet of 101 labels for 101 tiles"),
+    ({"command": "walk", "frames": 101, "temperature": 1.0, "from": {"seed": 1}, "to": {"seed": 2},
+      "sheet": ["x", "y"]}, "a contact sheet of 2 labels for 101 tiles"),
+    ({"command": "sample", "temperature": 1.0, "seeds": [0, 1, 2]}, "seeds or references without its labels"),
+    ({"command": "sample", "temperature": 0, "references": ["r.png"], "references_sha256": ["0"]},
+     "'references' in a record of 'sample'"),
+    ({"map": True}, "a --match-map without --match's references"),
+    ({"format": "tiff"}, "describes a TIFF file, and this one is a PNG"),
 ])
 def test_info_refuses_records_no_command_line_writes(tmp_path, checkpoint, changes, fragment):
     result = run("info", image_with_record(tmp_path, checkpoint, changes))
@@ -2674,3 +2687,49 @@ def test_a_token_file_a_download_cannot_read_is_named(tmp_path, monkeypatch):
                  "-o", tmp_path / "out")
     assert result.exit_code == 2, result.output
     one_error_line(result, "owner/repo:w.safetensors: cannot read the Hub token file", "HF_TOKEN_PATH")
+
+
+# --- sweep 18a ------------------------------------------------------------------------------------------------------
+
+def overflowing(tmp_path, layer="trunk.tails.x2.3"):
+    """A tiny x2 checkpoint whose `layer` is filled with 3e38: finite weights that overflow float32 inside."""
+    model = tiny_model(2)
+    with torch.no_grad():
+        model.get_submodule(layer).weight.fill_(3e38)
+    save_model(model, tmp_path / "over.safetensors")
+    return tmp_path / "over.safetensors"
+
+
+def test_an_overflow_on_a_reference_names_the_reference(tmp_path):
+    """It read 'reference the network's weights overflow...': the reference was not named."""
+    weights, lr = overflowing(tmp_path), write_png(tmp_path / "in.png", 16, 16)
+    ref = write_png(tmp_path / "r.png", 48, 48, seed=1)
+    result = run("upscale", lr, "--ref", ref, "--scale", 2, "--weights", weights, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    one_error_line(result, f"reference {ref}: the network's weights overflow")
+    (tmp_path / "hr").mkdir()
+    write_png(tmp_path / "hr" / "h.png", 32, 32)
+    result = run("eval", tmp_path / "hr", "--scale", 2, "--weights", weights, "--device", "cpu", "--ref", ref,
+                 "--ref", write_png(tmp_path / "r2.png", 48, 48, seed=2))
+    assert result.exit_code == 2, result.output
+    one_error_line(result, f"reference {ref}: the network's weights overflow")
+
+
+def test_a_run_that_diverges_at_its_first_step_blames_what_it_started_from(tmp_path):
+    """Weights that overflow given to --init said 'the last checkpoint is kept: lower --learning-rate', with no
+    checkpoint there."""
+    from conftest import tiny_config
+    from refsr_cli.errors import RefsrError, memory_trouble
+    from refsr_cli.train import fit
+    from test_train import trunk_options
+    weights, out = overflowing(tmp_path), tmp_path / "run"
+    with pytest.raises(RefsrError) as caught:
+        fit(trunk_options((photos(tmp_path / "photos"), None), out, scales=(2,), steps=2, save_every=1,
+                          init=[str(weights)], config=tiny_config(2)))
+    assert str(caught.value).startswith("step 0: the loss is ")
+    assert f"at the run's first step, before any checkpoint: the weights it starts from ({weights})" in str(
+        caught.value) and "checkpoint is kept" not in str(caught.value)
+    assert not [p for p in out.iterdir() if p.suffix == ".safetensors"]
+    # and oneDNN's failure to make a convolution under a memory limit is the computer's memory, not a bug
+    assert memory_trouble(RuntimeError("could not create a primitive")) == (
+        "out of memory (oneDNN could not create a primitive)")
