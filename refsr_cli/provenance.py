@@ -46,20 +46,20 @@ def read_provenance(path) -> dict | None:
 
 def check_written_as(record: dict, path) -> None:
     """DamagedRecord when a checked record describes a file of another format than the one at `path` (a PNG whose
-    record says --format tiff: its redo writes a TIFF). Records older than their "format" key are not asked."""
+    record says --format tiff: its redo writes a TIFF), or one image where the file is an animation."""
     from PIL import Image
     if "animate" in record:
         expected = record["animate"].upper()  # GIF, WEBP
     elif "map" in record:
         expected = "PNG"  # a --match-map is a PNG whatever the images' --format
-    elif "format" in record:
-        expected = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}[record["format"]]
-    else:
-        return
+    else:  # (records older than their "format" key are not asked)
+        expected = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", None: None}[record.get("format")]
     with Image.open(path) as im:
-        found = im.format
-    if found != expected:
+        found, animated = im.format, getattr(im, "n_frames", 1) > 1
+    if expected is not None and found != expected:
         raise DamagedRecord(f"its refsr record describes a {expected} file, and this one is a {found}")
+    if animated and "animate" not in record:  # (not the other way: libwebp may merge an animation's like frames)
+        raise DamagedRecord("its refsr record describes one image, and this file is an animation")
 
 
 def record_int(digits: str) -> int:
@@ -176,8 +176,13 @@ def contradiction(record: dict) -> str | None:
     seeds = record.get("seeds")
     if seeds and seeds != list(range(seeds[0], seeds[0] + len(seeds))):
         return "seeds that are not --seed, --seed + 1, ..."  # sample --n N --seed S draws S .. S + N - 1
-    if "map" in record and "references" not in record:
-        return "a --match-map without --match's references"
+    if "map" in record and ("references" not in record or not record.get("match_map")):
+        return "a --match-map without --match's references, or whose record says no --match-map"
+    for key in ("references", "reference_list"):
+        if len(set(record.get(key, []))) != len(record.get(key, [])):  # the redo's --ref named twice counts once
+            return f"a reference named twice in its {key!r}"
+    if "references" in record and "reference_list" in record:
+        return "--match's references and a sheet's list of references"
     if "sheet" in record:  # one label a tile, as many tiles as its redo would make, and no more than --sheet takes
         if record.get("match_map") or "map" in record:
             return "a --match-map and a contact sheet"

@@ -80,16 +80,16 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
         claimed.saved()
     log = RunLog(opt, start, progress) if rank == 0 else None
 
+    saved = [start if state is not None else None]  # the step of the run's last checkpoint
+
     def save(step):
-        bad = not_finite(stage.trained_state())
-        if bad is not None:  # a step that diverged: the last checkpoint saved stays the run's
-            raise Diverged(step, f"step {step}: the weights are no longer finite numbers ({bad}); nothing was saved")
         claimed.check(step)
         # The training state first: --resume reads only it, so a kill between the writes loses nothing.
         save_training_state(state_path, stage, step, optimizer, scaler, recipe(opt))
         claimed.check_folder(step)  # (the writes would make it anew: a run's files in a folder of their own)
         stage.export(step)
         claimed.saved()
+        saved[0] = step
 
     try:
         for step in range(start, opt.steps):
@@ -107,7 +107,7 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
                           stage.validate if opt.val else None, lambda: save(step + 1))
         return stage.module
     except Diverged as e:
-        raise RefsrError(diverged_line(opt, e, e.step == 0, state_path.is_file())) from None
+        raise RefsrError(diverged_line(opt, e, saved[0])) from None
     finally:
         if log is not None:
             log.close()
@@ -434,16 +434,21 @@ class Diverged(RefsrError):
         self.step = step
 
 
-def diverged_line(opt: TrainOptions, e: Diverged, first: bool, checkpointed: bool) -> str:
-    """What a run that diverged at step `e.step` says: what it keeps, and what to change."""
-    if checkpointed:
-        return f"{e}; the last checkpoint is kept: lower --learning-rate or check the data"
-    if first:  # no step taken: not the learning rate, but what the run started from
+def diverged_line(opt: TrainOptions, e: Diverged, saved: int | None) -> str:
+    """What a run that diverged at step `e.step` says, its last checkpoint made at step `saved` (None: none): what
+    it keeps, and what to change (a --resume takes this run's options, its learning rate too)."""
+    if saved is None and e.step == 0:  # no step taken: not the learning rate, but what the run started from
         start = ", ".join(map(str, opt.init)) if opt.init else "a fresh model" if opt.stage == "trunk" else (
             f"the shipped x{opt.scale} weights")
         return (f"{e}, at the run's first step, before any checkpoint: the weights it starts from ({start}) or the "
                 "data give numbers that are not finite")
-    return f"{e}, before the run's first checkpoint: lower --learning-rate or check the data"
+    if saved is None:
+        return f"{e}, before the run's first checkpoint: lower --learning-rate or check the data"
+    if saved == e.step:  # the checkpoint holds the very weights whose loss was not finite
+        return (f"{e}, with the weights the last checkpoint (step {saved}) holds, which cannot be trained on: start "
+                "again (--overwrite) with a lower --learning-rate, or check the data")
+    return (f"{e}; the last checkpoint (step {saved}) is kept: to go on at a lower --learning-rate, give it to "
+            "--init with another --out, or check the data")
 
 
 def descend(loss, optimizer, module, world: int, step: int, scaler=None) -> None:
@@ -572,6 +577,9 @@ def save_training_state(path, stage, step: int, optimizer, scaler, recipe: dict)
         tensors.update({f"disc.{k}": v for k, v in stage.critic.module.state_dict().items()})
         tensors.update(_optimizer_tensors("disc_optimizer", stage.critic.optimizer))
         meta["disc_param_groups"] = json.dumps(stage.critic.optimizer.state_dict()["param_groups"])
+    bad = not_finite(tensors)
+    if bad is not None:  # a step that diverged, in the weights or the optimizer's moments: the last save stays
+        raise Diverged(step, f"step {step}: the training state is no longer finite numbers ({bad}); nothing was saved")
     atomic_save(tensors, path, meta)
 
 

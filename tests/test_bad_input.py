@@ -45,7 +45,8 @@ def test_a_step_that_diverges_keeps_the_last_good_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(train, "set_learning_rate", diverging)
     out = tmp_path / "run"
-    with pytest.raises(RefsrError, match="^step 2: .*last checkpoint is kept"):
+    with pytest.raises(RefsrError, match=r"^step 2: .*last checkpoint \(step 1\) is kept: to go on at a lower "
+                                         "--learning-rate, give it to --init"):
         train.fit(trunk_options((photos(tmp_path / "photos"), None), out, scales=(2,), steps=4, save_every=1))
     assert read_metadata(out / "x2.safetensors")["step"] == "1"
     load_weights(out / "x2.safetensors").model  # finite, and loads
@@ -629,6 +630,13 @@ def test_resume_at_or_past_its_steps_says_so(tmp_path):
      "'references' in a record of 'sample'"),
     ({"map": True}, "a --match-map without --match's references"),
     ({"format": "tiff"}, "describes a TIFF file, and this one is a PNG"),
+    # sweep 19a: a map the redo would not make; a reference the redo's expansion would take once
+    ({"references": ["r.png"], "references_sha256": ["0"], "map": True, "match_map": False}, "says no --match-map"),
+    ({"references": ["r.png", "r.png"], "references_sha256": ["0", "0"]}, "a reference named twice in its 'references'"),
+    ({"command": "sample", "temperature": 1.0, "seeds": [0, 1], "reference_list": ["a.png", "a.png"],
+      "sheet": ["1", "2", "3", "4"]}, "a reference named twice in its 'reference_list'"),
+    ({"references": ["r.png"], "references_sha256": ["0"], "reference_list": ["a.png", "b.png"],
+      "sheet": ["--match", "--match"]}, "--match's references and a sheet's list of references"),
 ])
 def test_info_refuses_records_no_command_line_writes(tmp_path, checkpoint, changes, fragment):
     result = run("info", image_with_record(tmp_path, checkpoint, changes))
@@ -2733,3 +2741,45 @@ def test_a_run_that_diverges_at_its_first_step_blames_what_it_started_from(tmp_p
     # and oneDNN's failure to make a convolution under a memory limit is the computer's memory, not a bug
     assert memory_trouble(RuntimeError("could not create a primitive")) == (
         "out of memory (oneDNN could not create a primitive)")
+
+
+
+# --- sweep 19a ------------------------------------------------------------------------------------------------------
+
+def test_info_refuses_a_record_of_one_image_on_an_animation(tmp_path, checkpoint):
+    """Its redo writes the frames, or a sheet, not the animation: the format alone (webp, png) did not tell."""
+    from PIL import Image, PngImagePlugin
+    image_with_record(tmp_path, checkpoint, {})
+    info = PngImagePlugin.PngInfo()
+    info.add_text("refsr", Image.open(tmp_path / "bad.png").info["refsr"])
+    frames = [Image.new("RGB", (4, 4), (v, v, v)) for v in (0, 255)]
+    frames[0].save(tmp_path / "animated.png", save_all=True, append_images=frames[1:], pnginfo=info)
+    result = run("info", tmp_path / "animated.png")
+    assert result.exit_code == 1, result.output
+    one_error_line(result, "animated.png", "describes one image, and this file is an animation")
+
+
+def test_a_state_that_diverges_in_the_optimizer_says_which_checkpoint_is_kept(tmp_path, monkeypatch):
+    """Non-finite optimizer moments at a save were refused by the file writer as weights 'that would give black
+    images', naming a state that was not written; the advice to lower --learning-rate could not be followed by a
+    --resume, which takes the run's options."""
+    from refsr_cli import train
+    from refsr_cli.errors import RefsrError
+    from test_train import trunk_options
+    real = train.set_learning_rate
+
+    def poisoning(optimizers, opt, step):
+        optimizers = list(optimizers)
+        real(optimizers, opt, step)
+        for state in (optimizers[0].state[p] for group in optimizers[0].param_groups for p in group["params"]):
+            if step >= 1 and "exp_avg_sq" in state:
+                state["exp_avg_sq"].fill_(float("inf"))
+
+    monkeypatch.setattr(train, "set_learning_rate", poisoning)
+    out = tmp_path / "run"
+    with pytest.raises(RefsrError, match=r"^step 2: the training state is no longer finite numbers \(optimizer\..*"
+                                         r"nothing was saved; the last checkpoint \(step 1\) is kept"):
+        train.fit(trunk_options((photos(tmp_path / "photos"), None), out, scales=(2,), steps=4, save_every=1))
+    assert read_metadata(out / "last.state.safetensors")["step"] == "1"
+    assert "holds, which cannot be trained on: start again (--overwrite)" in train.diverged_line(
+        trunk_options((None, None), out), train.Diverged(2, "step 2: the loss is nan"), 2)
