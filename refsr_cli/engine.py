@@ -1,6 +1,5 @@
 """The inference engine: a RefVAE run on images of any size, a tile at a time, the LR image encoded once for every
 latent, each output made consistent with its input by back-projection."""
-import copy
 import functools
 import math
 import numbers
@@ -15,7 +14,7 @@ from .analogy import TEXTURE_BANK, Matcher, Texture, TexturePlan, load_bank
 from .checkpoint import load_weights, not_finite
 from .errors import RefsrError, memory_named
 from .match import Transfer
-from .model import RefVAE, downscale, noise_tables, resampling_matrix, upsample
+from .model import RefVAE, built_shapes, downscale, model_tensors, noise_tables, resampling_matrix, upsample
 from .images import MIN_SIDE
 from .options import (DEVICES, MAX_CONSISTENCY_STEPS, MAX_SEED, MAX_TEMPERATURE, MIN_TILE, SAMPLE_TEMPERATURE,
                       BatchOptions, EngineOptions, check_number)
@@ -116,35 +115,6 @@ def check_draw(seed, temperature) -> tuple:
     return int(seed), float(temperature)
 
 
-def model_tensors(model: torch.nn.Module) -> dict:
-    """Every tensor the model computes with, by name: its parameters, its buffers (the VGG's mean and std), and any
-    tensor set on a module as a plain attribute (a weight deleted and set again by hand), which neither lists."""
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for prefix, module in model.named_modules():
-        tensors.update({f"{prefix}.{name}".lstrip("."): value for name, value in vars(module).items()
-                        if isinstance(value, torch.Tensor)})
-    return tensors
-
-
-_BUILT_SHAPES = {}  # (model class, repr of its config) -> built_shapes
-
-
-def built_shapes(model: torch.nn.Module) -> dict:
-    """The names and shapes of every tensor of a model of `model`'s class and config, as model_tensors lists them:
-    built on the meta device, nothing allocated (10 ms for the x8 network, once)."""
-    key = (type(model), repr(model.config))
-    if key not in _BUILT_SHAPES:
-        try:
-            with torch.device("meta"):
-                built = type(model)(copy.deepcopy(model.config))
-        except Exception:  # a config changed by hand into one no model is built of, whatever the error it raises
-            return {}
-        if len(_BUILT_SHAPES) >= 8:
-            _BUILT_SHAPES.clear()
-        _BUILT_SHAPES[key] = {k: tuple(t.shape) for k, t in model_tensors(built).items()}
-    return _BUILT_SHAPES[key]
-
-
 class Upscaler:
     """Runs a RefVAE on images of any size, a tile at a time.
 
@@ -230,7 +200,8 @@ class Upscaler:
             and (device.type == "cpu" or device.index in (None, w.device.index)) for w in tensors.values())
         # And the names and shapes its config builds: a submodule swapped for another raised deep inside.
         built = config is not None and built_shapes(self.model) == {k: tuple(t.shape) for k, t in tensors.items()}
-        if (getattr(config, "scale", None) != self.scale or self.dtype not in (torch.float32, torch.float16)
+        if (getattr(config, "scale", None) != self.scale or not isinstance(self.scale, numbers.Integral)
+                or isinstance(self.scale, bool) or self.dtype not in (torch.float32, torch.float16)
                 or not placed or not built or device.type == "cpu" and self.dtype != torch.float32
                 or not callable(self.warn)):
             raise RefsrError("Upscaler: its scale, model, device, precision or warn is not as made (changed since, "

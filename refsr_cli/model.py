@@ -14,6 +14,7 @@ the size of the image around it. Here z is decoded to one `cond_period`-pixel ce
 repeated over the image on a grid anchored at the image's top-left pixel, so training patches, whole images and tiles
 all see the same condition.
 """
+import copy
 import functools
 import json
 import math
@@ -419,3 +420,34 @@ def upsample(x, scale: int):
 def downscale(x, scale: int):
     """Bicubic downscale with antialiasing: torch's match for PIL's BICUBIC resize, the LR degradation."""
     return _resample(x, scale, down=True)
+
+
+def model_tensors(model: torch.nn.Module) -> dict:
+    """Every tensor the model computes with, by name: its parameters, its buffers (the VGG's mean and std), and any
+    tensor set on a module as a plain attribute (a weight deleted and set again by hand), which neither lists."""
+    # (Each name, one tied to another too: named_parameters() leaves out the second name of a shared tensor.)
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
+    for prefix, module in model.named_modules():
+        tensors.update({f"{prefix}.{name}".lstrip("."): value for name, value in vars(module).items()
+                        if isinstance(value, torch.Tensor)})
+    return tensors
+
+
+_BUILT_SHAPES = {}  # (model class, repr of its config) -> built_shapes
+
+
+def built_shapes(model: torch.nn.Module) -> dict:
+    """The names and shapes of every tensor of a model of `model`'s class and config, as model_tensors lists them:
+    built on the meta device, nothing allocated (10 ms for the x8 network, once)."""
+    key = (type(model), repr(model.config))
+    if key not in _BUILT_SHAPES:
+        try:
+            with torch.device("meta"):
+                built = type(model)(copy.deepcopy(model.config))
+        except Exception:  # a config changed by hand into one no model is built of, whatever the error it raises
+            return {}
+        if len(_BUILT_SHAPES) >= 8:
+            _BUILT_SHAPES.clear()
+        _BUILT_SHAPES[key] = {k: tuple(t.shape) for k, t in model_tensors(built).items()}
+    return _BUILT_SHAPES[key]

@@ -2783,3 +2783,33 @@ def test_a_state_that_diverges_in_the_optimizer_says_which_checkpoint_is_kept(tm
     assert read_metadata(out / "last.state.safetensors")["step"] == "1"
     assert "holds, which cannot be trained on: start again (--overwrite)" in train.diverged_line(
         trunk_options((None, None), out), train.Diverged(2, "step 2: the loss is nan"), 2)
+
+
+# --- sweep 19b ------------------------------------------------------------------------------------------------------
+
+def test_save_model_refuses_a_model_load_weights_could_not_read_back(tmp_path):
+    """A config or a weight changed by hand was written, then refused on load; a sparse weight raised torch's own
+    NotImplementedError; an Upscaler's scale set to 2.0 raised numpy's TypeError."""
+    import dataclasses
+    from refsr_cli.errors import RefsrError
+
+    def reset_bias(m):
+        del m.trunk.head.bias
+        m.trunk.head.bias = None
+
+    def sparse(m):
+        m.trunk.head.weight = torch.nn.Parameter(m.trunk.head.weight.data.to_sparse(), requires_grad=False)
+
+    for change in (lambda m: setattr(m, "config", dataclasses.replace(m.config, z_dim=m.config.z_dim * 2)),
+                   reset_bias, lambda m: m.trunk.head.register_buffer("extra", torch.zeros(3)), sparse,
+                   lambda m: setattr(m.trunk.head, "weight", torch.nn.Parameter(m.trunk.head.weight.data.to(
+                       torch.complex64), requires_grad=False))):
+        model = tiny_model(2)
+        change(model)
+        with pytest.raises(RefsrError, match="not those a model of its config has"):
+            save_model(model, tmp_path / "changed.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    up = Upscaler(tiny_model(2), "cpu")
+    up.scale = 2.0
+    with pytest.raises(RefsrError, match="is not as made"):
+        up.upscale(np.random.default_rng(0).random((16, 16, 3)).astype(np.float32), [None])
