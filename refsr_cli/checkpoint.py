@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import RefsrError, memory_named
 from .files import atomic_path, read_unchanged, safetensors_name
-from .model import RefVAE, RefVAEConfig, built_shapes, check_size, model_tensors
+from .model import RefVAE, RefVAEConfig, as_built, check_size, model_tensors
 from .options import check_scale
 
 FORMAT = "refsr-refvae"
@@ -105,7 +105,7 @@ def save_model(model: RefVAE, path, **extra_metadata) -> None:
     # What load_weights builds of its config, to read them back into: a config, weight or buffer changed by hand
     # was written, and then refused on load (or its imaginary part dropped).
     if (any(t.layout != torch.strided or t.is_complex() for t in tensors.values())
-            or built_shapes(model) != {k: tuple(t.shape) for k, t in tensors.items()}):
+            or not as_built(model, tensors)):
         raise RefsrError("save_model: the model's weights are not those a model of its config has (names, shapes, "
                          "real numbers; changed since it was made?), and load_weights could not read them back")
     try:

@@ -14,7 +14,7 @@ from .analogy import TEXTURE_BANK, Matcher, Texture, TexturePlan, load_bank
 from .checkpoint import load_weights, not_finite
 from .errors import RefsrError, memory_named
 from .match import Transfer
-from .model import RefVAE, built_shapes, downscale, model_tensors, noise_tables, resampling_matrix, upsample
+from .model import RefVAE, as_built, downscale, model_tensors, noise_tables, resampling_matrix, upsample
 from .images import MIN_SIDE
 from .options import (DEVICES, MAX_CONSISTENCY_STEPS, MAX_SEED, MAX_TEMPERATURE, MIN_TILE, SAMPLE_TEMPERATURE,
                       BatchOptions, EngineOptions, check_number)
@@ -199,7 +199,7 @@ class Upscaler:
             w.layout == torch.strided and w.dtype == self.dtype and w.device.type == device.type
             and (device.type == "cpu" or device.index in (None, w.device.index)) for w in tensors.values())
         # And the names and shapes its config builds: a submodule swapped for another raised deep inside.
-        built = config is not None and built_shapes(self.model) == {k: tuple(t.shape) for k, t in tensors.items()}
+        built = config is not None and as_built(self.model, tensors)
         if (getattr(config, "scale", None) != self.scale or not isinstance(self.scale, numbers.Integral)
                 or isinstance(self.scale, bool) or self.dtype not in (torch.float32, torch.float16)
                 or not placed or not built or device.type == "cpu" and self.dtype != torch.float32
@@ -398,7 +398,7 @@ class Upscaler:
         textured = [i for i, latent in enumerate(latents) if isinstance(latent, Texture)]
         faithful = textures = None
         if textured:
-            faithful = self.faithful(lr)
+            faithful = self._faithful(lr)  # (the image and this Upscaler are checked: upscale() did)
             textures = TexturePlan(Matcher(faithful), [latents[i] for i in textured])
         place = {i: k for k, i in enumerate(textured)}  # each textured latent's index in `textures`
         decoded = [i for i in range(len(latents)) if i not in place]

@@ -437,6 +437,12 @@ def model_tensors(model: torch.nn.Module) -> dict:
 _BUILT_SHAPES = {}  # (model class, repr of its config) -> built_shapes
 
 
+def as_built(model: torch.nn.Module, tensors: dict) -> bool:
+    """Whether `tensors` (model_tensors of `model`) have the names and shapes a model of its class and config has:
+    not a config, weight, buffer or submodule changed by hand since."""
+    return built_shapes(model) == {k: tuple(t.shape) for k, t in tensors.items()}
+
+
 def built_shapes(model: torch.nn.Module) -> dict:
     """The names and shapes of every tensor of a model of `model`'s class and config, as model_tensors lists them:
     built on the meta device, nothing allocated (10 ms for the x8 network, once)."""
