@@ -6,6 +6,7 @@ Each checkpoint goes up under the name `--weights owner/repo` looks for (refsr-x
 pushed loads back with `refsr upscale photo.png --weights owner/repo --scale S`. huggingface_hub is imported only
 when a Hub reference is used: `refsr upscale` of a local file never pays for it.
 """
+import errno
 import hashlib
 import importlib
 import json
@@ -18,6 +19,7 @@ from typing import NamedTuple
 
 from .checkpoint import default_filename, expanded, load_weights, texture_trained
 from .errors import RefsrError
+from .files import sha256_of
 from .report import warning_line
 
 HUB_REF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?::(?P<filename>[\w./-]+))?$")
@@ -95,14 +97,17 @@ def hub_token() -> str | None:
 
 def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     """The file from the Hugging Face cache, downloaded there if needed; an error within seconds when the Hub
-    cannot be reached and the file is not cached (HUB_TIMEOUT; HF_HUB_ETAG_TIMEOUT, when set, takes precedence)."""
+    cannot be reached and the file is not cached (HUB_TIMEOUT; HF_HUB_ETAG_TIMEOUT, when set, takes precedence).
+    A cached copy whose bytes are not the ones the Hub named is refused (check_cache_copy)."""
     constants = import_hub()
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import EntryNotFoundError
     where = f"{repo}{'@' + revision if revision else ''}:{filename}"
     if filename.endswith("/") or PurePosixPath(filename).name in ("", ".", ".."):  # a folder, not a file of it
         raise RefsrError(f"{where}: {filename!r} is not a file name in the repository")
+    # Refused here, not by huggingface_hub: its ValueError would read like one about an answer of the server's.
+    if filename.startswith("/") or ".." in filename.split("/"):
+        raise RefsrError(f"{where}: not a valid Hub reference ({filename!r} climbs out of the repository)")
     if revision is not None and not git_ref_name(revision):  # `@..` asked for a URL that had collapsed
         raise RefsrError(f"{where}: {revision!r} is not a revision name (a branch, a tag or a commit's hash)")
     try:  # as huggingface_hub will, with a RuntimeError of its own for a user without a home
@@ -114,46 +119,97 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
         with hub_fails_fast(), warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             try:
-                return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision,
+                path = Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision,
                                             etag_timeout=HUB_TIMEOUT))
             finally:  # huggingface_hub's warnings (too little free disk), each as refsr's one line
                 for warning in said:
                     warning_line(f"{where}: {warning.message}")
-    except RevisionNotFoundError:
-        raise RefsrError(f"{where}: no such revision on the Hub") from None
-    except LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base: "not cached", not "not on the Hub"
+    except (OSError, EntryNotFoundError, ValueError, OverflowError, KeyError, AttributeError, TypeError,
+            *http_client_errors()) as e:
+        raise RefsrError(f"{where}: {download_trouble(e, constants)}") from None
+    check_cache_copy(path, where)
+    return path
+
+
+def check_cache_copy(path: Path, where: str) -> None:
+    """Refuse a cached LFS file whose bytes are not its sha256. huggingface_hub names an LFS file's blob after the
+    sha256 the Hub gave (X-Linked-Etag) and never compares: a blob changed on disk, or other bytes a server sent
+    under that name, were loaded as the commit's weights (and recorded so). A small regular file's blob is named by
+    its git sha1 (40 hex digits), which is not compared; nor is a FIFO or a device, which resolve_weights refuses
+    (reading it would hang)."""
+    blob = Path(os.path.realpath(path))  # the snapshot's file is a link to blobs/NAME
+    if not re.fullmatch(r"[0-9a-f]{64}", blob.name) or not blob.is_file():
+        return
+    if sha256_of(blob) != blob.name:
+        raise RefsrError(f"{where}: the Hugging Face cache's copy {blob} is damaged (its bytes are not the sha256 "
+                         "the Hub named them by); remove it and download again")
+
+
+def download_trouble(e: Exception, constants) -> str:
+    """What a failed hf_hub_download says, after the reference."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    if isinstance(e, RevisionNotFoundError):
+        return "no such revision on the Hub"
+    if isinstance(e, LocalEntryNotFoundError):  # before EntryNotFoundError, its base: "not cached", not "not there"
         if constants.HF_HUB_OFFLINE:
-            raise RefsrError(f"{where}: offline mode (HF_HUB_OFFLINE=1) is on and the file is not in the local "
-                             "cache; download it once online first") from None
+            return ("offline mode (HF_HUB_OFFLINE=1) is on and the file is not in the local cache; download it once "
+                    "online first")
+        if isinstance(e.__cause__, HfHubHTTPError) and (refusal := hub_refusal(e.__cause__, True)):  # it said no
+            return refusal
         # The cause, when huggingface_hub kept it: "[Errno 111] Connection refused", "timed out", an HTTP status.
         cause = (str(e.__cause__).strip().splitlines() or [type(e.__cause__).__name__])[0] if e.__cause__ else ""
         if "Timeout" in type(e.__cause__).__name__:  # ConnectTimeout, ReadTimeout: a slow network may need longer
             cause += f"; HF_HUB_ETAG_TIMEOUT=SECONDS waits longer than {HUB_TIMEOUT} s"
-        raise RefsrError(f"{where}: the Hub cannot be reached{f' ({cause})' if cause else ''} and the file is not in "
-                         "the local cache (once downloaded, it works offline with HF_HUB_OFFLINE=1)") from None
-    except EntryNotFoundError:
-        raise RefsrError(f"{where}: no such file in that Hub repository") from None
-    except RepositoryNotFoundError:
-        raise RefsrError(f"{where}: no such Hub repository (or it is private)") from None
-    except (OSError, *http_client_errors()) as e:
+        return (f"the Hub cannot be reached{f' ({cause})' if cause else ''} and the file is not in the local cache "
+                "(once downloaded, it works offline with HF_HUB_OFFLINE=1)")
+    if isinstance(e, EntryNotFoundError):
+        return "no such file in that Hub repository"
+    if isinstance(e, RepositoryNotFoundError) and not isinstance(e, GatedRepoError):  # gated: one of its kind
+        return "no such Hub repository (or it is private)"
+    if isinstance(e, HfHubHTTPError) and (refusal := hub_refusal(e)):
+        return refusal
+    if isinstance(e, OSError):
         token = os.path.abspath(os.path.expanduser(constants.HF_TOKEN_PATH))
         # Its token file (HF_TOKEN_PATH) a folder or unreadable, in a folder that is one (else HF_HOME is the trouble)
-        if (isinstance(e, OSError) and e.filename is not None and os.path.abspath(e.filename) == token
-                and os.path.isdir(os.path.dirname(token))):
-            raise RefsrError(f"{where}: cannot read the Hub token file ({e.strerror}: {e.filename}); HF_TOKEN_PATH "
-                             "names it") from None
-        if isinstance(e, OSError) and e.filename is not None:  # the cache's folder, not the network
-            raise RefsrError(f"{where}: cannot use the Hugging Face cache ({e.strerror}: {e.filename}); HF_HOME or "
-                             "HF_HUB_CACHE choose another folder") from None
+        if e.filename is not None and os.path.abspath(e.filename) == token and os.path.isdir(os.path.dirname(token)):
+            return f"cannot read the Hub token file ({e.strerror}: {e.filename}); HF_TOKEN_PATH names it"
+        if e.filename is not None:  # the cache's folder, not the network
+            return (f"cannot use the Hugging Face cache ({e.strerror}: {e.filename}); HF_HOME or HF_HUB_CACHE choose "
+                    "another folder")
+        if e.errno == errno.ENOSPC:  # the cache's disk, not the network: offline mode would not help
+            return (f"no space left for the download in the Hugging Face cache ({constants.HF_HUB_CACHE}); free some, "
+                    "or HF_HOME or HF_HUB_CACHE choose another folder")
+    if isinstance(e, (OSError, *http_client_errors())):
         # The first line only: huggingface_hub's HTTP errors add lines of URL and request details.
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RefsrError(f"{where}: download failed ({reason}); set HF_HUB_OFFLINE=1 to use the cache only") from None
-    except (ValueError, OverflowError, KeyError, AttributeError, TypeError) as e:
-        raise RefsrError(f"{where}: {hub_trouble(e)}") from None
+        if "Timeout" in type(e).__name__ or "timed out" in reason:  # a server that stopped sending
+            reason += "; HF_HUB_DOWNLOAD_TIMEOUT=SECONDS waits longer"
+        return f"download failed ({reason}); set HF_HUB_OFFLINE=1 to use the cache only"
+    return hub_trouble(e)
+
+
+def hub_refusal(e: Exception, asked_where: bool = False) -> str | None:
+    """What a Hub that refused a request said, or None: a gated or disabled repository, or (`asked_where`, for its
+    answer to where a file is) any 4xx. huggingface_hub wraps a refused request of that kind in "cannot find it in
+    the local cache", which read as a Hub not reached. A 4xx of the download itself (the CDN's) is a failed one."""
+    from huggingface_hub.errors import DisabledRepoError, GatedRepoError
+    if isinstance(e, GatedRepoError):
+        return ("the repository is gated: accept its terms on its Hub page, then log in with a token that has "
+                "access (HF_TOKEN or `hf auth login`)")
+    if isinstance(e, DisabledRepoError):
+        return "the repository is disabled on the Hub"
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if not asked_where or not isinstance(status, int) or not 400 <= status < 500:
+        return None
+    reason = (str(e).strip().splitlines() or [""])[0]
+    hint = "; log in with a token that has access (HF_TOKEN or `hf auth login`)" if status in (401, 403) else ""
+    return f"the Hub refused it ({reason or status}){hint}"
 
 
 def hub_trouble(e: Exception) -> str:
     """What a failure of huggingface_hub that is neither the network's nor an HTTP status says."""
+    from huggingface_hub.errors import HFValidationError
     first = (str(e).strip().splitlines() or [""])[0]
     if isinstance(e, UnicodeError):  # the token, when it is the trouble (a token file that is not text), says so
         try:
@@ -167,8 +223,12 @@ def hub_trouble(e: Exception) -> str:
         return f"huggingface_hub refused a setting ({first}); check the HF_* environment variables and HF_TOKEN"
     if isinstance(e, ValueError) and "too large" in first:  # past what its download without hf_xet takes
         return f"the file is too large for huggingface_hub's download ({first})"
-    if isinstance(e, ValueError):  # HFValidationError and its kin: owner/re..po, a ../ file name
+    if isinstance(e, HFValidationError):  # the repository id the user typed: owner/re..po
         return f"not a valid Hub reference ({first})"
+    if isinstance(e, ValueError) and first.startswith("Invalid metadata in README.md"):  # validate-yaml said no
+        said = (str(e).strip().splitlines()[1:] or [""])[0].lstrip("- ")
+        return f"the Hub refused the model card's metadata{f' ({said})' if said else ''}; check --license"
+    # Any other ValueError is an answer's (a body that is not JSON, an X-Repo-Commit that climbs out of the cache);
     # KeyError, AttributeError, TypeError: JSON that is not the Hub's ({} or a list where it expects an object)
     return (f"the server's answer is not the Hub's ({type(e).__name__}: {first}); is HF_ENDPOINT a Hugging Face "
             "Hub?")
@@ -247,9 +307,11 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
     """Upload refsr checkpoints (and a generated README.md) to `repo` in one commit; creates the repository, and the
     branch `revision`, if needed. Returns the commit's URL. Everything is checked before the first request (a
     RefsrError: nothing was sent); what fails after it is an UploadFailed."""
+    check_push_arguments(files, repo, revision, private, message, card, license)
     constants = import_hub()
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (DisabledRepoError, HfHubHTTPError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
     check_destination(repo, revision)
     if constants.HF_HUB_OFFLINE:  # huggingface_hub would refuse the first request: nothing is sent either way
         raise RefsrError(f"{repo}: offline mode (HF_HUB_OFFLINE=1) is on, and push needs the Hub; unset it")
@@ -270,6 +332,7 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
             api.create_repo(repo, private=private, exist_ok=True)
             if revision:
                 api.create_branch(repo, branch=revision, exist_ok=True)
+            refuse_ignored(api, repo, operations, revision, where)
             info = api.create_commit(repo, operations, revision=revision,
                                      commit_message=message or f"refsr push: {', '.join(names)}")
     except RevisionNotFoundError:
@@ -278,6 +341,8 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
         raise UploadFailed(f"{where}: no such repository, or no right to write to it") from None
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
+        if isinstance(e, DisabledRepoError):
+            raise UploadFailed(f"{where}: the repository is disabled on the Hub") from None
         if status in (401, 403):
             raise UploadFailed(f"{where}: the Hub refused the upload ({status}): log in with `hf auth login` or set "
                                "HF_TOKEN to a token with write access") from None
@@ -288,6 +353,41 @@ def push(files: list, repo: str, revision: str | None = None, private: bool = Fa
     except (ValueError, OverflowError, KeyError, AttributeError, TypeError) as e:  # after create_repo, maybe
         raise UploadFailed(f"{where}: upload failed: {hub_trouble(e)}") from None
     return info.commit_url
+
+
+def check_push_arguments(files, repo, revision, private, message, card, license) -> None:
+    """The types of push's arguments, refused before anything is sent: a wrong one was a raw TypeError or
+    IndexError, or reached the Hub (message=5 created the repository before failing, private="no" made it private;
+    a str of files was read as its characters, a folder "/")."""
+    def shown(value):  # one line: the repr of a plain value, the type of any other
+        return repr(value)[:60] if isinstance(value, (str, bytes, int, float, type(None))) else type(value).__name__
+
+    if not isinstance(files, (list, tuple)):
+        raise RefsrError(f"files: {shown(files)} is not a list of checkpoint files")
+    if not files:
+        raise RefsrError("files: none given, nothing to push")
+    for file in files:
+        if not isinstance(file, (str, os.PathLike)) or not isinstance(os.fspath(file), str) or os.fspath(file) == "":
+            raise RefsrError(f"files: {shown(file)} is not a file name (a str or os.PathLike)")
+    if not isinstance(repo, str):
+        raise RefsrError(f"repo: {shown(repo)} is not a Hub repository name (a str, owner/name)")
+    for name, value in (("revision", revision), ("message", message), ("license", license)):
+        if value is not None and not isinstance(value, str):
+            raise RefsrError(f"{name}: {shown(value)} is not a str (or None)")
+    for name, value in (("private", private), ("card", card)):
+        if not isinstance(value, bool):  # "no" is true, and would have made a private repository
+            raise RefsrError(f"{name}: {shown(value)} is not True or False")
+
+
+def refuse_ignored(api, repo: str, operations: list, revision: str | None, where: str) -> None:
+    """Ask the Hub how each file travels (huggingface_hub's preupload step, which create_commit then skips) and
+    refuse the commit when it would ignore one: huggingface_hub leaves a file the repository's .gitignore covers
+    out of the commit without a word, and push printed the URL of a commit that lacked it (its card listing it)."""
+    api.preupload_lfs_files(repo, additions=operations, revision=revision, free_memory=False)
+    ignored = [op.path_in_repo for op in operations if getattr(op, "_should_ignore", False)]
+    if ignored:
+        raise UploadFailed(f"{where}: the repository's .gitignore covers {', '.join(ignored)}, which the Hub would "
+                           "leave out of the commit; nothing was committed (change its .gitignore)")
 
 
 def check_destination(repo: str, revision: str | None) -> None:
@@ -342,6 +442,8 @@ def checkpoints_to_push(files: list) -> list:
         weights = load_weights(path)
         config = weights.model.config
         name = default_filename(config.scale)
+        if name in names and names[name].resolve() == path.resolve():
+            raise RefsrError(f"{path} and {names[name]} are one file, named twice; name it once")
         if name in names:
             raise RefsrError(f"{path} and {names[name]} are both x{config.scale} checkpoints; push one per scale")
         names[name] = path

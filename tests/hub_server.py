@@ -26,6 +26,15 @@ Uploads (`refsr push`, through `HfApi.create_repo` and `create_commit`) are answ
 
 Every write needs an `Authorization: Bearer` header (401 without one, as for an anonymous user). Every request is
 recorded in `requests`, so a test can prove that a cache hit downloaded nothing.
+
+Opt-in misbehaviour, for the tests of what refsr says then (each off by default):
+
+- `refusals`: {repo id: (status, headers)} answered to every file request of that repository (a gated repository:
+  403 with `X-Error-Code: GatedRepo`; a disabled one: 403 with the message the Hub sends);
+- `repo_commit`: an `X-Repo-Commit` value sent instead of the real commit (a server that is not the Hub);
+- `ignored`: paths the preupload answer marks `shouldIgnore` (as the repository's .gitignore would);
+- `not_json`: upload actions ("create", "preupload", "commit") answered 200 with an HTML page instead of JSON;
+- `card_errors`: the messages validate-yaml answers with a 400 (the Hub refusing a model card's metadata).
 """
 import base64
 import hashlib
@@ -55,6 +64,8 @@ class _Handler(BaseHTTPRequestHandler):
         authorised = self.headers.get("Authorization", "").startswith("Bearer ")
         status, answer = hub._write_answer(path, body, authorised)
         data = json.dumps(answer).encode()
+        if status == 200 and hub._action(path) in hub.not_json:
+            data = b"<html>"
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         if status >= 400:
@@ -97,6 +108,11 @@ class FakeHub:
         self.blobs = {}  # sha256 -> bytes, served by the CDN
         self.requests = []  # (role, method, path) of every request, in order
         self.cut_downloads = False  # when True, the CDN drops every download halfway
+        self.refusals = {}  # repo id -> (status, headers) of every answer about its files
+        self.repo_commit = None  # when set, the X-Repo-Commit of every answer about a file
+        self.ignored = set()  # paths the preupload answer marks shouldIgnore
+        self.not_json = set()  # upload actions answered with a page that is not JSON
+        self.card_errors = []  # validate-yaml's errors: a README's metadata the Hub refuses
         self._lock = threading.Lock()
         self._servers = []
 
@@ -139,6 +155,9 @@ class FakeHub:
         if len(parts) != 5 or parts[2] != "resolve":
             return 404, {}, b"Not Found"
         repo, revision, filename = f"{parts[0]}/{parts[1]}", unquote(parts[3]), unquote(parts[4])
+        if repo in self.refusals:
+            status, headers = self.refusals[repo]
+            return status, headers, b"Forbidden"
         if repo not in self.repos:
             # The real Hub answers 401 (not 404) to an anonymous request for a missing or private repository.
             return 401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, b"Repository not found"
@@ -147,6 +166,7 @@ class FakeHub:
             return (404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": f"Invalid rev id: {revision}"},
                     b"Invalid rev id")
         commit, files = known
+        commit = self.repo_commit or commit
         if filename not in files:
             return (404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": commit},
                     b"Entry not found")
@@ -164,6 +184,9 @@ class FakeHub:
         if not authorised:
             return 401, {"error": "Invalid credentials in Authorization header"}
         if path == "/api/validate-yaml":
+            if self.card_errors:
+                return 400, {"error": "Invalid metadata", "errors": [{"message": m} for m in self.card_errors],
+                             "warnings": []}
             return 200, {"errors": [], "warnings": []}
         if path == "/api/repos/create":
             payload = json.loads(body)
@@ -187,8 +210,8 @@ class FakeHub:
         if revision not in self.repos[repo]:
             return 404, {"error": f"Invalid rev id: {revision}", "code": "RevisionNotFound"}
         if action == "preupload":
-            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
-                                   for f in json.loads(body)["files"]]}
+            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "oid": None,
+                                    "shouldIgnore": f["path"] in self.ignored} for f in json.loads(body)["files"]]}
         files = self.files(repo, revision)
         for line in body.splitlines():
             item = json.loads(line)
@@ -198,6 +221,14 @@ class FakeHub:
                 return 400, {"error": f"this fake Hub takes regular files only, not {item['key']}"}
         commit = self.add_revision(repo, revision, files, lfs=False)
         return 200, {"commitUrl": f"{self.url}/{repo}/commit/{commit}", "commitOid": commit}
+
+    @staticmethod
+    def _action(path):
+        """"create", "preupload", "commit" or "branch" for an upload request's path, else None."""
+        if path == "/api/repos/create":
+            return "create"
+        parts = path.lstrip("/").split("/")
+        return parts[4] if len(parts) == 6 and parts[:2] == ["api", "models"] else None
 
     def _cdn_answer(self, path):
         sha256 = path.rsplit("/", 1)[-1]

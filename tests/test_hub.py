@@ -605,3 +605,120 @@ def test_a_token_file_that_cannot_be_read_is_named_and_a_hash_shaped_branch_refu
     assert result.exit_code == 2
     one_error_line(result, "named like a commit's hash")
     assert hub.count("POST") == 0
+
+
+# --- sweep: a damaged cache copy, files the Hub would drop, refusals named, the Python push's arguments --------------
+
+def blob_of(hub, data):
+    """The cache's blob of an LFS file: named by the sha256 of its content."""
+    return hub.cache / "models--owner--repo" / "blobs" / hashlib.sha256(data).hexdigest()
+
+
+def test_a_damaged_cache_copy_is_refused_naming_it(hub, tmp_path, monkeypatch, checkpoints):
+    """A blob whose bytes changed in the cache was loaded, exit 0, its record naming the commit's weights."""
+    load_weights(f"{REPO}:tiny.safetensors", 2)
+    blob = blob_of(hub, checkpoints[0])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit of a weight: the file still loads
+    blob.write_bytes(bytes(data))
+    image = write_png(tmp_path / "small.png", height=12, width=12)
+    result = CliRunner().invoke(main, ["upscale", str(image), "--scale", "2", "--weights", f"{REPO}:tiny.safetensors",
+                                       "-o", str(tmp_path / "out"), "-q", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    one_error_line(result, "damaged", str(blob), "remove it")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    set_offline(monkeypatch, True)  # the cache alone: the same refusal
+    with pytest.raises(RefsrError, match="damaged"):
+        load_weights(f"{REPO}:tiny.safetensors", 2)
+    set_offline(monkeypatch, False)
+    blob.unlink()  # as the line says: removed, it downloads again
+    assert_same_tensors(resolve_weights(f"{REPO}:tiny.safetensors", 2), checkpoints[0])
+
+
+def test_other_bytes_under_an_lfs_files_etag_are_refused(hub, checkpoints):
+    """A server that sends other bytes than the sha256 it named (X-Linked-Etag): they were used as the file."""
+    hub.blobs[hashlib.sha256(checkpoints[0]).hexdigest()] = checkpoints[1]
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert "damaged" in message and str(blob_of(hub, checkpoints[0])) in message
+
+
+def test_push_refuses_files_the_repositorys_gitignore_would_drop(hub, tmp_path, monkeypatch):
+    """huggingface_hub leaves a file the preupload answer marks shouldIgnore out of the commit, silently: push
+    printed a commit URL, and the card listed a file the repository does not hold."""
+    from refsr_cli import hub as refsr_hub
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    x4 = tiny_x4_checkpoint(tmp_path / "x4.safetensors")
+    before = hub.commit(REPO, "main")
+    for ignored in ("refsr-x4.safetensors", "README.md"):
+        hub.ignored = {ignored}
+        result = push(x4, REPO)
+        assert result.exit_code == 1, result.output
+        one_error_line(result, ignored, ".gitignore")
+        with pytest.raises(refsr_hub.UploadFailed, match=f"{ignored}.*gitignore"):
+            refsr_hub.push([x4], REPO)
+    assert hub.commit(REPO, "main") == before
+    assert not [path for _, _, path in hub.requests if "/commit/" in path]
+
+
+@pytest.mark.parametrize("headers, words", [
+    ({"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model owner/repo is restricted."},
+     ("gated", "accept its terms", "token")),
+    ({"X-Error-Message": "Access to this resource is disabled."}, ("disabled",)),
+    ({"X-Error-Message": "Forbidden"}, ("the Hub refused", "403")),
+])
+def test_a_refusal_of_the_hub_is_named_as_one(hub, headers, words):
+    """A gated repository read "no such Hub repository", a 403 "the Hub cannot be reached": it was reached."""
+    hub.refusals[REPO] = (403, headers)
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert all(word in message for word in words), message
+    assert "cannot be reached" not in message and "no such" not in message, message
+
+
+@pytest.mark.parametrize("action", ["create", "preupload", "commit"])
+def test_an_upload_answer_that_is_not_json_is_the_servers_fault(hub, tmp_path, monkeypatch, action):
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    hub.not_json = {action}
+    result = push(tiny_x4_checkpoint(tmp_path / "x4.safetensors"), "me/upscaler")
+    assert result.exit_code == 1, result.output
+    one_error_line(result, "me/upscaler: upload failed", "not the Hub's")
+    assert "valid Hub reference" not in result.stderr
+
+
+def test_a_commit_header_that_climbs_out_of_the_cache_is_the_servers_fault(hub, tmp_path):
+    hub.repo_commit = "../../../../../escape"
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert "not the Hub's" in message and "valid Hub reference" not in message, message
+    assert not list(tmp_path.rglob("escape"))
+
+
+def test_the_python_push_checks_its_arguments_before_any_request(hub, tmp_path, monkeypatch):
+    """Its docstring says everything is checked before the first request: a wrong type was a raw IndexError or
+    TypeError, or created the repository (private="no" a private one) before failing."""
+    from pathlib import Path
+    from refsr_cli import hub as refsr_hub
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    x4 = str(tiny_x4_checkpoint(tmp_path / "x4.safetensors"))
+    for files, kwargs, named in [([], {}, "files"), (x4, {}, "files"), ([x4.encode()], {}, "files"),
+                                 ([None], {}, "files"), (None, {}, "files"),
+                                 ([x4], {"repo": b"me/q1"}, "repo"), ([x4], {"repo": Path("me/q1")}, "repo"),
+                                 ([x4], {"revision": 5}, "revision"), ([x4], {"message": 5}, "message"),
+                                 ([x4], {"license": 5}, "license"), ([x4], {"private": "no"}, "private"),
+                                 ([x4], {"private": 1}, "private"), ([x4], {"card": "no"}, "card")]:
+        arguments = {"repo": "me/q1"} | kwargs
+        with pytest.raises(RefsrError) as info:
+            refsr_hub.push(files, **arguments)
+        assert not isinstance(info.value, refsr_hub.UploadFailed), (files, kwargs, info.value)
+        assert str(info.value).startswith(named) and "\n" not in str(info.value), (files, kwargs, info.value)
+    assert hub.count() == 0 and "me/q1" not in hub.repos
+    # What the types allow still pushes: a tuple, a Path.
+    assert refsr_hub.push((Path(x4),), "me/q1", private=False, message="x4").startswith(f"{hub.url}/me/q1/commit/")
+
+
+def test_a_model_card_the_hub_refuses_is_named_as_refused(hub, tmp_path, monkeypatch):
+    """The Hub's validate-yaml refusing the card (a licence id it does not know) read "not a valid Hub reference"."""
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    hub.card_errors = ["\"license\" must be one of [apache-2.0, mit, ...]"]
+    result = push(tiny_x4_checkpoint(tmp_path / "x4.safetensors"), REPO, "--license", "my-own")
+    assert result.exit_code == 1, result.output
+    one_error_line(result, "refused the model card's metadata", "\"license\" must be one of", "--license")
+    assert not [path for _, _, path in hub.requests if "/commit/" in path]
