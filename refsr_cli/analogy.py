@@ -49,7 +49,7 @@ CHROMA = 0.5  # share of a reference's colour residual pasted with its luminance
 # (finite in float64) overflowed into a black image.
 MAX_RESIDUAL = 2.0
 FLAT, TEXTURED = 0.005, 0.03  # a patch's detail (cell standard deviation less a plane): no pasted texture, all of it
-LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # luminance (ITU-R 601): grayscale in, grayscale out
 
 
 @dataclass

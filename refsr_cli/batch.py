@@ -131,7 +131,9 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
     check_flags(opt, refs, seeds)
     folder, single, ext = plan_outputs(opt.out, opt.fmt)
     ref_paths = expand_inputs(refs, skip_outputs=True) if refs else []  # a folder of references: not our outputs
-    images = (1 if opt.sheet else opt.walk if opt.walk is not None else len(seeds) if seeds is not None
+    # (sample --ref: --n draws of each reference)
+    images = (1 if opt.sheet else opt.walk if opt.walk is not None
+              else len(seeds) * max(len(ref_paths), 1) if seeds is not None
               else 1 if opt.match else max(len(ref_paths), 1))
     planned = len(lr_paths) * (images + opt.match_map + bool(opt.animate))
     if single is not None and planned > 1:

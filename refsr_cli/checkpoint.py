@@ -6,6 +6,7 @@ One way in, `load_weights(spec, scale)`: the model and its file's metadata, from
 The engine, training, push and the Python API all load through it. Nothing here unpickles anything.
 """
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,11 +226,16 @@ def load_weights(spec, scale: int | None = None) -> Weights:
         (config, state, metadata), sha256 = read_unchanged(path, lambda p: (read_config(p), read_weights(p),
                                                                             read_metadata(p)))
     if scale is not None and config.scale != scale:
-        raise RefsrError(f"{path}: a x{config.scale} checkpoint, but --scale {scale} was asked for")
+        raise RefsrError(f"{path}: an x{config.scale} checkpoint, but --scale {scale} was asked for")
     model = build_model(config)
     expected = model.trainable_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    # Real floating-point numbers, cast to the model's float32: a complex weight (its nan unseen by not_finite) lost
+    # its imaginary part, an int or bool one was taken as numbers.
+    kinds = [f"{k} is {str(v.dtype).removeprefix('torch.')}" for k, v in state.items() if not v.is_floating_point()]
+    if kinds:
+        raise RefsrError(f"{path}: its weights are not all floating-point numbers ({kinds[0]})")
     if missing or unexpected or wrong:
         raise RefsrError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}, wrong shape {wrong[:3]})")
@@ -254,7 +260,8 @@ def recorded_weights(spec: str | None, path: Path) -> str:
     from .hub import HUB_REF, import_hub
     match = HUB_REF.match(spec)
     if expanded(spec).exists() or match is None:
-        return spec
+        # A local file named "shipped" as ./shipped: the record's "shipped" is the shipped weights (no --weights).
+        return "./shipped" if spec == "shipped" else spec
     # The file as hf_hub_download gives it: HF_HUB_CACHE/models--OWNER--REPO/snapshots/COMMIT/FILE, with the cache
     # expanded and resolved as it does (a relative, linked or ~ cache). Read relative to the cache, not by looking for
     # such names in the path: the cache's own path, or the repository's folders, may hold them too.
@@ -263,6 +270,8 @@ def recorded_weights(spec: str | None, path: Path) -> str:
     try:
         commit, *file = Path(path).relative_to(snapshots).parts
     except ValueError:
+        return spec
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):  # a server's X-Repo-Commit of "main": no pin, the branch it names
         return spec
     return f"{match['repo']}@{commit}:{'/'.join(file)}"
 

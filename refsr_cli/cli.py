@@ -279,6 +279,8 @@ def common_inference_options(f):
 def engine_settings(options: dict) -> EngineOptions:
     """The EngineOptions of engine_options' flags, taken out of a command's `options`."""
     if options.pop("no_consistency"):
+        if options["consistency_steps"] not in (0, BATCH.consistency_steps):  # (given, unless the default's value)
+            fail(f"--no-consistency and --consistency-steps {options['consistency_steps']}: choose one")
         options["consistency_steps"] = 0
     return EngineOptions(**{k: options.pop(k) for k in ("tile", "tile_pad", "consistency_steps", "device", "half")})
 
@@ -435,7 +437,7 @@ def train(quiet, **options):
     options["scale"] = int(options["scale"])
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
     options["init"] = list(options["init"]) or None
-    quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
+    quiet = quiet or os.environ.get("RANK", "0").strip().lstrip("0") != ""  # torchrun's rank 0 (or 00) alone reports
     from .report import Terminated, one_line, say_line, to_stdout
     try:
         opt = TrainOptions(**options)
@@ -666,10 +668,12 @@ def print_evaluation(opt, ref_paths: list, result: dict) -> None:
     """eval's table of rows and means (and the published rows of the benchmark set), then what they say."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from .evaluate import published_rows
-    from .report import to_stdout
-    table = Table(title=f"x{opt.scale} on {opt.hr_dir}")
+    from .report import one_line, to_stdout
+    # Names as plain text, escaped to one line: rich read "[b]" in a name as markup, and a newline split a row.
+    table = Table(title=Text(one_line(f"x{opt.scale} on {opt.hr_dir}")))
     columns = [("PSNR-Y", "psnr", ".2f"), ("SSIM-Y", "ssim", ".4f"), ("LPIPS", "lpips", ".4f"),
                ("LPIPS-vgg", "lpips_vgg", ".4f"), ("LR-PSNR", "lr_psnr", ".2f"), ("diversity", "diversity", ".2f"),
                ("influence", "influence", ".2f"), ("infl. AlexNet", "influence_alex", ".2f"),
@@ -680,7 +684,7 @@ def print_evaluation(opt, ref_paths: list, result: dict) -> None:
     for title in ["image", "method"] + [c[0] for c in columns]:
         table.add_column(title, justify="left" if title in ("image", "method") else "right")
     for r in rows:
-        table.add_row(r["image"], r["method"], *(format(r[k], f) if k in r else "" for _, k, f in columns))
+        table.add_row(Text(one_line(r["image"])), r["method"], *(format(r[k], f) if k in r else "" for _, k, f in columns))
     terminal = sys.stdout is not None and sys.stdout.isatty()
     console = Console(width=None if terminal else 160)  # a file or pipe gets whole columns
     with console.capture() as captured:  # then written as refsr's other results are (report.to_stdout)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .analogy import TEXTURE_BANK, Matcher, Texture, TexturePlan, load_bank
+from .analogy import LUMA, TEXTURE_BANK, Matcher, Texture, TexturePlan, load_bank
 from .checkpoint import load_weights, not_finite
 from .errors import RefsrError, memory_named
 from .match import Transfer
@@ -123,8 +123,6 @@ class Upscaler:
     far tail of the back-projection); no blending is needed, and each finished tile goes straight into the uint8
     output.
     """
-
-    LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # grayscale in, grayscale out (ITU-R 601)
 
     def __init__(self, model: RefVAE, device, *, tile: int = EngineOptions.tile, tile_pad: int = EngineOptions.tile_pad,
                  consistency_steps: int = EngineOptions.consistency_steps, half: bool = EngineOptions.half,
@@ -431,7 +429,7 @@ class Upscaler:
                                             (py0 * s, py1 * s, px0 * s, px1 * s))
                 sr = sr[keep].float()
                 if grayscale:
-                    sr = (sr * self.LUMA.to(sr.device)).sum(1, keepdim=True)
+                    sr = (sr * LUMA.to(sr)).sum(1, keepdim=True)  # grayscale in, grayscale out
                 if extra is not None:
                     sr = torch.cat([sr, extra.expand(len(sr), -1, -1, -1)], 1)
                 values = sr.mul_(peak) if bits is None else sr.mul_(peak).round_()

@@ -108,14 +108,25 @@ def read_unchanged(path, read):
 
 
 def sha256_of(path) -> str | None:
-    """The hex sha256 of a file's bytes (None for None), read in 1 MiB blocks."""
+    """The hex sha256 of a file's bytes (None for None), read in 1 MiB blocks; a RefsrError naming the file when it
+    is not a regular file or cannot be read. Opened without waiting and then asked what it is: a file that became a
+    FIFO since it was listed (another process) hung the batch in open(), and a read's EIO carries no file name (it
+    was reported as stdout's)."""
     import hashlib
+    import stat
+    from .errors import RefsrError
     if path is None:
         return None
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # (no effect on a regular file's reads)
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise RefsrError(f"{path}: {'is a folder' if stat.S_ISDIR(mode) else 'not a regular file'}")
+        try:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        except OSError as e:  # a failing disk, a file of /proc
+            raise RefsrError(f"{path}: cannot be read ({e.strerror or e})") from None
     return digest.hexdigest()
 
 

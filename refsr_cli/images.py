@@ -203,7 +203,9 @@ def _read_picture(path: Path, max_pixels: int) -> Picture:
                 raise RefsrError(f"{path}: {im.width}x{im.height} is too small (at least {MIN_SIDE}x{MIN_SIDE})")
             warnings = []
             if getattr(im, "n_frames", 1) > 1:
-                warnings.append(f"{path}: animated ({im.n_frames} frames); only the first frame is upscaled")
+                what = f"{im.n_frames} pages" if im.format == "TIFF" else f"animated ({im.n_frames} frames)"
+                warnings.append(f"{path}: {what}; only the first {'page' if im.format == 'TIFF' else 'frame'} is "
+                                "upscaled")
             orientation = im.getexif().get(0x0112, 1)
             icc = im.info.get("icc_profile")
             mode = im.mode

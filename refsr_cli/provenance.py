@@ -101,6 +101,7 @@ RECORD_TYPES = RUN_KEYS | {
     "frame": int, "frames": int, "from": dict, "to": dict, "animate": str,  # walk: frame i of n between two ends
     "sheet": list, "seeds": list, "reference_list": list,  # a contact sheet: its labels, and what its tiles are
 }
+WALK_END_KEYS = {"reference", "reference_sha256", "seed"}
 LIST_ITEMS = {"references": str, "references_sha256": str, "sheet": str, "seeds": int, "reference_list": str}
 # What the flags a redo command passes them to accept: a record holding anything else (nan, -3, 1e308, --scale 3)
 # would print a command that does something else, or that refsr refuses.
@@ -122,7 +123,9 @@ def check(record: dict) -> dict:
             raise DamagedRecord(f"its refsr record lacks {key!r}")
     for key, value in record.items():
         kind = RECORD_TYPES.get(key)
-        if kind is not None and not of_type(value, kind):
+        if kind is None:  # a "redo" or "file" key would print beside (info) or over (info --json) the real one
+            raise DamagedRecord(f"its refsr record holds {short(key)}, a key refsr does not write")
+        if not of_type(value, kind):
             raise DamagedRecord(f"its refsr record's {key!r} is {short(value)}")
         if key in LIST_ITEMS and not all(of_type(item, LIST_ITEMS[key]) for item in value):
             raise DamagedRecord(f"its refsr record's {key!r} holds {short(value)}")
@@ -132,9 +135,10 @@ def check(record: dict) -> dict:
         if key in CHOICES and value not in CHOICES[key]:
             raise DamagedRecord(f"its refsr record's {key!r} is {short(value)}, not one of {CHOICES[key]}")
     for end in (record.get("from"), record.get("to")):
-        # A walk end is a reference (named as `walk --ref` named it), or else a seed.
-        if end is not None and not (of_type(end["reference"], str) if "reference" in end
-                                    else of_type(end.get("seed"), int) and 0 <= end["seed"] <= MAX_SEED):
+        # A walk end is a reference (named as `walk --ref` named it), or else a seed; with no key of its own.
+        if end is not None and not (set(end) <= WALK_END_KEYS and (
+                of_type(end["reference"], str) if "reference" in end
+                else of_type(end.get("seed"), int) and 0 <= end["seed"] <= MAX_SEED)):
             raise DamagedRecord(f"its refsr record's walk end {short(end)} is neither a seed nor a reference")
     for key, name in file_names(record):
         # No file has such a name: the redo would name another (bash ends a word at a NUL) or be refused.
@@ -272,12 +276,14 @@ def redo_command(record: dict) -> str:
 
 
 def shell_word(word: str) -> str:
-    """`word` quoted for a shell: shlex's quotes, or, for a name holding a control character (a newline) or a line
-    break, the $'...' quotes of bash and zsh, where the character is written as an escape, so that the command is
+    """`word` quoted for a shell: shlex's quotes, or, for a name holding a control character (a newline), a line
+    break or a byte that is not UTF-8, the $'...' quotes of bash and zsh, where the character is written as an escape, so that the command is
     one line (what `info` prints) that still names the file."""
-    if not any(ord(c) in ESCAPES for c in word):
+    if not any(ord(c) in ESCAPES or 0xDC80 <= ord(c) <= 0xDCFF for c in word):
         return shlex.quote(word)
     escaped = "".join((f"\\x{ord(c):02x}" if ord(c) < 128 else f"\\u{ord(c):04x}") if ord(c) in ESCAPES
+                      # a byte of a name that is not UTF-8 (os.fsdecode's surrogate): that byte, as \xE9
+                      else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
                       else {"\\": "\\\\", "'": "\\'"}.get(c, c) for c in word)
     return f"$'{escaped}'"
 

@@ -74,7 +74,18 @@ def to_stdout(line: str) -> None:
     if sys.stdout is None:  # started with stdout closed (>&-)
         raise StdoutClosed(OSError(errno.EBADF, "it is closed"))
     try:
-        print(line, flush=True)
+        try:
+            print(line, flush=True)
+        except UnicodeEncodeError:  # a strict stdout (en_US.UTF-8) and a name of other bytes (os.fsdecode's
+            # surrogates): the name's own bytes, as ls writes them; a character its encoding lacks, escaped
+            encoding = sys.stdout.encoding or "utf-8"
+            try:
+                data = line.encode(encoding, "surrogateescape")
+            except UnicodeEncodeError:
+                data = line.encode(encoding, "backslashreplace")
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data + b"\n")
+            sys.stdout.buffer.flush()
     except OSError as e:
         raise StdoutClosed(e) from None
 

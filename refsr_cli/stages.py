@@ -434,7 +434,7 @@ def init_trunk(trunk: FidelityTrunk, config: RefVAEConfig, paths) -> None:
             raise RefsrError(f"--init {path}: its trunk differs from the other --init checkpoints'")
         body = shared
         if f"x{model.config.scale}" not in trunk.tails:
-            raise RefsrError(f"--init {path}: a x{model.config.scale} checkpoint, not one of --scales")
+            raise RefsrError(f"--init {path}: an x{model.config.scale} checkpoint, not one of --scales")
         trunk.load_state_dict(state, strict=False)
 
 

@@ -518,7 +518,10 @@ class RunLog:
                           (step - self.start) / max(time.time() - self.started, 1e-9))
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # a row after() could not write (a full disk, reported there) is tried again here: dropped
+            pass
 
 
 def set_learning_rate(optimizers, opt: TrainOptions, step: int) -> None:
@@ -541,8 +544,12 @@ def open_log(path: Path, step: int, resumed: bool):
             except (ValueError, KeyError, TypeError, RecursionError):  # a row cut short, or no row of ours
                 return False
         rows = [r for r in path.read_text(errors="replace").splitlines() if r.strip() and kept(r)]
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text("".join(r + "\n" for r in rows))
+        try:
+            with atomic_path(path) as tmp:
+                Path(tmp).write_text("".join(r + "\n" for r in rows))
+        except OSError as e:  # a full disk: the log as it was, and the checkpoint to resume from, are kept
+            raise RefsrError(f"cannot write {path} ({e.strerror or e}); it is kept as it was, and so is the last "
+                             "checkpoint") from None
     return open(path, "a")
 
 

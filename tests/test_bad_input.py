@@ -637,6 +637,11 @@ def test_resume_at_or_past_its_steps_says_so(tmp_path):
       "sheet": ["1", "2", "3", "4"]}, "a reference named twice in its 'reference_list'"),
     ({"references": ["r.png"], "references_sha256": ["0"], "reference_list": ["a.png", "b.png"],
       "sheet": ["--match", "--match"]}, "--match's references and a sheet's list of references"),
+    # sweep 20a: keys no refsr writes, which info printed beside (or, with --json, over) its own "redo" and "file"
+    ({"redo": "rm -rf ~"}, "holds 'redo', a key refsr does not write"),
+    ({"file": "elsewhere.png"}, "holds 'file', a key refsr does not write"),
+    ({"command": "walk", "frames": 3, "temperature": 1.0, "from": {"seed": 1, "note": "x"}, "to": {"seed": 2}},
+     "neither a seed nor a reference"),
 ])
 def test_info_refuses_records_no_command_line_writes(tmp_path, checkpoint, changes, fragment):
     result = run("info", image_with_record(tmp_path, checkpoint, changes))
@@ -886,7 +891,7 @@ def refsr_process(*args, env=None, **kwargs):
     import subprocess
     import sys
     return subprocess.run([sys.executable, "-m", "refsr_cli", *map(str, args)], env=os.environ | (env or {}),
-                          text=True, **({"capture_output": True} | kwargs))
+                          **({"capture_output": True, "text": True} | kwargs))
 
 
 def test_bmp_outputs_are_refused_since_they_cannot_carry_the_record(tmp_path, checkpoint):
@@ -2813,3 +2818,187 @@ def test_save_model_refuses_a_model_load_weights_could_not_read_back(tmp_path):
     up.scale = 2.0
     with pytest.raises(RefsrError, match="is not as made"):
         up.upscale(np.random.default_rng(0).random((16, 16, 3)).astype(np.float32), [None])
+
+
+# --- sweep 20a ------------------------------------------------------------------------------------------------------
+
+def test_a_local_weights_file_named_shipped_is_in_the_redo_command(tmp_path, checkpoint, monkeypatch):
+    """The record said "shipped", which is the shipped weights: the redo left --weights out and made another image."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(checkpoint, "shipped")
+    write_png(tmp_path / "a.png", 16, 16)
+    assert run("upscale", "a.png", "--scale", 2, "--weights", "shipped", "-o", "out", "-q").exit_code == 0
+    result = run("info", "out/a_x2.png")
+    assert result.exit_code == 0 and "refsr upscale a.png --scale 2 --weights ./shipped" in result.output
+
+
+def test_info_and_eval_write_names_that_are_not_utf8_on_a_strict_stdout(tmp_path, checkpoint):
+    """Under en_US.UTF-8 (stdout strict, unlike C.UTF-8's surrogateescape) both ended in 'internal error'."""
+    import os
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")
+    write_png(hr / name, 32, 32)
+    strict = {"PYTHONIOENCODING": "utf-8"}
+    done = refsr_process("upscale", "hr", "--scale", 2, "--weights", checkpoint, "-o", "out", "-q", cwd=tmp_path,
+                         env=strict)
+    assert done.returncode == 0, done.stderr
+    done = refsr_process("info", os.fsdecode(b"out/caf\xe9_x2.png"), cwd=tmp_path, env=strict, text=False)
+    assert done.returncode == 0, done.stderr
+    assert b"out/caf\xe9_x2.png\n" in done.stdout  # the name's own bytes, as ls writes them
+    assert b"redo               refsr upscale $'hr/caf\\xe9.png' --scale 2 --weights" in done.stdout
+    done = refsr_process("eval", "hr", "--scale", 2, "--weights", checkpoint, "--device", "cpu", cwd=tmp_path,
+                         env=strict, text=False)
+    assert done.returncode == 0 and b"caf\xe9" in done.stdout, done.stderr
+
+
+def test_an_input_that_is_no_longer_a_regular_file_is_refused_not_waited_on(tmp_path, checkpoint):
+    """A file that became a FIFO after it was listed hung the batch in the hash's open(); a read's EIO (a failing
+    disk, /proc/self/mem) was reported as 'cannot write to standard output', exit 1 for the weights."""
+    import os
+    import signal
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.files import read_unchanged
+    os.mkfifo(tmp_path / "fifo.png")
+
+    def waited(*_):
+        raise TimeoutError("waited on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(20)  # (before: waited for a writer forever)
+    try:
+        with pytest.raises(RefsrError, match="fifo.png: not a regular file"):
+            read_unchanged(tmp_path / "fifo.png", lambda p: None)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    photo = write_png(tmp_path / "in.png", 16, 16)
+    result = run("upscale", photo, "--scale", 2, "--weights", "/proc/self/mem", "-o", tmp_path / "o")
+    assert result.exit_code == 2
+    one_error_line(result, "/proc/self/mem: cannot be read (Input/output error)")
+    result = run("upscale", "/proc/self/mem", photo, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o",
+                 "-q")
+    assert result.exit_code == 1 and (tmp_path / "o" / "in_x2.png").exists()
+    one_error_line(result, "/proc/self/mem: cannot be read (Input/output error)")
+
+
+def test_a_full_disk_while_logging_or_resuming_is_one_line_not_an_internal_error(tmp_path, checkpoint, monkeypatch):
+    """The log's close() tried the failed row again and its OSError replaced the line; a --resume's rewrite of the
+    log raised a raw OSError."""
+    from contextlib import contextmanager
+    from refsr_cli import train
+    args = train_args(tmp_path, "--pool-size", 2, "--imle-samples", 2, "--log-every", 1)
+    monkeypatch.setattr(train, "open_log", lambda *a: open("/dev/full", "a"))  # opened, and every flush fails
+    result = run(*args, "--init", checkpoint)
+    assert result.exit_code == 2
+    one_error_line(result, "cannot write /dev/full (No space left on device); the last checkpoint is kept")
+    monkeypatch.undo()
+    assert run(*args, "--init", checkpoint, "--steps", 2, "--save-every", 1, "--overwrite").exit_code == 0
+    log = (tmp_path / "run" / "log.jsonl").read_bytes()
+
+    @contextmanager
+    def full_disk(path):
+        yield "/dev/full"
+
+    monkeypatch.setattr(train, "atomic_path", full_disk)
+    result = run(*args, "--steps", 3, "--resume")
+    assert result.exit_code == 2
+    one_error_line(result, "log.jsonl (No space left on device); it is kept as it was")
+    assert (tmp_path / "run" / "log.jsonl").read_bytes() == log
+
+
+def test_sample_refs_into_one_file_names_the_real_trouble(tmp_path, checkpoint):
+    """It said 'one.png would be written twice, for a.png and for a.png'."""
+    photo = write_png(tmp_path / "a.png", 16, 16)
+    refs = [write_png(tmp_path / f"r{i}.png", 32, 32, seed=i) for i in range(2)]
+    result = run("sample", photo, "--n", 1, "--ref", refs[0], "--ref", refs[1], "--scale", 2, "--weights",
+                 checkpoint, "-o", tmp_path / "one.png")
+    assert result.exit_code == 2
+    one_error_line(result, "one.png names one file, but this run writes 2; give a folder")
+    assert not (tmp_path / "one.png").exists()
+
+
+def test_the_sweeps_cosmetic_findings(tmp_path, checkpoint):
+    """--no-consistency beside another --consistency-steps silently meant 0; a TIFF's pages were 'animated frames';
+    push of one file named twice said 'both x2 checkpoints'; eval's table read a name's [b] as markup and broke its
+    row at a newline."""
+    from PIL import Image
+    photo = write_png(tmp_path / "a.png", 16, 16)
+    result = run("upscale", photo, "--scale", 2, "--weights", checkpoint, "--no-consistency", "--consistency-steps",
+                 8, "-o", tmp_path / "o")
+    assert result.exit_code == 2
+    one_error_line(result, "--no-consistency and --consistency-steps 8: choose one")
+    pages = [Image.open(photo).convert("RGB")] * 2
+    pages[0].save(tmp_path / "pages.tiff", save_all=True, append_images=pages[1:])
+    result = run("upscale", tmp_path / "pages.tiff", "--scale", 2, "--weights", checkpoint, "-o", tmp_path / "o")
+    assert result.exit_code == 0 and "pages.tiff: 2 pages; only the first page is upscaled" in result.stderr
+    (tmp_path / "sub").mkdir()
+    result = run("push", checkpoint, tmp_path / "sub" / ".." / checkpoint.name, "me/x")  # (it said: both x2 ones)
+    assert result.exit_code == 2
+    one_error_line(result, "are one file, named twice; name it once")
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    write_png(hr / "[b]x\ny.png", 32, 32)
+    result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--device", "cpu")
+    assert result.exit_code == 0 and "[b]x\\ny.png" in result.output
+    assert not any(line.startswith("y.png") for line in result.output.splitlines())
+
+
+# --- sweep 20b (engine and checkpoints) -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, torch.bool])
+def test_weights_that_are_not_real_floats_are_refused_on_load_naming_the_file(tmp_path, checkpoint, dtype):
+    """A complex weight's nan passed the finite check (and torch warned that it dropped the imaginary part); int
+    and bool weights were taken as numbers."""
+    from safetensors import safe_open
+    from refsr_cli.errors import RefsrError
+    tensors = load_file(checkpoint)
+    name = "trunk.head.bias" if "trunk.head.bias" in tensors else sorted(tensors)[0]
+    tensors[name] = tensors[name].to(dtype)
+    if dtype == torch.complex64:
+        tensors[name][0] = complex(float("nan"), 0)
+    with safe_open(checkpoint, "pt") as f:
+        save_file(tensors, tmp_path / "odd.safetensors", metadata=f.metadata())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RefsrError, match=rf"odd.safetensors: its weights are not all floating-point numbers "
+                                             rf"\({name} is {str(dtype).removeprefix('torch.')}\)"):
+            load_weights(tmp_path / "odd.safetensors")
+
+
+def test_a_luma_set_on_an_upscaler_changes_nothing(tmp_path):
+    """Upscaler.LUMA was a class attribute the grayscale output read through self: a nan set there gave black."""
+    up = Upscaler(tiny_model(2), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    before = up.upscale(lr, [None], grayscale=True)
+    up.LUMA = torch.full((1, 3, 1, 1), float("nan"))
+    assert np.array_equal(up.upscale(lr, [None], grayscale=True)[0], before[0]) and before[0].any()
+
+
+@pytest.mark.parametrize("error, fragment", [
+    (OSError(28, "No space left on device"), "no space left for the download in the Hugging Face cache"),
+    (TimeoutError("timed out"), "download failed (timed out; HF_HUB_DOWNLOAD_TIMEOUT=SECONDS waits longer)")])
+def test_a_download_that_fails_on_the_disk_or_stalls_says_what_helps(monkeypatch, error, fragment):
+    """A full disk advised HF_HUB_OFFLINE=1, and a stalled download did not name the timeout that bounds it."""
+    import huggingface_hub
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.hub import download_from_hub
+
+    def failing(**kwargs):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing)
+    with pytest.raises(RefsrError) as caught:
+        download_from_hub("owner/repo", "refsr-x2.safetensors", None)
+    assert fragment in str(caught.value) and ("OFFLINE" not in str(caught.value)) == (error.errno == 28)
+
+
+def test_a_hub_commit_that_is_not_a_hash_is_not_recorded_as_a_pin():
+    """A server's X-Repo-Commit of "main" was recorded as owner/repo@main:FILE, whose redo follows the branch."""
+    from refsr_cli.checkpoint import recorded_weights
+    from refsr_cli.hub import import_hub
+    snapshots = Path(import_hub().HF_HUB_CACHE).expanduser().resolve() / "models--owner--repo" / "snapshots"
+    assert recorded_weights("owner/repo", snapshots / "main" / "refsr-x2.safetensors") == "owner/repo"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert recorded_weights("owner/repo", snapshots / commit / "x.safetensors") == f"owner/repo@{commit}:x.safetensors"
