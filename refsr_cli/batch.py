@@ -273,6 +273,9 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     report.counts["skipped"] += skipped
     for message in picture.warnings:
         report.warn(message)
+    if picture.alpha is not None and any(o.todo and o.kind in ("animation", "sheet") for o in outputs):
+        report.warn(f"{lr_path}: its transparency is kept in the images, not in the "
+                    f"{'contact sheet' if opt.sheet else 'animation'}, which is opaque")
 
     def publish(output: Output, write, fields: dict, **extra) -> None:
         """One file written and reported, with SIGINT and SIGTERM held between the two."""

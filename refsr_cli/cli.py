@@ -437,7 +437,8 @@ def train(quiet, **options):
     options["scale"] = int(options["scale"])
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
     options["init"] = list(options["init"]) or None
-    quiet = quiet or os.environ.get("RANK", "0").strip().lstrip("0") != ""  # torchrun's rank 0 (or 00) alone reports
+    # Under torchrun rank 0 alone reports: 0, as the launcher's check reads it (00, -0 and " 0" are 0 too).
+    quiet = quiet or re.fullmatch(r"-?0{1,20}", os.environ.get("RANK", "0").strip()) is None
     from .report import Terminated, one_line, say_line, to_stdout
     try:
         opt = TrainOptions(**options)
@@ -531,6 +532,8 @@ def info(outputs, as_json):
             elif isinstance(e, MemoryError):  # a large foreign PNG: Pillow decodes it to reach text chunks after
                 # its pixels
                 error_line(f"{path}: {memory_trouble(e)} reading it")
+            elif isinstance(e, FileNotFoundError) or os.path.isdir(path):  # (OSError's text named the file again)
+                error_line(f"{path}: {'is a folder, not an image' if os.path.isdir(path) else 'no such file'}")
             else:  # PIL's errors of unreadable and foreign files
                 error_line(f"{path}: not a readable image ({e})")
             code = 1
@@ -684,7 +687,8 @@ def print_evaluation(opt, ref_paths: list, result: dict) -> None:
     for title in ["image", "method"] + [c[0] for c in columns]:
         table.add_column(title, justify="left" if title in ("image", "method") else "right")
     for r in rows:
-        table.add_row(Text(one_line(r["image"])), r["method"], *(format(r[k], f) if k in r else "" for _, k, f in columns))
+        table.add_row(Text(one_line(r["image"])), r["method"],
+                      *(format(r[k], f) if k in r else "" for _, k, f in columns))
     terminal = sys.stdout is not None and sys.stdout.isatty()
     console = Console(width=None if terminal else 160)  # a file or pipe gets whole columns
     with console.capture() as captured:  # then written as refsr's other results are (report.to_stdout)

@@ -19,6 +19,7 @@ from PIL import Image
 from .checkpoint import load_backbone, weights_dir
 from .engine import Latents, Upscaler
 from .errors import RefsrError, engine_errors_named, memory_named, memory_trouble
+from .files import sha256_of
 from .images import IMAGE_SUFFIXES, MIN_SIDE, expand_inputs, read_rgb, source_images
 from .match import correspond, prepare_reference
 from .metrics import LPIPSVGG, LPIPSAlex, bicubic_resize, modcrop, psnr, psnr_y, ssim_y, to_float
@@ -135,6 +136,13 @@ def plan_evaluation(opt: EvalOptions) -> "Evaluation":
             raise RefsrError(f"--num-refs {opt.num_refs}: --ref gives {len(ref_paths)} image(s)" if opt.refs
                              else "--num-refs needs --ref")
         ref_paths = [ref_paths[i * len(ref_paths) // opt.num_refs] for i in range(opt.num_refs)]
+    if len(ref_paths) >= 2:  # two copies of one image forced the influence to chance, measured as if it were one
+        seen = {}
+        for path in ref_paths:
+            first = seen.setdefault(sha256_of(path), path)
+            if first is not path:
+                raise RefsrError(f"--ref {first} and --ref {path} are the same image; the reference influence tells "
+                                 "references apart: give different ones")
     if opt.json is not None:
         if opt.json.is_dir():
             raise RefsrError(f"--json {opt.json}: is a folder; give a file name")

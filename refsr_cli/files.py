@@ -118,10 +118,12 @@ def sha256_of(path) -> str | None:
     if path is None:
         return None
     digest = hashlib.sha256()
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:  # (no effect on a regular file's reads)
-        mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise RefsrError(f"{path}: {'is a folder' if stat.S_ISDIR(mode) else 'not a regular file'}")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (no effect on a regular file's reads)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # asked of the descriptor: open(fd) of a folder raised an error naming "3"
+        os.close(fd)
+        raise RefsrError(f"{path}: {'is a folder' if stat.S_ISDIR(mode) else 'not a regular file'}")
+    with open(fd, "rb") as f:
         try:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)

@@ -55,11 +55,12 @@ def check_written_as(record: dict, path) -> None:
     else:  # (records older than their "format" key are not asked)
         expected = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", None: None}[record.get("format")]
     with Image.open(path) as im:
-        found, animated = im.format, getattr(im, "n_frames", 1) > 1
+        found, frames = im.format, getattr(im, "n_frames", 1)
     if expected is not None and found != expected:
         raise DamagedRecord(f"its refsr record describes a {expected} file, and this one is a {found}")
-    if animated and "animate" not in record:  # (not the other way: libwebp may merge an animation's like frames)
-        raise DamagedRecord("its refsr record describes one image, and this file is an animation")
+    if frames > 1 and "animate" not in record:  # (not the other way: libwebp may merge an animation's like frames)
+        raise DamagedRecord("its refsr record describes one image, and this file "
+                            f"{f'has {frames} pages' if found == 'TIFF' else 'is an animation'}")
 
 
 def record_int(digits: str) -> int:
@@ -277,8 +278,8 @@ def redo_command(record: dict) -> str:
 
 def shell_word(word: str) -> str:
     """`word` quoted for a shell: shlex's quotes, or, for a name holding a control character (a newline), a line
-    break or a byte that is not UTF-8, the $'...' quotes of bash and zsh, where the character is written as an escape, so that the command is
-    one line (what `info` prints) that still names the file."""
+    break or a byte that is not UTF-8, the $'...' quotes of bash and zsh, where the character is written as an
+    escape, so that the command is one line (what `info` prints) that still names the file."""
     if not any(ord(c) in ESCAPES or 0xDC80 <= ord(c) <= 0xDCFF for c in word):
         return shlex.quote(word)
     escaped = "".join((f"\\x{ord(c):02x}" if ord(c) < 128 else f"\\u{ord(c):04x}") if ord(c) in ESCAPES

@@ -2870,6 +2870,8 @@ def test_an_input_that_is_no_longer_a_regular_file_is_refused_not_waited_on(tmp_
     try:
         with pytest.raises(RefsrError, match="fifo.png: not a regular file"):
             read_unchanged(tmp_path / "fifo.png", lambda p: None)
+        with pytest.raises(RefsrError, match=f"{tmp_path}: is a folder"):  # (sweep 21b: it named descriptor "3")
+            read_unchanged(tmp_path, lambda p: None)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -3002,3 +3004,59 @@ def test_a_hub_commit_that_is_not_a_hash_is_not_recorded_as_a_pin():
     assert recorded_weights("owner/repo", snapshots / "main" / "refsr-x2.safetensors") == "owner/repo"
     commit = "0123456789abcdef0123456789abcdef01234567"
     assert recorded_weights("owner/repo", snapshots / commit / "x.safetensors") == f"owner/repo@{commit}:x.safetensors"
+
+
+@pytest.mark.parametrize("rank", ["00", "-0"])
+def test_train_under_a_launcher_rank_written_00_reports(tmp_path, checkpoint, monkeypatch, rank):
+    """Rank 0 alone reports: RANK=00 or -0 (rank 0, as the launcher parses it) was taken for another rank, and quiet."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = [a for a in train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2) if a != "-q"]
+    result = run(*args)
+    assert result.exit_code == 0 and "wrote " in result.output, result.output
+
+
+# --- sweep 21a ------------------------------------------------------------------------------------------------------
+
+def test_an_opaque_animation_or_sheet_of_a_transparent_input_is_said(tmp_path, checkpoint):
+    """The animation and the sheet dropped the alpha without a word (the README: transparency is kept)."""
+    from PIL import Image
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0], rgba[:, 8:, 3] = 255, 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
+    for args, what in ((("walk", "--seed", 1, "--seed", 2, "--steps", 2, "--animate", "gif"), "animation"),
+                       (("sample", "--n", 2, "--sheet"), "contact sheet")):
+        result = run(*args[:1], tmp_path / "half.png", *args[1:], "--scale", 2, "--weights", checkpoint, "-o",
+                     tmp_path / what.replace(" ", "-"))
+        assert result.exit_code == 0
+        assert f"half.png: its transparency is kept in the images, not in the {what}, which is opaque" in result.stderr
+    assert Image.open(tmp_path / "animation" / "half_x2_walk000.png").mode == "RGBA"
+
+
+def test_eval_refuses_two_copies_of_one_reference(tmp_path, checkpoint):
+    """Two copies forced the reference influence to chance, printed as a measurement."""
+    import shutil
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    write_png(hr / "a.png", 32, 32)
+    ref = write_png(tmp_path / "r1.png", 40, 40, seed=3)
+    shutil.copy(ref, tmp_path / "r2.png")
+    result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--device", "cpu", "--ref", ref, "--ref",
+                 tmp_path / "r2.png")
+    assert result.exit_code == 2
+    one_error_line(result, "r1.png and --ref", "r2.png are the same image")
+
+
+def test_info_names_pages_missing_files_and_folders_as_such(tmp_path, checkpoint):
+    """A two-page TIFF was 'an animation'; a missing file was named twice; a folder was 'not a regular file'."""
+    from PIL import Image
+    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
+    assert run("upscale", lr, "--scale", 2, "--weights", checkpoint, "--format", "tiff", "-o", out, "-q").exit_code == 0
+    image = Image.open(out / "in_x2.tiff")
+    image.load()
+    image.save(tmp_path / "pages.tiff", save_all=True, append_images=[image.copy()], tiffinfo=image.tag_v2)
+    for name, fragment in (("pages.tiff", "describes one image, and this file has 2 pages"),
+                           ("nothere.png", "nothere.png: no such file"), ("out", "out: is a folder, not an image")):
+        result = run("info", tmp_path / name)
+        assert result.exit_code == 1
+        one_error_line(result, fragment)
