@@ -437,10 +437,11 @@ def train(quiet, **options):
     options["scale"] = int(options["scale"])
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
     options["init"] = list(options["init"]) or None
-    # Under torchrun rank 0 alone reports: 0, as the launcher's check reads it (00, -0 and " 0" are 0 too).
-    quiet = quiet or re.fullmatch(r"-?0{1,20}", os.environ.get("RANK", "0").strip()) is None
+    from .device import environment_int
     from .report import Terminated, one_line, say_line, to_stdout
     try:
+        # Under torchrun rank 0 alone reports, its rank read as the launcher's check reads it (00 and -0 are 0).
+        quiet = quiet or (environment_int("RANK") or 0) != 0
         opt = TrainOptions(**options)
         if quiet:
             last = run_training(opt)
@@ -532,8 +533,10 @@ def info(outputs, as_json):
             elif isinstance(e, MemoryError):  # a large foreign PNG: Pillow decodes it to reach text chunks after
                 # its pixels
                 error_line(f"{path}: {memory_trouble(e)} reading it")
-            elif isinstance(e, FileNotFoundError) or os.path.isdir(path):  # (OSError's text named the file again)
-                error_line(f"{path}: {'is a folder, not an image' if os.path.isdir(path) else 'no such file'}")
+            elif os.path.isdir(path):
+                error_line(f"{path}: is a folder, not an image")
+            elif isinstance(e, FileNotFoundError):  # (OSError's text named the file again)
+                error_line(f"{path}: no such file")
             else:  # PIL's errors of unreadable and foreign files
                 error_line(f"{path}: not a readable image ({e})")
             code = 1
