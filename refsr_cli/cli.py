@@ -423,7 +423,8 @@ TRAIN = TrainOptions(data=[])  # the defaults of `refsr train`'s flags
 @click.option("--seed", type=SEEDS, default=TRAIN.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, default=TRAIN.overwrite,
-              help="Start afresh in an --out that holds checkpoints; they are replaced as the run saves.")
+              help="Start afresh in an --out that holds checkpoints; they are replaced as the run saves (one it "
+                   "would not replace is refused).")
 @click.option("--init", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Start from these weights (a fresh optimizer). The texture stage takes one checkpoint (default: "
                    "the shipped weights of --scale); the trunk stage one per scale (repeat --init).")

@@ -422,7 +422,7 @@ def migrated(weights, opt: TrainOptions):
 def init_trunk(trunk: FidelityTrunk, config: RefVAEConfig, paths) -> None:
     """Continue from trunk checkpoints (one per scale, as the trunk stage writes them): the shared body from any of
     them (they must agree), each one's tail; a scale with no checkpoint starts its tail as bicubic."""
-    body = None
+    body, seen = None, {}
     for path in paths:
         model = load_weights(path).model
         if trunk_architecture(model.config) != trunk_architecture(config):
@@ -435,6 +435,10 @@ def init_trunk(trunk: FidelityTrunk, config: RefVAEConfig, paths) -> None:
         body = shared
         if f"x{model.config.scale}" not in trunk.tails:
             raise RefsrError(f"--init {path}: an x{model.config.scale} checkpoint, not one of --scales")
+        if model.config.scale in seen:  # else the later one's tail would silently win
+            raise RefsrError(f"--init {path}: a second x{model.config.scale} checkpoint, beside "
+                             f"{seen[model.config.scale]}; give one per scale")
+        seen[model.config.scale] = path
         trunk.load_state_dict(state, strict=False)
 
 

@@ -203,6 +203,12 @@ def claim_run_folder(opt: TrainOptions, state_path: Path) -> "Claimed":
         if held:
             raise RefsrError(f"{opt.out} holds a run already ({held[0].name}): --resume it, --overwrite it, or give "
                              "another --out")
+    if opt.overwrite:  # a checkpoint it would not replace would stay beside its own: two runs in one folder
+        saves = saved_files(opt, state_path)[1:]
+        kept = sorted({*opt.out.glob("x*.safetensors"), *opt.out.glob("last.safetensors")} - set(saves))
+        if kept:
+            raise RefsrError(f"--overwrite: {opt.out} holds {kept[0].name}, which this run would not replace (it "
+                             f"saves {', '.join(p.name for p in saves)}); move it away, or give another --out")
     remove_stale_temporaries(opt.out)
     for path in saved_files(opt, state_path):  # refused now, not at the first save after hours of steps
         safetensors_name(path)

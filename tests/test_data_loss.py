@@ -53,6 +53,23 @@ def test_train_overwrite_starts_afresh(tmp_path):
     assert '"step": 99' not in (out / "log.jsonl").read_text()
 
 
+@pytest.mark.parametrize("stage, left", [("trunk", "x4.safetensors"), ("trunk", "last.safetensors"),
+                                         ("texture", "x2.safetensors")])
+def test_train_overwrite_refuses_to_leave_another_runs_checkpoint_beside_its_own(tmp_path, checkpoint, stage, left):
+    """--overwrite replaces the checkpoints the run saves; one it would not save (another scale, the other stage's)
+    stayed, and the folder mixed two runs (a push of it published both)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in {left, "x2.safetensors" if stage == "trunk" else "last.safetensors"}:
+        (out / name).write_bytes(checkpoint.read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = run("train", "--data", photos(tmp_path / "photos"), "--out", out, "--stage", stage, "--scale", 2,
+                 "--scales", 2, "--steps", 1, "--device", "cpu", "-q", "--overwrite")
+    assert result.exit_code == 2
+    one_error_line(result, left, "would not replace")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_outputs_that_would_take_one_name_are_refused_before_anything_is_written(tmp_path, checkpoint):
     a, a_x2 = write_png(tmp_path / "a.png", 16, 16, seed=1), write_png(tmp_path / "a_x2.png", 16, 16, seed=2)
     refs = [write_png(tmp_path / "x2_b.png", 40, 40, seed=3), write_png(tmp_path / "b.png", 40, 40, seed=4)]

@@ -341,6 +341,8 @@ def test_trunk_stage_continues_from_one_checkpoint_per_scale(data, tmp_path):
     train(trunk_options(data, tmp_path / "b", steps=4, seed=1))
     with pytest.raises(RefsrError, match="differs"):
         init_trunk(trunk, config, [files[0], tmp_path / "b" / "x4.safetensors"])
+    with pytest.raises(RefsrError, match="a second x2 checkpoint"):  # one tail, two files: neither may win silently
+        init_trunk(trunk, config, [files[0], files[0]])
 
 
 def test_modulation_parameters_learn_at_their_own_rate(data, tmp_path):
