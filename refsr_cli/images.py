@@ -93,7 +93,8 @@ def spec_images(spec, skip_outputs: bool) -> list:
     if skip_outputs and matches != [path]:
         matches = [m for m in matches if not is_refsr_output(m)]
         if not matches:
-            raise RefsrError(f"{spec}: holds only refsr outputs, no image of its own")
+            raise RefsrError(f"{spec}: holds only refsr outputs, no image of its own" if path.is_dir() else
+                             f"{spec}: matches only refsr outputs, no image of their own (name one to take it)")
     return matches
 
 
@@ -277,6 +278,9 @@ def output_format(path) -> str:
     fmt = FORMATS.get(Path(path).suffix.lower().lstrip("."))
     if Path(path).suffix.lower() == ".bmp":
         raise RefsrError(f"{path}: a BMP file cannot hold refsr's record of how it was made; use .png (lossless)")
+    if Path(path).suffix.lower() == ".gif":  # (walk -o anim.gif: the animation is asked for with --animate)
+        raise RefsrError(f"{path}: refsr writes a GIF only as a walk's animation (--animate gif, beside its frames); "
+                         f"name an image file or a folder (use one of {', '.join(sorted(FORMATS))})")
     if fmt is None:
         raise RefsrError(f"{path}: unknown output format (use one of {', '.join(sorted(FORMATS))})")
     return fmt

@@ -541,8 +541,10 @@ def set_learning_rate(optimizers, opt: TrainOptions, step: int) -> None:
 def open_log(path: Path, step: int, resumed: bool):
     """log.jsonl for appending; on resume, the rows after the checkpoint's step are dropped (they are redone), and so
     is a row cut short by a kill or a full disk."""
-    if path.is_symlink() or path.exists() and not path.is_file():  # a FIFO would be waited on forever, a link
-        raise RefsrError(f"{path}: not a regular file")                # written through (into a data folder)
+    if path.is_symlink():  # written through, it would append to whatever it points at (a data folder's file)
+        raise RefsrError(f"{path}: a link, where this run writes its log; remove it, or give another --out")
+    if path.exists() and not path.is_file():  # a FIFO would be waited on forever
+        raise RefsrError(f"{path}: not a regular file")
     if resumed and path.exists():
         def kept(row: str) -> bool:
             try:

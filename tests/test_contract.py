@@ -95,6 +95,8 @@ def test_a_walk_animation_follows_the_output_rules_and_is_not_read_back_as_an_in
     result = run("upscale", out, "--scale", 2, "--weights", checkpoint, "-o", out, "-q", "--device", "cpu")
     assert result.exit_code == 1 and "holds only refsr outputs" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["in_x2_walk.webp"] + [f"in_x2_walk00{i}.png" for i in range(3)]
+    result = run("upscale", str(out / "*"), "--scale", 2, "--weights", checkpoint, "-o", out, "-q", "--device", "cpu")
+    assert result.exit_code == 1 and "matches only refsr outputs" in result.stderr  # a pattern, not a folder
 
 
 @pytest.mark.parametrize("fmt", ["gif", "webp"])
