@@ -60,11 +60,14 @@ def environment_int(name: str, minimum: int = 0) -> int | None:
 
 
 def launcher() -> tuple | None:
-    """(rank, size, the rank's variable) when a launcher started copies of refsr (torchrun's RANK/WORLD_SIZE, SLURM's
-    SLURM_PROCID/SLURM_NTASKS, torchrun's first), else None. Values that cannot describe a share (not integers, a
-    size below 1, a rank outside 0..N-1, a rank without a size) stop the run: a wrong share would silently write
-    the wrong files."""
-    for rank_name, world_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+    """(rank, size, the rank's variable) when a launcher started copies of refsr (torchrun's RANK/WORLD_SIZE, srun's
+    SLURM_PROCID/SLURM_STEP_NUM_TASKS, torchrun's first), else None. The step's size, not the job's SLURM_NTASKS: a
+    batch script or an salloc shell has SLURM_PROCID=0 and SLURM_NTASKS=N with no srun, and did a share of N alone.
+    Values that cannot describe a share (not integers, a size below 1, a rank outside 0..N-1, a rank without a
+    size) stop the run: a wrong share would silently write the wrong files."""
+    for rank_name, world_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")):
+        if rank_name == "SLURM_PROCID" and world_name not in os.environ:  # a job's shell, not a step srun started
+            continue
         rank, world = environment_int(rank_name), environment_int(world_name, minimum=1)
         if world is None and rank is None:
             continue

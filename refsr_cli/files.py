@@ -112,17 +112,27 @@ def sha256_of(path) -> str | None:
     is not a regular file or cannot be read. Opened without waiting and then asked what it is: a file that became a
     FIFO since it was listed (another process) hung the batch in open(), and a read's EIO carries no file name (it
     was reported as stdout's)."""
+    return None if path is None else hexdigest_of(path, "sha256")
+
+
+def git_sha1_of(path) -> str:
+    """The git blob sha1 of a file (as `git hash-object`: the Hub's ETag of a file not stored with LFS)."""
+    return hexdigest_of(path, "sha1", git_blob=True)
+
+
+def hexdigest_of(path, algorithm: str, git_blob: bool = False) -> str:
+    """sha256_of's reading, for any hashlib algorithm; with `git_blob`, of git's "blob SIZE\0" header and the bytes."""
     import hashlib
     import stat
     from .errors import RefsrError
-    if path is None:
-        return None
-    digest = hashlib.sha256()
+    digest = hashlib.new(algorithm)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (no effect on a regular file's reads)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):  # asked of the descriptor: open(fd) of a folder raised an error naming "3"
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):  # asked of the descriptor: open(fd) of a folder raised an error naming "3"
         os.close(fd)
-        raise RefsrError(f"{path}: {'is a folder' if stat.S_ISDIR(mode) else 'not a regular file'}")
+        raise RefsrError(f"{path}: {'is a folder' if stat.S_ISDIR(status.st_mode) else 'not a regular file'}")
+    if git_blob:
+        digest.update(b"blob %d\0" % status.st_size)
     with open(fd, "rb") as f:
         try:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from .checkpoint import default_filename, expanded, load_weights, texture_trained
 from .errors import RefsrError
-from .files import sha256_of
+from .files import git_sha1_of, sha256_of
 from .report import warning_line
 
 HUB_REF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?::(?P<filename>[\w./-]+))?$")
@@ -127,22 +127,51 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     except (OSError, EntryNotFoundError, ValueError, OverflowError, KeyError, AttributeError, TypeError,
             *http_client_errors()) as e:
         raise RefsrError(f"{where}: {download_trouble(e, constants)}") from None
-    check_cache_copy(path, where)
+    check_cache_copy(path, repo, filename, where)
     return path
 
 
-def check_cache_copy(path: Path, where: str) -> None:
-    """Refuse a cached LFS file whose bytes are not its sha256. huggingface_hub names an LFS file's blob after the
-    sha256 the Hub gave (X-Linked-Etag) and never compares: a blob changed on disk, or other bytes a server sent
-    under that name, were loaded as the commit's weights (and recorded so). A small regular file's blob is named by
-    its git sha1 (40 hex digits), which is not compared; nor is a FIFO or a device, which resolve_weights refuses
-    (reading it would hang)."""
-    blob = Path(os.path.realpath(path))  # the snapshot's file is a link to blobs/NAME
-    if not re.fullmatch(r"[0-9a-f]{64}", blob.name) or not blob.is_file():
+def check_cache_copy(path: Path, repo: str, filename: str, where: str) -> None:
+    """Refuse a cached file that is not one of the cache's blobs, or whose bytes are not the hash the blob is named
+    by. huggingface_hub links a snapshot's file to blobs/NAME, NAME being what the Hub's answer gave (an LFS file's
+    sha256, from X-Linked-Etag; a regular file's git sha1, from its ETag), and never compares: a blob changed on
+    disk, a link pointed at another file, or an etag that climbs out of blobs/ (huggingface_hub then links to the
+    file it names) were loaded as the commit's weights, and recorded so. A FIFO or a device at the blob is left to
+    resolve_weights, which refuses it (reading it would hang). Where the file system has no symbolic links,
+    huggingface_hub keeps a plain copy in the snapshot and no hash beside it: online, that copy is compared with
+    the hash the Hub gives now; offline it cannot be checked."""
+    if not os.path.islink(path):
+        check_plain_copy(path, repo, filename, where)
         return
-    if sha256_of(blob) != blob.name:
-        raise RefsrError(f"{where}: the Hugging Face cache's copy {blob} is damaged (its bytes are not the sha256 "
-                         "the Hub named them by); remove it and download again")
+    repository = path.parents[len(PurePosixPath(filename).parts) + 1]  # models--owner--repo/snapshots/COMMIT/FILE
+    blob = Path(os.path.realpath(path))
+    if blob.parent != Path(os.path.realpath(repository / "blobs")) or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}",
+                                                                                        blob.name):
+        raise RefsrError(f"{where}: the Hugging Face cache's copy {path} links to {blob}, not to one of the cache's "
+                         "blobs; remove it and download again (named so again, the server is not answering as the "
+                         "Hub does)")
+    if blob.is_file() and (sha256_of(blob) if len(blob.name) == 64 else git_sha1_of(blob)) != blob.name:
+        raise RefsrError(f"{where}: the Hugging Face cache's copy {blob} is damaged (its bytes are not the "
+                         f"{'sha256' if len(blob.name) == 64 else 'git sha1'} the Hub named them by); remove it and "
+                         "download again")
+
+
+def check_plain_copy(path: Path, repo: str, filename: str, where: str) -> None:
+    """check_cache_copy of a snapshot's plain file: its hash against the etag the Hub gives for the commit's file
+    (an LFS file's sha256, another's git sha1), when the Hub answers; nothing more can be known offline."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    if constants.HF_HUB_OFFLINE or not path.is_file():
+        return
+    commit = path.parents[len(PurePosixPath(filename).parts) - 1].name
+    try:
+        etag = get_hf_file_metadata(hf_hub_url(repo, filename, revision=commit), timeout=HUB_TIMEOUT).etag or ""
+    except Exception:  # (any failure of the request: the file was returned from the cache as it is, unreachable)
+        return
+    known = re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag)
+    if known and (sha256_of(path) if len(etag) == 64 else git_sha1_of(path)) != etag:
+        raise RefsrError(f"{where}: the Hugging Face cache's copy {path} is damaged (its bytes are not the "
+                         f"{'sha256' if len(etag) == 64 else 'git sha1'} the Hub gives for it); remove it and download "
+                         "again")
 
 
 def download_trouble(e: Exception, constants) -> str:

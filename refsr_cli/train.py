@@ -408,7 +408,7 @@ def start_distributed(device: torch.device):
         return 0, 1, device
     rank, world, rank_name = found
     if rank_name != "RANK":  # srun alone: copies that know nothing of each other, all writing one run folder
-        raise RefsrError(f"SLURM_NTASKS={world}: train's ranks are started by torchrun (srun torchrun "
+        raise RefsrError(f"SLURM_STEP_NUM_TASKS={world}: train's ranks are started by torchrun (srun torchrun "
                          "--nproc_per_node=N refsr train ...), not by srun alone")
     import torch.distributed as dist
     if device.type == "cuda":

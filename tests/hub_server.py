@@ -32,6 +32,8 @@ Opt-in misbehaviour, for the tests of what refsr says then (each off by default)
 - `refusals`: {repo id: (status, headers)} answered to every file request of that repository (a gated repository:
   403 with `X-Error-Code: GatedRepo`; a disabled one: 403 with the message the Hub sends);
 - `repo_commit`: an `X-Repo-Commit` value sent instead of the real commit (a server that is not the Hub);
+- `linked_etag`: an `X-Linked-Etag` value sent for every LFS file instead of its sha256 (one that climbs out of
+  the cache's blobs/ has huggingface_hub link the snapshot to whatever file it names);
 - `ignored`: paths the preupload answer marks `shouldIgnore` (as the repository's .gitignore would);
 - `not_json`: upload actions ("create", "preupload", "commit") answered 200 with an HTML page instead of JSON;
 - `card_errors`: the messages validate-yaml answers with a 400 (the Hub refusing a model card's metadata).
@@ -42,6 +44,11 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
+
+
+def git_sha1(data: bytes) -> str:
+    """What `git hash-object` gives: the name of a git blob."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -110,6 +117,7 @@ class FakeHub:
         self.cut_downloads = False  # when True, the CDN drops every download halfway
         self.refusals = {}  # repo id -> (status, headers) of every answer about its files
         self.repo_commit = None  # when set, the X-Repo-Commit of every answer about a file
+        self.linked_etag = None  # when set, the X-Linked-Etag of every answer about an LFS file (a server's lie)
         self.ignored = set()  # paths the preupload answer marks shouldIgnore
         self.not_json = set()  # upload actions answered with a page that is not JSON
         self.card_errors = []  # validate-yaml's errors: a README's metadata the Hub refuses
@@ -174,10 +182,10 @@ class FakeHub:
         if is_lfs:
             sha256 = hashlib.sha256(data).hexdigest()
             return 302, {"Location": f"{self.cdn_url}/blobs/{sha256}", "X-Repo-Commit": commit,
-                         "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data)),
+                         "X-Linked-Etag": f'"{self.linked_etag or sha256}"', "X-Linked-Size": str(len(data)),
                          "ETag": f'"{hashlib.sha1(data).hexdigest()}-pointer"'}, b"Found"
-        # A regular file: the etag of a git blob (any stable string will do for the client).
-        return 200, {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}, data
+        # A regular file: its ETag is the git blob's sha1, as the Hub's is (the cache names its blob by it).
+        return 200, {"X-Repo-Commit": commit, "ETag": f'"{git_sha1(data)}"'}, data
 
     def _write_answer(self, path, body, authorised):
         """(status, JSON answer) of an upload request."""

@@ -173,11 +173,12 @@ def test_info_on_records_that_hold_the_wrong_things_is_one_line_each(tmp_path, c
                                        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
                                        ({"RANK": "1"}, "WORLD_SIZE"),
                                        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE"),
-                                       ({"SLURM_PROCID": "0", "SLURM_NTASKS": "0"}, "SLURM_NTASKS"),
-                                       ({"SLURM_PROCID": "3", "SLURM_NTASKS": "2"}, "SLURM_PROCID"),
-                                       ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, "torchrun")])
+                                       ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "0"},
+                                        "SLURM_STEP_NUM_TASKS"),
+                                       ({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_PROCID"),
+                                       ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}, "torchrun")])
 def test_bad_launcher_environments_stop_train_naming_the_variable(tmp_path, env, name):
-    clean = {k: None for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")}
+    clean = {k: None for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")}
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", "--data", str(photos(tmp_path / "photos")), "--out", str(out),
                                        "--steps", "1", "--device", "cpu", "-q"], env=clean | env)

@@ -270,7 +270,8 @@ def test_shards_split_a_folder_without_writing_a_file_twice(tmp_path, checkpoint
     assert run("upscale", folder, "--shard", "3/3", "--scale", 2, "--weights", checkpoint).exit_code == 2
 
 
-def test_two_processes_under_a_launcher_share_the_inputs(tmp_path, checkpoint):
+@pytest.mark.parametrize("rank, size", [("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")])
+def test_two_processes_under_a_launcher_share_the_inputs(tmp_path, checkpoint, rank, size):
     import subprocess
     import sys
     folder = tmp_path / "in"
@@ -279,12 +280,26 @@ def test_two_processes_under_a_launcher_share_the_inputs(tmp_path, checkpoint):
         write_png(folder / f"{name}.png")
     procs = [subprocess.Popen([sys.executable, "-m", "refsr_cli", "upscale", str(folder), "--scale", "2", "--weights",
                                str(checkpoint), "-o", str(tmp_path / "out"), "--json", "--device", "cpu"],
-                              env=os.environ | {"RANK": str(r), "WORLD_SIZE": "2"}, stdout=subprocess.PIPE, text=True)
+                              env=os.environ | {rank: str(r), size: "2"}, stdout=subprocess.PIPE, text=True)
              for r in range(2)]
     written = [[json.loads(line)["output"] for line in p.communicate(timeout=120)[0].splitlines()] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert sorted(os.path.basename(o) for o in written[0] + written[1]) == ["a_x2.png", "b_x2.png", "c_x2.png"]
     assert len(written[0]) == 2 and len(written[1]) == 1
+
+
+def test_a_slurm_jobs_own_shell_is_not_a_launcher(tmp_path, checkpoint):
+    """An sbatch script or an salloc shell has SLURM_PROCID=0 and the job's SLURM_NTASKS, with no srun step: it did
+    inputs 0, N, 2N... alone, exit 0 and a summary that looked whole."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        write_png(folder / f"{name}.png")
+    job = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": None}
+    result = CliRunner().invoke(main, ["upscale", str(folder), "--scale", "2", "--weights", str(checkpoint), "-o",
+                                       str(tmp_path / "out"), "-q"], env=job)
+    assert result.exit_code == 0, result.output
+    assert pngs(tmp_path / "out") == ["a_x2.png", "b_x2.png", "c_x2.png"]
 
 
 def test_walk_between_two_seeds_and_two_references(tmp_path, checkpoint):

@@ -161,14 +161,15 @@ def test_walk_sheet_labels_each_frame_and_refuses_an_animation(tmp_path, checkpo
 
 
 @pytest.mark.parametrize("env, name", [({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK"),
-                                       ({"SLURM_PROCID": "0", "SLURM_NTASKS": "x"}, "SLURM_NTASKS"),
+                                       ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "x"},
+                                        "SLURM_STEP_NUM_TASKS"),
                                        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE"),
                                        ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK"),
                                        ({"RANK": "0", "WORLD_SIZE": "-2"}, "WORLD_SIZE"),
                                        ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK"),
                                        ({"RANK": "1"}, "WORLD_SIZE")])
 def test_bad_launcher_environments_stop_the_run_naming_the_variable(tmp_path, checkpoint, photo, env, name):
-    clean = {k: None for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")}
+    clean = {k: None for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")}
     result = run("upscale", photo, *common(checkpoint, tmp_path / "out"), env=clean | env)
     assert result.exit_code == 2
     one_error_line(result, name)

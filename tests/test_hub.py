@@ -642,6 +642,60 @@ def test_other_bytes_under_an_lfs_files_etag_are_refused(hub, checkpoints):
     assert "damaged" in message and str(blob_of(hub, checkpoints[0])) in message
 
 
+def test_a_damaged_regular_files_blob_is_refused(hub, monkeypatch, checkpoints):
+    """A regular (non-LFS) file's blob is named by its git sha1, which was not compared: other weights under v1's
+    pin, online or offline."""
+    from hub_server import git_sha1
+    load_weights(f"{REPO}@v1:tiny.safetensors", 2)
+    blob = hub.cache / "models--owner--repo" / "blobs" / git_sha1(checkpoints[1])
+    blob.write_bytes(checkpoints[0])
+    for offline in (False, True):
+        set_offline(monkeypatch, offline)
+        message = hub_error(f"{REPO}@v1:tiny.safetensors")
+        assert "damaged" in message and "git sha1" in message and str(blob) in message, message
+
+
+@pytest.mark.parametrize("where", ["blob", "snapshot"])
+def test_a_cache_copy_linked_to_another_file_is_refused(hub, tmp_path, monkeypatch, checkpoints, where):
+    """The check hashed only a file named by 64 hex digits: a blob, or a snapshot's link, pointed at another
+    checkpoint loaded it as the commit's."""
+    snapshot = resolve_weights(f"{REPO}:tiny.safetensors", 2)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(checkpoints[1])
+    (blob_of(hub, checkpoints[0]) if where == "blob" else snapshot).unlink()
+    (blob_of(hub, checkpoints[0]) if where == "blob" else snapshot).symlink_to(other)
+    set_offline(monkeypatch, True)
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert "not to one of the cache's blobs" in message and str(other) in message, message
+
+
+@pytest.mark.parametrize("revision", ["main", "v1"])  # an LFS file, a regular one
+def test_a_plain_cache_copy_is_compared_with_the_hubs_hash_online(hub, monkeypatch, checkpoints, revision):
+    """Where the file system has no symbolic links, huggingface_hub keeps a plain copy in the snapshot (no blob):
+    other bytes there were loaded, online too, though the Hub's answer named the right hash."""
+    monkeypatch.setattr(hf_file_download, "are_symlinks_supported", lambda *args: False)
+    spec = f"{REPO}@{revision}:tiny.safetensors"
+    snapshot = resolve_weights(spec, 2)
+    assert not snapshot.is_symlink()
+    served = snapshot.read_bytes()
+    snapshot.write_bytes(checkpoints[1] if revision == "main" else checkpoints[0])
+    message = hub_error(spec)
+    assert "damaged" in message and str(snapshot) in message, message
+    snapshot.write_bytes(served)
+    assert_same_tensors(resolve_weights(spec, 2), served)
+
+
+def test_an_etag_that_climbs_out_of_the_blobs_is_refused(hub, tmp_path, checkpoints):
+    """A server's X-Linked-Etag of ../../../../other.safetensors: huggingface_hub linked the snapshot to that local
+    file, which was loaded and recorded as the commit's."""
+    other = tmp_path / "other.safetensors"  # (blobs/../../../../ is tmp_path)
+    other.write_bytes(checkpoints[1])
+    hub.linked_etag = "../../../../other.safetensors"
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert "not to one of the cache's blobs" in message and "not answering as the Hub does" in message, message
+    assert other.read_bytes() == checkpoints[1]
+
+
 def test_push_refuses_files_the_repositorys_gitignore_would_drop(hub, tmp_path, monkeypatch):
     """huggingface_hub leaves a file the preupload answer marks shouldIgnore out of the commit, silently: push
     printed a commit URL, and the card listed a file the repository does not hold."""
