@@ -110,16 +110,21 @@ def test_the_eval_scripts_keep_committed_tables_when_refsr_eval_fails(tmp_path, 
     (repo / "scripts" / script).write_text((ROOT / "scripts" / script).read_text())
     (repo / table).parent.mkdir(parents=True)
     (repo / table).write_text("the committed table\n")
+    committed_json = (repo / table).with_suffix(".json")
+    committed_json.write_text('{"committed": true}\n')
     fake = tmp_path / "bin" / "refsr"
     fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\necho 'partial output'\nexit 2\n")
+    # As refsr eval does when some images fail: its --json written (with what could be measured), then exit 1.
+    fake.write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = --json ] && echo \'{"partial": true}\' > "$2"; shift; '
+                    "done\necho 'partial output'\nexit 1\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     env = os.environ | {"PATH": f"{fake.parent}:{os.environ['PATH']}", "SETS": "val_hr", "SCALES": "4",
                         "PROTOCOLS": "warp"}
     done = subprocess.run(["bash", str(repo / "scripts" / script)], env=env, capture_output=True, text=True)
     assert done.returncode != 0
     assert (repo / table).read_text() == "the committed table\n"
-    assert [p.name for p in (repo / table).parent.iterdir() if p.is_file()] == [Path(table).name]
+    assert committed_json.read_text() == '{"committed": true}\n'  # (replaced by the partial one, beside the old table)
+    assert sorted(p.name for p in (repo / table).parent.iterdir()) == sorted([Path(table).name, committed_json.name])
 
 
 def test_sigterm_during_train_keeps_the_last_checkpoint_and_no_temporary_file(tmp_path, checkpoint):
