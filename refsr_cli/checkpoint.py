@@ -125,6 +125,23 @@ def read_metadata(path) -> dict:
         raise RefsrError(f"{path}: not a readable safetensors checkpoint ({e})") from None
 
 
+def check_tensor_names(path, config: RefVAEConfig) -> None:
+    """Refuse, from the file's header alone (before any of its data is read), tensors other than those a model of
+    `config` has: an extra tensor of gigabytes was read whole before the names were compared."""
+    try:
+        with safe_open(safetensors_name(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RefsrError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    with torch.device("meta"):  # (nothing allocated)
+        expected = {k: tuple(v.shape) for k, v in RefVAE(config).trainable_state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    wrong = [k for k in expected if k in stored and stored[k] != expected[k]]
+    if missing or unexpected or wrong:
+        raise RefsrError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, wrong shape {wrong[:3]})")
+
+
 def read_weights(path) -> dict:
     """Every tensor of a safetensors file, refused in one line when unreadable or not all finite."""
     try:
@@ -223,24 +240,25 @@ def load_weights(spec, scale: int | None = None) -> Weights:
     path = resolve_weights(name, scale)
     # Config, weights and metadata of one file, as it was when hashed (a train may be saving there).
     with memory_named(str(path)):  # (safetensors maps the file: an mmap the memory limit refuses)
-        (config, state, metadata), sha256 = read_unchanged(path, lambda p: (read_config(p), read_weights(p),
-                                                                            read_metadata(p)))
-    if scale is not None and config.scale != scale:
-        raise RefsrError(f"{path}: an x{config.scale} checkpoint, but --scale {scale} was asked for")
+        (config, state, metadata), sha256 = read_unchanged(path, lambda p: read_checked(p, scale))
     model = build_model(config)
-    expected = model.trainable_state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     # Real floating-point numbers, cast to the model's float32: a complex weight (its nan unseen by not_finite) lost
     # its imaginary part, an int or bool one was taken as numbers.
     kinds = [f"{k} is {str(v.dtype).removeprefix('torch.')}" for k, v in state.items() if not v.is_floating_point()]
     if kinds:
         raise RefsrError(f"{path}: its weights are not all floating-point numbers ({kinds[0]})")
-    if missing or unexpected or wrong:
-        raise RefsrError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}, wrong shape {wrong[:3]})")
     model.load_state_dict(state, strict=False)
     return Weights(model.eval(), path, metadata, sha256)
+
+
+def read_checked(path, scale: int | None) -> tuple:
+    """(config, tensors, metadata) of a checkpoint: its config, and its tensors' names and shapes, checked before
+    the tensors are read."""
+    config = read_config(path)
+    if scale is not None and config.scale != scale:
+        raise RefsrError(f"{path}: an x{config.scale} checkpoint, but --scale {scale} was asked for")
+    check_tensor_names(path, config)
+    return config, read_weights(path), read_metadata(path)
 
 
 def expanded(name) -> Path:

@@ -3070,3 +3070,31 @@ def test_info_names_pages_missing_files_and_folders_as_such(tmp_path, checkpoint
         result = run("info", tmp_path / name)
         assert result.exit_code == 1
         one_error_line(result, fragment)
+
+
+# --- sweep 22b (the Python API) ------------------------------------------------------------------------------------
+
+def test_a_checkpoint_with_a_huge_extra_tensor_is_refused_before_its_data_is_read(tmp_path, checkpoint, monkeypatch):
+    """A sane config beside one extra tensor declared at 2 GiB (a sparse file): every tensor was read, 6 GB of
+    memory, before the names were compared."""
+    import json
+    import struct
+    from refsr_cli import checkpoint as checkpoint_module
+    from refsr_cli.checkpoint import load_weights
+    from refsr_cli.errors import RefsrError
+    data = checkpoint.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header, body = json.loads(data[8:8 + size]), data[8 + size:]
+    extra = 1 << 27  # float32 numbers: 512 MiB (the sweep declared 2 GiB)
+    header["zz_extra"] = {"dtype": "F32", "shape": [extra], "data_offsets": [len(body), len(body) + 4 * extra]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    huge = tmp_path / "huge.safetensors"
+    with open(huge, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + body)
+        f.truncate(8 + len(text) + len(body) + 4 * extra)  # (sparse: nothing of it on disk)
+    read = []
+    monkeypatch.setattr(checkpoint_module, "load_file", lambda *args: read.append(args) or {})
+    with pytest.raises(RefsrError, match=r"unexpected \['zz_extra'\]"):
+        load_weights(huge)
+    assert read == []  # refused from the header
