@@ -23,6 +23,16 @@ def name_trouble(e: Exception) -> str | None:
     return None
 
 
+def check_default_dtype() -> None:
+    """Refuse to compute under a host program's torch.set_default_dtype (float64): refsr's tensors are float32, and
+    what it makes anew would not be (a raw dtype error inside), nor would a seed draw the same numbers."""
+    import torch
+    if torch.get_default_dtype() != torch.float32:
+        raise RefsrError(f"torch's default dtype is {str(torch.get_default_dtype()).removeprefix('torch.')} "
+                         "(torch.set_default_dtype); refsr computes in float32 and its seeds draw float32 numbers: "
+                         "set it back to torch.float32 around refsr's calls")
+
+
 def in_units(size: int) -> str:
     """A number of bytes in the unit that fits it (a small allocation read "0.00 GiB")."""
     for unit, shift in (("GiB", 30), ("MiB", 20)):

@@ -3098,3 +3098,25 @@ def test_a_checkpoint_with_a_huge_extra_tensor_is_refused_before_its_data_is_rea
     with pytest.raises(RefsrError, match=r"unexpected \['zz_extra'\]"):
         load_weights(huge)
     assert read == []  # refused from the header
+
+
+def test_a_hosts_float64_default_dtype_is_refused_not_computed_with(tmp_path):
+    """Under torch.set_default_dtype(torch.float64), a Texture output raised torch's "expected m1 and m2 to have
+    the same dtype", and prior_z drew another z for the same seed."""
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.match import correspond, prepare_reference
+    up = Upscaler(tiny_model(2), "cpu")
+    rng = np.random.default_rng(0)
+    lr, ref = rng.random((16, 16, 3)).astype(np.float32), rng.random((64, 64, 3)).astype(np.float32)
+    bank, z = up.reference_bank(ref), up.prior_z(1, 1.0)
+    prepared = prepare_reference(ref, 2, "ref")
+    torch.set_default_dtype(torch.float64)
+    try:
+        for call in (lambda: up.prior_z(1, 1.0), lambda: up.upscale(lr, [Texture(bank)]),
+                     lambda: up.upscale(lr, [z]), lambda: up.reference_z(ref),
+                     lambda: correspond(torch.from_numpy(lr).permute(2, 0, 1)[None], [prepared], 2)):
+            with pytest.raises(RefsrError, match="default dtype is float64"):
+                call()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert torch.equal(up.prior_z(1, 1.0).z, z.z)
