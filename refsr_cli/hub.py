@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import re
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -39,6 +40,8 @@ def http_client_errors() -> tuple:
 
 
 HUB_TIMEOUT = 5  # seconds the Hub has to answer where a file is (huggingface_hub's own: 10, then retries)
+FAILS_FAST = threading.Lock()  # one hub_fails_fast at a time: two threads' saves and restores interleaved, and
+# left the bounds in place for the rest of the process
 
 
 @contextmanager
@@ -49,18 +52,19 @@ def hub_fails_fast():
     26 s before an error when the connection is refused, minutes when nobody answers. A command line is better
     served by an error within HUB_TIMEOUT that says how to use the cache; a cached file is still returned (that
     fallback never retried). These module globals of file_download are set for the duration of refsr's call only
-    (refsr downloads from one thread), and only those this version has: another keeps its own behaviour."""
+    (one thread's download at a time), and only those this version has: another keeps its own behaviour."""
     from huggingface_hub import file_download
     bounds = {"_DEFAULT_RETRY_ON_EXCEPTIONS": (), "_DEFAULT_RETRY_ON_STATUS_CODES": (),
               "_ETAG_RETRY_TIMEOUT": HUB_TIMEOUT}
-    saved = {name: getattr(file_download, name) for name in bounds if hasattr(file_download, name)}
-    try:
-        for name in saved:
-            setattr(file_download, name, bounds[name])
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(file_download, name, value)
+    with FAILS_FAST:
+        saved = {name: getattr(file_download, name) for name in bounds if hasattr(file_download, name)}
+        try:
+            for name in saved:
+                setattr(file_download, name, bounds[name])
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(file_download, name, value)
 
 
 def import_hub():

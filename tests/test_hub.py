@@ -685,6 +685,33 @@ def test_a_plain_cache_copy_is_compared_with_the_hubs_hash_online(hub, monkeypat
     assert_same_tensors(resolve_weights(spec, 2), served)
 
 
+def test_two_threads_downloading_leave_huggingface_hubs_retries_as_they_were():
+    """Two threads' saves and restores of file_download's retry globals interleaved: the bounds stayed for the
+    rest of the process, and the host's own downloads lost their retries."""
+    import threading
+    from refsr_cli.hub import hub_fails_fast
+    names = ("_DEFAULT_RETRY_ON_EXCEPTIONS", "_DEFAULT_RETRY_ON_STATUS_CODES", "_ETAG_RETRY_TIMEOUT")
+    before = {name: getattr(hf_file_download, name) for name in names if hasattr(hf_file_download, name)}
+    inside = threading.Event()
+
+    def first():
+        with hub_fails_fast():
+            inside.set()
+            time.sleep(0.3)  # the second thread asks meanwhile
+
+    def second():
+        inside.wait()
+        with hub_fails_fast():
+            time.sleep(0.6)  # and ends after the first
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert {name: getattr(hf_file_download, name) for name in before} == before
+
+
 def test_an_etag_that_climbs_out_of_the_blobs_is_refused(hub, tmp_path, checkpoints):
     """A server's X-Linked-Etag of ../../../../other.safetensors: huggingface_hub linked the snapshot to that local
     file, which was loaded and recorded as the commit's."""
