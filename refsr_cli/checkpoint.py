@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import RefsrError, memory_named
+from .errors import RefsrError, memory_named, name_trouble
 from .files import atomic_path, read_unchanged, safetensors_name
 from .model import RefVAE, RefVAEConfig, as_built, check_size, model_tensors
 from .options import check_scale
@@ -70,6 +70,10 @@ def atomic_save(tensors: dict, path, metadata: dict) -> None:
         raise RefsrError(f"cannot write {path} ({reason}); what was there is kept") from None
     except ValueError as e:  # a NUL in the name
         raise RefsrError(f"cannot write {path} ({e})") from None
+    except RuntimeError as e:  # Path.resolve's loop of links (before Python 3.13)
+        if not name_trouble(e):
+            raise
+        raise RefsrError(f"cannot write {path} ({name_trouble(e)})") from None
 
 
 def check_unshared(tensors: dict, path) -> None:

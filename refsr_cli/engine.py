@@ -311,7 +311,7 @@ class Upscaler:
         """lr HxWx3 float in [0, 1] -> one (H*s)x(W*s)xC image per latent (None: the fidelity output), uint8 (or
         uint16 for bits=16), C = 1 or 3 colour channels (grayscale or not) plus alpha, when given (HxW float),
         upscaled bicubically on its own. `transfer` (`--match`): content-similar references' pixels blended into
-        every output where they match.
+        every output where they match (the decoded ones: None and Latents; a Texture is refused beside it).
 
         On a GPU out-of-memory error the image is started again with tiles of half the size."""
         lr = checked_image(lr, "lr")
@@ -338,6 +338,9 @@ class Upscaler:
             raise RefsrError(f"transfer: give a match.Transfer (correspond) or None, not {type(transfer).__name__}")
         if transfer is not None:
             transfer.check(lr.shape[:2], self.scale)
+            if any(isinstance(latent, Texture) for latent in latents):  # (it was silently not applied to them)
+                raise RefsrError("transfer: its pixels are blended into decoded outputs (None, Latents), not into a "
+                                 "Texture's; upscale them in two calls")
         if on_tile is not None and not callable(on_tile):
             raise RefsrError(f"on_tile: give a function or None, not {type(on_tile).__name__}")
         if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in (8, 16):
@@ -511,5 +514,8 @@ def walk_latent(first, last, t: float, from_prior: bool):
     second's the same way, so that the grain changes as smoothly as the look."""
     if isinstance(first, Texture):
         return Texture(first.bank, first.seed, first.temperature, first.strength, to=last, t=t)
+    if not all(isinstance(end, Latent) and end.z is not None for end in (first, last)):
+        raise RefsrError("walk_latent: give two Textures, or two Latents with a z (prior_z or reference_z at a "
+                         "temperature above 0: at 0 there is no z, only the fidelity output)")
     z = slerp(first.z, last.z, t) if from_prior else first.z + t * (last.z - first.z)
     return Latent(z, first.noise_seed, last.noise_seed if last.noise_seed != first.noise_seed else None, t)

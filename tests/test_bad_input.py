@@ -3120,3 +3120,36 @@ def test_a_hosts_float64_default_dtype_is_refused_not_computed_with(tmp_path):
     finally:
         torch.set_default_dtype(torch.float32)
     assert torch.equal(up.prior_z(1, 1.0).z, z.z)
+
+
+@pytest.mark.parametrize("name", ["l1", "l1/x.safetensors"])
+def test_save_model_into_a_loop_of_links_is_one_line(tmp_path, name):
+    """Path.resolve's RuntimeError ("Symlink loop from ...") came out raw, with a traceback."""
+    from refsr_cli.errors import RefsrError
+    (tmp_path / "l1").symlink_to(tmp_path / "l2")
+    (tmp_path / "l2").symlink_to(tmp_path / "l1")
+    with pytest.raises(RefsrError, match="loop of symbolic links|Too many levels of symbolic links"):  # (3.13: ELOOP)
+        save_model(tiny_model(2), tmp_path / name)
+
+
+def test_a_transfer_beside_a_texture_output_is_refused_not_ignored(tmp_path):
+    """upscale(lr, [Texture(bank)], transfer=T) gave the Texture output without T, exit as if blended."""
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.match import correspond, prepare_reference
+    up = Upscaler(tiny_model(2), "cpu")
+    rng = np.random.default_rng(0)
+    lr, ref = rng.random((16, 16, 3)).astype(np.float32), rng.random((64, 64, 3)).astype(np.float32)
+    transfer = correspond(torch.from_numpy(lr).permute(2, 0, 1)[None], [prepare_reference(ref, 2, "ref")], 2)
+    with pytest.raises(RefsrError, match="not into a Texture's"):
+        up.upscale(lr, [None, Texture(up.reference_bank(ref))], transfer=transfer)
+    assert len(up.upscale(lr, [None], transfer=transfer)) == 1  # decoded outputs take it
+
+
+def test_a_walk_between_temperature_0_ends_is_one_line():
+    """prior_z(seed, 0) has no z (the fidelity output): walk_latent raised a raw AttributeError on it."""
+    from refsr_cli.engine import walk_latent
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    with pytest.raises(RefsrError, match="walk_latent: .*at 0 there is no z"):
+        walk_latent(up.prior_z(0, 0), up.prior_z(1, 0), 0.5, True)
+    assert walk_latent(up.prior_z(0, 1.0), up.prior_z(1, 1.0), 0.5, True).z is not None
