@@ -180,8 +180,8 @@ def check_plain_copy(path: Path, repo: str, filename: str, where: str) -> None:
 
 def download_trouble(e: Exception, constants) -> str:
     """What a failed hf_hub_download says, after the reference."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (EntryNotFoundError, FileMetadataError, GatedRepoError, HfHubHTTPError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
     if isinstance(e, RevisionNotFoundError):
         return "no such revision on the Hub"
     if isinstance(e, LocalEntryNotFoundError):  # before EntryNotFoundError, its base: "not cached", not "not there"
@@ -190,6 +190,8 @@ def download_trouble(e: Exception, constants) -> str:
                     "online first")
         if isinstance(e.__cause__, HfHubHTTPError) and (refusal := hub_refusal(e.__cause__, True)):  # it said no
             return refusal
+        if isinstance(e.__cause__, FileMetadataError):  # it answered, without an ETag or an X-Repo-Commit
+            return hub_trouble(e.__cause__)
         # The cause, when huggingface_hub kept it: "[Errno 111] Connection refused", "timed out", an HTTP status.
         cause = (str(e.__cause__).strip().splitlines() or [type(e.__cause__).__name__])[0] if e.__cause__ else ""
         if "Timeout" in type(e.__cause__).__name__:  # ConnectTimeout, ReadTimeout: a slow network may need longer

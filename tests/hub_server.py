@@ -32,6 +32,7 @@ Opt-in misbehaviour, for the tests of what refsr says then (each off by default)
 - `refusals`: {repo id: (status, headers)} answered to every file request of that repository (a gated repository:
   403 with `X-Error-Code: GatedRepo`; a disabled one: 403 with the message the Hub sends);
 - `repo_commit`: an `X-Repo-Commit` value sent instead of the real commit (a server that is not the Hub);
+- `dropped_headers`: header names left out of every answer (`ETag`, `X-Repo-Commit`: a plain web server);
 - `linked_etag`: an `X-Linked-Etag` value sent for every LFS file instead of its sha256 (one that climbs out of
   the cache's blobs/ has huggingface_hub link the snapshot to whatever file it names);
 - `ignored`: paths the preupload answer marks `shouldIgnore` (as the repository's .gitignore would);
@@ -96,7 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, headers, body = hub._hub_answer(path)
         self.send_response(status)
         for name, value in headers.items():
-            self.send_header(name, value)
+            if name not in hub.dropped_headers:
+                self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if send_body:
@@ -117,6 +119,7 @@ class FakeHub:
         self.cut_downloads = False  # when True, the CDN drops every download halfway
         self.refusals = {}  # repo id -> (status, headers) of every answer about its files
         self.repo_commit = None  # when set, the X-Repo-Commit of every answer about a file
+        self.dropped_headers = set()  # header names left out of every answer (a server that is not the Hub)
         self.linked_etag = None  # when set, the X-Linked-Etag of every answer about an LFS file (a server's lie)
         self.ignored = set()  # paths the preupload answer marks shouldIgnore
         self.not_json = set()  # upload actions answered with a page that is not JSON
@@ -182,7 +185,8 @@ class FakeHub:
         if is_lfs:
             sha256 = hashlib.sha256(data).hexdigest()
             return 302, {"Location": f"{self.cdn_url}/blobs/{sha256}", "X-Repo-Commit": commit,
-                         "X-Linked-Etag": f'"{self.linked_etag or sha256}"', "X-Linked-Size": str(len(data)),
+                         "X-Linked-Etag": f'"{sha256 if self.linked_etag is None else self.linked_etag}"',
+                         "X-Linked-Size": str(len(data)),
                          "ETag": f'"{hashlib.sha1(data).hexdigest()}-pointer"'}, b"Found"
         # A regular file: its ETag is the git blob's sha1, as the Hub's is (the cache names its blob by it).
         return 200, {"X-Repo-Commit": commit, "ETag": f'"{git_sha1(data)}"'}, data

@@ -712,14 +712,24 @@ def test_two_threads_downloading_leave_huggingface_hubs_retries_as_they_were():
     assert {name: getattr(hf_file_download, name) for name in before} == before
 
 
-def test_an_etag_that_climbs_out_of_the_blobs_is_refused(hub, tmp_path, checkpoints):
+@pytest.mark.parametrize("header", ["ETag", "X-Repo-Commit"])
+def test_an_answer_without_the_hubs_headers_is_the_servers_fault(hub, header):
+    """A server that answered without an ETag or an X-Repo-Commit read "the Hub cannot be reached"."""
+    hub.dropped_headers = {header, "X-Linked-Etag"} if header == "ETag" else {header}
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert "not the Hub's" in message and "cannot be reached" not in message, message
+
+
+@pytest.mark.parametrize("etag", ["../../../../other.safetensors", ""])
+def test_an_etag_that_climbs_out_of_the_blobs_is_refused(hub, tmp_path, checkpoints, etag):
     """A server's X-Linked-Etag of ../../../../other.safetensors: huggingface_hub linked the snapshot to that local
-    file, which was loaded and recorded as the commit's."""
+    file, which was loaded and recorded as the commit's. An empty one linked it to blobs/ itself, and the line
+    blamed the cache."""
     other = tmp_path / "other.safetensors"  # (blobs/../../../../ is tmp_path)
     other.write_bytes(checkpoints[1])
-    hub.linked_etag = "../../../../other.safetensors"
+    hub.linked_etag = etag
     message = hub_error(f"{REPO}:tiny.safetensors")
-    assert "not to one of the cache's blobs" in message and "not answering as the Hub does" in message, message
+    assert "not answering as the Hub does" in message or "not the Hub's" in message, message
     assert other.read_bytes() == checkpoints[1]
 
 
