@@ -649,17 +649,21 @@ def evaluate(baseline, json_path, scale, **options):
     try:
         print_evaluation(opt, evaluation.ref_paths, result)
     finally:  # the JSON file is written even when stdout is not (a full disk, `| head`)
-        write_evaluation(opt, evaluation.ref_paths, result)
+        write_evaluation(opt, evaluation, result)
     sys.exit(1 if result["failed"] else 0)
 
 
-def write_evaluation(opt, ref_paths: list, result: dict) -> None:
-    """eval's --json file, when asked for."""
+def write_evaluation(opt, evaluation, result: dict) -> None:
+    """eval's --json file, when asked for; the weights named as the outputs' records name them (a Hub reference
+    pinned to its commit: the repository may move on)."""
     if opt.json is None:
         return
+    from .checkpoint import recorded_weights
     from .evaluate import published_rows
     from .files import atomic_path
-    text = json.dumps({"scale": opt.scale, "weights": opt.weights, "texture": opt.texture,
+    ref_paths = evaluation.ref_paths
+    weights = None if opt.weights is None else recorded_weights(opt.weights, evaluation.upscaler.weights_path)
+    text = json.dumps({"scale": opt.scale, "weights": weights, "texture": opt.texture,
                        "strength": opt.strength, "temperature": opt.temperature, "seed": opt.seed,
                        "samples": opt.samples, "sample_temperature": opt.sample_temperature,
                        "references": [str(p) for p in ref_paths], "match_protocol": opt.match_protocol,

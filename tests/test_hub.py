@@ -416,6 +416,20 @@ def test_a_cache_inside_a_folder_shaped_like_a_snapshot_still_pins_the_commit(hu
     assert record["weights"] == f"{REPO}@{hub.commit(REPO, 'main')}:tiny.safetensors"
 
 
+def test_eval_json_pins_hub_weights_to_their_commit(hub, tmp_path):
+    """eval --json recorded the reference as typed (owner/repo:FILE), which names other weights once the
+    repository moves on; the outputs' records pin the commit."""
+    import json
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    write_png(hr / "a.png", height=32, width=32)
+    result = CliRunner().invoke(main, ["eval", str(hr), "--scale", "2", "--weights", f"{REPO}:tiny.safetensors",
+                                       "--json", str(tmp_path / "e.json"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / "e.json").read_text())["weights"]
+    assert recorded == f"{REPO}@{hub.commit(REPO, 'main')}:tiny.safetensors"
+
+
 def test_cli_missing_repo_is_one_line_error(hub, tmp_path):
     image = write_png(tmp_path / "small.png", height=12, width=12)
     result = CliRunner().invoke(main, ["upscale", str(image), "--scale", "2", "--weights", "owner/missing",
