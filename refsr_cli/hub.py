@@ -477,7 +477,7 @@ def checkpoints_to_push(files: list) -> list:
         weights = load_weights(path)
         config = weights.model.config
         name = default_filename(config.scale)
-        if name in names and names[name].resolve() == path.resolve():
+        if name in names and os.path.samefile(names[name], path):  # (through a link, or a hard link)
             raise RefsrError(f"{path} and {names[name]} are one file, named twice; name it once")
         if name in names:
             raise RefsrError(f"{path} and {names[name]} are both x{config.scale} checkpoints; push one per scale")

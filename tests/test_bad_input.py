@@ -2949,6 +2949,11 @@ def test_the_sweeps_cosmetic_findings(tmp_path, checkpoint):
     result = run("push", checkpoint, tmp_path / "sub" / ".." / checkpoint.name, "me/x")  # (it said: both x2 ones)
     assert result.exit_code == 2
     one_error_line(result, "are one file, named twice; name it once")
+    import os
+    os.link(checkpoint, tmp_path / "hard.safetensors")  # a hard link is one file too (it said: both x2 ones)
+    result = run("push", checkpoint, tmp_path / "hard.safetensors", "me/x")
+    assert result.exit_code == 2
+    one_error_line(result, "are one file, named twice; name it once")
     hr = tmp_path / "hr"
     hr.mkdir()
     write_png(hr / "[b]x\ny.png", 32, 32)
