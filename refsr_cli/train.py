@@ -373,6 +373,9 @@ def run_lock(out: Path):
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise RefsrError(f"--out {out}: {path.name} is not a regular file")
+        if os.fstat(fd).st_size > 0:  # refsr's lock is always empty: this file is someone's, and the end removes it
+            raise RefsrError(f"--out {out}: {path.name} holds data, and refsr's run lock never does (a file of "
+                             "yours?); move it away")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -673,7 +673,7 @@ def test_one_bad_eval_image_or_empty_name_is_one_line(tmp_path, checkpoint, monk
 
 # --- the third sweep ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["fifo", "folder", "log-link"])
+@pytest.mark.parametrize("kind", ["fifo", "folder", "log-link", "lock-with-data"])
 def test_train_refuses_a_lock_or_log_that_is_not_a_plain_file(tmp_path, checkpoint, kind):
     import os
     out = tmp_path / "run"
@@ -683,12 +683,16 @@ def test_train_refuses_a_lock_or_log_that_is_not_a_plain_file(tmp_path, checkpoi
         os.mkfifo(out / ".refsr-train.lock")
     elif kind == "folder":
         (out / ".refsr-train.lock").mkdir()
+    elif kind == "lock-with-data":  # a file of the user's by that name: taken as the lock, and removed at the end
+        (out / ".refsr-train.lock").write_text("keep")
     else:
         (out / "log.jsonl").symlink_to(tmp_path / "elsewhere" / "p9.png")  # dangling
     result = run(*train_args(tmp_path, "--init", checkpoint, "--pool-size", 2, "--imle-samples", 2))
     assert result.exit_code == 2, result.output
     one_error_line(result, *(["log.jsonl: a link"] if kind == "log-link" else []))  # (it read "not a regular file")
     assert list((tmp_path / "elsewhere").iterdir()) == []
+    if kind == "lock-with-data":
+        assert (out / ".refsr-train.lock").read_text() == "keep"
 
 
 # --- the third sweep's rest ----------------------------------------------------------------------------------------
