@@ -154,10 +154,15 @@ def check_cache_copy(path: Path, repo: str, filename: str, where: str) -> None:
         raise RefsrError(f"{where}: the Hugging Face cache's copy {path} links to {blob}, not to one of the cache's "
                          "blobs; remove it and download again (named so again, the server is not answering as the "
                          "Hub does)")
-    if blob.is_file() and (sha256_of(blob) if len(blob.name) == 64 else git_sha1_of(blob)) != blob.name:
+    if blob.is_file() and (hashed := hub_hash(blob, blob.name))[1] != blob.name:
         raise RefsrError(f"{where}: the Hugging Face cache's copy {blob} is damaged (its bytes are not the "
-                         f"{'sha256' if len(blob.name) == 64 else 'git sha1'} the Hub named them by); remove it and "
-                         "download again")
+                         f"{hashed[0]} the Hub named them by); remove it and download again")
+
+
+def hub_hash(path: Path, etag: str) -> tuple:
+    """(which hash, the file's) of the kind the Hub names a file by in `etag`: an LFS file's sha256 (64 hex
+    digits), another's git blob sha1 (40)."""
+    return ("sha256", sha256_of(path)) if len(etag) == 64 else ("git sha1", git_sha1_of(path))
 
 
 def check_plain_copy(path: Path, repo: str, filename: str, where: str) -> None:
@@ -171,11 +176,9 @@ def check_plain_copy(path: Path, repo: str, filename: str, where: str) -> None:
         etag = get_hf_file_metadata(hf_hub_url(repo, filename, revision=commit), timeout=HUB_TIMEOUT).etag or ""
     except Exception:  # (any failure of the request: the file was returned from the cache as it is, unreachable)
         return
-    known = re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag)
-    if known and (sha256_of(path) if len(etag) == 64 else git_sha1_of(path)) != etag:
+    if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag) and (hashed := hub_hash(path, etag))[1] != etag:
         raise RefsrError(f"{where}: the Hugging Face cache's copy {path} is damaged (its bytes are not the "
-                         f"{'sha256' if len(etag) == 64 else 'git sha1'} the Hub gives for it); remove it and download "
-                         "again")
+                         f"{hashed[0]} the Hub gives for it); remove it and download again")
 
 
 def download_trouble(e: Exception, constants) -> str:
