@@ -564,7 +564,8 @@ def test_push_refuses_what_it_cannot_push_before_any_request(hub, tmp_path, monk
 
 
 def test_push_that_fails_at_the_hub_exits_1(hub, tmp_path, monkeypatch):
-    """Once the first request is sent, a failure exits 1: the Hub was reached (the repository may exist by then)."""
+    """Once the first request is sent, a failure exits 1, as the README says (the repository may exist by then),
+    here even though the connection was refused: refsr does not tell which requests reached the Hub."""
     monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
     x4 = tiny_x4_checkpoint(tmp_path / "x4.safetensors")
     point_hub_at(monkeypatch, closed_port_url())
