@@ -152,6 +152,12 @@ def read_weights(path) -> dict:
         tensors = load_file(safetensors_name(path))
     except (SafetensorError, OSError) as e:
         raise RefsrError(f"{path}: cannot read the weights ({e})") from None
+    for name, tensor in tensors.items():  # float4 is a float torch cannot convert: "copy_kernel not implemented"
+        try:
+            tensor.flatten()[:1].float()
+        except (NotImplementedError, RuntimeError):
+            raise RefsrError(f"{path}: {name} is {str(tensor.dtype).removeprefix('torch.')}, numbers refsr cannot "
+                             "read") from None
     check_finite(tensors, path)
     return tensors
 

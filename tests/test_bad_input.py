@@ -3162,3 +3162,21 @@ def test_a_walk_between_temperature_0_ends_is_one_line():
     with pytest.raises(RefsrError, match="walk_latent: .*at 0 there is no z"):
         walk_latent(up.prior_z(0, 0), up.prior_z(1, 0), 0.5, True)
     assert walk_latent(up.prior_z(0, 1.0), up.prior_z(1, 1.0), 0.5, True).z is not None
+
+
+# --- sweep 23b (the Python API and the Hub) ------------------------------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="a torch without float4")
+def test_a_float4_weight_is_refused_naming_the_file(tmp_path, checkpoint):
+    """torch cannot convert float4 to float32: loading (and upscale, eval, push, train --init) read 'internal error
+    (NotImplementedError: "copy_kernel" not implemented ...)'."""
+    from safetensors import safe_open
+    from refsr_cli.errors import RefsrError
+    tensors = load_file(checkpoint)
+    name = next(k for k, v in sorted(tensors.items()) if v.dim() == 1 and len(v) % 2 == 0)
+    # Two numbers a byte: the header's shape is the unpacked count, the same as the float32 tensor's.
+    tensors[name] = torch.zeros(len(tensors[name]) // 2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    with safe_open(checkpoint, "pt") as f:
+        save_file(tensors, tmp_path / "f4.safetensors", metadata=f.metadata())
+    with pytest.raises(RefsrError, match=rf"f4.safetensors: {name} is float4_e2m1fn_x2, numbers refsr cannot read"):
+        load_weights(tmp_path / "f4.safetensors")
