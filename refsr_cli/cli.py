@@ -580,8 +580,8 @@ def push(files, repo, revision, private, message, no_card, license_id):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
-    from .report import to_stdout
-    to_stdout(url)
+    from .report import one_line, to_stdout
+    to_stdout(one_line(url))  # the server's text: a control character in it must not forge a line or clear a screen
 
 
 @main.command(name="eval")

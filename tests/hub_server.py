@@ -32,6 +32,7 @@ Opt-in misbehaviour, for the tests of what refsr says then (each off by default)
 - `refusals`: {repo id: (status, headers)} answered to every file request of that repository (a gated repository:
   403 with `X-Error-Code: GatedRepo`; a disabled one: 403 with the message the Hub sends);
 - `repo_commit`: an `X-Repo-Commit` value sent instead of the real commit (a server that is not the Hub);
+- `commit_url_tail`: text added to the commit URL of every commit's answer;
 - `dropped_headers`: header names left out of every answer (`ETag`, `X-Repo-Commit`: a plain web server);
 - `linked_etag`: an `X-Linked-Etag` value sent for every LFS file instead of its sha256 (one that climbs out of
   the cache's blobs/ has huggingface_hub link the snapshot to whatever file it names);
@@ -119,6 +120,7 @@ class FakeHub:
         self.cut_downloads = False  # when True, the CDN drops every download halfway
         self.refusals = {}  # repo id -> (status, headers) of every answer about its files
         self.repo_commit = None  # when set, the X-Repo-Commit of every answer about a file
+        self.commit_url_tail = ""  # text added to the commit URL a commit answers with (a server's control characters)
         self.dropped_headers = set()  # header names left out of every answer (a server that is not the Hub)
         self.linked_etag = None  # when set, the X-Linked-Etag of every answer about an LFS file (a server's lie)
         self.ignored = set()  # paths the preupload answer marks shouldIgnore
@@ -232,7 +234,7 @@ class FakeHub:
             elif item["key"] != "header":
                 return 400, {"error": f"this fake Hub takes regular files only, not {item['key']}"}
         commit = self.add_revision(repo, revision, files, lfs=False)
-        return 200, {"commitUrl": f"{self.url}/{repo}/commit/{commit}", "commitOid": commit}
+        return 200, {"commitUrl": f"{self.url}/{repo}/commit/{commit}{self.commit_url_tail}", "commitOid": commit}
 
     @staticmethod
     def _action(path):

@@ -563,6 +563,16 @@ def test_push_refuses_what_it_cannot_push_before_any_request(hub, tmp_path, monk
     assert hub.count() == 0
 
 
+def test_push_prints_the_servers_commit_url_on_one_line(hub, tmp_path, monkeypatch):
+    """The commit URL is the server's text, printed raw: an escape cleared the screen and a newline forged a second
+    line ('refsr: error: fake')."""
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    hub.commit_url_tail = "\x1b[2J\nrefsr: error: fake"
+    result = push(tiny_x4_checkpoint(tmp_path / "x4.safetensors"), "me/upscaler")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 1 and "\x1b" not in result.stdout, repr(result.stdout)
+
+
 def test_push_that_fails_at_the_hub_exits_1(hub, tmp_path, monkeypatch):
     """Once the first request is sent, a failure exits 1, as the README says (the repository may exist by then),
     here even though the connection was refused: refsr does not tell which requests reached the Hub."""
