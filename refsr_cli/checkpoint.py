@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import RefsrError, memory_named, name_trouble
+from .errors import RefsrError, check_torch_defaults, memory_named, name_trouble
 from .files import atomic_path, read_unchanged, safetensors_name
 from .model import RefVAE, RefVAEConfig, as_built, check_size, model_tensors
 from .options import check_scale
@@ -238,6 +238,7 @@ def load_weights(spec, scale: int | None = None) -> Weights:
     (downloaded into the Hugging Face cache), or, with spec None, of the shipped weights of `scale`; built from the
     config stored in the file. Refused in one line (RefsrError): another scale than `scale`, weights that do not fit
     their config exactly, or that are not all finite."""
+    check_torch_defaults()  # (a default device of "meta" loaded a model of no numbers, and said nothing)
     if spec is None and scale is None:
         raise RefsrError("name the weights, or the scale of the shipped weights to load")
     if scale is not None:  # the Python API's: "2" or 2.0 named another file, and blamed the file

@@ -12,7 +12,7 @@ from PIL import Image
 
 from .analogy import LUMA, TEXTURE_BANK, Matcher, Texture, TexturePlan, load_bank
 from .checkpoint import load_weights, not_finite
-from .errors import RefsrError, check_default_dtype, memory_named
+from .errors import RefsrError, check_torch_defaults, memory_named
 from .match import Transfer
 from .model import RefVAE, as_built, downscale, model_tensors, noise_tables, resampling_matrix, upsample
 from .images import MIN_SIDE
@@ -181,8 +181,8 @@ class Upscaler:
     def check_settings(self, finite: bool = True) -> None:
         """The tiles and back-projection as the flags bound them, and the model as made (placed, and with `finite`
         weights), for the Python API: when made, and again before each image (a field may have been set since: a
-        negative tile returned an uninitialised buffer, a nan weight a black image); and torch's default dtype."""
-        check_default_dtype()
+        negative tile returned an uninitialised buffer, a nan weight a black image); and torch's defaults."""
+        check_torch_defaults()
         check_number("tile", self.tile, MIN_TILE, math.inf, integer=True)
         check_number("tile_pad", self.tile_pad, 0, math.inf, integer=True)
         check_number("consistency_steps", self.consistency_steps, 0, MAX_CONSISTENCY_STEPS, integer=True)

@@ -23,14 +23,23 @@ def name_trouble(e: Exception) -> str | None:
     return None
 
 
-def check_default_dtype() -> None:
-    """Refuse to compute under a host program's torch.set_default_dtype (float64): refsr's tensors are float32, and
-    what it makes anew would not be (a raw dtype error inside), nor would a seed draw the same numbers."""
+def check_torch_defaults() -> None:
+    """Refuse to compute under a host program's torch defaults: set_default_dtype (float64: refsr's tensors are
+    float32, what it makes anew would not be, and a seed would draw other numbers), set_default_device (what it
+    makes anew lands there: "Cannot copy out of meta tensor", "Torch not compiled with CUDA"), or an autocast
+    around the call (other outputs than the same call outside it)."""
     import torch
     if torch.get_default_dtype() != torch.float32:
         raise RefsrError(f"torch's default dtype is {str(torch.get_default_dtype()).removeprefix('torch.')} "
                          "(torch.set_default_dtype); refsr computes in float32 and its seeds draw float32 numbers: "
                          "set it back to torch.float32 around refsr's calls")
+    device = torch.get_default_device() if hasattr(torch, "get_default_device") else torch.device("cpu")
+    if device.type != "cpu":
+        raise RefsrError(f"torch's default device is {device} (torch.set_default_device); refsr places its tensors "
+                         "itself: set it back to 'cpu' around refsr's calls")
+    if any(torch.is_autocast_enabled(kind) for kind in ("cpu", "cuda")):
+        raise RefsrError("an autocast is on around this call; refsr chooses its own precision (--half): call it "
+                         "outside torch.autocast")
 
 
 def in_units(size: int) -> str:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import RefsrError, check_default_dtype
+from .errors import RefsrError, check_torch_defaults
 from .model import downscale
 from .options import MAX_SEED, check_number, check_scale
 
@@ -490,7 +490,7 @@ def check_pixels(tensor, name: str, dtypes: tuple) -> None:
 
 def correspond(lr: torch.Tensor, references: list, scale: int, seed: int = 0) -> Transfer:
     """The Transfer of LR image `lr` (1, 3, h, w) from HR references (each (1, 3, H, W), from prepare_reference)."""
-    check_default_dtype()
+    check_torch_defaults()
     check_scale(scale)
     check_number("seed", seed, 0, MAX_SEED, integer=True)
     check_pixels(lr, "lr", (torch.float16, torch.bfloat16, torch.float32, torch.float64))

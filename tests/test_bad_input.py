@@ -3180,3 +3180,26 @@ def test_a_float4_weight_is_refused_naming_the_file(tmp_path, checkpoint):
         save_file(tensors, tmp_path / "f4.safetensors", metadata=f.metadata())
     with pytest.raises(RefsrError, match=rf"f4.safetensors: {name} is float4_e2m1fn_x2, numbers refsr cannot read"):
         load_weights(tmp_path / "f4.safetensors")
+
+
+@pytest.mark.parametrize("setting", ["meta device", "autocast"])
+def test_a_hosts_default_device_or_autocast_is_refused_not_computed_with(tmp_path, checkpoint, setting):
+    """torch.set_default_device("meta") had load_weights return a model of meta tensors (its file's sha256 beside
+    it, a flood of warnings) and upscale raise "Cannot copy out of meta tensor"; under torch.autocast the outputs
+    differed from the same call's outside it, by up to 16 levels."""
+    import contextlib
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    lr = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    if setting == "meta device":
+        torch.set_default_device("meta")
+        undo = contextlib.ExitStack()
+        undo.callback(torch.set_default_device, None)
+    else:
+        undo = contextlib.ExitStack()
+        undo.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    with undo:
+        for call in (lambda: load_weights(checkpoint), lambda: up.upscale(lr, [None]), lambda: up.prior_z(1, 1.0)):
+            with pytest.raises(RefsrError, match="default device is meta|an autocast is on"):
+                call()
+    assert up.upscale(lr, [None])[0].any()  # as before, outside
