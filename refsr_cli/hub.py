@@ -120,7 +120,7 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
         raise RefsrError(f"{where}: cannot use the Hugging Face cache ({e}); HF_HOME or HF_HUB_CACHE choose another "
                          "folder") from None
     try:
-        with hub_fails_fast(), warnings.catch_warnings(record=True) as said:
+        with hub_fails_fast(), answers_seen() as answers, warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             try:
                 path = Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision,
@@ -131,29 +131,66 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     except (OSError, EntryNotFoundError, ValueError, OverflowError, KeyError, AttributeError, TypeError,
             *http_client_errors()) as e:
         raise RefsrError(f"{where}: {download_trouble(e, constants)}") from None
-    check_cache_copy(path, repo, filename, where)
+    etag = getattr(answers[-1], "etag", None) if answers else None
+    check_cache_copy(path, filename, where, etag if isinstance(etag, str) else None)
     return path
 
 
-def check_cache_copy(path: Path, repo: str, filename: str, where: str) -> None:
-    """Refuse a cached file that is not one of the cache's blobs, or whose bytes are not the hash the blob is named
-    by. huggingface_hub links a snapshot's file to blobs/NAME, NAME being what the Hub's answer gave (an LFS file's
-    sha256, from X-Linked-Etag; a regular file's git sha1, from its ETag), and never compares: a blob changed on
-    disk, a link pointed at another file, or an etag that climbs out of blobs/ (huggingface_hub then links to the
-    file it names) were loaded as the commit's weights, and recorded so. A FIFO or a device at the blob is left to
-    resolve_weights, which refuses it (reading it would hang). Where the file system has no symbolic links,
-    huggingface_hub keeps a plain copy in the snapshot and no hash beside it: online, that copy is compared with
-    the hash the Hub gives now; offline it cannot be checked."""
-    if not os.path.islink(path):
-        check_plain_copy(path, repo, filename, where)
+@contextmanager
+def answers_seen():
+    """The file metadata (etag, commit) hf_hub_download gets from the Hub, as it gets them: the cache's copy it
+    returns is compared with them (check_cache_copy), without a request of refsr's own. Empty offline, when the Hub
+    cannot be reached, or in a huggingface_hub that asks otherwise. Under hub_fails_fast's lock: one thread's."""
+    from huggingface_hub import file_download
+    real, seen = getattr(file_download, "get_hf_file_metadata", None), []
+    if real is None:
+        yield seen
         return
-    repository = path.parents[len(PurePosixPath(filename).parts) + 1]  # models--owner--repo/snapshots/COMMIT/FILE
+
+    def recording(*args, **kwargs):
+        metadata = real(*args, **kwargs)
+        seen.append(metadata)
+        return metadata
+
+    file_download.get_hf_file_metadata = recording
+    try:
+        yield seen
+    finally:
+        file_download.get_hf_file_metadata = real
+
+
+def check_cache_copy(path: Path, filename: str, where: str, etag: str | None) -> None:
+    """Refuse a cached copy that is not the file the Hub named. huggingface_hub links a snapshot's file to
+    blobs/NAME, NAME being the hash the Hub's answer gave (an LFS file's sha256, from X-Linked-Etag; a regular
+    file's git sha1, from its ETag), and compares nothing: a blob changed on disk, a link or a snapshot folder
+    pointed at another file or commit, or an etag that climbs out of blobs/ (huggingface_hub then links to the file
+    it names) were loaded as the commit's weights, and recorded so. So: the snapshot's folders are folders, its
+    file links to one of the repository's blobs, named by a hash its bytes have, and, when the Hub answered (`etag`,
+    as hf_hub_download got it), by that very hash. Offline, a link to another commit's intact blob cannot be told.
+    Where the file system has no symbolic links, huggingface_hub keeps a plain copy in the snapshot and no hash
+    beside it: it is compared with `etag`, when the Hub answered. A FIFO or a device at the blob is left to
+    resolve_weights, which refuses it (reading it would hang)."""
+    depth = len(PurePosixPath(filename).parts)
+    repository = path.parents[depth + 1]  # models--owner--repo/snapshots/COMMIT/FILE
+    known = etag if etag is not None and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag) else None
+    linked = [folder for folder in path.parents[:depth] if os.path.islink(folder)]
+    if linked:  # (a snapshot folder linked to another commit's)
+        raise RefsrError(f"{where}: the Hugging Face cache's folder {linked[-1]} is a link, where huggingface_hub "
+                         "makes a folder; remove it and download again")
+    if not os.path.islink(path):
+        if known and path.is_file() and (hashed := hub_hash(path, known))[1] != known:
+            raise RefsrError(f"{where}: the Hugging Face cache's copy {path} is damaged (its bytes are not the "
+                             f"{hashed[0]} the Hub gives for it); remove it and download again")
+        return
     blob = Path(os.path.realpath(path))
     if blob.parent != Path(os.path.realpath(repository / "blobs")) or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}",
                                                                                         blob.name):
         raise RefsrError(f"{where}: the Hugging Face cache's copy {path} links to {blob}, not to one of the cache's "
                          "blobs; remove it and download again (named so again, the server is not answering as the "
                          "Hub does)")
+    if known and blob.name != known:
+        raise RefsrError(f"{where}: the Hugging Face cache's copy {path} links to {blob.name}, and the Hub names this "
+                         f"commit's file {known}; remove it and download again")
     if blob.is_file() and (hashed := hub_hash(blob, blob.name))[1] != blob.name:
         raise RefsrError(f"{where}: the Hugging Face cache's copy {blob} is damaged (its bytes are not the "
                          f"{hashed[0]} the Hub named them by); remove it and download again")
@@ -163,22 +200,6 @@ def hub_hash(path: Path, etag: str) -> tuple:
     """(which hash, the file's) of the kind the Hub names a file by in `etag`: an LFS file's sha256 (64 hex
     digits), another's git blob sha1 (40)."""
     return ("sha256", sha256_of(path)) if len(etag) == 64 else ("git sha1", git_sha1_of(path))
-
-
-def check_plain_copy(path: Path, repo: str, filename: str, where: str) -> None:
-    """check_cache_copy of a snapshot's plain file: its hash against the etag the Hub gives for the commit's file
-    (an LFS file's sha256, another's git sha1), when the Hub answers; nothing more can be known offline."""
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-    if constants.HF_HUB_OFFLINE or not path.is_file():
-        return
-    commit = path.parents[len(PurePosixPath(filename).parts) - 1].name
-    try:
-        etag = get_hf_file_metadata(hf_hub_url(repo, filename, revision=commit), timeout=HUB_TIMEOUT).etag or ""
-    except Exception:  # (any failure of the request: the file was returned from the cache as it is, unreachable)
-        return
-    if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag) and (hashed := hub_hash(path, etag))[1] != etag:
-        raise RefsrError(f"{where}: the Hugging Face cache's copy {path} is damaged (its bytes are not the "
-                         f"{hashed[0]} the Hub gives for it); remove it and download again")
 
 
 def download_trouble(e: Exception, constants) -> str:

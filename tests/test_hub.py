@@ -710,6 +710,27 @@ def test_a_plain_cache_copy_is_compared_with_the_hubs_hash_online(hub, monkeypat
     assert_same_tensors(resolve_weights(spec, 2), served)
 
 
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_snapshot_linked_to_another_commits_copy_is_refused(hub, monkeypatch, what):
+    """main's snapshot file (or its whole snapshot folder) linked to v1's intact copy: loaded, and recorded as
+    main's commit beside v1's sha256, online and offline."""
+    import os
+    main, v1 = (resolve_weights(f"{REPO}{rev}:tiny.safetensors", 2) for rev in ("", "@v1"))
+    if what == "file":
+        main.unlink()
+        main.symlink_to(os.path.realpath(v1))
+    else:
+        for item in main.parent.iterdir():
+            item.unlink()
+        main.parent.rmdir()
+        main.parent.symlink_to(v1.parent)
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert ("the Hub names this commit's file" if what == "file" else "is a link") in message, message
+    if what == "folder":  # offline too: a snapshot folder is never a link
+        set_offline(monkeypatch, True)
+        assert "is a link" in hub_error(f"{REPO}:tiny.safetensors")
+
+
 def test_two_threads_downloading_leave_huggingface_hubs_retries_as_they_were():
     """Two threads' saves and restores of file_download's retry globals interleaved: the bounds stayed for the
     rest of the process, and the host's own downloads lost their retries."""
