@@ -129,14 +129,19 @@ def read_metadata(path) -> dict:
         raise RefsrError(f"{path}: not a readable safetensors checkpoint ({e})") from None
 
 
+def header_shapes(path) -> dict:
+    """{name: shape} of a safetensors file's tensors, from its header alone (none of its data read)."""
+    try:
+        with safe_open(safetensors_name(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RefsrError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+
+
 def check_tensor_names(path, config: RefVAEConfig) -> None:
     """Refuse, from the file's header alone (before any of its data is read), tensors other than those a model of
     `config` has: an extra tensor of gigabytes was read whole before the names were compared."""
-    try:
-        with safe_open(safetensors_name(path), framework="pt") as f:
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise RefsrError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    stored = header_shapes(path)
     with torch.device("meta"):  # (nothing allocated)
         expected = {k: tuple(v.shape) for k, v in RefVAE(config).trainable_state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))

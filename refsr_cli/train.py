@@ -20,11 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FORMAT, atomic_save, not_finite, read_metadata, read_weights, stored_config, weights_dir
+from .checkpoint import (FORMAT, atomic_save, header_shapes, not_finite, read_metadata, read_weights, stored_config,
+                         weights_dir)
 from .device import environment_int, launcher, pick_device
 from .errors import RefsrError
 from .files import atomic_path, held_folder, safetensors_name
-from .options import TrainOptions
+from .losses import PatchDiscriminator
+from .model import FidelityTrunk, RefVAE
+from .options import SCALES, TrainOptions
 from .stages import TextureStage, TrunkStage
 
 STAGES = {"trunk": TrunkStage, "texture": TextureStage}
@@ -615,6 +618,7 @@ def load_training_state(path, recipe: dict) -> dict:
                        for k in sorted(set(recipe) | set(trained_with)) if trained_with.get(k) != recipe.get(k)]
             raise RefsrError(f"--resume: {path} was trained with other options ({'; '.join(changed)}); resume with "
                              "the same options")
+        check_state_header(path, stored_config(meta, path))
         tensors = read_weights(path)
         part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not re.fullmatch(r"[0-9]{1,12}", meta["step"]):  # ASCII digits: int() reads other scripts' too
@@ -629,6 +633,27 @@ def load_training_state(path, recipe: dict) -> dict:
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise RefsrError(f"--resume: {path} is a damaged training state ({type(e).__name__}: {e})") from None
     return state
+
+
+STATE_PARTS = ("module.", "optimizer.", "disc.", "disc_optimizer.")  # the tensors save_training_state writes
+
+
+def check_state_header(path, config) -> None:
+    """Refuse, from its header alone (before any data is read), a training state holding tensors that
+    save_training_state never writes, or more numbers than a run of `config` has (its networks and the critic,
+    with Adam's two moments of each): an extra tensor of gigabytes was read whole, then ignored."""
+    shapes = header_shapes(path)
+    odd = next((name for name in shapes if not name.startswith(STATE_PARTS)), None)
+    if odd is not None:
+        raise RefsrError(f"--resume: {path} holds {odd}, which a training state of refsr never does")
+    with torch.device("meta"):  # (nothing allocated)
+        networks = (RefVAE(config), FidelityTrunk(config.channels, config.lr_blocks, config.up_channels, SCALES),
+                    PatchDiscriminator())
+        most = 3 * sum(p.numel() for network in networks for p in network.parameters()) + len(shapes)
+    declared = sum(math.prod(shape) for shape in shapes.values())
+    if declared > most:
+        raise RefsrError(f"--resume: {path} declares {declared:,} numbers, more than a training state of its config "
+                         f"holds ({most:,} at most)")
 
 
 def finite_numbers(value, largest: float = 1e6):

@@ -3083,30 +3083,56 @@ def test_info_names_pages_missing_files_and_folders_as_such(tmp_path, checkpoint
 
 # --- sweep 22b (the Python API) ------------------------------------------------------------------------------------
 
+def with_extra_tensor(source: Path, target: Path, name: str, count: int) -> Path:
+    """`source` with one more float32 tensor of `count` numbers declared in its header; the file is sparse, so
+    nothing of it is on disk."""
+    import struct
+    data = source.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header, body = json.loads(data[8:8 + size]), data[8 + size:]
+    header[name] = {"dtype": "F32", "shape": [count], "data_offsets": [len(body), len(body) + 4 * count]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(target, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + body)
+        f.truncate(8 + len(text) + len(body) + 4 * count)
+    return target
+
+
 def test_a_checkpoint_with_a_huge_extra_tensor_is_refused_before_its_data_is_read(tmp_path, checkpoint, monkeypatch):
     """A sane config beside one extra tensor declared at 2 GiB (a sparse file): every tensor was read, 6 GB of
     memory, before the names were compared."""
-    import json
-    import struct
     from refsr_cli import checkpoint as checkpoint_module
     from refsr_cli.checkpoint import load_weights
     from refsr_cli.errors import RefsrError
-    data = checkpoint.read_bytes()
-    size = struct.unpack("<Q", data[:8])[0]
-    header, body = json.loads(data[8:8 + size]), data[8 + size:]
-    extra = 1 << 27  # float32 numbers: 512 MiB (the sweep declared 2 GiB)
-    header["zz_extra"] = {"dtype": "F32", "shape": [extra], "data_offsets": [len(body), len(body) + 4 * extra]}
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    huge = tmp_path / "huge.safetensors"
-    with open(huge, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + body)
-        f.truncate(8 + len(text) + len(body) + 4 * extra)  # (sparse: nothing of it on disk)
+    huge = with_extra_tensor(checkpoint, tmp_path / "huge.safetensors", "zz_extra", 1 << 27)  # 512 MiB
     read = []
     monkeypatch.setattr(checkpoint_module, "load_file", lambda *args: read.append(args) or {})
     with pytest.raises(RefsrError, match=r"unexpected \['zz_extra'\]"):
         load_weights(huge)
     assert read == []  # refused from the header
+
+
+@pytest.mark.parametrize("name, fragment", [("zz.huge", "holds zz.huge, which a training state"),
+                                            ("module.zz_extra", "more than a training state of its config holds")])
+def test_a_training_state_with_a_huge_extra_tensor_is_refused_before_its_data_is_read(tmp_path, monkeypatch, name,
+                                                                                      fragment):
+    """--resume read a state whole (16 GB of memory for a 6 GB tensor declared in it), then ignored a tensor of an
+    unknown part."""
+    from refsr_cli import train as train_module
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.train import STATE_FILE, fit, recipe
+    from test_train import trunk_options
+    data, out = (photos(tmp_path / "photos"), None), tmp_path / "run"
+    fit(trunk_options(data, out, scales=(2,), steps=1, save_every=1))
+    state = out / STATE_FILE
+    with_extra_tensor(state, tmp_path / "big.safetensors", name, 1 << 28).replace(state)  # 1 GiB
+    read = []
+    monkeypatch.setattr(train_module, "read_weights", lambda *args: read.append(args) or {})
+    with pytest.raises(RefsrError, match=fragment):
+        train_module.load_training_state(state, recipe(trunk_options(data, out, scales=(2,), steps=2, save_every=1,
+                                                                     resume=True)))
+    assert read == []
 
 
 def test_a_hosts_float64_default_dtype_is_refused_not_computed_with(tmp_path):
