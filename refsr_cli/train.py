@@ -142,7 +142,8 @@ def check_run_folder(opt: TrainOptions, state_path: Path) -> None:
     inputs = {Path(p).resolve() for p in [*opt.data, *(opt.refs or []), opt.val] if p is not None}
     if opt.out.resolve() in inputs:
         raise RefsrError(f"--out {opt.out} is a folder of this run's images; give the run a folder of its own")
-    clash = [p for p in opt.init or [] if Path(p).resolve() in {w.resolve() for w in run_files(opt, state_path)}]
+    # What the run saves (a texture run no x*.safetensors: another --init there is refused as a run in --out)
+    clash = [p for p in opt.init or [] if Path(p).resolve() in {w.resolve() for w in saved_files(opt, state_path)}]
     if clash:
         raise RefsrError(f"--init {clash[0]}: this run would write over it; copy it out of {opt.out} first")
     if opt.resume and not state_path.is_file():

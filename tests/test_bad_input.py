@@ -3229,3 +3229,17 @@ def test_a_hosts_default_device_or_autocast_is_refused_not_computed_with(tmp_pat
             with pytest.raises(RefsrError, match="default device is meta|an autocast is on"):
                 call()
     assert up.upscale(lr, [None])[0].any()  # as before, outside
+
+
+# --- sweep 23a (the commands) --------------------------------------------------------------------------------------
+
+def test_a_texture_init_inside_out_is_not_said_to_be_written_over(tmp_path, checkpoint):
+    """The texture stage saves last.safetensors alone: an --init of k/x2.safetensors with --out k was refused as
+    'this run would write over it'; the folder holds another run's checkpoint, which is the reason."""
+    out = tmp_path / "k"
+    out.mkdir()
+    (out / "x2.safetensors").write_bytes(checkpoint.read_bytes())
+    result = run(*train_args(tmp_path, "--out", out, "--init", out / "x2.safetensors"))
+    assert result.exit_code == 2
+    one_error_line(result, "holds a run already (x2.safetensors)")
+    assert "write over" not in result.stderr
