@@ -127,6 +127,31 @@ def test_the_eval_scripts_keep_committed_tables_when_refsr_eval_fails(tmp_path, 
     assert sorted(p.name for p in (repo / table).parent.iterdir()) == sorted([Path(table).name, committed_json.name])
 
 
+def test_eval_front_runs_and_keeps_the_committed_json_when_refsr_eval_fails(tmp_path):
+    """scripts/eval_front.sh imported validation_crops from where it no longer is (a traceback before any eval),
+    and passed --json onto the committed file, which a failing eval replaced with a partial one."""
+    repo, data = tmp_path / "repo", tmp_path / "data"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "scripts" / "eval_front.sh").write_text((ROOT / "scripts" / "eval_front.sh").read_text())
+    committed = repo / "docs" / "eval" / "analogy" / "front-valcrops-x8-s0.5-t1.json"
+    committed.parent.mkdir(parents=True)
+    committed.write_text('{"committed": true}\n')
+    (data / "val_hr").mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(
+        data / "val_hr" / "v.png")
+    fake = tmp_path / "bin" / "refsr"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\ntouch {tmp_path}/eval-ran\nwhile [ $# -gt 0 ]; do [ "$1" = --json ] && '
+                    'echo \'{"partial": true}\' > "$2"; shift; done\nexit 1\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = os.environ | {"PATH": f"{fake.parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), "DATA": str(data),
+                        "STRENGTHS": "0.5", "TEMPERATURES": ""}
+    done = subprocess.run(["bash", str(repo / "scripts" / "eval_front.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and (tmp_path / "eval-ran").exists(), done.stderr  # it got as far as refsr eval
+    assert committed.read_text() == '{"committed": true}\n'
+    assert [p.name for p in committed.parent.iterdir()] == [committed.name]
+
+
 def test_sigterm_during_train_keeps_the_last_checkpoint_and_no_temporary_file(tmp_path, checkpoint):
     out = tmp_path / "run"
     # A run long enough to be stopped mid-way, saving every step.
