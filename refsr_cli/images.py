@@ -164,6 +164,8 @@ def _read_png16(path):
     import png  # pypng: the one reader of 16-bit colour PNGs among our dependencies
     width, height, rows, info = png.Reader(filename=str(path)).asDirect()
     data = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(height, width, info["planes"])
+    if info["bitdepth"] < 16:  # an sBIT chunk: asDirect gave its depth (0..1023 for 10 bits), read as 16 it was black
+        data = np.round(data.astype(np.float64) * (65535 / (2 ** info["bitdepth"] - 1))).astype(np.uint16)
     return data, info["greyscale"], info["alpha"]
 
 

@@ -236,6 +236,18 @@ def test_16_bit_png_round_trip(tmp_path):
     assert np.array_equal(read_picture(tmp_path / "again.png").rgb, picture.rgb)
 
 
+@pytest.mark.parametrize("greyscale", [True, False])
+def test_a_16_bit_png_with_an_sbit_chunk_keeps_its_brightness(tmp_path, greyscale):
+    """pypng's asDirect gives the sBIT depth's values (0..1023 for a 10-bit camera file): read as 16 bits, the
+    image was 64 times too dark, and upscale exited 0."""
+    import png
+    planes = 1 if greyscale else 3
+    tenbit = np.random.default_rng(5).integers(0, 1024, (8, 9 * planes))
+    png.Writer(9, 8, greyscale=greyscale, bitdepth=10).write(open(tmp_path / "s.png", "wb"), tenbit.tolist())
+    picture = read_picture(tmp_path / "s.png")
+    assert np.allclose(picture.rgb[..., :planes].reshape(8, 9 * planes), tenbit / 1023, atol=1e-4)
+
+
 def test_16_bit_png_keeps_its_icc_profile_and_text(tmp_path):
     from PIL import ImageCms
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
