@@ -24,7 +24,7 @@ from .images import (check_animation, check_record, check_side, expand_inputs, r
                      unique_stems, write_animation, write_picture)
 from .match import Transfer, correspond, prepare_reference
 from .options import MAX_SHEET_TILES, BatchOptions
-from .outputs import Output, check_names, check_sidecars, outputs_of, plan_outputs
+from .outputs import Output, check_names, check_others_sidecars, check_sidecars, outputs_of, plan_outputs
 from .provenance import sheet_labels
 from .report import Reporter, Terminated, reraise_signal, signals_held
 from .sheet import contact_sheet, sheet_window
@@ -261,6 +261,7 @@ def upscale_one(report: Reporter, plan: Plan, lr_path: Path, stem: str) -> None:
     picture, sha256 = read_unchanged(lr_path, lambda p: read_picture(p, opt.max_pixels))
     record = plan.record | {"input": str(lr_path), "input_sha256": sha256}
     check_sidecars(outputs, record)
+    check_others_sidecars(plan, stem, outputs, record)
     for output in outputs:
         if output.todo and output.kind in ("image", "animation"):
             check_side(output.path, picture.rgb.shape[0] * opt.scale, picture.rgb.shape[1] * opt.scale)

@@ -159,7 +159,8 @@ def read_weights(path) -> dict:
         raise RefsrError(f"{path}: cannot read the weights ({e})") from None
     for name, tensor in tensors.items():  # float4 is a float torch cannot convert: "copy_kernel not implemented"
         try:
-            tensor.flatten()[:1].float()
+            if tensor.is_floating_point():  # (the others are refused by what reads them)
+                tensor.flatten()[:1].float()
         except (NotImplementedError, RuntimeError):
             raise RefsrError(f"{path}: {name} is {str(tensor.dtype).removeprefix('torch.')}, numbers refsr cannot "
                              "read") from None

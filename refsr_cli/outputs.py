@@ -62,6 +62,34 @@ def output_names(plan, stem: str) -> list:
     return outputs
 
 
+def others_sidecars(plan, stem: str) -> list:
+    """(path, provenance fields) of each sidecar name of `stem` this run does not write (its images' map without
+    --match-map, a walk's animation without --animate, or of the other format): one there is another run's."""
+    opt, base = plan.opt, plan.folder / f"{stem}_x{plan.opt.scale}"
+    found = []
+    match = next((v for v in plan.variants if v.suffix == "match"), None)
+    if match is not None and not opt.match_map:
+        found.append((Path(f"{base}_match_map.png"), match.fields | {"map": True}))
+    if opt.walk is not None and not opt.sheet:
+        walk = {k: v for k, v in plan.variants[0].fields.items() if k != "frame"}
+        found += [(Path(f"{base}_walk.{fmt}"), walk | {"animate": fmt}) for fmt in ("gif", "webp")
+                  if fmt != opt.animate]
+    return found
+
+
+def check_others_sidecars(plan, stem: str, outputs: list, record: dict) -> None:
+    """Refuse to write images anew beside a sidecar of theirs this run does not write, unless it tells of these very
+    images: it would be left telling of another run's (other references, other seeds)."""
+    if not any(o.todo and o.kind == "image" for o in outputs):
+        return
+    for path, fields in others_sidecars(plan, stem):
+        if os.path.lexists(path) and not holds(path, record | fields, {"match_map", "tile"}):
+            what = "map" if path.name.endswith("_map.png") else "animation"
+            flag = "--match-map" if what == "map" else f"--animate {path.suffix[1:]}"
+            raise RefsrError(f"{path}: another run's {what} of these images, which this run writes anew without "
+                             f"one: it would tell of other images than theirs; move it away, or give {flag} too")
+
+
 def outputs_of(plan, stem: str) -> list:
     """Every file the input of `stem` gives, under the output rules (see the module's docstring)."""
     opt = plan.opt
@@ -90,21 +118,24 @@ def check_sidecars(outputs: list, record: dict, written_too: bool = False) -> No
     of the files: one replaced meanwhile is not taken). And a sidecar --skip-existing keeps beside images this run
     writes must be this run's too."""
     images = [o for o in outputs if o.kind == "image"]
-    # The tile changes an output's last grey level only, and a GPU out-of-memory retry halves it within one run: a
-    # walk's frames made before the retry and after it are still this walk's (each record gives its own tile).
+    # A GPU out-of-memory retry halves the tile within one run: a walk's frames this run made before the retry and
+    # after it are still this walk's (each record gives its own tile). One an earlier run made with another --tile
+    # is not (at a small --tile-pad, tiles change more than the last grey level): the sidecar's record, and its
+    # redo, give this run's.
     for sidecar in (o for o in outputs if o.kind in ("animation", "map")):
         if sidecar.todo:
             # An image made without --match-map is the same image: a map may be added beside it later.
-            ignoring = {"tile", "match_map"} if sidecar.kind == "map" else {"tile"}
+            ignoring = {"match_map"} if sidecar.kind == "map" else set()
             for image in images:
-                if (written_too or not image.todo) and not holds(image.path, record | image.variant.fields, ignoring):
+                if (written_too or not image.todo) and not holds(image.path, record | image.variant.fields,
+                                                                 ignoring | ({"tile"} if image.todo else set())):
                     what = (f"frame {image.variant.fields['frame']} of this walk" if sidecar.kind == "animation"
                             else "the image this run would write")
                     how = "kept by --skip-existing" if not image.todo else "changed since this run wrote it"
                     raise RefsrError(f"{image.path}: {how}, but not {what} (another run's, or not refsr's); "
                                      f"{sidecar.path.name} tells only of this run's images: move it away, or "
                                      "--overwrite")
-        elif any(image.todo for image in images) and not holds(sidecar.path, record | sidecar.fields, {"tile"}):
+        elif any(image.todo for image in images) and not holds(sidecar.path, record | sidecar.fields):
             raise RefsrError(f"{sidecar.path}: kept by --skip-existing, but it tells of another run's images, and "
                              "this run writes them anew: move it away, or --overwrite")
 

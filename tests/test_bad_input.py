@@ -3243,3 +3243,43 @@ def test_a_texture_init_inside_out_is_not_said_to_be_written_over(tmp_path, chec
     assert result.exit_code == 2
     one_error_line(result, "holds a run already (x2.safetensors)")
     assert "write over" not in result.stderr
+
+
+def test_a_walk_animation_is_not_made_of_kept_frames_of_another_tile(tmp_path, checkpoint):
+    """check_sidecars ignored the tile, for a GPU retry within one run: frames an earlier walk made with --tile 16
+    were kept, and the animation recorded tile 256; at --tile-pad 0 its redo differed by 105 grey levels."""
+    lr, out = write_png(tmp_path / "in.png", 40, 48), tmp_path / "o"
+    args = ("walk", lr, "--seed", 1, "--seed", 2, "--steps", 3, "--scale", 2, "--tile-pad", 0, "--weights",
+            checkpoint, "-o", out)
+    assert run(*args, "--tile", 16, "-q").exit_code == 0
+    result = run(*args, "--animate", "gif", "--skip-existing", "-q")
+    assert result.exit_code == 1
+    one_error_line(result, "in_x2_walk000.png: kept by --skip-existing, but not frame 0 of this walk")
+    assert not (out / "in_x2_walk.gif").exists()
+    assert run(*args, "--tile", 16, "--animate", "gif", "--skip-existing", "-q").exit_code == 0  # its own tile
+
+
+@pytest.mark.parametrize("sidecar", ["map", "animation"])
+def test_images_are_not_written_anew_beside_another_runs_sidecar(tmp_path, checkpoint, sidecar):
+    """A later run that did not ask for the map (or the animation) rewrote the images and left the other run's
+    sidecar beside them, telling of other references (other seeds), with or without --overwrite."""
+    lr, out = write_png(tmp_path / "in.png", 24, 24), tmp_path / "o"
+    refs = [write_png(tmp_path / f"r{i}.png", 32, 32, seed=5 + i) for i in range(2)]
+    common = ("--scale", 2, "--weights", checkpoint, "-o", out, "-q")
+    if sidecar == "map":
+        first = ("upscale", lr, "--ref", refs[0], "--match", "--match-map", *common)
+        later, kept = ("upscale", lr, "--ref", refs[1], "--match", *common), "in_x2_match_map.png"
+    else:
+        first = ("walk", lr, "--seed", 1, "--seed", 2, "--steps", 2, "--animate", "gif", *common)
+        later, kept = ("walk", lr, "--seed", 5, "--seed", 6, "--steps", 2, *common), "in_x2_walk.gif"
+    assert run(*first).exit_code == 0
+    for extra in ((), ("--overwrite",)):
+        if not extra:  # the images gone, the sidecar left: written anew without --overwrite
+            for image in (p for p in out.iterdir() if p.name != kept):
+                image.unlink()
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        result = run(*later, *extra)
+        assert result.exit_code == 1
+        one_error_line(result, kept, "another run's")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert run(*first[:-1], "--overwrite").exit_code == 0  # its own run: the sidecar tells of these images
