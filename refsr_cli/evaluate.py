@@ -131,6 +131,7 @@ def plan_evaluation(opt: EvalOptions) -> "Evaluation":
     paths = source_images(opt.hr_dir)
     check_hr_folder(opt.hr_dir, paths, opt.match_protocol)
     ref_paths = expand_inputs(opt.refs, skip_outputs=True) if opt.refs else []
+    named = paths + ref_paths  # every file the user passed in, those --num-refs leaves out too
     if opt.num_refs is not None:
         if opt.num_refs > len(ref_paths):
             raise RefsrError(f"--num-refs {opt.num_refs}: --ref gives {len(ref_paths)} image(s)" if opt.refs
@@ -152,7 +153,7 @@ def plan_evaluation(opt: EvalOptions) -> "Evaluation":
             raise RefsrError(f"--json {opt.json}: in refsr's own weights folder, which refsr never writes")
         if not opt.json.parent.is_dir() or not os.access(opt.json.parent, os.W_OK):
             raise RefsrError(f"--json {opt.json}: {opt.json.parent} is not a folder that can be written to")
-        if opt.json.resolve() in {p.resolve() for p in paths + ref_paths}:
+        if opt.json.resolve() in {p.resolve() for p in named}:
             raise RefsrError(f"--json {opt.json} is an input of this run; refsr never overwrites its inputs")
         if opt.json.exists() and not opt.overwrite:
             raise RefsrError(f"--json {opt.json} exists (use --overwrite to replace it)")

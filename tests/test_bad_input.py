@@ -3283,3 +3283,21 @@ def test_images_are_not_written_anew_beside_another_runs_sidecar(tmp_path, check
         one_error_line(result, kept, "another run's")
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert run(*first[:-1], "--overwrite").exit_code == 0  # its own run: the sidecar tells of these images
+
+
+# --- sweep 24a (the commands) --------------------------------------------------------------------------------------
+
+def test_eval_json_never_writes_a_reference_num_refs_leaves_out(tmp_path, checkpoint):
+    """--json was compared with the references --num-refs kept: one it left out became eval's JSON, exit 0."""
+    hr, refs = tmp_path / "hr", tmp_path / "refs"
+    hr.mkdir()
+    refs.mkdir()
+    write_png(hr / "h.png", 32, 32)
+    for i in range(3):
+        write_png(refs / f"r{i}.png", 40, 40, seed=3 + i)
+    before = (refs / "r2.png").read_bytes()
+    result = run("eval", hr, "--scale", 2, "--weights", checkpoint, "--device", "cpu", "--ref", refs,
+                 "--num-refs", 2, "--json", refs / "r2.png", "--overwrite")
+    assert result.exit_code == 2
+    one_error_line(result, "r2.png is an input of this run")
+    assert (refs / "r2.png").read_bytes() == before
