@@ -79,11 +79,19 @@ def others_sidecars(plan, stem: str) -> list:
 
 def check_others_sidecars(plan, stem: str, outputs: list, record: dict) -> None:
     """Refuse to write images anew beside a sidecar of theirs this run does not write, unless it tells of these very
-    images: it would be left telling of another run's (other references, other seeds)."""
-    if not any(o.todo and o.kind == "image" for o in outputs):
+    images: it would be left telling of another run's (other references, other seeds). A sidecar of other files
+    (another --format's, or beside the folder's images where -o names one file) is not theirs, nor is a file that
+    holds no record of refsr's."""
+    if plan.single is not None or not any(o.todo and o.kind == "image" for o in outputs):
         return
     for path, fields in others_sidecars(plan, stem):
-        if os.path.lexists(path) and not holds(path, record | fields, {"match_map", "tile"}):
+        try:
+            told = read_provenance(path) if os.path.isfile(path) else None
+        except (OSError, ValueError, SyntaxError):  # not an image refsr reads: no record
+            told = None
+        if not isinstance(told, dict) or told.get("format", "png") != record.get("format"):
+            continue
+        if not holds(path, record | fields, {"match_map", "tile"}):
             what = "map" if path.name.endswith("_map.png") else "animation"
             flag = "--match-map" if what == "map" else f"--animate {path.suffix[1:]}"
             raise RefsrError(f"{path}: another run's {what} of these images, which this run writes anew without "

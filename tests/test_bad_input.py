@@ -3301,3 +3301,27 @@ def test_eval_json_never_writes_a_reference_num_refs_leaves_out(tmp_path, checkp
     assert result.exit_code == 2
     one_error_line(result, "r2.png is an input of this run")
     assert (refs / "r2.png").read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["other format", "one file", "not refsr's"])
+def test_a_sidecar_of_other_files_does_not_stop_a_run(tmp_path, checkpoint, case):
+    """23a's check of others' sidecars refused runs that do not touch them: another --format's frames, -o naming
+    one file, and a user's file at the sidecar's name were each called 'another run's animation of these images'."""
+    lr, out = write_png(tmp_path / "a.png", 24, 24), tmp_path / "w"
+    walk = ("walk", lr, "--seed", 0, "--seed", 1, "--steps", 2, "--scale", 2, "--weights", checkpoint, "-q")
+    if case == "other format":
+        assert run(*walk, "--animate", "webp", "-o", out).exit_code == 0
+        later = (*walk, "--format", "tiff", "-o", out)
+    elif case == "one file":
+        ref = write_png(tmp_path / "r.png", 32, 32, seed=5)
+        upscale = ("upscale", lr, "--match", "--scale", 2, "--weights", checkpoint, "-q")
+        assert run(*upscale, "--ref", ref, "--match-map", "-o", out).exit_code == 0
+        later = (*upscale, "--ref", write_png(tmp_path / "r2.png", 32, 32, seed=6), "-o", out / "other.png")
+    else:
+        out.mkdir()
+        (out / "a_x2_walk.webp").write_text("my notes")
+        later = (*walk, "-o", out)
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if "walk.webp" in p.name or "map" in p.name}
+    result = run(*later)
+    assert result.exit_code == 0, result.output
+    assert {name: (out / name).read_bytes() for name in kept} == kept
