@@ -144,6 +144,10 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
               "weights_sha256": upscaler.weights_sha256,
               "tile": opt.tile, "tile_pad": opt.tile_pad, "consistency_steps": opt.consistency_steps,
               "max_pixels": opt.max_pixels,
+              # Where and in what precision, when not the CPU's float32 (a GPU's pixels differ by a few levels,
+              # float16's more): absent, the record of a CPU run is as it was.
+              **({"device": upscaler.device.type} if upscaler.device.type != "cpu" else {}),
+              **({"half": True} if opt.half else {}),
               "texture": opt.texture, "strength": opt.strength,
               "format": {"jpeg": "jpg", "tif": "tiff"}.get(ext[1:].lower(), ext[1:].lower())}
     plan = Plan(opt, command, upscaler, folder, single, ext, [], record=record,

@@ -96,6 +96,7 @@ RECORD_TYPES = RUN_KEYS | {
     "texture": str, "strength": (int, float),  # where the detail came from (absent: the learned branch), how much
     "format": str,  # the images' --format (absent: png)
     "max_pixels": int,  # the --max-pixels the input passed (absent: the default)
+    "device": str, "half": bool,  # a GPU's run (absent: the CPU), in float16 (absent: float32)
     "reference": str, "reference_sha256": str,  # upscale --ref: one output per reference
     "references": list, "references_sha256": list, "match_map": bool,  # upscale --match [--match-map]
     "map": bool,  # the --match-map image itself
@@ -110,7 +111,8 @@ BOUNDS = {"temperature": (0, MAX_TEMPERATURE), "strength": (0, MAX_STRENGTH), "s
           "seeds": (0, MAX_SEED), "tile": (MIN_TILE, MAX_FLAG_INT), "tile_pad": (0, MAX_FLAG_INT),
           "consistency_steps": (0, MAX_CONSISTENCY_STEPS), "frames": (2, MAX_WALK_FRAMES),
           "frame": (0, MAX_WALK_FRAMES - 1), "max_pixels": (1, MAX_FLAG_INT)}
-CHOICES = {"scale": SCALES, "texture": TEXTURES, "animate": ("webp", "gif"), "format": OUTPUT_FORMATS}
+CHOICES = {"scale": SCALES, "texture": TEXTURES, "animate": ("webp", "gif"), "format": OUTPUT_FORMATS,
+           "device": ("cuda", "mps")}
 
 
 class DamagedRecord(ValueError):
@@ -267,6 +269,10 @@ def redo_command(record: dict) -> str:
     if record.get("format", "png") != "png":
         words += ["--format", record["format"]]
     words += ["--scale", str(record["scale"])]
+    if "device" in record:
+        words += ["--device", record["device"]]
+    if record.get("half"):
+        words += ["--half"]
     if record["weights"] != "shipped":
         words += ["--weights", path_word(record["weights"])]
     for flag, key in (("--tile", "tile"), ("--tile-pad", "tile_pad"), ("--consistency-steps", "consistency_steps"),

@@ -3325,3 +3325,18 @@ def test_a_sidecar_of_other_files_does_not_stop_a_run(tmp_path, checkpoint, case
     result = run(*later)
     assert result.exit_code == 0, result.output
     assert {name: (out / name).read_bytes() for name in kept} == kept
+
+
+def test_a_gpu_or_half_precision_run_is_recorded_and_redone_so(tmp_path, checkpoint):
+    """Records left out --device and --half, which change the pixels (float16 by up to 35 dB's worth): the redo
+    of a --half output made float32 pixels, and a walk without --half took --half frames as its own."""
+    from PIL import Image
+    from refsr_cli.provenance import DamagedRecord, check, redo_command
+    lr, out = write_png(tmp_path / "in.png", 16, 16), tmp_path / "out"
+    assert run("upscale", lr, "--scale", 2, "--weights", checkpoint, "-o", out, "-q").exit_code == 0
+    record = json.loads(Image.open(out / "in_x2.png").info["refsr"])
+    assert "device" not in record and "half" not in record  # a CPU run's record is as it was
+    gpu = check(record | {"device": "cuda", "half": True})
+    assert "--device cuda --half" in redo_command(gpu)
+    with pytest.raises(DamagedRecord, match="device"):
+        check(record | {"device": "tpu"})
