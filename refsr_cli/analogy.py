@@ -24,6 +24,8 @@ tile then pastes its own part, so tiled outputs equal untiled ones.
 """
 import math
 import numbers
+import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -356,11 +358,15 @@ def load_bank(path, scale: int) -> Bank:
     from safetensors import SafetensorError, safe_open
     name = f"texture bank {path}"
     parts = []
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO: safetensors' open would wait for ever
+        raise RefsrError(f"{name}: not a regular file (reinstall refsr)")
     try:
         with safe_open(safetensors_name(path), "pt") as f:
-            names = sorted({k.rsplit(".", 1)[0] for k in f.keys() if k.startswith(f"x{scale}.")},
-                           key=lambda k: int(k.split(".")[1]) if k.split(".")[1].isdigit() else -1)
-            for prefix in names:
+            names = {k.rsplit(".", 1)[0] for k in f.keys() if k.startswith(f"x{scale}.")}
+            odd = sorted(k for k in names if not re.fullmatch(rf"x{scale}\.[0-9]{{1,6}}", k))
+            if odd:  # (x2.cells: no part index, which the sort below read as an IndexError)
+                raise RefsrError(f"{name}: damaged ({odd[0]} is not a bank part)")
+            for prefix in sorted(names, key=lambda k: int(k.split(".")[1])):
                 cells, residual = f.get_tensor(f"{prefix}.cells"), f.get_tensor(f"{prefix}.residual")
                 ok = (cells.dtype == torch.float32 and residual.dtype == torch.int8 and cells.dim() == 2
                       and residual.dim() == 3 and residual.shape[0] == 3

@@ -3340,3 +3340,25 @@ def test_a_gpu_or_half_precision_run_is_recorded_and_redone_so(tmp_path, checkpo
     assert "--device cuda --half" in redo_command(gpu)
     with pytest.raises(DamagedRecord, match="device"):
         check(record | {"device": "tpu"})
+
+
+# --- sweep 24b (the Python API and the Hub) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["no part index", "fifo"])
+def test_a_damaged_texture_bank_is_one_line(tmp_path, damage):
+    """A bank tensor x2.cells (no part index) read 'internal error (IndexError)'; a FIFO at the bank's name hung
+    sample for good, deaf to SIGTERM."""
+    import os
+    from safetensors.torch import load_file, save_file
+    from refsr_cli.analogy import TEXTURE_BANK, load_bank
+    from refsr_cli.checkpoint import weights_dir
+    from refsr_cli.errors import RefsrError
+    path = tmp_path / "bank.safetensors"
+    if damage == "fifo":
+        os.mkfifo(path)
+    else:
+        tensors = load_file(weights_dir() / TEXTURE_BANK.format(scale=2))
+        tensors |= {"x2.cells": tensors["x2.0.cells"].clone(), "x2.residual": tensors["x2.0.residual"].clone()}
+        save_file(tensors, path)
+    with pytest.raises(RefsrError, match="not a bank part|not a regular file"):
+        load_bank(path, 2)
