@@ -512,10 +512,17 @@ def walk_latent(first, last, t: float, from_prior: bool):
     from the first end's into the second's (refsr_cli.analogy.Texture). Learned: slerp between prior draws, a
     straight line between the means of two references; the texture noise turns from the first end's into the
     second's the same way, so that the grain changes as smoothly as the look."""
+    check_number("t", t, 0, 1)
+    check_flag("from_prior", from_prior)
     if isinstance(first, Texture):
-        return Texture(first.bank, first.seed, first.temperature, first.strength, to=last, t=t)
+        return Texture(first.bank, first.seed, first.temperature, first.strength, to=last, t=float(t))
     if not all(isinstance(end, Latent) and end.z is not None for end in (first, last)):
         raise RefsrError("walk_latent: give two Textures, or two Latents with a z (prior_z or reference_z at a "
                          "temperature above 0: at 0 there is no z, only the fidelity output)")
+    if not all(isinstance(end.z, torch.Tensor) and end.z.is_floating_point() for end in (first, last)) or (
+            first.z.shape != last.z.shape):
+        raise RefsrError("walk_latent: the ends' z must be float tensors of one shape (as prior_z and reference_z "
+                         "make them)")
+    t = float(t)
     z = slerp(first.z, last.z, t) if from_prior else first.z + t * (last.z - first.z)
     return Latent(z, first.noise_seed, last.noise_seed if last.noise_seed != first.noise_seed else None, t)

@@ -3362,3 +3362,18 @@ def test_a_damaged_texture_bank_is_one_line(tmp_path, damage):
         save_file(tensors, path)
     with pytest.raises(RefsrError, match="not a bank part|not a regular file"):
         load_bank(path, 2)
+
+
+def test_walk_latent_checks_its_arguments():
+    """walk_latent took t="0.5" or None (TypeError), z of another shape (torch's RuntimeError), a str z
+    (AttributeError), and from_prior="no" as True."""
+    from refsr_cli.engine import Latent, walk_latent
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu")
+    a, b = up.prior_z(0, 1.0), up.prior_z(1, 1.0)
+    for args, fragment in [((a, b, "0.5", True), "t"), ((a, b, None, True), "t"), ((a, b, 2.0, True), "t"),
+                           ((a, b, 0.5, "no"), "from_prior"), ((a, Latent(torch.zeros(1, 7)), 0.5, True), "one shape"),
+                           ((Latent("z"), b, 0.5, True), "float tensors")]:
+        with pytest.raises(RefsrError, match=fragment):
+            walk_latent(*args)
+    assert torch.equal(walk_latent(a, b, 0.0, True).z, a.z)
