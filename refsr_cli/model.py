@@ -123,15 +123,24 @@ LARGEST = {"channels": 1024, "lr_blocks": 256, "fuse_blocks": 64, "up_channels":
 # A reference passes three of VGG16's 2x2 poolings before relu4_1: a side under 8 pixels leaves nothing to pool.
 SMALLEST = {"ref_size": 8}
 MAX_PARAMETERS = 200_000_000  # 800 MB of float32 weights; the shipped networks have 5.7 M, VGG16's part included
+# The numbers of one z's condition map as condition_cell upsamples it (channels x ((cond_grid + 2) x the factor)^2):
+# 256 MB of float32; the shipped networks' is 36 864. Each size within LARGEST, cond_grid 1 and cond_period 1024
+# asked for 38 GB a sample.
+MAX_CONDITION_NUMBERS = 1 << 26
 
 
 def check_size(config: "RefVAEConfig") -> None:
     """ValueError if a model of `config` would have more than MAX_PARAMETERS weights (counted on the meta device:
-    nothing allocated)."""
+    nothing allocated), or a condition map of more than MAX_CONDITION_NUMBERS numbers a z."""
     with torch.device("meta"):
         count = sum(p.numel() for p in RefVAE(config).parameters())
     if count > MAX_PARAMETERS:
         raise ValueError(f"a model of {count:,} weights, past the {MAX_PARAMETERS:,} refsr builds")
+    side = (config.cond_grid + 2) * (config.cond_period // config.cond_grid)
+    if config.channels * side * side > MAX_CONDITION_NUMBERS:
+        raise ValueError(f"a condition map of {config.channels} x {side} x {side} numbers a sample (cond_grid "
+                         f"{config.cond_grid}, cond_period {config.cond_period}), past the "
+                         f"{MAX_CONDITION_NUMBERS:,} refsr builds")
 
 
 # Config keys added after checkpoints were released, with the value that rebuilds what those checkpoints were trained

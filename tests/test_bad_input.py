@@ -3377,3 +3377,18 @@ def test_walk_latent_checks_its_arguments():
         with pytest.raises(RefsrError, match=fragment):
             walk_latent(*args)
     assert torch.equal(walk_latent(a, b, 0.0, True).z, a.z)
+
+
+def test_a_config_whose_condition_map_is_absurd_is_refused_on_load(tmp_path, checkpoint):
+    """cond_grid 1 and cond_period 1024, each within its bound and a model of few weights, asked for a 64 x 3072 x
+    3072 map a sample: 3.9 GB for a 24-pixel input (38 GB at 1024 channels), and the message blamed the input."""
+    import dataclasses
+    from safetensors import safe_open
+    from refsr_cli.checkpoint import read_config
+    from refsr_cli.errors import RefsrError
+    config = dataclasses.replace(read_config(checkpoint), cond_grid=1, cond_period=1024)
+    with safe_open(checkpoint, "pt") as f:
+        metadata = f.metadata() | {"config": config.to_json()}
+    save_file(load_file(checkpoint), tmp_path / "big.safetensors", metadata=metadata)
+    with pytest.raises(RefsrError, match="big.safetensors: unusable model config: a condition map of"):
+        load_weights(tmp_path / "big.safetensors")
