@@ -131,9 +131,25 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     except (OSError, EntryNotFoundError, ValueError, OverflowError, KeyError, AttributeError, TypeError,
             *http_client_errors()) as e:
         raise RefsrError(f"{where}: {download_trouble(e, constants)}") from None
+    # A commit's hash that is cached is returned without asking the Hub (any other revision, it asks: no answer
+    # then is a Hub that did not give one, not to be asked again).
+    if not answers and not constants.HF_HUB_OFFLINE and re.fullmatch(r"[0-9a-f]{40}", revision or ""):
+        answers = asked_etag(repo, filename, revision)
     etag = getattr(answers[-1], "etag", None) if answers else None
     check_cache_copy(path, filename, where, etag if isinstance(etag, str) else None)
     return path
+
+
+def asked_etag(repo: str, filename: str, revision: str | None) -> list:
+    """[the file's metadata] as the Hub gives it now, or [] when it cannot be had (the Hub unreachable, a server
+    that answers otherwise): what check_cache_copy compares a pinned copy with, as hf_hub_download asks it for any
+    other revision (a redo's pinned owner/repo@COMMIT:FILE was used as the cache held it)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    try:
+        with hub_fails_fast():
+            return [get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=HUB_TIMEOUT)]
+    except Exception:  # (any failure: the cached copy is then checked by its blob's name alone, as offline)
+        return []
 
 
 @contextmanager

@@ -731,6 +731,18 @@ def test_a_snapshot_linked_to_another_commits_copy_is_refused(hub, monkeypatch, 
         assert "is a link" in hub_error(f"{REPO}:tiny.safetensors")
 
 
+def test_a_pinned_commits_copy_linked_to_another_commits_is_refused_online(hub, monkeypatch):
+    """hf_hub_download returns a cached commit's hash without asking the Hub: the redo's pinned
+    owner/repo@COMMIT:FILE loaded main's snapshot linked to v1's blob, exit 0, recorded as main's commit."""
+    import os
+    main, v1 = (resolve_weights(f"{REPO}{rev}:tiny.safetensors", 2) for rev in ("", "@v1"))
+    pinned = f"{REPO}@{hub.commit(REPO, 'main')}:tiny.safetensors"
+    assert resolve_weights(pinned, 2) == main
+    main.unlink()
+    main.symlink_to(os.path.realpath(v1))
+    assert "the Hub names this commit's file" in hub_error(pinned)
+
+
 def test_two_threads_downloading_leave_huggingface_hubs_retries_as_they_were():
     """Two threads' saves and restores of file_download's retry globals interleaved: the bounds stayed for the
     rest of the process, and the host's own downloads lost their retries."""
