@@ -131,6 +131,10 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     except (OSError, EntryNotFoundError, ValueError, OverflowError, KeyError, AttributeError, TypeError,
             *http_client_errors()) as e:
         raise RefsrError(f"{where}: {download_trouble(e, constants)}") from None
+    commit = path.parents[len(PurePosixPath(filename).parts) - 1].name  # the snapshot's: what the record pins
+    if re.fullmatch(r"[0-9a-f]{40}", revision or "") and commit != revision:
+        raise RefsrError(f"{where}: the server answered with commit {commit[:40]} for commit {revision}: it is not "
+                         "answering as the Hub does (is HF_ENDPOINT a Hugging Face Hub?)")
     # A commit's hash that is cached is returned without asking the Hub (any other revision, it asks: no answer
     # then is a Hub that did not give one, not to be asked again).
     if not answers and not constants.HF_HUB_OFFLINE and re.fullmatch(r"[0-9a-f]{40}", revision or ""):

@@ -743,6 +743,16 @@ def test_a_pinned_commits_copy_linked_to_another_commits_is_refused_online(hub, 
     assert "the Hub names this commit's file" in hub_error(pinned)
 
 
+def test_a_server_naming_another_commit_for_a_pinned_one_is_refused(hub, checkpoints):
+    """A pinned owner/repo@C0 whose answers named commit C1 was filed and recorded under C1 beside C0's bytes:
+    the redo then loaded other weights."""
+    c0 = hub.commit(REPO, "main")
+    hub.add_revision(REPO, "main", {"tiny.safetensors": checkpoints[1]})
+    hub.repo_commit = hub.commit(REPO, "main")
+    message = hub_error(f"{REPO}@{c0}:tiny.safetensors")
+    assert f"commit {hub.repo_commit} for commit {c0}" in message and "not answering as the Hub does" in message
+
+
 def test_two_threads_downloading_leave_huggingface_hubs_retries_as_they_were():
     """Two threads' saves and restores of file_download's retry globals interleaved: the bounds stayed for the
     rest of the process, and the host's own downloads lost their retries."""
