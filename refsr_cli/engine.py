@@ -115,6 +115,15 @@ def check_draw(seed, temperature) -> tuple:
     return int(seed), float(temperature)
 
 
+def checked_tiling(tile, tile_pad, consistency_steps) -> tuple:
+    """The tiles and back-projection as the flags bound them, as Python ints: numpy's small or unsigned ones wrapped
+    around in the tiles' arithmetic (y0 - pad)."""
+    check_number("tile", tile, MIN_TILE, math.inf, integer=True)
+    check_number("tile_pad", tile_pad, 0, math.inf, integer=True)
+    check_number("consistency_steps", consistency_steps, 0, MAX_CONSISTENCY_STEPS, integer=True)
+    return int(tile), int(tile_pad), int(consistency_steps)
+
+
 class Upscaler:
     """Runs a RefVAE on images of any size, a tile at a time.
 
@@ -183,12 +192,8 @@ class Upscaler:
         weights), for the Python API: when made, and again before each image (a field may have been set since: a
         negative tile returned an uninitialised buffer, a nan weight a black image); and torch's defaults."""
         check_torch_defaults()
-        check_number("tile", self.tile, MIN_TILE, math.inf, integer=True)
-        check_number("tile_pad", self.tile_pad, 0, math.inf, integer=True)
-        check_number("consistency_steps", self.consistency_steps, 0, MAX_CONSISTENCY_STEPS, integer=True)
-        # As Python ints: numpy's small or unsigned ones wrapped around in the tiles' arithmetic (y0 - pad).
-        self.tile, self.tile_pad, self.consistency_steps = int(self.tile), int(self.tile_pad), int(
-            self.consistency_steps)
+        self.tile, self.tile_pad, self.consistency_steps = checked_tiling(self.tile, self.tile_pad,
+                                                                          self.consistency_steps)
         config = getattr(self.model, "config", None)
         tensors = model_tensors(self.model) if isinstance(self.model, torch.nn.Module) else {}
         device = self.device if isinstance(self.device, torch.device) else None
@@ -390,7 +395,10 @@ class Upscaler:
     @torch.inference_mode()
     def _upscale(self, lr, latents, transfer, alpha, grayscale, bits, on_tile) -> list:
         h, w = lr.shape[:2]
-        s, pad = self.scale, self.tile_pad
+        # Read once and checked as read: a field set meanwhile (by another thread, or an on_tile callback) is not
+        # taken up half-way (a negative tile returned an unfilled buffer, a negative step count half a projection).
+        tile, pad, steps = checked_tiling(self.tile, self.tile_pad, self.consistency_steps)
+        s = self.scale
         # bits None: float32 values in [0, 1], unquantised (the base textures are pasted onto).
         peak = {None: 1.0, 16: 65535.0}.get(bits, 255.0)
         channels = (1 if grayscale else 3) + (alpha is not None)
@@ -407,7 +415,7 @@ class Upscaler:
         conditions = {i: self.condition(latents[i], (h, w)) for i in decoded}
         lr_t = self._tensor(lr)
         alpha_t = None if alpha is None else self._tensor(alpha[..., None])
-        for (y0, y1), (x0, x1) in self.tiles(h, w):
+        for (y0, y1), (x0, x1) in [(y, x) for y in tile_spans(h, tile) for x in tile_spans(w, tile)]:
             py0, px0, py1, px1 = max(y0 - pad, 0), max(x0 - pad, 0), min(y1 + pad, h), min(x1 + pad, w)
             keep = (slice(None), slice(None), slice((y0 - py0) * s, (y1 - py0) * s),
                     slice((x0 - px0) * s, (x1 - px0) * s))
@@ -427,10 +435,10 @@ class Upscaler:
                                                                  (py0, px0)), "its output")
                     if transfer is not None:
                         sr = transfer.blend(sr, py0, px0)
-                    sr = back_project(sr, patch, s, self.consistency_steps)
+                    sr = back_project(sr, patch, s, steps)
                 else:  # textures by analogy
                     sr = self.textured_tile(faithful, textures, [place[i] for i in members], patch,
-                                            (py0 * s, py1 * s, px0 * s, px1 * s))
+                                            (py0 * s, py1 * s, px0 * s, px1 * s), steps)
                 sr = sr[keep].float()
                 if grayscale:
                     sr = (sr * LUMA.to(sr)).sum(1, keepdim=True)  # grayscale in, grayscale out
@@ -444,9 +452,9 @@ class Upscaler:
                         on_tile()
         return outputs
 
-    def textured_tile(self, faithful, textures, indices, patch, region):
+    def textured_tile(self, faithful, textures, indices, patch, region, steps: int):
         """One padded tile (`region` of the output) of textures by analogy: the fidelity output, with each of
-        `textures`' textures `indices` pasted on."""
+        `textures`' textures `indices` pasted on, made consistent with the input in `steps`."""
         base = faithful[..., region[0]:region[1], region[2]:region[3]]
         pasted = [textures.texture(k, *region) for k in indices]
         sr = torch.cat([base + texture for texture in pasted]).to(self.device, self.dtype)
@@ -454,7 +462,7 @@ class Upscaler:
         # elsewhere it is made consistent with the input again.
         moved = [k for k, texture in enumerate(pasted) if texture.any()]
         if moved:
-            sr[moved] = back_project(sr[moved], patch, self.scale, self.consistency_steps)
+            sr[moved] = back_project(sr[moved], patch, self.scale, steps)
         return sr
 
     def decode_together(self, patch, code, conditions, origin):

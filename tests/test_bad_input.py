@@ -3392,3 +3392,25 @@ def test_a_config_whose_condition_map_is_absurd_is_refused_on_load(tmp_path, che
     save_file(load_file(checkpoint), tmp_path / "big.safetensors", metadata=metadata)
     with pytest.raises(RefsrError, match="big.safetensors: unusable model config: a condition map of"):
         load_weights(tmp_path / "big.safetensors")
+
+
+# --- sweep 25b (the Python API and the Hub) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [("consistency_steps", -1), ("consistency_steps", 2.5), ("tile", -16)])
+def test_settings_changed_during_a_call_are_not_taken_up_half_way(field, value):
+    """_upscale read consistency_steps again for each tile and the tile after the call's check: set meanwhile (an
+    on_tile callback, another thread) they gave half-projected images, a raw TypeError, or an unfilled buffer."""
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu", tile=16)
+    lr = np.random.default_rng(0).random((40, 40, 3)).astype(np.float32)
+    expected = up.upscale(lr, [None])[0]
+    calls = []
+
+    def meddle():
+        calls.append(1)
+        if len(calls) == 1:
+            setattr(up, field, value)
+
+    assert np.array_equal(up.upscale(lr, [None], on_tile=meddle)[0], expected)  # the call's settings, throughout
+    with pytest.raises(RefsrError, match=field):  # and the next call refuses the field
+        up.upscale(lr, [None])
