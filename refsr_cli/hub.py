@@ -456,6 +456,8 @@ def check_push_arguments(files, repo, revision, private, message, card, license)
     for name, value in (("private", private), ("card", card)):
         if not isinstance(value, bool):  # "no" is true, and would have made a private repository
             raise RefsrError(f"{name}: {shown(value)} is not True or False")
+    if license is not None and not card:  # it would be dropped without a word
+        raise RefsrError("--license goes into the model card, which --no-card leaves out: choose one")
 
 
 def refuse_ignored(api, repo: str, operations: list, revision: str | None, where: str) -> None:

@@ -174,6 +174,8 @@ def contradiction(record: dict) -> str | None:
         return "--match without references, with a temperature, or without their sha256"
     if "animate" in record and "sheet" in record:
         return "an animation and a contact sheet"
+    if record.get("half") and "device" not in record:  # --half is refused on the CPU: its runs record a GPU
+        return "--half on the CPU"
     command = record["command"]
     owned = [key for key in sorted(set(record) & set(ONLY_IN)) if command not in ONLY_IN[key]]
     if owned:

@@ -3340,6 +3340,10 @@ def test_a_gpu_or_half_precision_run_is_recorded_and_redone_so(tmp_path, checkpo
     assert "--device cuda --half" in redo_command(gpu)
     with pytest.raises(DamagedRecord, match="device"):
         check(record | {"device": "tpu"})
+    (tmp_path / "edited").mkdir()  # no command writes half without device: --half is refused on the CPU
+    result = run("info", image_with_record(tmp_path / "edited", checkpoint, {"half": True}))
+    assert result.exit_code == 1
+    one_error_line(result, "--half on the CPU")
 
 
 # --- sweep 24b (the Python API and the Hub) ------------------------------------------------------------------------

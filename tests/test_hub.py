@@ -801,6 +801,19 @@ def test_an_etag_that_climbs_out_of_the_blobs_is_refused(hub, tmp_path, checkpoi
     assert other.read_bytes() == checkpoints[1]
 
 
+def test_push_refuses_a_license_with_no_card(hub, tmp_path, monkeypatch):
+    """--no-card --license mit pushed without a word and without a licence anywhere."""
+    from refsr_cli import hub as refsr_hub
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    x4 = tiny_x4_checkpoint(tmp_path / "x4.safetensors")
+    result = push(x4, "me/upscaler", "--no-card", "--license", "mit")
+    assert result.exit_code == 2, result.output
+    one_error_line(result, "--license", "--no-card")
+    with pytest.raises(RefsrError, match="--no-card"):
+        refsr_hub.push([x4], "me/upscaler", card=False, license="mit")
+    assert hub.count("POST") == 0
+
+
 def test_push_refuses_files_the_repositorys_gitignore_would_drop(hub, tmp_path, monkeypatch):
     """huggingface_hub leaves a file the preupload answer marks shouldIgnore out of the commit, silently: push
     printed a commit URL, and the card listed a file the repository does not hold."""
