@@ -395,9 +395,6 @@ class Upscaler:
     @torch.inference_mode()
     def _upscale(self, lr, latents, transfer, alpha, grayscale, bits, on_tile) -> list:
         h, w = lr.shape[:2]
-        # Read once and checked as read: a field set meanwhile (by another thread, or an on_tile callback) is not
-        # taken up half-way (a negative tile returned an unfilled buffer, a negative step count half a projection).
-        tile, pad, steps = checked_tiling(self.tile, self.tile_pad, self.consistency_steps)
         s = self.scale
         # bits None: float32 values in [0, 1], unquantised (the base textures are pasted onto).
         peak = {None: 1.0, 16: 65535.0}.get(bits, 255.0)
@@ -410,6 +407,10 @@ class Upscaler:
         if textured:
             faithful = self._faithful(lr)  # (the image and this Upscaler are checked: upscale() did)
             textures = TexturePlan(Matcher(faithful), [latents[i] for i in textured])
+        # Read once and checked as read, after the fidelity output (an out-of-memory retry there halves the tile
+        # for what follows): a field set meanwhile (by another thread, or an on_tile callback) is not taken up
+        # half-way (a negative tile returned an unfilled buffer, a negative step count half a projection).
+        tile, pad, steps = checked_tiling(self.tile, self.tile_pad, self.consistency_steps)
         place = {i: k for k, i in enumerate(textured)}  # each textured latent's index in `textures`
         decoded = [i for i in range(len(latents)) if i not in place]
         conditions = {i: self.condition(latents[i], (h, w)) for i in decoded}
