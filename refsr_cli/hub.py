@@ -39,6 +39,8 @@ def http_client_errors() -> tuple:
     return tuple(errors)
 
 
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")  # a git commit's name, as the Hub gives it
+BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a cache blob's: a regular file's git sha1, an LFS file's sha256
 HUB_TIMEOUT = 5  # seconds the Hub has to answer where a file is (huggingface_hub's own: 10, then retries)
 FAILS_FAST = threading.Lock()  # one hub_fails_fast at a time: two threads' saves and restores interleaved, and
 # left the bounds in place for the rest of the process
@@ -132,12 +134,12 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
             *http_client_errors()) as e:
         raise RefsrError(f"{where}: {download_trouble(e, constants)}") from None
     commit = path.parents[len(PurePosixPath(filename).parts) - 1].name  # the snapshot's: what the record pins
-    if re.fullmatch(r"[0-9a-f]{40}", revision or "") and commit != revision:
+    if COMMIT_HASH.fullmatch(revision or "") and commit != revision:
         raise RefsrError(f"{where}: the server answered with commit {commit[:40]} for commit {revision}: it is not "
                          "answering as the Hub does (is HF_ENDPOINT a Hugging Face Hub?)")
     # A commit's hash that is cached is returned without asking the Hub (any other revision, it asks: no answer
     # then is a Hub that did not give one, not to be asked again).
-    if not answers and not constants.HF_HUB_OFFLINE and re.fullmatch(r"[0-9a-f]{40}", revision or ""):
+    if not answers and not constants.HF_HUB_OFFLINE and COMMIT_HASH.fullmatch(revision or ""):
         answers = asked_etag(repo, filename, revision)
     etag = getattr(answers[-1], "etag", None) if answers else None
     check_cache_copy(path, filename, where, etag if isinstance(etag, str) else None)
@@ -192,7 +194,7 @@ def check_cache_copy(path: Path, filename: str, where: str, etag: str | None) ->
     resolve_weights, which refuses it (reading it would hang)."""
     depth = len(PurePosixPath(filename).parts)
     repository = path.parents[depth + 1]  # models--owner--repo/snapshots/COMMIT/FILE
-    known = etag if etag is not None and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag) else None
+    known = etag if etag is not None and BLOB_NAME.fullmatch(etag) else None
     linked = [folder for folder in path.parents[:depth] if os.path.islink(folder)]
     if linked:  # (a snapshot folder linked to another commit's)
         raise RefsrError(f"{where}: the Hugging Face cache's folder {linked[-1]} is a link, where huggingface_hub "
@@ -203,8 +205,7 @@ def check_cache_copy(path: Path, filename: str, where: str, etag: str | None) ->
                              f"{hashed[0]} the Hub gives for it); remove it and download again")
         return
     blob = Path(os.path.realpath(path))
-    if blob.parent != Path(os.path.realpath(repository / "blobs")) or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}",
-                                                                                        blob.name):
+    if blob.parent != Path(os.path.realpath(repository / "blobs")) or not BLOB_NAME.fullmatch(blob.name):
         raise RefsrError(f"{where}: the Hugging Face cache's copy {path} links to {blob}, not to one of the cache's "
                          "blobs; remove it and download again (named so again, the server is not answering as the "
                          "Hub does)")
@@ -489,7 +490,7 @@ def check_destination(repo: str, revision: str | None) -> None:
         if named is None or named["revision"] != revision or refused_by_git:
             raise RefsrError(f"--revision {revision!r}: not a branch name --weights {repo}@BRANCH can load "
                              "(letters, digits, _ . / -)")
-        if re.fullmatch(r"[0-9a-f]{40}", revision):  # @HASH would name this branch and a commit alike
+        if COMMIT_HASH.fullmatch(revision):  # @HASH would name this branch and a commit alike
             raise RefsrError(f"--revision {revision}: a branch named like a commit's hash; name it otherwise")
 
 

@@ -85,13 +85,10 @@ def check_others_sidecars(plan, stem: str, outputs: list, record: dict) -> None:
     if plan.single is not None or not any(o.todo and o.kind == "image" for o in outputs):
         return
     for path, fields in others_sidecars(plan, stem):
-        try:
-            told = read_provenance(path) if os.path.isfile(path) else None
-        except (OSError, ValueError, SyntaxError):  # not an image refsr reads: no record
-            told = None
-        if not isinstance(told, dict) or told.get("format", "png") != record.get("format"):
+        told = record_of(path) if os.path.isfile(path) else None
+        if told is None or told.get("format", "png") != record.get("format"):
             continue
-        if not holds(path, record | fields, {"match_map", "tile"}):
+        if not same_record(told, record | fields, {"match_map", "tile"}):
             what = "map" if path.name.endswith("_map.png") else "animation"
             flag = "--match-map" if what == "map" else f"--animate {path.suffix[1:]}"
             raise RefsrError(f"{path}: another run's {what} of these images, which this run writes anew without "
@@ -149,14 +146,22 @@ def check_sidecars(outputs: list, record: dict, written_too: bool = False) -> No
 
 
 def holds(path: Path, provenance: dict, ignoring: set = frozenset()) -> bool:
-    """Whether the file at `path` holds this provenance, as it reads back (lists, not tuples), but for the keys
-    `ignoring`."""
+    """Whether the file at `path` holds this provenance, but for the keys `ignoring`."""
+    found = record_of(path)
+    return found is not None and same_record(found, provenance, ignoring)
+
+
+def record_of(path: Path) -> dict | None:
+    """The refsr record a file holds, or None (none, or not a file refsr reads)."""
     try:
         found = read_provenance(path)
     except (OSError, ValueError, SyntaxError):
-        return False
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def same_record(found: dict, provenance: dict, ignoring: set = frozenset()) -> bool:
+    """Whether a record read back is this provenance (as it reads back: lists, not tuples), but for `ignoring`."""
     expected = json.loads(json.dumps(provenance))
-    if not isinstance(found, dict):
-        return False
     return {k: v for k, v in found.items() if k not in ignoring} == {k: v for k, v in expected.items()
                                                                      if k not in ignoring}
