@@ -239,6 +239,9 @@ def texture_trained(metadata: dict) -> bool:
     return metadata.get("stage") != "trunk"
 
 
+# Normal tensors, in a host's torch.inference_mode too: its inference tensors refused the weights' scan and every
+# image after it, outside the block ("Inference tensors do not track version counter").
+@torch.inference_mode(False)
 def load_weights(spec, scale: int | None = None) -> Weights:
     """The one way in: the model of a local .safetensors file, of a Hub reference owner/repo[@revision][:filename]
     (downloaded into the Hugging Face cache), or, with spec None, of the shipped weights of `scale`; built from the

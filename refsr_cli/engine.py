@@ -124,6 +124,10 @@ def checked_tiling(tile, tile_pad, consistency_steps) -> tuple:
     return int(tile), int(tile_pad), int(consistency_steps)
 
 
+INFERENCE_TENSORS = ("model: its tensors were made under torch.inference_mode (inference tensors, which refsr cannot "
+                     "check outside it); build or load it outside inference_mode (load_weights does)")
+
+
 class Upscaler:
     """Runs a RefVAE on images of any size, a tile at a time.
 
@@ -133,6 +137,7 @@ class Upscaler:
     output.
     """
 
+    @torch.inference_mode(False)  # (as load_weights: the channels-last copies of a model made in inference_mode)
     def __init__(self, model: RefVAE, device, *, tile: int = EngineOptions.tile, tile_pad: int = EngineOptions.tile_pad,
                  consistency_steps: int = EngineOptions.consistency_steps, half: bool = EngineOptions.half,
                  weights_path=None, weights_sha256=None, texture_trained: bool = True, warn=None):
@@ -140,6 +145,8 @@ class Upscaler:
         # A network with a config, as RefVAE is (not isinstance: the speed bench runs the paper's graph through this).
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise RefsrError(f"model: give a RefVAE (checkpoint.load_weights), not {type(model).__name__}")
+        if any(t.is_inference() for t in model_tensors(model).values()):
+            raise RefsrError(INFERENCE_TENSORS)
         from .device import usable_device
         self.device = usable_device(device)
         if half and self.device.type == "cpu":
@@ -210,6 +217,8 @@ class Upscaler:
                 or not callable(self.warn)):
             raise RefsrError("Upscaler: its scale, model, device, precision or warn is not as made (changed since, "
                              "or given so); make another (Upscaler.from_weights)")
+        if any(t.is_inference() for t in tensors.values()):
+            raise RefsrError(INFERENCE_TENSORS)
         bad = not_finite(tensors) if finite else None
         if bad is not None:  # a model handed in, or changed since: a nan weight gave a black image
             raise RefsrError(f"Upscaler: its model's weights are not all finite numbers ({bad} holds nan or inf)")
@@ -276,7 +285,7 @@ class Upscaler:
     def texture_bank(self):
         """The shipped texture bank of this scale (weights/texture-bank-xS.safetensors), loaded on first use."""
         self.check_settings(finite=False)  # (9 ms of the x8 network's weights: not for each of --n 1000 samples)
-        if self._bank is None:
+        if self._bank is None or self._bank.scale != self.scale:  # (the model may be another scale's since)
             from .checkpoint import weights_dir
             self._bank = load_bank(weights_dir() / TEXTURE_BANK.format(scale=self.scale), self.scale)
         return self._bank
@@ -394,6 +403,10 @@ class Upscaler:
 
     @torch.inference_mode()
     def _upscale(self, lr, latents, transfer, alpha, grayscale, bits, on_tile) -> list:
+        # The network, its scale and placement are read by every helper a tile calls: one set meanwhile is refused,
+        # not taken up at the next tile (another x2 network's tiles mixed into the image, exit 0; an x4 one's raised
+        # deep inside).
+        network = (self.model, self.scale, self.device, self.dtype)
         h, w = lr.shape[:2]
         s = self.scale
         # bits None: float32 values in [0, 1], unquantised (the base textures are pasted onto).
@@ -430,6 +443,9 @@ class Upscaler:
             batches = [decoded[i:i + group] for i in range(0, len(decoded), group)]
             batches += [textured[i:i + group] for i in range(0, len(textured), group)]
             for members in batches:
+                if self.model is not network[0] or (self.scale, self.device, self.dtype) != network[1:]:
+                    raise RefsrError("Upscaler: its model, scale, device or precision was set during this call (by "
+                                     "an on_tile callback, or another thread); set them between calls")
                 if members[0] in conditions:  # decoded by the network
                     # Checked before the blend and the back-projection, whose clamp makes an overflow's inf a 0 or 1.
                     sr = self.finite_output(self.decode_together(patch, code, [conditions[i] for i in members],
@@ -441,6 +457,9 @@ class Upscaler:
                     sr = self.textured_tile(faithful, textures, [place[i] for i in members], patch,
                                             (py0 * s, py1 * s, px0 * s, px1 * s), steps)
                 sr = sr[keep].float()
+                if not torch.isfinite(sr).all():  # (what was checked before the call holds a nan now: black pixels)
+                    raise RefsrError("an output tile is not finite numbers: a Texture's or Transfer's tensors were "
+                                     "set during this call (by an on_tile callback, or another thread)")
                 if grayscale:
                     sr = (sr * LUMA.to(sr)).sum(1, keepdim=True)  # grayscale in, grayscale out
                 if extra is not None:

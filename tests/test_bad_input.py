@@ -3418,3 +3418,72 @@ def test_settings_changed_during_a_call_are_not_taken_up_half_way(field, value):
     assert np.array_equal(up.upscale(lr, [None], on_tile=meddle)[0], expected)  # the call's settings, throughout
     with pytest.raises(RefsrError, match=field):  # and the next call refuses the field
         up.upscale(lr, [None])
+
+
+# --- sweep 26b (the Python API and the Hub) ------------------------------------------------------------------------
+
+def test_weights_loaded_in_a_hosts_inference_mode_work_outside_it(tmp_path):
+    """An Upscaler or weights made in a host's torch.inference_mode held inference tensors: every image after the
+    block was a raw RuntimeError (the weights' scan, then the network). A model built in one is refused in one
+    line."""
+    from refsr_cli.checkpoint import build_model
+    from refsr_cli.errors import RefsrError
+    path = tmp_path / "x2.safetensors"
+    save_model(tiny_model(2), path)
+    lr = np.random.default_rng(0).random((20, 20, 3)).astype(np.float32)
+    expected = Upscaler(load_weights(path, 2).model, "cpu").upscale(lr, [None])[0]
+    with torch.inference_mode():
+        made_inside = Upscaler(load_weights(path, 2).model, "cpu")
+        loaded_inside = load_weights(path, 2)
+    for up in (made_inside, Upscaler(loaded_inside.model, "cpu")):
+        assert np.array_equal(up.upscale(lr, [None])[0], expected)
+        with torch.enable_grad():
+            assert np.array_equal(up.upscale(lr, [None])[0], expected)
+    with torch.inference_mode():
+        built_inside = build_model(load_weights(path, 2).model.config)
+    with pytest.raises(RefsrError, match="inference_mode"):
+        Upscaler(built_inside, "cpu")
+
+
+@pytest.mark.parametrize("field", ["model", "scale"])
+def test_the_network_set_during_a_call_is_refused_not_mixed_in(field):
+    """_upscale read self.model and self.scale at each tile: set from an on_tile callback (or another thread), the
+    image mixed two networks' tiles (exit 0), or another scale's raised deep inside."""
+    from refsr_cli.errors import RefsrError
+    up = Upscaler(tiny_model(2), "cpu", tile=16)
+    other = Upscaler(tiny_model(2, seed=1) if field == "model" else tiny_model(4), "cpu")
+    lr = np.random.default_rng(0).random((40, 40, 3)).astype(np.float32)
+
+    def swap():
+        up.model = other.model
+        if field == "scale":
+            up.scale = 4
+
+    with pytest.raises(RefsrError, match="set during this call"):
+        up.upscale(lr, [None], on_tile=swap)
+
+
+def test_the_shipped_texture_bank_follows_the_upscalers_scale():
+    """texture_bank() was cached without its scale: an Upscaler given another scale's network since kept the old
+    scale's bank, and refused its own bank as made by another Upscaler."""
+    up = Upscaler.from_weights(scale=2)
+    assert up.texture_bank().scale == 2
+    up.model, up.scale = Upscaler.from_weights(scale=4).model, 4
+    bank = up.texture_bank()
+    assert bank.scale == 4
+    lr = np.random.default_rng(0).random((12, 12, 3)).astype(np.float32)
+    assert up.upscale(lr, [Texture(bank, seed=1, temperature=1.0)])[0].shape == (48, 48, 3)
+
+
+def test_a_transfer_set_to_nan_during_a_call_is_refused_not_black_pixels():
+    """The blend's output was not checked: a transfer's positions set to nan from an on_tile callback gave black
+    pixels (with numpy's cast warning) and no error."""
+    from refsr_cli.errors import RefsrError
+    from refsr_cli.match import correspond, prepare_reference
+    up = Upscaler(tiny_model(2), "cpu", tile=16)
+    rng = np.random.default_rng(0)
+    lr = rng.random((40, 40, 3)).astype(np.float32)
+    made = correspond(torch.from_numpy(lr).permute(2, 0, 1)[None], [prepare_reference(
+        rng.random((96, 96, 3)).astype(np.float32), 2)], 2)
+    with pytest.raises(RefsrError, match="not finite numbers"):
+        up.upscale(lr, [None], transfer=made, on_tile=lambda: made.matches[0].positions.fill_(float("nan")))
