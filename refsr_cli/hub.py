@@ -109,7 +109,9 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
     where = f"{repo}{'@' + revision if revision else ''}:{filename}"
-    if filename.endswith("/") or PurePosixPath(filename).name in ("", ".", ".."):  # a folder, not a file of it
+    # A folder, not a file of it (as written: PurePosixPath reads "FILE/." as FILE, which huggingface_hub then made
+    # a folder in the cache, in the way of FILE's every later download).
+    if filename.rsplit("/", 1)[-1] in ("", ".", ".."):
         raise RefsrError(f"{where}: {filename!r} is not a file name in the repository")
     # Refused here, not by huggingface_hub: its ValueError would read like one about an answer of the server's.
     if filename.startswith("/") or ".." in filename.split("/"):
@@ -122,7 +124,8 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
         raise RefsrError(f"{where}: cannot use the Hugging Face cache ({e}); HF_HOME or HF_HUB_CACHE choose another "
                          "folder") from None
     try:
-        with hub_fails_fast(), answers_seen() as answers, warnings.catch_warnings(record=True) as said:
+        with hub_fails_fast(), answers_seen() as answers, warnings.catch_warnings(record=True) as said, \
+                ref_kept_on_failure(constants.HF_HUB_CACHE, repo, filename, revision):
             warnings.simplefilter("always")
             try:
                 path = Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision,
@@ -144,6 +147,43 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     etag = getattr(answers[-1], "etag", None) if answers else None
     check_cache_copy(path, filename, where, etag if isinstance(etag, str) else None)
     return path
+
+
+@contextmanager
+def ref_kept_on_failure(cache: str, repo: str, filename: str, revision: str | None):
+    """huggingface_hub moves the cache's refs/REVISION to the commit the Hub names before it downloads that commit's
+    file: a download cut then (Ctrl-C, a dropped connection) left the file cached for the commit before out of reach
+    (offline, or with the Hub down: "not in the local cache", where HF_HUB_OFFLINE=1 was the advice). So when the
+    download fails, the ref is set back, if the commit it names now has no copy of the file and the one before has
+    (one that another process has since downloaded whole is left as it is)."""
+    if revision is not None and COMMIT_HASH.fullmatch(revision):  # (no ref: a commit is its own snapshot)
+        yield
+        return
+    from huggingface_hub.file_download import repo_folder_name
+    storage = Path(expanded(cache)) / repo_folder_name(repo_id=repo, repo_type="model")
+    ref = storage / "refs" / (revision or "main")
+
+    def commit_named():
+        try:
+            return ref.read_text().strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    before = commit_named()
+    try:
+        yield
+    except BaseException:
+        now = commit_named()
+        if (before and now and now != before and COMMIT_HASH.fullmatch(before)
+                and not (storage / "snapshots" / now / filename).exists()
+                and (storage / "snapshots" / before / filename).exists()):
+            temporary = ref.with_name(f".{ref.name}.refsr-{os.getpid()}.tmp")
+            try:
+                temporary.write_text(before)
+                os.replace(temporary, ref)
+            except OSError:  # (a cache that cannot be written: the download's own error says more)
+                temporary.unlink(missing_ok=True)
+        raise
 
 
 def asked_etag(repo: str, filename: str, revision: str | None) -> list:
@@ -169,9 +209,12 @@ def answers_seen():
         yield seen
         return
 
+    caller = threading.get_ident()
+
     def recording(*args, **kwargs):
         metadata = real(*args, **kwargs)
-        seen.append(metadata)
+        if threading.get_ident() == caller:  # (a host's own download in another thread is not this file's)
+            seen.append(metadata)
         return metadata
 
     file_download.get_hf_file_metadata = recording
@@ -447,8 +490,12 @@ def check_push_arguments(files, repo, revision, private, message, card, license)
     if not files:
         raise RefsrError("files: none given, nothing to push")
     for file in files:
-        if not isinstance(file, (str, os.PathLike)) or not isinstance(os.fspath(file), str) or os.fspath(file) == "":
-            raise RefsrError(f"files: {shown(file)} is not a file name (a str or os.PathLike)")
+        try:
+            name = os.fspath(file) if isinstance(file, (str, os.PathLike)) else None
+        except TypeError:  # an __fspath__ that gives neither str nor bytes
+            name = None
+        if not isinstance(name, str) or name == "":
+            raise RefsrError(f"files: {shown(file)} is not a file name (a str, or an os.PathLike that gives one)")
     if not isinstance(repo, str):
         raise RefsrError(f"repo: {shown(repo)} is not a Hub repository name (a str, owner/name)")
     for name, value in (("revision", revision), ("message", message), ("license", license)):

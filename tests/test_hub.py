@@ -894,3 +894,55 @@ def test_a_model_card_the_hub_refuses_is_named_as_refused(hub, tmp_path, monkeyp
     assert result.exit_code == 1, result.output
     one_error_line(result, "refused the model card's metadata", "\"license\" must be one of", "--license")
     assert not [path for _, _, path in hub.requests if "/commit/" in path]
+
+
+# --- sweep 26b ------------------------------------------------------------------------------------------------------
+
+def test_a_file_reference_ending_in_a_dot_is_refused_before_it_becomes_a_folder_in_the_cache(hub, checkpoints):
+    """'FILE/.' passed the folder check (PurePosixPath reads it as FILE): huggingface_hub made FILE a folder in the
+    snapshot, and every later load of the right reference was refused as a damaged cache."""
+    for spec in (f"{REPO}:tiny.safetensors/.", f"{REPO}:tiny.safetensors/..", f"{REPO}:sub/."):
+        assert "is not a file name in the repository" in hub_error(spec), spec
+    assert hub.count() == 0
+    assert resolve_weights(f"{REPO}:tiny.safetensors", 2).read_bytes() == checkpoints[0]
+
+
+def test_a_download_cut_midway_leaves_the_cached_commit_usable_offline(hub, checkpoints, monkeypatch):
+    """huggingface_hub moves refs/main to the new commit before downloading its file: a download of it cut midway
+    (a dropped connection, Ctrl-C) left the commit before, cached whole, unreachable offline, where the error's
+    advice was HF_HUB_OFFLINE=1."""
+    cached = resolve_weights(f"{REPO}:tiny.safetensors", 2)
+    hub.add_revision(REPO, "main", {"tiny.safetensors": checkpoints[1]})
+    hub.cut_downloads = True
+    assert "HF_HUB_OFFLINE=1" in hub_error(f"{REPO}:tiny.safetensors")
+    set_offline(monkeypatch, True)
+    assert resolve_weights(f"{REPO}:tiny.safetensors", 2).read_bytes() == checkpoints[0] == cached.read_bytes()
+    set_offline(monkeypatch, False)
+    hub.cut_downloads = False  # and the new commit downloads when it can
+    assert resolve_weights(f"{REPO}:tiny.safetensors", 2).read_bytes() == checkpoints[1]
+
+
+def test_a_hosts_own_download_in_another_thread_is_not_taken_for_refsrs(hub, monkeypatch):
+    """answers_seen recorded every thread's file metadata: a host's hf_hub_download of another file meanwhile made
+    refsr refuse its good copy ("the Hub names this commit's file" the other file's hash)."""
+    import threading
+    from huggingface_hub import hf_hub_download
+    hub.add_revision("other/model", "main", {"config.json": b"{}"}, lfs=False)
+    answer = hub._cdn_answer
+    monkeypatch.setattr(hub, "_cdn_answer", lambda path: (time.sleep(1.5), answer(path))[1])
+    host = threading.Thread(target=lambda: (time.sleep(0.5), hf_hub_download("other/model", "config.json")))
+    host.start()
+    try:
+        assert load_weights(f"{REPO}:tiny.safetensors", 2).path.name == "tiny.safetensors"
+    finally:
+        host.join()
+
+
+def test_the_python_push_refuses_a_path_object_that_gives_no_name(hub, monkeypatch):
+    from refsr_cli import hub as refsr_hub
+    monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
+    for gives in (None, 5, b"x4.safetensors"):
+        named = type("P", (), {"__fspath__": lambda self, gives=gives: gives})()
+        with pytest.raises(RefsrError, match="^files: P is not a file name"):
+            refsr_hub.push([named], "me/q1")
+    assert hub.count() == 0
