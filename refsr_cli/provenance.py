@@ -172,6 +172,11 @@ def contradiction(record: dict) -> str | None:
     if "references" in record and (not record["references"] or record["temperature"] > 0
                                    or len(record["references"]) != len(record.get("references_sha256", []))):
         return "--match without references, with a temperature, or without their sha256"
+    # (The redo names the files: a hash or a --match-map of none was dropped from it without a word.)
+    if {"match_map", "references_sha256"} & set(record) and "references" not in record:
+        return "--match's map or references' sha256 without its references"
+    if "reference_sha256" in record and "reference" not in record:
+        return "a reference's sha256 without the reference"
     if "animate" in record and "sheet" in record:
         return "an animation and a contact sheet"
     if record.get("half") and "device" not in record:  # --half is refused on the CPU: its runs record a GPU
@@ -206,6 +211,8 @@ def contradiction(record: dict) -> str | None:
     if all(isinstance(e, dict) for e in ends):
         if ("reference" in ends[0]) != ("reference" in ends[1]):
             return "a walk from a reference to a seed"
+        if "reference" in ends[0] and any(end.get("seed", 0) != 0 for end in ends):  # (its redo drew seed 0)
+            return "a walk between references with a seed (walk takes --ref or --seed, not both)"
         if "reference" not in ends[0] and record["temperature"] == 0:
             return "a walk between seeds at temperature 0"
         same = [key for key in (("reference", "reference_sha256") if "reference" in ends[0] else ("seed",))
@@ -290,7 +297,9 @@ def shell_word(word: str) -> str:
     escape, so that the command is one line (what `info` prints) that still names the file."""
     if not any(ord(c) in ESCAPES or 0xDC80 <= ord(c) <= 0xDCFF for c in word):
         return shlex.quote(word)
-    escaped = "".join((f"\\x{ord(c):02x}" if ord(c) < 128 else f"\\u{ord(c):04x}") if ord(c) in ESCAPES
+    # (A line break past ASCII as its UTF-8 bytes, \xc2\x85: bash reads \u0085 as those bytes only in a UTF-8 locale,
+    # and as the text "\u0085" under LC_ALL=C, as cron and many containers run.)
+    escaped = "".join("".join(f"\\x{b:02x}" for b in c.encode()) if ord(c) in ESCAPES
                       # a byte of a name that is not UTF-8 (os.fsdecode's surrogate): that byte, as \xE9
                       else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
                       else {"\\": "\\\\", "'": "\\'"}.get(c, c) for c in word)

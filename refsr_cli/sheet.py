@@ -6,6 +6,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .report import one_line
+
 LABEL_HEIGHT = 18
 GAP = 4
 MAX_LABEL_WIDTH = 128  # a cell is widened for its label up to this (the tiles of a tiny image left no room at all)
@@ -39,6 +41,7 @@ def sheet_window(lr: np.ndarray, scale: int, crop: int = 256) -> tuple:
 def contact_sheet(tiles, labels, columns: int = 4) -> Image.Image:
     """One RGB image of `tiles` (HxWxC uint8 or uint16, all the same size), `columns` to a row, each with its label
     underneath. Alpha is dropped; 16-bit tiles are shown at 8 bits."""
+    labels = [one_line(label) for label in labels]  # (a newline in a reference's name: PIL cannot measure it)
     h, tile_width = tiles[0].shape[:2]
     columns = max(1, min(columns, len(tiles)))
     rows = -(-len(tiles) // columns)

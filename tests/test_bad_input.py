@@ -3487,3 +3487,56 @@ def test_a_transfer_set_to_nan_during_a_call_is_refused_not_black_pixels():
         rng.random((96, 96, 3)).astype(np.float32), 2)], 2)
     with pytest.raises(RefsrError, match="not finite numbers"):
         up.upscale(lr, [None], transfer=made, on_tile=lambda: made.matches[0].positions.fill_(float("nan")))
+
+
+# --- sweep 26a (the commands) --------------------------------------------------------------------------------------
+
+def test_a_contact_sheet_labels_a_reference_named_with_a_newline(tmp_path, checkpoint):
+    """PIL cannot measure a label of two lines: a reference named r\\nx.png made --sheet an internal error, blamed on
+    the input, after all the decoding."""
+    lr = write_png(tmp_path / "a.png", 16, 16)
+    ref = write_png(tmp_path / "r\nx.png", 24, 24, seed=2)
+    for command in (("upscale",), ("sample", "--n", 2)):
+        out = tmp_path / f"out-{command[0]}"
+        result = run(*command, lr, "--ref", ref, "--sheet", "--scale", 2, "--weights", checkpoint, "-o", out, "-q")
+        assert result.exit_code == 0, result.output
+        sheet = next(p for p in out.iterdir() if "sheet" in p.name)
+        assert run("info", sheet).exit_code == 0
+
+
+def test_a_redo_names_a_line_break_past_ascii_in_any_locale(tmp_path):
+    """U+0085, U+2028 and U+2029 were written \\uXXXX in $'...', which bash reads as the character only in a UTF-8
+    locale: under LC_ALL=C (cron, many containers) the redo named a file that does not exist."""
+    import subprocess
+    from refsr_cli.provenance import shell_word
+    for name in ("nel\x85ref.png", "ls\u2028x.png", "p\u2029.png", "é\x85\n.png"):
+        said = subprocess.run(["bash", "-c", f"printf %s {shell_word(name)}"], capture_output=True,
+                              env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}).stdout
+        assert said == name.encode(), (name, said)
+
+
+def test_info_refuses_records_whose_redo_would_drop_part_of_them(tmp_path, checkpoint):
+    """No command writes these, and the redo dropped the part: a walk's reference end with a seed (walk takes --ref
+    or --seed; the redo drew seed 0), --match's map or sha256 without its references, a reference's sha256 without
+    the reference."""
+    from refsr_cli.provenance import DamagedRecord, check
+    for i, (changes, fragment) in enumerate([
+            ({"match_map": True}, "without its references"),
+            ({"references_sha256": ["0" * 64]}, "without its references"),
+            ({"reference_sha256": "0" * 64}, "without the reference")]):
+        (tmp_path / str(i)).mkdir()
+        result = run("info", image_with_record(tmp_path / str(i), checkpoint, changes))
+        assert result.exit_code == 1, (changes, result.output)
+        one_error_line(result, fragment)
+    lr = write_png(tmp_path / "w.png", 16, 16)
+    refs = [write_png(tmp_path / f"r{i}.png", 24, 24, seed=5 + i) for i in range(2)]
+    out = tmp_path / "walk"
+    assert run("walk", lr, "--ref", refs[0], "--ref", refs[1], "--steps", 2, "--scale", 2, "--weights", checkpoint,
+               "-o", out, "-q").exit_code == 0
+    frame = sorted(out.glob("*.png"))[0]
+    from PIL import Image
+    record = json.loads(Image.open(frame).info["refsr"])
+    check(record)  # as walk wrote it
+    with pytest.raises(DamagedRecord, match="a walk between references with a seed"):
+        check(record | {"from": record["from"] | {"seed": 5}})
+
