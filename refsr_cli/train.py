@@ -111,6 +111,11 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
         return stage.module
     except Diverged as e:
         raise RefsrError(diverged_line(opt, e, saved[0])) from None
+    except RuntimeError as e:
+        if world > 1 and peer_lost(e):  # (it read "internal error, please report it")
+            raise RefsrError(f"another rank of this run stopped ({(str(e).splitlines() or [''])[0][:120]}); the last "
+                             "checkpoint is kept, continue with --resume") from None
+        raise
     finally:
         if log is not None:
             log.close()
@@ -432,11 +437,59 @@ def start_distributed(device: torch.device):
     if not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
         raise RefsrError(f"MASTER_PORT={port!r}: not a port (1 to 65535)")
     try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        with signals_end_the_wait():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     except (ValueError, RuntimeError) as e:  # a MASTER_ADDR no one answers at, a port taken
         raise RefsrError(f"the ranks cannot meet at MASTER_ADDR={os.environ['MASTER_ADDR']} MASTER_PORT={port} "
                          f"({(str(e).splitlines() or [''])[0]})") from None
     return dist.get_rank(), world, device
+
+
+@contextlib.contextmanager
+def signals_end_the_wait():
+    """SIGINT and SIGTERM while torch waits in C++ for the other ranks (30 minutes by default): Python runs its
+    handlers only when that call returns, and a run whose other ranks never came was deaf to both. The signal
+    module's C handler still writes the signal's number to a wakeup fd, and a thread reading it ends the process
+    with the signal's line and exit code (nothing is written before the ranks have met)."""
+    import signal
+    import threading
+    from .report import SIGNAL_EXITS, error_line
+    read, write = os.pipe()
+    os.set_blocking(write, False)  # (as set_wakeup_fd asks: a full pipe must not block the handler)
+    try:
+        previous = signal.set_wakeup_fd(write)
+    except ValueError:  # not the main thread (train as a library): its host handles signals its own way
+        os.close(read), os.close(write)
+        yield
+        return
+    waiting = threading.Event()
+    waiting.set()
+
+    def watch():
+        while (number := os.read(read, 1)) and waiting.is_set():
+            if number[0] in SIGNAL_EXITS:
+                line, code = SIGNAL_EXITS[number[0]]
+                error_line(line)
+                os._exit(code)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        waiting.clear()
+        signal.set_wakeup_fd(previous)
+        os.close(write)  # (the watcher's read then ends)
+        watcher.join()
+        os.close(read)
+
+
+def peer_lost(e: RuntimeError) -> bool:
+    """Whether a collective failed because another rank is gone (gloo's "Connection closed by peer", NCCL's errors):
+    not a bug of this rank's."""
+    import torch.distributed as dist
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        words in str(e) for words in ("Connection closed by peer", "Connection reset by peer", "NCCL"))
 
 
 class Diverged(RefsrError):

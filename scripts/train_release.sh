@@ -35,5 +35,9 @@ for scale in $SCALES; do
         --batch "$TEXTURE_BATCH" --lr-patch "$patch" --learning-rate 2e-4 --modulation-lr-scale 10 \
         --imle-samples "$IMLE_SAMPLES" --val-every 250 --save-every 50 --device "$DEVICE" \
         --out "$OUT/texture-x$scale" -q
-    cp "$OUT/texture-x$scale/last.safetensors" "$OUT/refsr-x$scale.safetensors"
+    # Copied beside it, then renamed: with OUT=weights, a kill or a full disk mid-copy left the committed weights
+    # truncated.
+    tmp="$OUT/.refsr-x$scale.safetensors.tmp"
+    cp "$OUT/texture-x$scale/last.safetensors" "$tmp" || { rm -f "$tmp"; exit 1; }
+    mv -f "$tmp" "$OUT/refsr-x$scale.safetensors"
 done

@@ -3540,3 +3540,71 @@ def test_info_refuses_records_whose_redo_would_drop_part_of_them(tmp_path, check
     with pytest.raises(DamagedRecord, match="a walk between references with a seed"):
         check(record | {"from": record["from"] | {"seed": 5}})
 
+
+def test_train_waiting_for_ranks_that_never_come_ends_at_sigterm(tmp_path):
+    """init_process_group waits in C++ (30 minutes by default), where Python's handlers do not run: a train with
+    RANK=0 WORLD_SIZE=2 and no other rank ignored SIGTERM and SIGINT; only SIGKILL ended it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [str(a) for a in train_args(tmp_path, "--stage", "trunk")]
+    args[args.index("--scale"):args.index("--scale") + 2] = ["--scales", "2"]
+    env = os.environ | {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "refsr_cli", *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # rank 0 listens on MASTER_PORT once it waits for the others
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail("rank 0 never started to wait")
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 143
+    assert stderr == "refsr: error: terminated\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_that_stops_is_named_by_the_others_not_an_internal_error(tmp_path):
+    """gloo's "Connection closed by peer" when another rank died read "internal error, please report it"."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [str(a) for a in train_args(tmp_path, "--stage", "trunk")]
+    args[args.index("--scale"):args.index("--scale") + 2] = ["--scales", "2"]
+    args[args.index("--steps") + 1] = "100000"
+    ranks = [subprocess.Popen([sys.executable, "-m", "refsr_cli", *args], stderr=subprocess.PIPE, text=True,
+                              env=os.environ | {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+             for rank in (0, 1)]
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "run").exists() and time.monotonic() < deadline:  # the ranks have met
+            time.sleep(0.2)
+        time.sleep(3)
+        ranks[1].send_signal(signal.SIGKILL)  # as a crash
+        _, stderr = ranks[0].communicate(timeout=60)
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert ranks[0].returncode == 2, stderr  # (as train's other failures: a full disk, a diverged loss)
+    assert stderr.count("\n") == 1 and stderr.startswith("refsr: error: another rank of this run stopped"), stderr
+    assert "internal error" not in stderr and "--resume" in stderr

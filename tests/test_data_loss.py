@@ -288,3 +288,30 @@ def test_a_refused_overwrite_keeps_the_old_runs_state_and_log(tmp_path, checkpoi
     assert result.exit_code == 2
     one_error_line(result, "--lr-patch 100000")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_train_release_keeps_the_committed_weights_when_the_copy_fails(tmp_path):
+    """scripts/train_release.sh copied each finished checkpoint over OUT's refsr-xS.safetensors in place: with
+    OUT=weights, a copy cut midway (a kill, a full disk) left the committed weights truncated."""
+    repo, out = tmp_path / "repo", tmp_path / "repo" / "weights"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "scripts" / "train_release.sh").write_text((ROOT / "scripts" / "train_release.sh").read_text())
+    out.mkdir()
+    (out / "refsr-x2.safetensors").write_bytes(b"the committed weights")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    # refsr train: its --out's checkpoint; cp: half of the file, then a full disk.
+    (bin_ / "refsr").write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = --out ] && mkdir -p "$2" && '
+                                'echo "new weights, whole" > "$2/last.safetensors"; shift; done\nexit 0\n')
+    (bin_ / "cp").write_text('#!/bin/sh\nhead -c 5 "$1" > "$2"\necho "cp: No space left on device" >&2\nexit 1\n')
+    for tool in bin_.iterdir():
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    env = os.environ | {"PATH": f"{bin_}:{os.environ['PATH']}", "OUT": str(out), "SCALES": "2"}
+    done = subprocess.run(["bash", str(repo / "scripts" / "train_release.sh")], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode != 0, done.stderr
+    assert (out / "refsr-x2.safetensors").read_bytes() == b"the committed weights"
+    assert sorted(p.name for p in out.iterdir()) == ["refsr-x2.safetensors", "texture-x2", "trunk"]  # no temporary
+    (bin_ / "cp").unlink()  # and with a copy that works, the new weights take the name
+    assert subprocess.run(["bash", str(repo / "scripts" / "train_release.sh")], env=env).returncode == 0
+    assert (out / "refsr-x2.safetensors").read_text() == "new weights, whole\n"
