@@ -113,8 +113,9 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
         raise RefsrError(diverged_line(opt, e, saved[0])) from None
     except RuntimeError as e:
         if world > 1 and peer_lost(e):  # (it read "internal error, please report it")
-            raise RefsrError(f"another rank of this run stopped ({(str(e).splitlines() or [''])[0][:120]}); the last "
-                             "checkpoint is kept, continue with --resume") from None
+            raise RefsrError(f"another rank of this run stopped or cannot be reached "
+                             f"({(str(e).splitlines() or [''])[0][:120]}); the last checkpoint is kept, continue with "
+                             "--resume") from None
         raise
     finally:
         if log is not None:
@@ -459,7 +460,8 @@ def signals_end_the_wait():
     try:
         previous = signal.set_wakeup_fd(write)
     except ValueError:  # not the main thread (train as a library): its host handles signals its own way
-        os.close(read), os.close(write)
+        os.close(read)
+        os.close(write)
         yield
         return
     waiting = threading.Event()
@@ -485,11 +487,11 @@ def signals_end_the_wait():
 
 
 def peer_lost(e: RuntimeError) -> bool:
-    """Whether a collective failed because another rank is gone (gloo's "Connection closed by peer", NCCL's errors):
-    not a bug of this rank's."""
+    """Whether a collective failed because another rank is gone (torch's DistError, which NCCL's failures are, or
+    gloo's plain RuntimeError of a closed connection): not a bug of this rank's."""
     import torch.distributed as dist
     return isinstance(e, getattr(dist, "DistError", ())) or any(
-        words in str(e) for words in ("Connection closed by peer", "Connection reset by peer", "NCCL"))
+        words in str(e) for words in ("Connection closed by peer", "Connection reset by peer"))
 
 
 class Diverged(RefsrError):
