@@ -343,6 +343,7 @@ def resolve_weights(spec: str | None, scale: int | None) -> Path:
         raise RefsrError(f"{spec}: name the scale, or the file in the repository ({spec}:FILE)")
     path = download_from_hub(match["repo"], match["filename"] or default_filename(scale), match["revision"])
     if not path.is_file():  # the cache's copy made a FIFO or a link to /dev/zero (by hand): read, it would hang
-        raise RefsrError(f"{spec}: the Hugging Face cache's copy {path} is not a regular file; remove it to download "
-                         "it again")
+        # The file in the way, named: the snapshot's link is made again to a blob that is there, whatever it is.
+        raise RefsrError(f"{spec}: the Hugging Face cache's copy {os.path.realpath(path)} is not a regular file; "
+                         "remove it to download it again")
     return path

@@ -552,5 +552,6 @@ def walk_latent(first, last, t: float, from_prior: bool):
         raise RefsrError("walk_latent: the ends' z must be float tensors of one shape (as prior_z and reference_z "
                          "make them)")
     t = float(t)
-    z = slerp(first.z, last.z, t) if from_prior else first.z + t * (last.z - first.z)
+    with torch.no_grad():  # (reference_z's z is an inference tensor: beside one that requires grad, torch refused)
+        z = slerp(first.z, last.z, t) if from_prior else first.z + t * (last.z - first.z)
     return Latent(z, first.noise_seed, last.noise_seed if last.noise_seed != first.noise_seed else None, t)

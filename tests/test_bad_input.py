@@ -3608,3 +3608,20 @@ def test_a_rank_that_stops_is_named_by_the_others_not_an_internal_error(tmp_path
     assert ranks[0].returncode == 2, stderr  # (as train's other failures: a full disk, a diverged loss)
     assert stderr.count("\n") == 1 and stderr.startswith("refsr: error: another rank of this run stopped"), stderr
     assert "internal error" not in stderr and "--resume" in stderr
+
+
+# --- sweep 27b (the Python API and the Hub) ------------------------------------------------------------------------
+
+def test_a_walk_from_a_reference_z_to_a_z_that_requires_grad():
+    """reference_z's z is an inference tensor: a slerp to a z that requires grad was a raw 'Inference tensors cannot
+    be saved for backward'."""
+    from refsr_cli.engine import Latent, walk_latent
+    up = Upscaler(tiny_model(2), "cpu")
+    reference = up.reference_z(np.random.default_rng(0).random((48, 48, 3), dtype=np.float32), temperature=0.5)
+    z = torch.randn(reference.z.shape, requires_grad=True)
+    for ends in ((Latent(z, 0), reference), (reference, Latent(z, 0))):
+        for from_prior in (True, False):
+            middle = walk_latent(*ends, 0.5, from_prior)
+            assert middle.z.shape == reference.z.shape and torch.isfinite(middle.z).all()
+    lr = np.random.default_rng(1).random((12, 12, 3)).astype(np.float32)
+    assert up.upscale(lr, [walk_latent(Latent(z, 0), reference, 0.5, True)])[0].shape == (24, 24, 3)

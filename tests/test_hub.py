@@ -946,3 +946,25 @@ def test_the_python_push_refuses_a_path_object_that_gives_no_name(hub, monkeypat
         with pytest.raises(RefsrError, match="^files: P is not a file name"):
             refsr_hub.push([named], "me/q1")
     assert hub.count() == 0
+
+
+# --- sweep 27b ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_blob_that_is_not_a_file_is_named_as_the_file_to_remove(hub, checkpoints, kind):
+    """The line named the snapshot's link: removed as told, huggingface_hub linked it again to the blob that was still
+    there, and the same line came back for good."""
+    import os
+    from pathlib import Path
+    path = resolve_weights(f"{REPO}:tiny.safetensors", 2)
+    blob = Path(os.path.realpath(path))
+    blob.unlink()
+    if kind == "fifo":
+        os.mkfifo(blob)
+    else:
+        blob.mkdir()
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    named = message.split("copy ", 1)[1].split(" is not a regular file")[0]
+    assert Path(named) == blob, message
+    (os.remove if kind == "fifo" else os.rmdir)(named)  # as the line says
+    assert resolve_weights(f"{REPO}:tiny.safetensors", 2).read_bytes() == checkpoints[0]
