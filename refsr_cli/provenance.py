@@ -95,7 +95,7 @@ RECORD_TYPES = RUN_KEYS | {
     "seed": int,  # the draw (temperature > 0) and the grain
     "texture": str, "strength": (int, float),  # where the detail came from (absent: the learned branch), how much
     "format": str,  # the images' --format (absent: png)
-    "max_pixels": int,  # the --max-pixels the input passed (absent: the default)
+    "max_pixels": int,  # the --max-pixels the input passed (absent in older records: the default)
     "device": str, "half": bool,  # a GPU's run (absent: the CPU), in float16 (absent: float32)
     "reference": str, "reference_sha256": str,  # upscale --ref: one output per reference
     "references": list, "references_sha256": list, "match_map": bool,  # upscale --match [--match-map]
@@ -157,7 +157,9 @@ def check(record: dict) -> dict:
 # plain image) or be refused.
 ONLY_IN = {"frame": ("walk",), "frames": ("walk",), "from": ("walk",), "to": ("walk",), "animate": ("walk",),
            "references": ("upscale",), "references_sha256": ("upscale",), "match_map": ("upscale",),
-           "map": ("upscale",), "seeds": ("sample",), "reference_list": ("upscale", "sample")}
+           "map": ("upscale",), "seeds": ("sample",), "reference_list": ("upscale", "sample"),
+           # A walk's references and seeds are its ends' (from, to): one beside them was shown, and its redo dropped it.
+           "reference": ("upscale", "sample"), "reference_sha256": ("upscale", "sample"), "seed": ("upscale", "sample")}
 
 
 def file_names(record: dict) -> list:
@@ -177,6 +179,8 @@ def contradiction(record: dict) -> str | None:
         return "--match's map or references' sha256 without its references"
     if "reference_sha256" in record and "reference" not in record:
         return "a reference's sha256 without the reference"
+    if "reference" in record and {"references", "reference_list"} & set(record):  # (the redo names those alone)
+        return "one reference beside --match's references or a sheet's list of references"
     if "animate" in record and "sheet" in record:
         return "an animation and a contact sheet"
     if record.get("half") and "device" not in record:  # --half is refused on the CPU: its runs record a GPU
@@ -296,7 +300,9 @@ def shell_word(word: str) -> str:
     break or a byte that is not UTF-8, the $'...' quotes of bash and zsh, where the character is written as an
     escape, so that the command is one line (what `info` prints) that still names the file."""
     if not any(ord(c) in ESCAPES or 0xDC80 <= ord(c) <= 0xDCFF for c in word):
-        return shlex.quote(word)
+        # shlex leaves a leading "=" bare, and zsh reads =NAME as the path of the command NAME (=a.png: "a.png not
+        # found"; =python: /usr/bin/python). Bare, the word holds no quote.
+        return f"'{word}'" if word.startswith("=") and shlex.quote(word) == word else shlex.quote(word)
     # (A line break past ASCII as its UTF-8 bytes, \xc2\x85: bash reads \u0085 as those bytes only in a UTF-8 locale,
     # and as the text "\u0085" under LC_ALL=C, as cron and many containers run.)
     escaped = "".join("".join(f"\\x{b:02x}" for b in c.encode()) if ord(c) in ESCAPES

@@ -113,9 +113,11 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
         raise RefsrError(diverged_line(opt, e, saved[0])) from None
     except RuntimeError as e:
         if world > 1 and peer_lost(e):  # (it read "internal error, please report it")
-            raise RefsrError(f"another rank of this run stopped or cannot be reached "
-                             f"({(str(e).splitlines() or [''])[0][:120]}); the last checkpoint is kept, continue with "
-                             "--resume") from None
+            # gloo's first sentence, without its source file: "Connection closed by peer [127.0.0.1]:3492"
+            reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0][:120]
+            kept = ("; the last checkpoint is kept, continue with --resume" if state_path.is_file() else
+                    " before the run's first checkpoint: nothing to resume")  # (as a signal's line says)
+            raise RefsrError(f"another rank of this run stopped or cannot be reached ({reason}){kept}") from None
         raise
     finally:
         if log is not None:

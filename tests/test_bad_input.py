@@ -3607,7 +3607,11 @@ def test_a_rank_that_stops_is_named_by_the_others_not_an_internal_error(tmp_path
             rank.kill()
     assert ranks[0].returncode == 2, stderr  # (as train's other failures: a full disk, a diverged loss)
     assert stderr.count("\n") == 1 and stderr.startswith("refsr: error: another rank of this run stopped"), stderr
-    assert "internal error" not in stderr and "--resume" in stderr
+    assert "internal error" not in stderr and "pair.cc" not in stderr, stderr
+    # --resume only where there is a checkpoint to resume (it said so before the first one too)
+    from refsr_cli.train import STATE_FILE
+    saved = (tmp_path / "run" / STATE_FILE).is_file()
+    assert ("continue with --resume" in stderr) == saved and ("nothing to resume" in stderr) != saved, stderr
 
 
 # --- sweep 27b (the Python API and the Hub) ------------------------------------------------------------------------
@@ -3625,3 +3629,45 @@ def test_a_walk_from_a_reference_z_to_a_z_that_requires_grad():
             assert middle.z.shape == reference.z.shape and torch.isfinite(middle.z).all()
     lr = np.random.default_rng(1).random((12, 12, 3)).astype(np.float32)
     assert up.upscale(lr, [walk_latent(Latent(z, 0), reference, 0.5, True)])[0].shape == (24, 24, 3)
+
+
+# --- sweep 27a (the commands) --------------------------------------------------------------------------------------
+
+def test_a_redo_quotes_a_name_that_zsh_would_expand(tmp_path):
+    """shlex leaves a leading '=' bare, and zsh reads =NAME as the path of the command NAME: the redo of =a.png said
+    "a.png not found" in zsh (and =python would have named /usr/bin/python)."""
+    import shutil
+    import subprocess
+    from refsr_cli.provenance import shell_word
+    shells = [shell for shell in ("bash", "zsh", "dash") if shutil.which(shell)]
+    assert "bash" in shells
+    for name in ("=a.png", "=python", "a=b.png", "=it's.png"):
+        for shell in shells:
+            said = subprocess.run([shell, "-c", f"printf %s {shell_word(name)}"], capture_output=True, text=True)
+            assert said.stdout == name, (shell, name, said)
+
+
+def test_info_refuses_a_reference_or_seed_where_no_command_writes_one(tmp_path, checkpoint):
+    """A walk keeps its references and seeds in its ends, --match its references in a list, a sheet its references in
+    reference_list: a 'reference' or 'seed' beside them was shown by info, and dropped by its redo."""
+    from PIL import Image
+    from refsr_cli.provenance import DamagedRecord, check
+    lr = write_png(tmp_path / "a.png", 16, 16)
+    refs = [write_png(tmp_path / f"r{i}.png", 24, 24, seed=5 + i) for i in range(2)]
+
+    def record_of(*args):
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        assert run(*args, "--scale", 2, "--weights", checkpoint, "-o", out, "-q").exit_code == 0
+        return json.loads(Image.open(sorted(out.glob("*.png"))[0]).info["refsr"])
+
+    one = {"reference": str(refs[0]), "reference_sha256": "0" * 64}
+    walk = record_of("walk", lr, "--seed", 1, "--seed", 2, "--steps", 2)
+    match = record_of("upscale", lr, "--ref", refs[0], "--match")
+    assert run("sample", lr, "--ref", refs[0], "--ref", refs[1], "--n", 2, "--sheet", "--scale", 2, "--weights",
+               checkpoint, "-o", tmp_path / "sheet", "-q").exit_code == 0
+    sheet = json.loads(Image.open(next((tmp_path / "sheet").glob("*sheet*"))).info["refsr"])
+    for record in (walk, match, sheet):
+        check(record)  # as written
+    for edited in (walk | one, walk | {"seed": 9}, match | one, sheet | one):
+        with pytest.raises(DamagedRecord, match="no refsr command writes"):
+            check(edited)
