@@ -403,10 +403,7 @@ class Upscaler:
 
     @torch.inference_mode()
     def _upscale(self, lr, latents, transfer, alpha, grayscale, bits, on_tile) -> list:
-        # The network, its scale and placement are read by every helper a tile calls: one set meanwhile is refused,
-        # not taken up at the next tile (another x2 network's tiles mixed into the image, exit 0; an x4 one's raised
-        # deep inside).
-        network = (self.model, self.scale, self.device, self.dtype)
+        network = self.network()
         h, w = lr.shape[:2]
         s = self.scale
         # bits None: float32 values in [0, 1], unquantised (the base textures are pasted onto).
@@ -443,9 +440,7 @@ class Upscaler:
             batches = [decoded[i:i + group] for i in range(0, len(decoded), group)]
             batches += [textured[i:i + group] for i in range(0, len(textured), group)]
             for members in batches:
-                if self.model is not network[0] or (self.scale, self.device, self.dtype) != network[1:]:
-                    raise RefsrError("Upscaler: its model, scale, device or precision was set during this call (by "
-                                     "an on_tile callback, or another thread); set them between calls")
+                self.check_network(network)
                 if members[0] in conditions:  # decoded by the network
                     # Checked before the blend and the back-projection, whose clamp makes an overflow's inf a 0 or 1.
                     sr = self.finite_output(self.decode_together(patch, code, [conditions[i] for i in members],
@@ -456,21 +451,23 @@ class Upscaler:
                 else:  # textures by analogy
                     sr = self.textured_tile(faithful, textures, [place[i] for i in members], patch,
                                             (py0 * s, py1 * s, px0 * s, px1 * s), steps)
-                sr = sr[keep].float()
-                if not torch.isfinite(sr).all():  # (what was checked before the call holds a nan now: black pixels)
-                    raise RefsrError("an output tile is not finite numbers: a Texture's or Transfer's tensors were "
-                                     "set during this call (by an on_tile callback, or another thread)")
-                if grayscale:
-                    sr = (sr * LUMA.to(sr)).sum(1, keepdim=True)  # grayscale in, grayscale out
-                if extra is not None:
-                    sr = torch.cat([sr, extra.expand(len(sr), -1, -1, -1)], 1)
-                values = sr.mul_(peak) if bits is None else sr.mul_(peak).round_()
-                values = values.permute(0, 2, 3, 1).cpu().numpy()
+                values = tile_values(sr[keep], grayscale, extra, peak, quantise=bits is not None)
                 for i, value in zip(members, values):
                     outputs[i][y0 * s:y1 * s, x0 * s:x1 * s] = value
                     if on_tile is not None:
                         on_tile()
         return outputs
+
+    def network(self) -> tuple:
+        """What every helper a tile calls reads of this Upscaler: its network, scale, device and precision."""
+        return self.model, self.scale, self.device, self.dtype
+
+    def check_network(self, network: tuple) -> None:
+        """One set during a call (an on_tile callback, another thread) is refused, not taken up at the next tile
+        (another x2 network's tiles were mixed into the image, exit 0; an x4 one's raised deep inside)."""
+        if self.model is not network[0] or self.network()[1:] != network[1:]:
+            raise RefsrError("Upscaler: its model, scale, device or precision was set during this call (by an "
+                             "on_tile callback, or another thread); set them between calls")
 
     def textured_tile(self, faithful, textures, indices, patch, region, steps: int):
         """One padded tile (`region` of the output) of textures by analogy: the fidelity output, with each of
@@ -523,6 +520,21 @@ class Latents:
         if self.texture == "learned":
             return self.upscaler.reference_z(source, temperature, seed)
         return Texture(source, seed, temperature, self.strength)
+
+
+def tile_values(sr: torch.Tensor, grayscale: bool, extra, peak: float, quantise: bool) -> np.ndarray:
+    """A finished tile's outputs (N, 3, h, w) as the numbers of the output arrays (N, h, w, C): grayscale in,
+    grayscale out; the alpha (`extra`, upscaled on its own) beside; scaled to `peak`, and rounded when `quantise`."""
+    sr = sr.float()
+    if not torch.isfinite(sr).all():  # (what was checked before the call holds a nan now: black pixels, exit 0)
+        raise RefsrError("an output tile is not finite numbers: a Texture's or Transfer's tensors were set during "
+                         "this call (by an on_tile callback, or another thread)")
+    if grayscale:
+        sr = (sr * LUMA.to(sr)).sum(1, keepdim=True)
+    if extra is not None:
+        sr = torch.cat([sr, extra.expand(len(sr), -1, -1, -1)], 1)
+    values = sr.mul_(peak).round_() if quantise else sr.mul_(peak)
+    return values.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

@@ -113,11 +113,7 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
         raise RefsrError(diverged_line(opt, e, saved[0])) from None
     except RuntimeError as e:
         if world > 1 and peer_lost(e):  # (it read "internal error, please report it")
-            # gloo's first sentence, without its source file: "Connection closed by peer [127.0.0.1]:3492"
-            reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0][:120]
-            kept = ("; the last checkpoint is kept, continue with --resume" if state_path.is_file() else
-                    " before the run's first checkpoint: nothing to resume")  # (as a signal's line says)
-            raise RefsrError(f"another rank of this run stopped or cannot be reached ({reason}){kept}") from None
+            raise RefsrError(lost_rank_line(e, state_path)) from None
         raise
     finally:
         if log is not None:
@@ -494,6 +490,15 @@ def peer_lost(e: RuntimeError) -> bool:
     import torch.distributed as dist
     return isinstance(e, getattr(dist, "DistError", ())) or any(
         words in str(e) for words in ("Connection closed by peer", "Connection reset by peer"))
+
+
+def lost_rank_line(e: RuntimeError, state_path: Path) -> str:
+    """What a rank whose peer is gone says: gloo's first sentence, without its source file ("Connection closed by
+    peer [127.0.0.1]:3492"), and whether there is a checkpoint to resume, as a signal's line says."""
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0]).split(". ")[0][:120]
+    kept = ("; the last checkpoint is kept, continue with --resume" if state_path.is_file() else
+            " before the run's first checkpoint: nothing to resume")
+    return f"another rank of this run stopped or cannot be reached ({reason}){kept}"
 
 
 class Diverged(RefsrError):
