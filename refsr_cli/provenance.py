@@ -138,10 +138,13 @@ def check(record: dict) -> dict:
         if key in CHOICES and value not in CHOICES[key]:
             raise DamagedRecord(f"its refsr record's {key!r} is {short(value)}, not one of {CHOICES[key]}")
     for end in (record.get("from"), record.get("to")):
-        # A walk end is a reference (named as `walk --ref` named it), or else a seed; with no key of its own.
+        # A walk end is a reference (named as `walk --ref` named it, with its sha256), or else a seed; with no key of
+        # its own, and each of its keys of the type the top level's is (a seed end's sha256 was shown, and dropped).
         if end is not None and not (set(end) <= WALK_END_KEYS and (
                 of_type(end["reference"], str) if "reference" in end
-                else of_type(end.get("seed"), int) and 0 <= end["seed"] <= MAX_SEED)):
+                else "reference_sha256" not in end and "seed" in end)
+                and of_type(end.get("reference_sha256", ""), str)
+                and ("seed" not in end or of_type(end["seed"], int) and 0 <= end["seed"] <= MAX_SEED)):
             raise DamagedRecord(f"its refsr record's walk end {short(end)} is neither a seed nor a reference")
     for key, name in file_names(record):
         # No file has such a name: the redo would name another (bash ends a word at a NUL) or be refused.
@@ -192,6 +195,8 @@ def contradiction(record: dict) -> str | None:
     if "frame" in record and ("sheet" in record or "animate" in record or record["frame"] >= record.get("frames", 0)):
         return "a walk's frame in a contact sheet or an animation, or past the walk's frames"
     seeds = record.get("seeds")
+    if seeds is not None and (not seeds or record.get("seed", seeds[0]) != seeds[0]):  # (the redo's --n, --seed)
+        return "a sheet's seeds that are none, or that do not start at its --seed"
     if seeds and seeds != list(range(seeds[0], seeds[0] + len(seeds))):
         return "seeds that are not --seed, --seed + 1, ..."  # sample --n N --seed S draws S .. S + N - 1
     if "map" in record and ("references" not in record or not record.get("match_map")):

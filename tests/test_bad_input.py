@@ -3671,3 +3671,32 @@ def test_info_refuses_a_reference_or_seed_where_no_command_writes_one(tmp_path, 
     for edited in (walk | one, walk | {"seed": 9}, match | one, sheet | one):
         with pytest.raises(DamagedRecord, match="no refsr command writes"):
             check(edited)
+
+
+# --- sweep 28a (the commands) --------------------------------------------------------------------------------------
+
+def test_info_checks_a_sheets_seeds_and_a_walk_ends_keys(tmp_path, checkpoint):
+    """A sample sheet's seed beside seeds that do not start at it, or no seeds at all; a walk's seed end holding a
+    reference's sha256; an end's sha256 or seed of another type: shown by info, dropped or misread by the redo."""
+    from PIL import Image
+    from refsr_cli.provenance import DamagedRecord, check
+    lr = write_png(tmp_path / "a.png", 16, 16)
+    refs = [write_png(tmp_path / f"r{i}.png", 24, 24, seed=5 + i) for i in range(2)]
+
+    def record_of(name, *args):
+        assert run(*args, "--scale", 2, "--weights", checkpoint, "-o", tmp_path / name, "-q").exit_code == 0
+        return json.loads(Image.open(sorted((tmp_path / name).glob("*.png"))[-1]).info["refsr"])
+
+    sheet = record_of("sheet", "sample", lr, "--n", 3, "--sheet")
+    seeds = record_of("seeds", "walk", lr, "--seed", 1, "--seed", 2, "--steps", 2)
+    references = record_of("refs", "walk", lr, "--ref", refs[0], "--ref", refs[1], "--steps", 2)
+    for record in (sheet, seeds, references):
+        check(record)  # as written
+    for edited in (sheet | {"seed": 7}, sheet | {"seeds": [], "sheet": []},
+                   seeds | {"to": seeds["to"] | {"reference_sha256": "0" * 64}},
+                   references | {"from": references["from"] | {"reference_sha256": 5}},
+                   references | {"from": references["from"] | {"seed": False}},
+                   references | {"from": references["from"] | {"reference_sha256": None}},
+                   seeds | {"to": {"seed": 2.0}}):
+        with pytest.raises(DamagedRecord):
+            check(edited)
