@@ -1,5 +1,6 @@
 """The `refsr` command (`python -m refsr_cli`, and the script pyproject.toml installs)."""
 import os
+import signal
 import sys
 
 
@@ -13,6 +14,10 @@ def run():
         except OSError:  # stderr closed
             pass
         sys.exit(130)
+    finally:
+        # The command has said what it did and is exiting: a second Ctrl-C now would raise inside torch's atexit
+        # finalisers, a traceback after the command's line.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

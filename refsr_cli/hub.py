@@ -135,7 +135,8 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
                     warning_line(f"{where}: {warning.message}")
     except (OSError, EntryNotFoundError, ValueError, OverflowError, KeyError, AttributeError, TypeError,
             *http_client_errors()) as e:
-        raise RefsrError(f"{where}: {download_trouble(e, constants)}") from None
+        raise RefsrError(f"{where}: {download_trouble(e, constants)}{cached_elsewhere(e, repo, filename, revision)}"
+                         ) from None
     commit = path.parents[len(PurePosixPath(filename).parts) - 1].name  # the snapshot's: what the record pins
     if COMMIT_HASH.fullmatch(revision or "") and commit != revision:
         raise RefsrError(f"{where}: the server answered with commit {commit[:40]} for commit {revision}: it is not "
@@ -184,6 +185,29 @@ def ref_kept_on_failure(cache: str, repo: str, filename: str, revision: str | No
             except OSError:  # (a cache that cannot be written: the download's own error says more)
                 temporary.unlink(missing_ok=True)
         raise
+
+
+def cached_elsewhere(e: Exception, repo: str, filename: str, revision: str | None) -> str:
+    """For a file "not in the local cache" that the cache holds for another commit: which, and how to use it. A
+    download killed outright (SIGKILL, the OOM killer: ref_kept_on_failure cannot run) leaves refs/REVISION naming
+    a commit whose file never came, and the copy before it out of reach by name."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.file_download import repo_folder_name
+    if not isinstance(e, LocalEntryNotFoundError) or revision is not None and COMMIT_HASH.fullmatch(revision):
+        return ""
+    from huggingface_hub import constants
+    try:
+        snapshots = Path(expanded(constants.HF_HUB_CACHE)) / repo_folder_name(repo_id=repo, repo_type="model") / \
+            "snapshots"
+        held = [(os.lstat(folder / filename).st_mtime, folder.name) for folder in snapshots.iterdir()
+                if COMMIT_HASH.fullmatch(folder.name) and os.path.lexists(folder / filename)]
+    except (OSError, RefsrError):
+        return ""
+    if not held:
+        return ""
+    commit = max(held)[1]
+    return (f"; the cache holds it for commit {commit[:12]} (a download of another was cut): --weights "
+            f"{repo}@{commit}:{filename} uses that copy")
 
 
 def asked_etag(repo: str, filename: str, revision: str | None) -> list:

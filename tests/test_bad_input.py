@@ -3673,6 +3673,24 @@ def test_info_refuses_a_reference_or_seed_where_no_command_writes_one(tmp_path, 
             check(edited)
 
 
+def test_a_second_ctrl_c_while_refsr_exits_is_no_traceback(tmp_path, checkpoint):
+    """The command had said its line; a Ctrl-C after it (a second press) raised KeyboardInterrupt inside torch's
+    atexit finalisers: "Exception ignored in atexit callback ... KeyboardInterrupt", a traceback."""
+    import subprocess
+    import sys
+    lr = write_png(tmp_path / "in.png", 12, 12)
+    code = ("import atexit, os, signal, sys, time\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))\n"
+            f"sys.argv = ['refsr', 'upscale', {str(lr)!r}, '--scale', '2', '--weights', {str(checkpoint)!r}, '-o', "
+            f"{str(tmp_path / 'out')!r}, '-q']\n"
+            "import torch\n"  # (its finalisers run after the handler above: atexit runs last in, first out)
+            "from refsr_cli.__main__ import run\n"
+            "run()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert (tmp_path / "out" / "in_x2.png").is_file()
+
+
 # --- sweep 28a (the commands) --------------------------------------------------------------------------------------
 
 def test_info_checks_a_sheets_seeds_and_a_walk_ends_keys(tmp_path, checkpoint):

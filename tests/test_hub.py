@@ -968,3 +968,23 @@ def test_a_blob_that_is_not_a_file_is_named_as_the_file_to_remove(hub, checkpoin
     assert Path(named) == blob, message
     (os.remove if kind == "fifo" else os.rmdir)(named)  # as the line says
     assert resolve_weights(f"{REPO}:tiny.safetensors", 2).read_bytes() == checkpoints[0]
+
+
+# --- sweep 28b ------------------------------------------------------------------------------------------------------
+
+def test_a_download_killed_outright_names_the_cached_commit_to_pin(hub, checkpoints, monkeypatch):
+    """SIGKILL (or the OOM killer) mid-download leaves refs/main naming the new commit, which ref_kept_on_failure
+    cannot set back: offline, "not in the local cache" was false (the commit before was cached whole) and its advice
+    did not help. The line names the cached commit, and pinning it loads that copy."""
+    import contextlib
+    from refsr_cli import hub as refsr_hub
+    resolve_weights(f"{REPO}:tiny.safetensors", 2)
+    hub.add_revision(REPO, "main", {"tiny.safetensors": checkpoints[1]})
+    hub.cut_downloads = True
+    monkeypatch.setattr(refsr_hub, "ref_kept_on_failure", lambda *args: contextlib.nullcontext())  # killed: no unwind
+    hub_error(f"{REPO}:tiny.safetensors")
+    set_offline(monkeypatch, True)
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert "not in the local cache" in message and "the cache holds it for commit" in message, message
+    pinned = message.split("--weights ", 1)[1].split(" uses")[0]
+    assert resolve_weights(pinned, 2).read_bytes() == checkpoints[0]
