@@ -100,11 +100,24 @@ def read_unchanged(path, read):
     was read (another process saving it) is refused rather than recorded under the other file's hash (whose redo
     would make another image)."""
     from .errors import RefsrError
+    # And which file it is, as written: a file replaced and then replaced back with the same bytes (a script saving
+    # two models in turn) passed the hash, with the other file's tensors read in between, recorded under this hash.
+    identity = file_identity(path)
     before = sha256_of(path)
     value = read(path)
-    if sha256_of(path) != before:
+    if sha256_of(path) != before or file_identity(path) != identity:
         raise RefsrError(f"{path}: changed while it was read (another process saving it?); run again")
     return value, before
+
+
+def file_identity(path) -> tuple | None:
+    """(device, inode, size, modification time) of the file at `path`, or None when there is none: another file put
+    there, or this one written in place, changes it (reading it does not)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def sha256_of(path) -> str | None:

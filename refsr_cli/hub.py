@@ -188,26 +188,28 @@ def ref_kept_on_failure(cache: str, repo: str, filename: str, revision: str | No
 
 
 def cached_elsewhere(e: Exception, repo: str, filename: str, revision: str | None) -> str:
-    """For a file "not in the local cache" that the cache holds for another commit: which, and how to use it. A
-    download killed outright (SIGKILL, the OOM killer: ref_kept_on_failure cannot run) leaves refs/REVISION naming
-    a commit whose file never came, and the copy before it out of reach by name."""
+    """For a file "not in the local cache" whose revision the cache names a commit without a copy of it (a download
+    killed outright, SIGKILL or the OOM killer, where ref_kept_on_failure cannot run): the commits the cache does
+    hold a copy for, and how to pin one. Which of them the revision named before is not recorded anywhere."""
     from huggingface_hub.errors import LocalEntryNotFoundError
     from huggingface_hub.file_download import repo_folder_name
     if not isinstance(e, LocalEntryNotFoundError) or revision is not None and COMMIT_HASH.fullmatch(revision):
         return ""
     from huggingface_hub import constants
     try:
-        snapshots = Path(expanded(constants.HF_HUB_CACHE)) / repo_folder_name(repo_id=repo, repo_type="model") / \
-            "snapshots"
-        held = [(os.lstat(folder / filename).st_mtime, folder.name) for folder in snapshots.iterdir()
-                if COMMIT_HASH.fullmatch(folder.name) and os.path.lexists(folder / filename)]
-    except (OSError, RefsrError):
+        storage = Path(expanded(constants.HF_HUB_CACHE)) / repo_folder_name(repo_id=repo, repo_type="model")
+        named = (storage / "refs" / (revision or "main")).read_text().strip()
+        held = sorted(((folder / filename).stat().st_mtime, folder.name) for folder in (storage / "snapshots").iterdir()
+                      if COMMIT_HASH.fullmatch(folder.name) and (folder / filename).is_file())  # (a link to a blob)
+        refs = {path.read_text().strip(): path.relative_to(storage / "refs").as_posix()
+                for path in (storage / "refs").rglob("*") if path.is_file()}
+    except (OSError, UnicodeDecodeError, RefsrError):
         return ""
-    if not held:
+    if not held or any(commit == named for _, commit in held):
         return ""
-    commit = max(held)[1]
-    return (f"; the cache holds it for commit {commit[:12]} (a download of another was cut): --weights "
-            f"{repo}@{commit}:{filename} uses that copy")
+    shown = ", ".join(commit + (f" ({refs[commit]})" if commit in refs else "") for _, commit in reversed(held))
+    return (f"; {revision or 'main'} names commit {named[:12]}, whose copy never came, and the cache holds copies for "
+            f"commit {shown}: --weights {repo}@COMMIT:{filename} pins one")
 
 
 def asked_etag(repo: str, filename: str, revision: str | None) -> list:

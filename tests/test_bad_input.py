@@ -3718,3 +3718,35 @@ def test_info_checks_a_sheets_seeds_and_a_walk_ends_keys(tmp_path, checkpoint):
                    seeds | {"to": {"seed": 2.0}}):
         with pytest.raises(DamagedRecord):
             check(edited)
+
+
+# --- sweep 29b (the Python API and the Hub) ------------------------------------------------------------------------
+
+def test_weights_replaced_and_replaced_back_while_read_are_refused(tmp_path, monkeypatch):
+    """The file was hashed before and after its reads, by name: replaced by another save and then by one of the same
+    bytes as before (a script saving two models in turn), it passed, with the other file's tensors in hand, recorded
+    under this file's sha256."""
+    import os
+    import shutil
+    from refsr_cli import checkpoint
+    from refsr_cli.errors import RefsrError
+    live, a, b = tmp_path / "live.safetensors", tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_model(tiny_model(2, seed=0), a)
+    save_model(tiny_model(2, seed=1), b)
+    shutil.copy(a, live)
+    real = checkpoint.read_checked
+
+    def swapping(path, scale):
+        shutil.copy(b, tmp_path / "next")
+        os.replace(tmp_path / "next", live)  # another save: b
+        read = real(path, scale)
+        shutil.copy(a, tmp_path / "next")
+        os.replace(tmp_path / "next", live)  # and a again, byte for byte
+        return read
+
+    monkeypatch.setattr(checkpoint, "read_checked", swapping)
+    with pytest.raises(RefsrError, match="changed while it was read"):
+        load_weights(live, 2)
+    monkeypatch.setattr(checkpoint, "read_checked", real)
+    assert load_weights(live, 2).sha256 == load_weights(a, 2).sha256
+

@@ -985,6 +985,31 @@ def test_a_download_killed_outright_names_the_cached_commit_to_pin(hub, checkpoi
     hub_error(f"{REPO}:tiny.safetensors")
     set_offline(monkeypatch, True)
     message = hub_error(f"{REPO}:tiny.safetensors")
-    assert "not in the local cache" in message and "the cache holds it for commit" in message, message
-    pinned = message.split("--weights ", 1)[1].split(" uses")[0]
-    assert resolve_weights(pinned, 2).read_bytes() == checkpoints[0]
+    assert "not in the local cache" in message and "the cache holds copies for commit" in message, message
+    commit = message.split("copies for commit ", 1)[1].split(":", 1)[0]
+    assert resolve_weights(f"{REPO}@{commit}:tiny.safetensors", 2).read_bytes() == checkpoints[0]
+
+
+def test_the_cached_commit_hint_names_only_copies_that_are_there(hub, checkpoints, monkeypatch):
+    """The hint named a snapshot whose blob was gone (a dangling link), and named a tag's commit for main when main
+    was never downloaded ("a download of another was cut", which nothing was)."""
+    import contextlib
+    import os
+    from pathlib import Path
+    from refsr_cli import hub as refsr_hub
+    tag = resolve_weights(f"{REPO}@v1:tiny.safetensors", 2)  # only the tag's copy
+    set_offline(monkeypatch, True)
+    assert "copies for commit" not in hub_error(f"{REPO}:tiny.safetensors")  # main was never downloaded
+    set_offline(monkeypatch, False)
+    resolve_weights(f"{REPO}:tiny.safetensors", 2)
+    hub.add_revision(REPO, "main", {"tiny.safetensors": checkpoints[1]})
+    hub.cut_downloads = True
+    monkeypatch.setattr(refsr_hub, "ref_kept_on_failure", lambda *args: contextlib.nullcontext())
+    hub_error(f"{REPO}:tiny.safetensors")
+    set_offline(monkeypatch, True)
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert f"{tag.parent.name} (v1)" in message, message  # the tag's copy, named as the tag's
+    main_copy = next(p for p in (hub.cache).rglob("snapshots/*/tiny.safetensors") if p.parent != tag.parent)
+    Path(os.path.realpath(main_copy)).unlink()  # its blob gone: the link dangles
+    message = hub_error(f"{REPO}:tiny.safetensors")
+    assert main_copy.parent.name not in message and tag.parent.name in message, message
