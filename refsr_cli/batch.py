@@ -125,16 +125,29 @@ def failure_line(lr_path: Path, e: Exception) -> str:
     return f"{lr_path}: {name_trouble(e) or f'internal error, please report it ({type(e).__name__}: {e})'}"
 
 
+def tiles_of(opt: BatchOptions, ref_paths: list, seeds) -> int:
+    """The images a run makes of each input, or the tiles of its --sheet: a walk's frames, --n draws of each
+    reference (or of the prior), one of all --match's references, one of each reference."""
+    return (opt.walk if opt.walk is not None else len(dict.fromkeys(seeds)) * max(len(ref_paths), 1)
+            if seeds is not None else 1 if opt.match else max(len(ref_paths), 1))
+
+
+def check_sheet_tiles(tiles: int) -> None:
+    if tiles > MAX_SHEET_TILES:
+        raise RefsrError(f"--sheet: a contact sheet holds at most {MAX_SHEET_TILES} tiles (each 256 px at 100 %), "
+                         f"and this run gives {tiles}; write the images, or fewer")
+
+
 def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchOptions) -> Plan:
     """Everything that does not depend on the input: the engine, each reference encoded once, the variants, the
     provenance they share. A RefsrError here means nothing could start."""
     check_flags(opt, refs, seeds)
     folder, single, ext = plan_outputs(opt.out, opt.fmt)
     ref_paths = expand_inputs(refs, skip_outputs=True) if refs else []  # a folder of references: not our outputs
-    # (sample --ref: --n draws of each reference)
-    images = (1 if opt.sheet else opt.walk if opt.walk is not None
-              else len(seeds) * max(len(ref_paths), 1) if seeds is not None
-              else 1 if opt.match else max(len(ref_paths), 1))
+    tiles = tiles_of(opt, ref_paths, seeds)
+    if opt.sheet:  # before any reference is read (110 were read and encoded first: minutes, their banks all held)
+        check_sheet_tiles(tiles)
+    images = 1 if opt.sheet else tiles
     planned = len(lr_paths) * (images + opt.match_map + bool(opt.animate))
     if single is not None and planned > 1:
         raise RefsrError(f"-o {opt.out} names one file, but this run writes {planned}; give a folder")
@@ -171,9 +184,8 @@ def make_plan(report: Reporter, command: str, lr_paths, refs, seeds, opt: BatchO
             raise RefsrError(f"--ref {ref_paths[0]} and --ref {ref_paths[1]} are the same image; a walk goes between "
                              "two different ones")
         plan.variants = walk_variants(plan.variants, opt.walk, from_prior=seeds is not None)
-    if opt.sheet and len(plan.variants) > MAX_SHEET_TILES:
-        raise RefsrError(f"--sheet: a contact sheet holds at most {MAX_SHEET_TILES} tiles (each 256 px at 100 %), "
-                         f"and this run gives {len(plan.variants)}; write the images, or fewer")
+    if opt.sheet:
+        check_sheet_tiles(len(plan.variants))
     if (opt.texture == "learned" and not upscaler.texture_trained
             and (any(v.latent is not None for v in plan.variants) or opt.temperature > 0)):
         report.warn("these weights come from the trunk stage, whose texture branch is untrained: every sample "

@@ -81,12 +81,13 @@ def check_others_sidecars(plan, stem: str, outputs: list, record: dict) -> None:
     """Refuse to write images anew beside a sidecar of theirs this run does not write, unless it tells of these very
     images: it would be left telling of another run's (other references, other seeds). A sidecar of other files
     (another --format's, or beside the folder's images where -o names one file) is not theirs, nor is a file that
-    holds no record of refsr's."""
+    holds no record of refsr's, or one of an image, not a sidecar."""
     if plan.single is not None or not any(o.todo and o.kind == "image" for o in outputs):
         return
     for path, fields in others_sidecars(plan, stem):
         told = record_of(path) if os.path.isfile(path) else None
-        if told is None or told.get("format", "png") != record.get("format"):
+        # Not a sidecar at all: another image of refsr's that took the name (an output of --ref match_map.png).
+        if told is None or told.get("format", "png") != record.get("format") or not {"map", "animate"} & set(told):
             continue
         if not same_record(told, record | fields, {"match_map", "tile"}):
             what = "map" if path.name.endswith("_map.png") else "animation"

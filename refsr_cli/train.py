@@ -207,7 +207,8 @@ def claim_run_folder(opt: TrainOptions, state_path: Path) -> "Claimed":
     temporary files a killed run of ours left. Returns the run's files as claimed."""
     written = run_files(opt, state_path)
     if not opt.resume and not opt.overwrite:
-        held = [p for p in sorted(written) if p.exists()]
+        # (Another scale's checkpoint too: a fresh --scales 2 wrote x2 beside a run's x8, two runs in one folder.)
+        held = [p for p in sorted({*written, *(opt.out / f"x{s}.safetensors" for s in SCALES)}) if p.exists()]
         if held:
             raise RefsrError(f"{opt.out} holds a run already ({held[0].name}): --resume it, --overwrite it, or give "
                              "another --out")

@@ -3750,3 +3750,58 @@ def test_weights_replaced_and_replaced_back_while_read_are_refused(tmp_path, mon
     monkeypatch.setattr(checkpoint, "read_checked", real)
     assert load_weights(live, 2).sha256 == load_weights(a, 2).sha256
 
+
+# --- sweep 29a (the commands) --------------------------------------------------------------------------------------
+
+def test_a_fresh_train_refuses_an_out_holding_another_scales_checkpoint(tmp_path, checkpoint):
+    """The check listed only this run's own --scales: a fresh --scales 2 wrote x2 beside a run's x8, exit 0, two
+    runs in one folder."""
+    import shutil
+    (tmp_path / "run").mkdir()
+    shutil.copy(checkpoint, tmp_path / "run" / "x8.safetensors")
+    before = (tmp_path / "run" / "x8.safetensors").read_bytes()
+    args = [str(a) for a in train_args(tmp_path, "--stage", "trunk")]
+    args[args.index("--scale"):args.index("--scale") + 2] = ["--scales", "2"]
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    one_error_line(result, "holds a run already", "x8.safetensors")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["x8.safetensors"]
+    assert (tmp_path / "run" / "x8.safetensors").read_bytes() == before
+
+
+def test_an_image_at_a_sidecars_name_is_not_taken_for_another_runs_sidecar(tmp_path, checkpoint):
+    """A reference output of --ref match_map.png is named a_x2_match_map.png: a --match run beside it was refused
+    as writing images anew beside "another run's map" (and --match-map then said "exists")."""
+    lr = write_png(tmp_path / "a.png", 16, 16)
+    (tmp_path / "mm").mkdir()
+    ref = write_png(tmp_path / "mm" / "match_map.png", 40, 40, seed=3)
+    out = tmp_path / "out"
+    assert run("upscale", lr, "--ref", ref, "--scale", 2, "--weights", checkpoint, "-o", out, "-q").exit_code == 0
+    assert (out / "a_x2_match_map.png").is_file()
+    before = (out / "a_x2_match_map.png").read_bytes()
+    result = run("upscale", lr, "--ref", ref, "--match", "--scale", 2, "--weights", checkpoint, "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert (out / "a_x2_match.png").is_file() and (out / "a_x2_match_map.png").read_bytes() == before
+
+
+def test_a_sheet_of_too_many_references_is_refused_before_any_is_read(tmp_path, checkpoint, monkeypatch):
+    """The tile count was checked after every reference had been read and encoded (110 references: 1m43s, and all
+    their banks held), though it is known from the names alone."""
+    from refsr_cli import batch
+    lr = write_png(tmp_path / "a.png", 16, 16)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(101):
+        write_png(refs / f"r{i:03d}.png", 8, 8, seed=i)
+    read = []
+    real = batch.read_unchanged
+    monkeypatch.setattr(batch, "read_unchanged", lambda path, how: (read.append(path), real(path, how))[1])
+    for command in (("upscale",), ("sample", "--n", 1)):
+        result = run(*command, lr, "--ref", refs, "--sheet", "--scale", 2, "--weights", checkpoint, "-o",
+                     tmp_path / "out", "-q")
+        assert result.exit_code == 2, result.output
+        one_error_line(result, "at most 100 tiles", "gives 101")
+    assert read == []
+    result = run("upscale", lr, "--ref", refs, "--match", "--sheet", "--scale", 2, "--weights", checkpoint, "-o",
+                 tmp_path / "m", "-q")  # --match: one output of all the references, one tile
+    assert "at most 100 tiles" not in result.stderr and read, result.output
