@@ -434,7 +434,7 @@ def train(quiet, **options):
     """Train refsr's networks on a folder of HR photos; checkpoints load directly with --weights."""
     torch = torch_imported()
     from .errors import RefsrError
-    from .train import STATE_FILE, train as run_training
+    from .train import STATE_FILE, RankLost, train as run_training
     options["scale"] = int(options["scale"])
     options["data"], options["refs"] = list(options["data"]), list(options["refs"]) or None
     options["init"] = list(options["init"]) or None
@@ -461,6 +461,11 @@ def train(quiet, **options):
                     info = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k not in val)
                     bar.update(task, completed=step, info=info + f" | {rate:.2f} step/s")
                 last = run_training(opt, report)
+    except RankLost as e:  # (its run's files are closed and its lock given back: the unwinding did that)
+        from .report import error_line
+        error_line(str(e))
+        sys.stdout.flush()
+        os._exit(2)
     except RefsrError as e:
         fail(str(e))
     except (KeyboardInterrupt, Terminated) as e:

@@ -113,7 +113,7 @@ def run(opt: TrainOptions, rank: int, world: int, device, state_path: Path, prog
         raise RefsrError(diverged_line(opt, e, saved[0])) from None
     except RuntimeError as e:
         if world > 1 and peer_lost(e):  # (it read "internal error, please report it")
-            raise RefsrError(lost_rank_line(e, state_path)) from None
+            raise RankLost(lost_rank_line(e, state_path)) from None
         raise
     finally:
         if log is not None:
@@ -491,6 +491,11 @@ def peer_lost(e: RuntimeError) -> bool:
     import torch.distributed as dist
     return isinstance(e, getattr(dist, "DistError", ())) or any(
         words in str(e) for words in ("Connection closed by peer", "Connection reset by peer"))
+
+
+class RankLost(RefsrError):
+    """A collective failed because another rank is gone. The process group is then broken: the command ends this
+    process at once after its line (at the interpreter's exit, gloo's threads aborted it, exit -6 for 2)."""
 
 
 def lost_rank_line(e: RuntimeError, state_path: Path) -> str:
