@@ -107,7 +107,7 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     A cached copy whose bytes are not the ones the Hub named is refused (check_cache_copy)."""
     constants = import_hub()
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     where = f"{repo}{'@' + revision if revision else ''}:{filename}"
     # A folder, not a file of it (as written: PurePosixPath reads "FILE/." as FILE, which huggingface_hub then made
     # a folder in the cache, in the way of FILE's every later download).
@@ -123,9 +123,11 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
     except RefsrError as e:
         raise RefsrError(f"{where}: cannot use the Hugging Face cache ({e}); HF_HOME or HF_HUB_CACHE choose another "
                          "folder") from None
+    pinned = COMMIT_HASH.fullmatch(revision or "") is not None
+    ref_name = None if pinned else revision or "main"  # the cache's refs/ file of the revision (a commit has none)
     try:
         with hub_fails_fast(), answers_seen() as answers, warnings.catch_warnings(record=True) as said, \
-                ref_kept_on_failure(constants.HF_HUB_CACHE, repo, filename, revision):
+                ref_kept_on_failure(repo, filename, ref_name):
             warnings.simplefilter("always")
             try:
                 path = Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision,
@@ -135,46 +137,53 @@ def download_from_hub(repo: str, filename: str, revision: str | None) -> Path:
                     warning_line(f"{where}: {warning.message}")
     except (OSError, EntryNotFoundError, ValueError, OverflowError, KeyError, AttributeError, TypeError,
             *http_client_errors()) as e:
-        raise RefsrError(f"{where}: {download_trouble(e, constants)}{cached_elsewhere(e, repo, filename, revision)}"
-                         ) from None
+        hint = cached_elsewhere(repo, filename, ref_name) if isinstance(e, LocalEntryNotFoundError) else ""
+        raise RefsrError(f"{where}: {download_trouble(e, constants)}{hint}") from None
     commit = path.parents[len(PurePosixPath(filename).parts) - 1].name  # the snapshot's: what the record pins
-    if COMMIT_HASH.fullmatch(revision or "") and commit != revision:
+    if pinned and commit != revision:
         raise RefsrError(f"{where}: the server answered with commit {commit[:40]} for commit {revision}: it is not "
                          "answering as the Hub does (is HF_ENDPOINT a Hugging Face Hub?)")
     # A commit's hash that is cached is returned without asking the Hub (any other revision, it asks: no answer
     # then is a Hub that did not give one, not to be asked again).
-    if not answers and not constants.HF_HUB_OFFLINE and COMMIT_HASH.fullmatch(revision or ""):
+    if not answers and not constants.HF_HUB_OFFLINE and pinned:
         answers = asked_etag(repo, filename, revision)
     etag = getattr(answers[-1], "etag", None) if answers else None
     check_cache_copy(path, filename, where, etag if isinstance(etag, str) else None)
     return path
 
 
+def cached_repository(repo: str) -> Path:
+    """The Hugging Face cache's folder of `repo` (models--owner--name: its refs/, snapshots/ and blobs/)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+    return Path(expanded(constants.HF_HUB_CACHE)) / repo_folder_name(repo_id=repo, repo_type="model")
+
+
+def commit_named(ref: Path) -> str | None:
+    """The commit a cache's refs/NAME file names, or None (none there, or not readable)."""
+    try:
+        return ref.read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 @contextmanager
-def ref_kept_on_failure(cache: str, repo: str, filename: str, revision: str | None):
-    """huggingface_hub moves the cache's refs/REVISION to the commit the Hub names before it downloads that commit's
+def ref_kept_on_failure(repo: str, filename: str, ref_name: str | None):
+    """huggingface_hub moves the cache's refs/REF_NAME to the commit the Hub names before it downloads that commit's
     file: a download cut then (Ctrl-C, a dropped connection) left the file cached for the commit before out of reach
     (offline, or with the Hub down: "not in the local cache", where HF_HUB_OFFLINE=1 was the advice). So when the
     download fails, the ref is set back, if the commit it names now has no copy of the file and the one before has
-    (one that another process has since downloaded whole is left as it is)."""
-    if revision is not None and COMMIT_HASH.fullmatch(revision):  # (no ref: a commit is its own snapshot)
+    (one that another process has since downloaded whole is left as it is). `ref_name` None: a pinned commit."""
+    if ref_name is None:
         yield
         return
-    from huggingface_hub.file_download import repo_folder_name
-    storage = Path(expanded(cache)) / repo_folder_name(repo_id=repo, repo_type="model")
-    ref = storage / "refs" / (revision or "main")
-
-    def commit_named():
-        try:
-            return ref.read_text().strip() or None
-        except (OSError, UnicodeDecodeError):
-            return None
-
-    before = commit_named()
+    storage = cached_repository(repo)
+    ref = storage / "refs" / ref_name
+    before = commit_named(ref)
     try:
         yield
     except BaseException:
-        now = commit_named()
+        now = commit_named(ref)
         if (before and now and now != before and COMMIT_HASH.fullmatch(before)
                 and not (storage / "snapshots" / now / filename).exists()
                 and (storage / "snapshots" / before / filename).exists()):
@@ -187,29 +196,26 @@ def ref_kept_on_failure(cache: str, repo: str, filename: str, revision: str | No
         raise
 
 
-def cached_elsewhere(e: Exception, repo: str, filename: str, revision: str | None) -> str:
-    """For a file "not in the local cache" whose revision the cache names a commit without a copy of it (a download
+def cached_elsewhere(repo: str, filename: str, ref_name: str | None) -> str:
+    """For a file "not in the local cache" whose ref the cache names a commit without a copy of it (a download
     killed outright, SIGKILL or the OOM killer, where ref_kept_on_failure cannot run): the commits the cache does
-    hold a copy for, and how to pin one. Which of them the revision named before is not recorded anywhere."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    from huggingface_hub.file_download import repo_folder_name
-    if not isinstance(e, LocalEntryNotFoundError) or revision is not None and COMMIT_HASH.fullmatch(revision):
+    hold a copy for, and how to pin one. Which of them the ref named before is not recorded anywhere."""
+    if ref_name is None:
         return ""
-    from huggingface_hub import constants
     try:
-        storage = Path(expanded(constants.HF_HUB_CACHE)) / repo_folder_name(repo_id=repo, repo_type="model")
-        named = (storage / "refs" / (revision or "main")).read_text().strip()
+        storage = cached_repository(repo)
+        named = commit_named(storage / "refs" / ref_name)
         held = sorted(((folder / filename).stat().st_mtime, folder.name) for folder in (storage / "snapshots").iterdir()
                       if COMMIT_HASH.fullmatch(folder.name) and (folder / filename).is_file())  # (a link to a blob)
-        refs = {path.read_text().strip(): path.relative_to(storage / "refs").as_posix()
+        refs = {commit_named(path): path.relative_to(storage / "refs").as_posix()
                 for path in (storage / "refs").rglob("*") if path.is_file()}
-    except (OSError, UnicodeDecodeError, RefsrError):
+    except (OSError, RefsrError):
         return ""
-    if not held or any(commit == named for _, commit in held):
+    if named is None or not held or any(commit == named for _, commit in held):
         return ""
     shown = ", ".join(commit + (f" ({refs[commit]})" if commit in refs else "") for _, commit in reversed(held))
-    return (f"; {revision or 'main'} names commit {named[:12]}, whose copy never came, and the cache holds copies for "
-            f"commit {shown}: --weights {repo}@COMMIT:{filename} pins one")
+    return (f"; {ref_name} names commit {named[:12]}, whose copy never came, and the cache holds copies for commit "
+            f"{shown}: --weights {repo}@COMMIT:{filename} pins one")
 
 
 def asked_etag(repo: str, filename: str, revision: str | None) -> list:

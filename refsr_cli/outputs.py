@@ -86,12 +86,13 @@ def check_others_sidecars(plan, stem: str, outputs: list, record: dict) -> None:
         return
     for path, fields in others_sidecars(plan, stem):
         told = record_of(path) if os.path.isfile(path) else None
-        # Not a sidecar at all: another image of refsr's that took the name (an output of --ref match_map.png).
+        # Not a sidecar at all (no "map" or "animate" key): another image of refsr's that took the name (an output of
+        # --ref match_map.png).
         if told is None or told.get("format", "png") != record.get("format") or not {"map", "animate"} & set(told):
             continue
         if not same_record(told, record | fields, {"match_map", "tile"}):
-            what = "map" if path.name.endswith("_map.png") else "animation"
-            flag = "--match-map" if what == "map" else f"--animate {path.suffix[1:]}"
+            what = "map" if "map" in fields else "animation"
+            flag = "--match-map" if "map" in fields else f"--animate {fields['animate']}"
             raise RefsrError(f"{path}: another run's {what} of these images, which this run writes anew without "
                              f"one: it would tell of other images than theirs; move it away, or give {flag} too")
 
